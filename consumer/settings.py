@@ -1,0 +1,101 @@
+"""Configuration from the environment (prefix ``APPT_``).
+
+A bad value must stop start-up with a message that names the variable, so an
+operator fixes the deployment instead of reading a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+ENV_PREFIX = "APPT_"
+
+
+class SettingsError(Exception):
+    """Raised with one line per bad variable, each naming the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    store: str = "sqlite:///appt.sqlite3"
+    pms_url: str = "http://127.0.0.1:8700"
+    pms_token: str = "sandbox-token"
+    pms_timeout: float = Field(10.0, gt=0)
+    pms_concurrency: int = Field(8, ge=1, le=256)
+    pms_retry_attempts: int = Field(4, ge=1, le=20)
+    webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_tolerance: int = Field(300, ge=1)
+    webhook_max_body: int = Field(256 * 1024, ge=1024)
+    dentally_signing_secret: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=0, le=65535)
+    api_token: str | None = None
+    log_format: Literal["json", "console"] = "json"
+    log_level: str = "INFO"
+    prefetch: int = Field(64, ge=1, le=1000)
+    partitions: int = Field(4, ge=1, le=64)
+    worker_partitions: str = "all"
+    max_deliveries: int = Field(5, ge=1, le=100)
+    retry_delay: float = Field(1.0, ge=0)
+    reconcile_interval: float = Field(60.0, ge=0)
+    workflow_deadline: float = Field(300.0, gt=0)
+
+    @field_validator("webhook_secrets", mode="before")
+    @classmethod
+    def _split_secrets(cls, value: object) -> object:
+        """Secrets come as one comma- or space-separated variable, for rotation."""
+        if isinstance(value, str):
+            return [s for s in value.replace(",", " ").split() if s]
+        return value
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
+            raise ValueError("must be sqlite:///PATH or a postgresql:// URL")
+        return value
+
+    @field_validator("worker_partitions")
+    @classmethod
+    def _partition_list(cls, value: str) -> str:
+        if value != "all":
+            parse_partitions(value, 64)
+        return value
+
+    def consumed_partitions(self) -> list[int]:
+        """The partitions this worker consumes: all, or a list like ``0,1`` / ``0-3``."""
+        if self.worker_partitions == "all":
+            return list(range(self.partitions))
+        return [p for p in parse_partitions(self.worker_partitions, self.partitions)]
+
+
+def parse_partitions(spec: str, count: int) -> list[int]:
+    found: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if "-" in part:
+            lo, hi = (int(x) for x in part.split("-", 1))
+            found.update(range(lo, hi + 1))
+        elif part:
+            found.add(int(part))
+    if not found or min(found) < 0 or max(found) >= count:
+        raise ValueError(f"partitions must lie in 0..{count - 1}")
+    return sorted(found)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings, turning pydantic's errors into lines naming ``APPT_*`` variables."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else ENV_PREFIX
+            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,136 @@
+"""The store's one interface: appointment records, the state log, workflows, inbox.
+
+Everything a decision changes is written by one call, ``commit``, in one
+transaction, with optimistic versioning: two workers that read the same
+version cannot both win. That is what makes redelivery and scale-out safe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from consumer.messages import StateLogRecord
+
+
+class StaleVersion(Exception):
+    """The record changed since it was read; the caller reloads and decides again."""
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached (transient: retry)."""
+
+
+@dataclass(frozen=True)
+class AppointmentRecord:
+    """What the service believes about one appointment.
+
+    ``version`` is the store's optimistic-lock counter (0 = never stored).
+    ``upstream_updated_at`` is the PMS's ``updated_at`` of the last snapshot
+    adopted, used to refuse stale events.
+    """
+
+    appointment_id: int
+    state: str
+    patient_id: int | None
+    version: int = 0
+    upstream_updated_at: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkflowRecord:
+    """One reassignment workflow; ``version`` as for appointments."""
+
+    workflow_id: str
+    appointment_id: int
+    new_patient_id: int
+    state: str
+    command_id: str
+    correlation_id: str | None = None
+    replacement_id: int | None = None
+    last_error: str | None = None
+    attempts: int = 0
+    version: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InboxEntry:
+    """A processed message id and the result it produced (re-published on redelivery)."""
+
+    message_id: str
+    result: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Commit:
+    """Everything one decision writes, atomically.
+
+    ``appointment.version`` / ``workflow.version`` are the versions *read*;
+    the store writes version + 1 and raises ``StaleVersion`` if the stored
+    version is not the one read (0 means "must not exist yet").
+    """
+
+    appointment: AppointmentRecord | None = None
+    workflow: WorkflowRecord | None = None
+    logs: list[StateLogRecord] = field(default_factory=list)
+    inbox: InboxEntry | None = None
+
+
+TERMINAL_WORKFLOW_STATES = frozenset({"completed", "compensated", "rejected"})
+
+
+class Store(Protocol):
+    async def open(self) -> None:
+        """Connect and create or migrate the schema."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` if the store does not answer."""
+
+    async def commit(self, commit: Commit) -> list[StateLogRecord]:
+        """Apply atomically; return the log records with ``seq`` assigned.
+
+        Raises ``StaleVersion`` when a version check fails, and then writes nothing.
+        """
+
+    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None: ...
+
+    async def inbox_get(self, message_id: str) -> InboxEntry | None: ...
+
+    async def history(
+        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+    ) -> list[StateLogRecord]:
+        """Records naming this appointment (as ``appointment_id`` or in a workflow's detail
+        ``replacement_id``/``original_id``), in ``seq`` order."""
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
+
+    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+        """The unfinished workflow on this original appointment, if any."""
+
+    async def list_workflows(
+        self, *, states: frozenset[str] | None = None, unfinished: bool = False
+    ) -> list[WorkflowRecord]: ...
+
+    async def get_watermark(self, name: str) -> str | None: ...
+
+    async def set_watermark(self, name: str, value: str) -> None: ...
+
+
+def open_store(url: str) -> Store:
+    """``sqlite:///path`` (embedded default) or ``postgresql://...`` (shared by workers)."""
+    if url.startswith("sqlite://"):
+        from consumer.store.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+    if url.startswith(("postgresql://", "postgres://")):
+        from consumer.store.postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unknown store URL scheme: {url!r}")
