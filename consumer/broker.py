@@ -1,0 +1,216 @@
+"""RabbitMQ topology, publishing with confirms, and consuming the partitions.
+
+At-least-once needs persistent messages on durable quorum queues, publisher
+confirms and manual acks after the store commit; this module owns the first
+two. Every publish is mandatory (an unroutable message is an error, not a
+silent drop) and bounded in time (a publish during an outage must not hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+
+INBOUND_EXCHANGE = "appointments.inbound"
+EVENTS_EXCHANGE = "appointments.events"
+DEAD_EXCHANGE = "appointments.dead"
+DEAD_QUEUE = "appointments.dead"
+REASON_HEADER = "x-appt-reason"
+
+Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message (down, unroutable, nacked or timed out)."""
+
+
+def partition_queue(index: int) -> str:
+    return f"{INBOUND_EXCHANGE}.p{index}"
+
+
+class Broker:
+    """One robust connection, a confirm channel for publishing, one for consuming."""
+
+    def __init__(
+        self, url: str, *, partitions: int = 4, prefetch: int = 64, publish_timeout: float = 5.0
+    ) -> None:
+        self._url = url
+        self._partitions = partitions
+        self._prefetch = prefetch
+        self._publish_timeout = publish_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        # Strong references: aio-pika's robust objects are restored only while referenced.
+        self._queues: dict[str, AbstractQueue] = {}
+        self._consumer_tags: dict[str, str] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def connect(self, *, timeout: float = 10.0) -> None:
+        self._connection = await aio_pika.connect_robust(self._url, timeout=timeout)
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        await self.declare_topology(self._publish_channel)
+
+    async def declare_topology(self, channel: AbstractChannel) -> None:
+        """Declare everything idempotently; any process may start first."""
+        inbound = await channel.declare_exchange(
+            INBOUND_EXCHANGE, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
+        )
+        events = await channel.declare_exchange(
+            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dead = await channel.declare_exchange(
+            DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(
+            DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await dead_queue.bind(dead, routing_key="")
+        for index in range(self._partitions):
+            queue = await channel.declare_queue(
+                partition_queue(index), durable=True, arguments=self._partition_arguments()
+            )
+            await queue.bind(inbound, routing_key="1")  # equal weight per partition
+        self._exchanges = {INBOUND_EXCHANGE: inbound, EVENTS_EXCHANGE: events, DEAD_EXCHANGE: dead}
+
+    @staticmethod
+    def _partition_arguments() -> dict[str, Any]:
+        """Quorum + single active consumer: one ordered reader per partition across all workers.
+
+        The delivery limit is a backstop only: the worker dead-letters with its
+        own reason first (see worker). At-least-once dead-lettering needs
+        reject-publish overflow (RabbitMQ 3.10+).
+        """
+        return {
+            "x-queue-type": "quorum",
+            "x-single-active-consumer": True,
+            "x-dead-letter-exchange": DEAD_EXCHANGE,
+            "x-dead-letter-strategy": "at-least-once",
+            "x-overflow": "reject-publish",
+            "x-delivery-limit": 50,
+        }
+
+    async def channel(self) -> AbstractChannel:
+        """A fresh channel for tools (reply queues, observers); closed with the connection."""
+        assert self._connection is not None, "connect() first"
+        return await self._connection.channel()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = None
+
+    async def _publish(
+        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+    ) -> None:
+        try:
+            async with asyncio.timeout(self._publish_timeout):
+                # A nack or a return (mandatory + on_return_raises) raises here.
+                await exchange.publish(message, routing_key, mandatory=True)
+        except (AMQPError, PublishError, DeliveryError, TimeoutError, ConnectionError) as exc:
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _exchange(self, name: str) -> AbstractExchange:
+        if not self._exchanges or not self.connected:
+            raise PublishFailed("not connected to the broker")
+        return self._exchanges[name]
+
+    async def publish_inbound(
+        self,
+        body: bytes,
+        *,
+        appointment_id: int,
+        message_id: str,
+        reply_to: str | None = None,
+        correlation_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        message = json_message(
+            body,
+            message_id=message_id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            headers=headers,
+        )
+        await self._publish(self._exchange(INBOUND_EXCHANGE), message, str(appointment_id))
+
+    async def publish_event(self, routing_key: str, body: bytes, *, message_id: str) -> None:
+        message = json_message(body, message_id=message_id)
+        await self._publish(self._exchange(EVENTS_EXCHANGE), message, routing_key)
+
+    async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str | None) -> None:
+        """Replies go through the default exchange to the caller's queue."""
+        assert self._publish_channel is not None
+        message = json_message(body, message_id=None, correlation_id=correlation_id)
+        await self._publish(self._publish_channel.default_exchange, message, reply_to)
+
+    async def publish_dead(
+        self, message: AbstractIncomingMessage, reason: str
+    ) -> None:
+        """Dead-letter with our own reason in the headers, keeping the original body."""
+        headers = dict(message.headers or {})
+        headers[REASON_HEADER] = reason[:1000]
+        headers["x-appt-routing-key"] = message.routing_key or ""
+        dead = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            message_id=message.message_id,
+            correlation_id=message.correlation_id,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._publish(self._exchange(DEAD_EXCHANGE), dead, "")
+
+    async def consume(self, partitions: list[int], handler: Handler) -> None:
+        assert self._connection is not None
+        self._consume_channel = await self._connection.channel(publisher_confirms=False)
+        await self._consume_channel.set_qos(prefetch_count=self._prefetch)
+        for index in partitions:
+            name = partition_queue(index)
+            queue = await self._consume_channel.get_queue(name, ensure=True)
+            self._queues[name] = queue
+            self._consumer_tags[name] = await queue.consume(handler)
+
+    async def stop_consuming(self) -> None:
+        for name, tag in list(self._consumer_tags.items()):
+            try:
+                await self._queues[name].cancel(tag)
+            except (AMQPError, ConnectionError, RuntimeError):
+                pass  # connection already gone: the broker requeues unacked messages itself
+        self._consumer_tags.clear()
+
+
+def json_message(
+    body: bytes,
+    *,
+    message_id: str | None,
+    reply_to: str | None = None,
+    correlation_id: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> aio_pika.Message:
+    return aio_pika.Message(
+        body,
+        content_type="application/json",
+        message_id=message_id,
+        reply_to=reply_to,
+        correlation_id=correlation_id,
+        headers=headers or {},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )

@@ -1,0 +1,122 @@
+"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | reconcile.
+
+Each verb is a thin shell over the library: parse arguments, load settings
+(errors name the APPT_* variable), run one coroutine, map the outcome to an
+exit code a script can rely on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from consumer.settings import Settings, SettingsError, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="appt",
+        description="Keeps a partner system's appointments in step with a PMS, safely and durably.",
+    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    serve = verbs.add_parser("serve", help="run the service (webhooks, worker, workflows, reconciler)")
+    serve.add_argument("--with-sandbox", action="store_true",
+                       help="also run the PMS sandbox on :8700 and use it as the upstream")
+
+    send = verbs.add_parser("send", help="publish a command to appointments.inbound")
+    send.add_argument("type", choices=["confirm", "cancel", "set_patient", "reassign", "edit_notes"])
+    send.add_argument("--appointment", type=int, required=True)
+    send.add_argument("--patient", type=int, help="for set_patient and reassign")
+    send.add_argument("--reason", help="for cancel, e.g. 'Patient cancelled'")
+    send.add_argument("--notes", help="for edit_notes")
+    send.add_argument("--command-id", help="idempotency key (default: a fresh uuid)")
+    send.add_argument("--wait", type=float, metavar="SECONDS",
+                      help="wait for the result; exit 0 only if it succeeded")
+
+    history = verbs.add_parser("history", help="an appointment's state log, in order")
+    history.add_argument("appointment", type=int)
+    history.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    history.add_argument("--follow", action="store_true", help="then tail new records live")
+
+    sagas = verbs.add_parser("sagas", help="reassignment workflows")
+    sagas.add_argument("--stuck", action="store_true", help="only parked or overdue ones")
+    sagas.add_argument("--json", action="store_true")
+    sagas_verbs = sagas.add_subparsers(dest="sagas_verb", metavar="ACTION")
+    retry = sagas_verbs.add_parser("retry", help="try a parked workflow's compensation again")
+    retry.add_argument("workflow_id")
+
+    diagram = verbs.add_parser("diagram", help="print a machine as a Mermaid state diagram")
+    diagram.add_argument("machine", choices=["appointment", "reassignment"])
+
+    sandbox = verbs.add_parser("sandbox", help="run the PMS emulator")
+    sandbox.add_argument("--host", default="127.0.0.1")
+    sandbox.add_argument("--port", type=int, default=8700)
+
+    verbs.add_parser("schema", help="print the message contract as JSON Schema")
+
+    reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
+    reconcile.add_argument("--since", help="ISO time to start from instead of the stored watermark")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.verb == "diagram":
+        from statemachines.diagram import mermaid
+
+        print(mermaid(args.machine))
+        return EXIT_OK
+    if args.verb == "schema":
+        from consumer.messages import json_schemas
+
+        print(json.dumps(json_schemas(), indent=2))
+        return EXIT_OK
+    if args.verb == "sandbox":
+        from consumer.sandbox import serve_sandbox
+
+        return _run(serve_sandbox(args.host, args.port))
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"appt: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return _run(_dispatch(args, settings))
+
+
+def _run(coro: Any) -> int:
+    try:
+        return int(asyncio.run(coro) or EXIT_OK)
+    except KeyboardInterrupt:
+        return EXIT_FAILED
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import tools
+
+    if args.verb == "serve":
+        from consumer.service import serve
+
+        await serve(settings, with_sandbox=args.with_sandbox)
+        return EXIT_OK
+    if args.verb == "send":
+        return await tools.send(settings, args)
+    if args.verb == "history":
+        return await tools.history(settings, args.appointment, as_json=args.json, follow=args.follow)
+    if args.verb == "sagas":
+        if args.sagas_verb == "retry":
+            return await tools.sagas_retry(settings, args.workflow_id)
+        return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
+    if args.verb == "reconcile":
+        return await tools.reconcile(settings, since=args.since)
+    raise AssertionError(args.verb)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

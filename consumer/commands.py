@@ -1,0 +1,116 @@
+"""Carry out one command against the PMS with the write protocol of the design.
+
+Fresh GET, reconcile (the PMS is the truth), guard, send only the allowed
+fields; on a 422 that names another current status, GET again, reconcile and
+decide once more. Transient PMS errors propagate: the worker retries them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import NotFound, Rejected
+from consumer.records import (
+    Decision,
+    Origin,
+    new_record,
+    result_for,
+    snapshot_from_pms,
+    snapshot_from_record,
+)
+from consumer.store.base import AppointmentRecord, Store
+from statemachines.appointment import Appointment, Refused, Write, bound
+
+STATUS_REASON = "The appointment can not be updated as the current status is:"
+
+SimpleCommand = Confirm | Cancel | SetPatient | EditNotes
+
+
+def already_done(appt: Appointment, command: SimpleCommand) -> bool:
+    """A command whose goal already holds succeeds without a write (redelivery, or done elsewhere)."""
+    match command:
+        case Confirm():
+            return appt.state == "Confirmed"
+        case Cancel():
+            return appt.state == "Cancelled"
+        case SetPatient(patient_id=patient_id):
+            return appt.patient_id == patient_id
+        case EditNotes(notes=notes):
+            return appt.notes == notes
+    return False
+
+
+def names_other_status(rejected: Rejected) -> bool:
+    return any(STATUS_REASON in reason for reasons in rejected.params.values() for reason in reasons)
+
+
+async def cancellation_reason_id(pms: PmsClient, reason: str) -> int:
+    """Map the command's reason text to the PMS's reason id (refused if unknown)."""
+    known = await pms.cancellation_reasons()
+    for item in known:
+        if item.reason.strip().lower() == reason.strip().lower():
+            return item.id
+    names = ", ".join(repr(item.reason) for item in known)
+    raise Refused({"reason": [f"is not a known cancellation reason (known: {names})"]})
+
+
+async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Write:
+    match command:
+        case Confirm():
+            return appt.plan_confirm()
+        case Cancel(reason=reason):
+            return appt.plan_cancel(reason, await cancellation_reason_id(pms, reason))
+        case SetPatient(patient_id=patient_id):
+            return appt.plan_set_patient(patient_id)
+        case EditNotes(notes=notes):
+            return appt.plan_edit({"notes": notes})
+    raise TypeError(f"not a simple command: {command!r}")
+
+
+async def execute(
+    command: SimpleCommand, pms: PmsClient, store: Store, origin: Origin
+) -> Decision:
+    stored = await store.get_appointment(command.appointment_id)
+    try:
+        upstream = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
+    except NotFound:
+        reasons = {"appointment_id": ["not found in the PMS"]}
+        return Decision(result=result_for(command, "rejected", reasons=reasons))
+    with bound(snapshot_from_record(stored), command.appointment_id) as appt:
+        reconcile_origin = Origin("reconcile", command_id=origin.command_id,
+                                  correlation_id=origin.correlation_id)
+        logs = reconcile_origin.logs(appt.reconcile(snapshot_from_pms(upstream)))
+        for attempt in (1, 2):
+            if already_done(appt, command):
+                return _decided(command, stored, appt, upstream, logs, "succeeded")
+            try:
+                write = await plan(pms, appt, command)
+            except Refused as refused:
+                return _decided(command, stored, appt, upstream, logs, "rejected", refused.reasons)
+            try:
+                answer = await pms.update_appointment(command.appointment_id, write.fields)
+            except Rejected as rejected:
+                if attempt == 1 and names_other_status(rejected):
+                    upstream = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
+                    logs += reconcile_origin.logs(appt.reconcile(snapshot_from_pms(upstream)))
+                    continue
+                return _decided(command, stored, appt, upstream, logs, "rejected", rejected.params)
+            upstream = answer.model_dump(mode="json")
+            logs += origin.logs(appt.applied(write, snapshot_from_pms(upstream)))
+            return _decided(command, stored, appt, upstream, logs, "succeeded")
+    raise AssertionError("unreachable: the loop always returns")
+
+
+def _decided(
+    command: SimpleCommand, stored: AppointmentRecord | None, appt: Appointment,
+    upstream: dict[str, Any], logs: list[Any], outcome: Any,
+    reasons: dict[str, list[str]] | None = None,
+) -> Decision:
+    record = new_record(stored, appt.state, appt.patient_id, upstream)
+    return Decision(
+        record=record,
+        logs=logs,
+        result=result_for(command, outcome, reasons=reasons, appointment=upstream),
+    )

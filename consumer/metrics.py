@@ -1,0 +1,64 @@
+"""Prometheus metrics: one registry per process, served at ``GET /metrics``.
+
+Names are part of the operator contract (dashboards and alerts use them);
+the README's "Operating it" section explains each.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry()
+
+MESSAGES = Counter(
+    "appt_messages_total",
+    "Inbound messages handled, by kind (command type or event) and outcome.",
+    ["kind", "outcome"],
+    registry=REGISTRY,
+)
+PROCESSING_SECONDS = Histogram(
+    "appt_processing_seconds",
+    "Time from delivery to ack of one inbound message.",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    registry=REGISTRY,
+)
+PMS_CALLS = Counter(
+    "appt_pms_calls_total",
+    "Calls to the PMS API by route template and HTTP status (0 = no answer).",
+    ["route", "status"],
+    registry=REGISTRY,
+)
+RETRIES = Counter(
+    "appt_retries_total",
+    "Retries of transient failures, by where they happened (pms, worker, redelivery).",
+    ["where"],
+    registry=REGISTRY,
+)
+DEAD_LETTERED = Counter(
+    "appt_dead_lettered_total",
+    "Messages sent to appointments.dead, by reason class.",
+    ["reason"],
+    registry=REGISTRY,
+)
+WORKFLOWS = Gauge(
+    "appt_workflows",
+    "Reassignment workflows by state (refreshed on change and on scrape).",
+    ["state"],
+    registry=REGISTRY,
+)
+STUCK_WORKFLOWS = Gauge(
+    "appt_workflows_stuck",
+    "Workflows parked in compensation_failed or past their deadline: page someone.",
+    registry=REGISTRY,
+)
+WEBHOOKS = Counter(
+    "appt_webhook_verifications_total",
+    "Webhook requests by verification result.",
+    ["result"],
+    registry=REGISTRY,
+)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)

@@ -1,0 +1,123 @@
+"""Translations between the PMS's JSON, the domain's snapshots and the store's records.
+
+Kept in one place so that "what the service believes" is built the same way
+by commands, observed events and the reassignment workflow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from consumer.messages import CommandResult, Outcome, Source, StateLogRecord
+from consumer.store.base import AppointmentRecord, WorkflowRecord
+from statemachines.appointment import Snapshot, Transition
+
+DELETED = "Deleted"
+
+
+def snapshot_from_pms(appointment: dict[str, Any], *, deleted: bool = False) -> Snapshot:
+    return Snapshot(
+        appointment_id=int(appointment["id"]),
+        state=DELETED if deleted else str(appointment.get("state") or "Pending"),
+        patient_id=appointment.get("patient_id"),
+        notes=appointment.get("notes"),
+        updated_at=appointment.get("updated_at"),
+    )
+
+
+def snapshot_from_record(record: AppointmentRecord | None) -> Snapshot | None:
+    if record is None:
+        return None
+    return Snapshot(
+        appointment_id=record.appointment_id,
+        state=record.state,
+        patient_id=record.patient_id,
+        notes=record.data.get("notes"),
+        updated_at=record.upstream_updated_at,
+    )
+
+
+def is_not_newer(candidate: str | None, stored: str | None) -> bool:
+    """True when ``candidate`` is no newer than what is stored (a stale or repeated event)."""
+    if candidate is None or stored is None:
+        return False
+    return _parse_time(candidate) <= _parse_time(stored)
+
+
+def _parse_time(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who caused a change: stamped on every state-log record it produces."""
+
+    source: Source
+    command_id: str | None = None
+    webhook_id: str | None = None
+    workflow_id: str | None = None
+    correlation_id: str | None = None
+
+    def log(self, transition: Transition) -> StateLogRecord:
+        return StateLogRecord(
+            appointment_id=transition.appointment_id,
+            machine=transition.machine,  # type: ignore[arg-type]
+            from_state=transition.from_state,
+            to_state=transition.to_state,
+            trigger=transition.trigger,
+            source=self.source,
+            command_id=self.command_id,
+            webhook_id=self.webhook_id,
+            workflow_id=self.workflow_id or transition.detail.get("workflow_id"),
+            correlation_id=self.correlation_id,
+            detail=transition.detail,
+        )
+
+    def logs(self, transitions: list[Transition]) -> list[StateLogRecord]:
+        return [self.log(t) for t in transitions]
+
+
+@dataclass
+class Decision:
+    """What handling one inbound message decided: written in one commit, then published."""
+
+    record: AppointmentRecord | None = None
+    logs: list[StateLogRecord] = field(default_factory=list)
+    result: CommandResult | None = None
+    workflow: WorkflowRecord | None = None
+
+
+def new_record(
+    previous: AppointmentRecord | None, state: str, patient_id: int | None,
+    upstream: dict[str, Any] | None,
+) -> AppointmentRecord:
+    """The record to write, carrying the version read (the store checks and bumps it)."""
+    base_data = previous.data if previous else {}
+    data = dict(upstream) if upstream is not None else dict(base_data)
+    updated_at = (upstream or {}).get("updated_at") or (previous.upstream_updated_at if previous else None)
+    return AppointmentRecord(
+        appointment_id=(previous.appointment_id if previous else int(data["id"])),
+        state=state,
+        patient_id=patient_id,
+        version=previous.version if previous else 0,
+        upstream_updated_at=updated_at,
+        data=data,
+    )
+
+
+def result_for(
+    command: Any, outcome: Outcome, *, reasons: dict[str, list[str]] | None = None,
+    appointment: dict[str, Any] | None = None, workflow_id: str | None = None,
+) -> CommandResult:
+    return CommandResult(
+        command_id=command.command_id,
+        type=command.type,
+        appointment_id=command.appointment_id,
+        outcome=outcome,
+        reasons=reasons or {},
+        appointment=appointment,
+        workflow_id=workflow_id,
+        correlation_id=command.correlation_id,
+    )

@@ -1,0 +1,113 @@
+"""`appt serve`: wires store, broker, PMS client, worker, workflows and HTTP together.
+
+Resources live in the aiohttp app's cleanup context, so start-up and shutdown
+happen in one place and in order: open store, connect broker, resume
+unfinished workflows, consume; on SIGTERM the reverse, letting in-flight
+messages finish first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from consumer import metrics
+from consumer.broker import Broker
+from consumer.logs import configure, get_logger
+from consumer.pms.client import PmsClient
+from consumer.reconciler import run_reconciler
+from consumer.settings import Settings
+from consumer.store.base import open_store
+from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
+from consumer.worker import Worker
+from consumer.workflows import WorkflowRunner
+
+log = get_logger(__name__)
+
+SANDBOX_PORT = 8700
+
+
+def service_resources(settings: Settings):  # type: ignore[no-untyped-def]
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        store = open_store(settings.store)
+        await store.open()
+        broker = Broker(settings.amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
+        await broker.connect()
+        pms = PmsClient(
+            settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
+            concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
+            on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
+            on_retry=lambda: metrics.RETRIES.labels("pms").inc(),
+        )
+        workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+        await workflows.resume_unfinished()
+        worker = Worker(
+            broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+            partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
+            retry_delay=settings.retry_delay,
+        )
+        await worker.start()
+        stop = asyncio.Event()
+        background = [asyncio.create_task(workflows.watch(stop))]
+        if settings.reconcile_interval > 0:
+            background.append(asyncio.create_task(
+                run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
+        app[BROKER_KEY] = broker
+        app[STORE_KEY] = store
+        log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
+                 pms=settings.pms_url, store=settings.store.split("@")[-1])
+        yield
+        log.info("shutting down")
+        stop.set()
+        await worker.stop()
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        await pms.close()
+        await broker.close()
+        await store.close()
+
+    return resources
+
+
+async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
+    configure(settings.log_format, settings.log_level)
+    async with contextlib.AsyncExitStack() as stack:
+        if with_sandbox:
+            settings = await _start_sandbox(stack, settings)
+        app = create_app(settings, service_resources(settings))
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, settings.http_host, settings.http_port)
+        await site.start()
+        await _wait_for_signal()
+
+
+async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
+    """The demo upstream: the sandbox in-process, posting its webhooks to this service."""
+    from consumer.sandbox import running_sandbox
+
+    sandbox = await stack.enter_async_context(running_sandbox(port=SANDBOX_PORT, token=settings.pms_token))
+    secrets = settings.webhook_secrets or [
+        "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    ]
+    sandbox.state.subscribe(
+        f"http://{settings.http_host}:{settings.http_port}/webhooks/pms", secrets[0]
+    )
+    log.info("sandbox running", url=sandbox.url)
+    return settings.model_copy(update={"pms_url": sandbox.url, "webhook_secrets": secrets})
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

@@ -1,0 +1,262 @@
+"""The pipeline: parse, dedupe, order per appointment, decide, commit, publish, ack.
+
+Failures are sorted, never swallowed: transient ones are retried here, then
+redelivered after a delay, then dead-lettered with the reason; rejections are
+results; invalid input is dead-lettered at once. The ack comes last, after the
+store commit and the confirmed publishes, so a crash anywhere means a
+redelivery, and the inbox makes a redelivery harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.exceptions import ChannelInvalidStateError
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+
+from consumer import metrics
+from consumer.broker import Broker, PublishFailed
+from consumer.commands import execute
+from consumer.logs import get_logger
+from consumer.messages import INBOUND, MAX_MESSAGE_BYTES, CommandResult, ObservedEvent, Reassign, StateLogRecord
+from consumer.observed import observe
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import RateLimited, Unavailable
+from consumer.records import Decision, Origin
+from consumer.store.base import Commit, InboxEntry, StaleVersion, Store, StoreUnavailable
+
+log = get_logger(__name__)
+
+TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
+ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
+
+
+class InvalidMessage(Exception):
+    """The message can never be processed: dead-letter it with this reason."""
+
+
+def parse(body: bytes) -> Any:
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from None
+    try:
+        return INBOUND.validate_python(data)
+    except ValidationError as exc:
+        raise InvalidMessage(f"invalid message: {exc}") from None
+
+
+def message_key(inbound: Any) -> str:
+    """The idempotency key: the command id or the webhook / reconcile event id."""
+    return inbound.event_id if isinstance(inbound, ObservedEvent) else inbound.command_id
+
+
+class KeyedSerializer:
+    """FIFO per key, concurrent across keys.
+
+    ``submit`` is called synchronously in delivery order, and each task waits
+    for the previous task of its key, so arrival order is application order.
+    """
+
+    def __init__(self) -> None:
+        self._tails: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def submit(self, key: str, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._after(self._tails.get(key), work))
+        self._tails[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(lambda done: self._forget(key, done))
+        return task
+
+    @staticmethod
+    async def _after(previous: asyncio.Task[None] | None, work: Callable[[], Awaitable[None]]) -> None:
+        if previous is not None:
+            await asyncio.wait([previous])
+        await work()
+
+    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._tails.get(key) is task:
+            del self._tails[key]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def drain(self, timeout: float) -> bool:
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        return not pending
+
+
+class Worker:
+    def __init__(
+        self,
+        *,
+        broker: Broker,
+        store: Store,
+        pms: PmsClient,
+        reassign: ReassignHandler,
+        partitions: list[int],
+        max_deliveries: int = 5,
+        retry_delay: float = 1.0,
+        attempts: int = 3,
+    ) -> None:
+        self._broker = broker
+        self._store = store
+        self._pms = pms
+        self._reassign = reassign
+        self._partitions = partitions
+        self._max_deliveries = max_deliveries
+        self._retry_delay = retry_delay
+        self._attempts = attempts
+        self._serializer = KeyedSerializer()
+        self._stopping = False
+
+    async def start(self) -> None:
+        await self._broker.consume(self._partitions, self._on_message)
+        log.info("worker consuming", partitions=self._partitions)
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking messages, let in-flight ones finish; unfinished ones are redelivered."""
+        self._stopping = True
+        await self._broker.stop_consuming()
+        drained = await self._serializer.drain(timeout)
+        log.info("worker stopped", drained=drained, in_flight=self._serializer.in_flight)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        started = time.perf_counter()
+        kind = "invalid"
+        try:
+            inbound = parse(message.body)
+            kind = inbound.type
+            outcome = await self._process(message, inbound)
+        except InvalidMessage as exc:
+            outcome = await self._dead_letter(message, str(exc), "invalid")
+        metrics.MESSAGES.labels(kind, outcome).inc()
+        metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
+
+    async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
+        key = message_key(inbound)
+        try:
+            entry = await self._store.inbox_get(key)
+            if entry is not None:
+                await self._republish(message, key, inbound, entry)
+                await _settle(message.ack())
+                return "duplicate"
+            decision, logs = await self._decide_and_commit(key, inbound)
+            await self._publish(message, logs, decision.result)
+        except TRANSIENT as exc:
+            return await self._retry_later(message, key, exc)
+        except Exception as exc:  # a bug must not stop the worker nor lose the message
+            log.exception("unexpected error", message_id=key)
+            return await self._retry_later(message, key, exc)
+        await _settle(message.ack())
+        return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
+
+    async def _decide_and_commit(self, key: str, inbound: Any) -> tuple[Decision, list[StateLogRecord]]:
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(self._attempts),
+            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            retry=retry_if_exception_type(TRANSIENT),
+            before_sleep=lambda state: metrics.RETRIES.labels("worker").inc(),
+            reraise=True,
+        ):
+            with attempt:
+                decision = await self._decide(inbound)
+                result = decision.result.model_dump(mode="json") if decision.result else None
+                logs = await self._store.commit(Commit(
+                    appointment=decision.record,
+                    workflow=decision.workflow,
+                    logs=decision.logs,
+                    inbox=InboxEntry(key, result),
+                ))
+        return decision, logs
+
+    async def _decide(self, inbound: Any) -> Decision:
+        if isinstance(inbound, ObservedEvent):
+            return await observe(inbound, self._pms, self._store)
+        if isinstance(inbound, Reassign):
+            return await self._reassign(inbound)
+        origin = Origin("command", command_id=inbound.command_id, correlation_id=inbound.correlation_id)
+        return await execute(inbound, self._pms, self._store, origin)
+
+    async def _publish(
+        self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
+    ) -> None:
+        for record in logs:
+            await self._broker.publish_event(
+                record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
+            )
+            log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
+        if result is None:
+            return
+        body = result.model_dump_json().encode()
+        await self._broker.publish_event(result.routing_key(), body, message_id=f"result-{result.command_id}")
+        if message.reply_to:
+            await self._broker.publish_reply(
+                message.reply_to, body, correlation_id=message.correlation_id or result.correlation_id
+            )
+        log.info("command result", command_id=result.command_id, type=result.type,
+                 appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
+
+    async def _republish(
+        self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry
+    ) -> None:
+        """A redelivered message: publish again what the first delivery may not have published."""
+        logs = await self._logs_of(key, inbound)
+        result = CommandResult.model_validate(entry.result) if entry.result else None
+        await self._publish(message, logs, result)
+
+    async def _logs_of(self, key: str, inbound: Any) -> list[StateLogRecord]:
+        appointment_id = inbound.appointment_id
+        found: list[StateLogRecord] = []
+        after = 0
+        while page := await self._store.history(appointment_id, after_seq=after, limit=500):
+            found += [r for r in page if key in (r.command_id, r.webhook_id)]
+            after = page[-1].seq or after
+        return found
+
+    async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
+        deliveries = int((message.headers or {}).get("x-delivery-count") or 0) + 1
+        reason = f"{type(exc).__name__}: {exc}"
+        if deliveries >= self._max_deliveries:
+            return await self._dead_letter(message, f"gave up after {deliveries} deliveries: {reason}", "exhausted")
+        log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
+        metrics.RETRIES.labels("redelivery").inc()
+        if not self._stopping:
+            await asyncio.sleep(self._retry_delay * deliveries)
+        await _settle(message.nack(requeue=True))
+        return "retried"
+
+    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, reason_class: str) -> str:
+        log.error("dead-lettered", message_id=message.message_id, reason=reason[:500])
+        try:
+            await self._broker.publish_dead(message, reason)
+        except PublishFailed:
+            await _settle(message.nack(requeue=True))  # try again later rather than lose it
+            return "retried"
+        metrics.DEAD_LETTERED.labels(reason_class).inc()
+        await _settle(message.ack())
+        return "dead_lettered"
+
+
+async def _settle(action: Awaitable[None]) -> None:
+    """Ack/nack; after a reconnect the delivery is gone and the broker redelivers it."""
+    try:
+        await action
+    except ChannelInvalidStateError:
+        log.warning("could not settle a message from a closed channel; it will be redelivered")
