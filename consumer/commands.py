@@ -48,12 +48,11 @@ def names_other_status(rejected: Rejected) -> bool:
 
 async def cancellation_reason_id(pms: PmsClient, reason: str) -> int:
     """Map the command's reason text to the PMS's reason id (refused if unknown)."""
-    known = await pms.cancellation_reasons()
-    for item in known:
-        if item.reason.strip().lower() == reason.strip().lower():
-            return item.id
-    names = ", ".join(repr(item.reason) for item in known)
-    raise Refused({"reason": [f"is not a known cancellation reason (known: {names})"]})
+    try:
+        return await pms.cancellation_reason_id(reason)
+    except LookupError:
+        names = ", ".join(repr(item.reason) for item in await pms.cancellation_reasons())
+        raise Refused({"reason": [f"is not a known cancellation reason (known: {names})"]}) from None
 
 
 async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Write:

@@ -43,7 +43,7 @@ def service_resources(settings: Settings):  # type: ignore[no-untyped-def]
             settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
             concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
             on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
-            on_retry=lambda: metrics.RETRIES.labels("pms").inc(),
+            on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
         )
         workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
         await workflows.resume_unfinished()

@@ -25,7 +25,6 @@ from consumer.settings import Settings
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, WorkflowRecord, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
-STUCK_STATES = frozenset({"compensation_failed"})
 
 
 @contextlib.asynccontextmanager
@@ -172,20 +171,12 @@ class RecordPrinter:
         return f"\033[{code}m{text}\033[0m" if self.color and code else text
 
 
-def is_stuck(workflow: WorkflowRecord, *, deadline: float, now: datetime | None = None) -> bool:
-    """Parked, or unfinished and untouched for longer than the deadline."""
-    if workflow.state in STUCK_STATES:
-        return True
-    if workflow.state in TERMINAL_WORKFLOW_STATES or workflow.updated_at is None:
-        return False
-    age = ((now or datetime.now(timezone.utc)) - workflow.updated_at).total_seconds()
-    return age > deadline
-
-
 async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
     async with opened_store(settings) as store:
         workflows = await store.list_workflows()
     if stuck:
+        from consumer.workflows import is_stuck
+
         workflows = [w for w in workflows if is_stuck(w, deadline=settings.workflow_deadline)]
     now = datetime.now(timezone.utc)
     for w in workflows:

@@ -170,7 +170,7 @@ class Worker:
     async def _decide_and_commit(self, key: str, inbound: Any) -> tuple[Decision, list[StateLogRecord]]:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
-            wait=wait_exponential_jitter(initial=0.1, max=2.0),
+            wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TRANSIENT),
             before_sleep=lambda state: metrics.RETRIES.labels("worker").inc(),
             reraise=True,

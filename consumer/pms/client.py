@@ -1,0 +1,321 @@
+"""Async client for the PMS REST API (Dentally-shaped).
+
+What it guarantees to callers:
+
+- every failure is one of the typed errors in ``consumer.pms.errors``;
+- GET, PUT and DELETE are retried on transient failures (5xx, timeouts,
+  connection errors, 429 / the 403 rate-limit block), with full-jitter
+  exponential backoff that never waits less than the PMS asked for;
+- POST is **never** retried: a create whose answer was lost may have
+  happened, and only the caller can look for it (the saga's marker) before
+  trying again;
+- a server asking us to wait longer than ``max_retry_after`` is not waited
+  for in-process: the ``RateLimited`` is raised so the pipeline can redeliver
+  later instead of holding a worker for up to an hour;
+- requests are paced on the ``x-ratelimit-*`` headers (the hourly budget is
+  per token, shared by every worker) and bounded by a semaphore.
+
+A retried PUT may have been applied by the attempt whose answer was lost; a
+state move then comes back as a 422 naming the new status. The write
+protocol handles that (GET again, reconcile), not this client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from pydantic import ValidationError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_random_exponential
+
+from consumer.pms.errors import (
+    NotFound,
+    PmsError,
+    RateLimited,
+    Rejected,
+    Unauthorised,
+    Unavailable,
+)
+from consumer.pms.models import CancellationReason, PmsAppointment
+
+LIST_ROUTE = "GET /v1/appointments"
+CREATE_ROUTE = "POST /v1/appointments"
+GET_ROUTE = "GET /v1/appointments/{id}"
+UPDATE_ROUTE = "PUT /v1/appointments/{id}"
+DELETE_ROUTE = "DELETE /v1/appointments/{id}"
+REASONS_ROUTE = "GET /v1/appointment_cancellation_reasons"
+
+OnResponse = Callable[[str, str, int], None]
+OnRetry = Callable[[str, str, BaseException], None]
+Headers = CIMultiDictProxy[str]
+
+
+def _header_float(headers: Headers, name: str) -> float | None:
+    try:
+        return float(headers[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def retry_after_seconds(headers: Headers, now: float) -> float | None:
+    """``Retry-After`` (seconds or an HTTP date), else time until ``x-ratelimit-reset``."""
+    raw = headers.get("Retry-After")
+    if raw is not None:
+        try:
+            return max(0.0, float(raw))
+        except ValueError:
+            try:
+                return max(0.0, parsedate_to_datetime(raw).timestamp() - now)
+            except (TypeError, ValueError):
+                pass
+    reset = _header_float(headers, "x-ratelimit-reset")
+    return max(0.0, reset - now) if reset is not None else None
+
+
+class Pacer:
+    """Spends the hourly budget evenly once it runs low, instead of hitting the block.
+
+    ``remaining`` and ``reset_at`` come from the last response; each request
+    reserves one unit. Below ``low_water`` remaining, requests are spaced
+    ``time-to-reset / remaining`` apart; at zero they wait for the reset.
+    """
+
+    def __init__(self, low_water: int, clock: Callable[[], float] = time.time) -> None:
+        self.low_water = low_water
+        self.remaining: int | None = None
+        self.reset_at: float | None = None
+        self._clock = clock
+        self._next_slot = 0.0
+
+    def observe(self, headers: Headers) -> None:
+        remaining = _header_float(headers, "x-ratelimit-remaining")
+        reset = _header_float(headers, "x-ratelimit-reset")
+        if remaining is not None and reset is not None:
+            self.remaining, self.reset_at = int(remaining), reset
+
+    def reserve(self, max_wait: float) -> float:
+        """Seconds to wait before the next request; ``RateLimited`` if over ``max_wait``."""
+        now = self._clock()
+        if self.remaining is None or self.reset_at is None or now >= self.reset_at:
+            return 0.0
+        spreading = 0 < self.remaining < self.low_water
+        if self.remaining <= 0:
+            wait = self.reset_at - now
+        else:
+            wait = max(0.0, self._next_slot - now) if spreading else 0.0
+        if wait > max_wait:
+            raise RateLimited("hourly request budget (nearly) spent", status=0, retry_after=wait)
+        if spreading:
+            slot = now + wait
+            self._next_slot = slot + (self.reset_at - slot) / self.remaining
+        self.remaining = max(0, self.remaining - 1)
+        return wait
+
+
+class PmsClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        timeout: float = 10.0,
+        concurrency: int = 8,
+        retry_attempts: int = 4,
+        backoff_base: float = 0.5,
+        max_backoff: float = 30.0,
+        max_retry_after: float = 60.0,
+        user_agent: str = "appointment-consumer/0.1",
+        on_response: OnResponse | None = None,
+        on_retry: OnRetry | None = None,
+    ) -> None:
+        self._api = base_url.rstrip("/") + "/v1"
+        self._headers = {
+            "Authorization": f"Bearer {token}",
+            "User-Agent": user_agent,
+            "Accept": "application/json",
+        }
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._semaphore = asyncio.Semaphore(concurrency)
+        self._retry_attempts = retry_attempts
+        self._backoff = wait_random_exponential(multiplier=backoff_base, max=max_backoff)
+        self._max_retry_after = max_retry_after
+        self._pacer = Pacer(low_water=concurrency)
+        self._session: aiohttp.ClientSession | None = None
+        self._reasons: list[CancellationReason] | None = None
+        self.on_response = on_response
+        self.on_retry = on_retry
+        self.retries = 0
+
+    async def __aenter__(self) -> PmsClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- API ----------------------------------------------------------------
+
+    async def get_appointment(self, appointment_id: int) -> PmsAppointment:
+        body = await self._retried("GET", GET_ROUTE, f"/appointments/{appointment_id}")
+        return _appointment(body)
+
+    async def list_appointments(
+        self,
+        *,
+        after: str | None = None,
+        before: str | None = None,
+        updated_after: str | None = None,
+        patient_id: int | None = None,
+        practitioner_id: int | None = None,
+        per_page: int = 100,
+    ) -> list[PmsAppointment]:
+        """Every page of the query, in the PMS's order."""
+        given = {"after": after, "before": before, "updated_after": updated_after,
+                 "patient_id": patient_id, "practitioner_id": practitioner_id, "per_page": per_page}
+        params = {name: str(value) for name, value in given.items() if value is not None}
+        found: list[PmsAppointment] = []
+        page = 1
+        while True:
+            body = await self._retried("GET", LIST_ROUTE, "/appointments", params={**params, "page": str(page)})
+            found.extend(_parse(PmsAppointment, item) for item in body["appointments"])
+            if page >= int(body.get("meta", {}).get("total_pages", 1)):
+                return found
+            page += 1
+
+    async def create_appointment(self, fields: dict[str, Any]) -> PmsAppointment:
+        """One attempt only: see the module docstring."""
+        body = await self._send("POST", CREATE_ROUTE, "/appointments", json={"appointment": fields})
+        return _appointment(body)
+
+    async def update_appointment(self, appointment_id: int, fields: dict[str, Any]) -> PmsAppointment:
+        body = await self._retried(
+            "PUT", UPDATE_ROUTE, f"/appointments/{appointment_id}", json={"appointment": fields}
+        )
+        return _appointment(body)
+
+    async def delete_appointment(self, appointment_id: int) -> None:
+        await self._retried("DELETE", DELETE_ROUTE, f"/appointments/{appointment_id}")
+
+    async def cancellation_reasons(self) -> list[CancellationReason]:
+        """The practice's reasons; they rarely change, so fetched once per client."""
+        if self._reasons is None:
+            body = await self._retried("GET", REASONS_ROUTE, "/appointment_cancellation_reasons")
+            self._reasons = [_parse(CancellationReason, r) for r in body["appointment_cancellation_reasons"]]
+        return self._reasons
+
+    async def cancellation_reason_id(self, reason: str) -> int:
+        """The id of a reason by its text (e.g. "Booked in error"); ``LookupError`` if absent."""
+        for known in await self.cancellation_reasons():
+            if known.reason.casefold() == reason.casefold():
+                return known.id
+        raise LookupError(f"the PMS has no cancellation reason {reason!r}")
+
+    # ---- transport ----------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self._session
+
+    async def _retried(self, method: str, route: str, path: str, **kwargs: Any) -> Any:
+        def before_sleep(state: RetryCallState) -> None:
+            self.retries += 1
+            error = state.outcome.exception() if state.outcome else None
+            if self.on_retry is not None and error is not None:
+                self.on_retry(method, route, error)
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._retry_attempts),
+            wait=self._wait,
+            retry=retry_if_exception(self._worth_retrying),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        return await retrying(self._send, method, route, path, **kwargs)
+
+    def _worth_retrying(self, error: BaseException) -> bool:
+        if isinstance(error, RateLimited):
+            return error.retry_after <= self._max_retry_after
+        return isinstance(error, Unavailable)
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Jittered backoff, but never sooner than the PMS asked."""
+        backoff = float(self._backoff(state))
+        error = state.outcome.exception() if state.outcome else None
+        if isinstance(error, RateLimited):
+            return max(backoff, error.retry_after)
+        return backoff
+
+    async def _send(self, method: str, route: str, path: str, **kwargs: Any) -> Any:
+        async with self._semaphore:
+            wait = self._pacer.reserve(self._max_retry_after)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            try:
+                async with self._http().request(method, self._api + path, **kwargs) as response:
+                    self._pacer.observe(response.headers)
+                    status, headers = response.status, response.headers
+                    body = await _read_body(response)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                self._report(method, route, 0)
+                raise Unavailable(f"{route}: {type(exc).__name__} {exc}".strip()) from exc
+        self._report(method, route, status)
+        if status < 300:
+            return body
+        raise _error(status, headers, body, route)
+
+    def _report(self, method: str, route: str, status: int) -> None:
+        if self.on_response is not None:
+            self.on_response(method, route, status)
+
+
+async def _read_body(response: aiohttp.ClientResponse) -> Any:
+    if response.status == 204:
+        return None
+    text = await response.text()
+    try:
+        return await response.json(content_type=None) if text else None
+    except ValueError:
+        return text
+
+
+def _error(status: int, headers: Headers, body: Any, route: str) -> PmsError:
+    """The typed error for a non-2xx answer."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    error = error if isinstance(error, dict) else {}
+    message = f"{route}: {status} {error.get('message', '')}".strip()
+    if status == 422:
+        return Rejected(message, dict(error.get("params") or {}), body=body)
+    if status == 404:
+        return NotFound(message, status=status, body=body)
+    if status == 429 or (status == 403 and error.get("type") == "rate_limit_error"):
+        wait = retry_after_seconds(headers, time.time())
+        return RateLimited(message, status=status, retry_after=wait if wait is not None else 1.0, body=body)
+    if status in (401, 403):
+        return Unauthorised(message, status=status, body=body)
+    if status >= 500:
+        return Unavailable(message, status=status, body=body)
+    return PmsError(message, status=status, body=body)
+
+
+def _parse(model: type[Any], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise PmsError(f"unexpected {model.__name__} from the PMS: {exc}") from exc
+
+
+def _appointment(body: Any) -> PmsAppointment:
+    inner = body.get("appointment") if isinstance(body, dict) else None
+    result: PmsAppointment = _parse(PmsAppointment, inner)
+    return result

@@ -1,0 +1,305 @@
+"""The shared store: PostgreSQL, for several worker processes or hosts.
+
+Workers never lock rows while they think: they read, decide, and commit with
+``UPDATE ... WHERE version = <read>``. Under READ COMMITTED a concurrent
+update of the same row makes the loser's UPDATE re-check its WHERE against
+the winner's row, match nothing, and so fail as ``StaleVersion``; an INSERT
+for version 0 loses on the primary key instead. Every commit writes its parts
+in one fixed order (appointment, workflow, logs, inbox), so two commits
+cannot deadlock on each other's rows.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from consumer.messages import StateLogRecord
+from consumer.store import schema
+from consumer.store.base import (
+    AppointmentRecord,
+    Commit,
+    InboxEntry,
+    StaleVersion,
+    StoreUnavailable,
+    WorkflowRecord,
+)
+
+# Any constant works; it only has to be the same in every process migrating this database.
+_MIGRATION_LOCK = 0x61707074  # "appt"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+# Errors that mean "the server or the network", not "the statement": retry later.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+
+class PostgresStore:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        max_connections: int = 10,
+        connect_timeout: float = 5.0,
+    ) -> None:
+        """``schema`` gives each test run (or tenant) its own tables; created on open."""
+        if schema is not None and not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"schema must be a lower-case SQL identifier, got {schema!r}")
+        self._url = url
+        self._schema = schema
+        self._max_connections = max_connections
+        self._connect_timeout = connect_timeout
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        settings = {"search_path": self._schema} if self._schema else {}
+        try:
+            self._pool = await asyncpg.create_pool(
+                self._url,
+                min_size=1,
+                max_size=self._max_connections,
+                timeout=self._connect_timeout,
+                server_settings=settings,
+            )
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        await self._migrate()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    async def commit(self, commit: Commit) -> list[StateLogRecord]:
+        async with self._connection() as conn, conn.transaction():
+            if commit.appointment is not None:
+                await _write_appointment(conn, commit.appointment)
+            if commit.workflow is not None:
+                await _write_workflow(conn, commit.workflow)
+            written = [await _append_log(conn, record) for record in commit.logs]
+            if commit.inbox is not None:
+                await conn.execute(
+                    "INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
+                    commit.inbox.message_id,
+                    None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
+                )
+        return written
+
+    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None:
+        row = await self._fetchrow(
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE appointment_id = $1",
+            appointment_id,
+        )
+        return None if row is None else schema.appointment_from_row(row)
+
+    async def inbox_get(self, message_id: str) -> InboxEntry | None:
+        row = await self._fetchrow(
+            "SELECT message_id, result FROM inbox WHERE message_id = $1", message_id
+        )
+        return None if row is None else schema.inbox_from_row(row)
+
+    async def history(
+        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+    ) -> list[StateLogRecord]:
+        """``seq`` comes from a sequence, so two commits that touch no common row may
+        become visible out of ``seq`` order. Commits writing one appointment's record
+        queue on its row, so that appointment's history pages in order."""
+        rows = await self._fetch(
+            f"SELECT {schema.LOG_COLUMNS} FROM state_log"
+            " WHERE (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
+            " ORDER BY seq LIMIT $3",
+            appointment_id,
+            after_seq,
+            limit,
+        )
+        return [schema.log_from_row(row) for row in rows]
+
+    async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
+        row = await self._fetchrow(
+            f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows WHERE workflow_id = $1",
+            workflow_id,
+        )
+        return None if row is None else schema.workflow_from_row(row)
+
+    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+        row = await self._fetchrow(
+            f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
+            f" WHERE appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
+            appointment_id,
+        )
+        return None if row is None else schema.workflow_from_row(row)
+
+    async def list_workflows(
+        self, *, states: frozenset[str] | None = None, unfinished: bool = False
+    ) -> list[WorkflowRecord]:
+        where = ["($1::text[] IS NULL OR state = ANY($1::text[]))"]
+        if unfinished:
+            where.append(f"state NOT IN {schema.TERMINAL_SQL}")
+        rows = await self._fetch(
+            f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows WHERE {' AND '.join(where)}"
+            " ORDER BY created_at, workflow_id",
+            None if states is None else sorted(states),
+        )
+        return [schema.workflow_from_row(row) for row in rows]
+
+    async def get_watermark(self, name: str) -> str | None:
+        row = await self._fetchrow("SELECT value FROM watermarks WHERE name = $1", name)
+        return None if row is None else str(row["value"])
+
+    async def set_watermark(self, name: str, value: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO watermarks (name, value) VALUES ($1, $2)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                name,
+                value,
+            )
+
+    async def _migrate(self) -> None:
+        """Under an advisory lock, so processes starting together migrate one at a time
+        (CREATE ... IF NOT EXISTS alone still races on the catalog)."""
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            if self._schema:
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._schema}")
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version"
+                " (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)"
+            )
+            current = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+            for number, statements in enumerate(schema.POSTGRES_MIGRATIONS, start=1):
+                if number <= current:
+                    continue
+                for statement in statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", number
+                )
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection, with driver errors turned into the store's own."""
+        if self._pool is None:
+            raise StoreUnavailable("the store is not open")
+        try:
+            async with self._pool.acquire(timeout=self._connect_timeout) as conn:
+                yield conn
+        except (asyncpg.UniqueViolationError, asyncpg.TransactionRollbackError) as exc:
+            # A unique key taken by a concurrent writer, or a serialisation failure
+            # or deadlock: either way another writer got there first.
+            raise StaleVersion(str(exc)) from exc
+        except _UNAVAILABLE as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
+        async with self._connection() as conn:
+            return await conn.fetchrow(sql, *args)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._connection() as conn:
+            return list(await conn.fetch(sql, *args))
+
+
+async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord) -> None:
+    args = (
+        record.appointment_id,
+        record.state,
+        record.patient_id,
+        record.version + 1,
+        record.upstream_updated_at,
+        schema.dumps(record.data),
+    )
+    if record.version == 0:
+        await conn.execute(
+            "INSERT INTO appointments (appointment_id, state, patient_id, version,"
+            " upstream_updated_at, data, updated_at) VALUES ($1, $2, $3, $4, $5, $6, now())",
+            *args,
+        )
+        return
+    status = await conn.execute(
+        "UPDATE appointments SET state = $2, patient_id = $3, version = $4,"
+        " upstream_updated_at = $5, data = $6, updated_at = now()"
+        " WHERE appointment_id = $1 AND version = $7",
+        *args,
+        record.version,
+    )
+    if status != "UPDATE 1":
+        raise StaleVersion(
+            f"appointment {record.appointment_id} is not at version {record.version}"
+        )
+
+
+async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> None:
+    args = (
+        record.workflow_id,
+        record.appointment_id,
+        record.new_patient_id,
+        record.state,
+        record.command_id,
+        record.correlation_id,
+        record.replacement_id,
+        record.last_error,
+        record.attempts,
+        record.version + 1,
+        schema.dumps(record.data),
+    )
+    if record.version == 0:
+        created_at: datetime | None = schema.utc(record.created_at) if record.created_at else None
+        await conn.execute(
+            "INSERT INTO workflows (workflow_id, appointment_id, new_patient_id, state,"
+            " command_id, correlation_id, replacement_id, last_error, attempts, version, data,"
+            " created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, COALESCE($12, now()), now())",
+            *args,
+            created_at,
+        )
+        return
+    status = await conn.execute(
+        "UPDATE workflows SET appointment_id = $2, new_patient_id = $3, state = $4,"
+        " command_id = $5, correlation_id = $6, replacement_id = $7, last_error = $8,"
+        " attempts = $9, version = $10, data = $11, updated_at = now()"
+        " WHERE workflow_id = $1 AND version = $12",
+        *args,
+        record.version,
+    )
+    if status != "UPDATE 1":
+        raise StaleVersion(f"workflow {record.workflow_id} is not at version {record.version}")
+
+
+async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
+    seq = await conn.fetchval(
+        "INSERT INTO state_log (time, appointment_id, related_appointment_id, machine,"
+        " from_state, to_state, trigger, source, command_id, webhook_id, workflow_id,"
+        " correlation_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+        " RETURNING seq",
+        schema.utc(record.time),
+        record.appointment_id,
+        schema.related_appointment_id(record),
+        record.machine,
+        record.from_state,
+        record.to_state,
+        record.trigger,
+        record.source,
+        record.command_id,
+        record.webhook_id,
+        record.workflow_id,
+        record.correlation_id,
+        schema.dumps(record.detail),
+    )
+    return record.model_copy(update={"seq": seq})

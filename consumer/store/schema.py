@@ -1,0 +1,243 @@
+"""What the SQLite and PostgreSQL stores share: the migrations, and row <-> record mapping.
+
+Migrations are numbered by their position in the list and never edited once
+released: a change to the schema is a new entry at the end, so every database
+can be brought forward from whatever version it is at.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from pydantic_core import to_json
+
+from consumer.messages import StateLogRecord
+from consumer.store.base import (
+    TERMINAL_WORKFLOW_STATES,
+    AppointmentRecord,
+    InboxEntry,
+    WorkflowRecord,
+)
+
+# The SQL twin of TERMINAL_WORKFLOW_STATES, for queries; the migrations spell
+# the same list out literally because an applied migration must never change.
+TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
+
+SQLITE_MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE appointments (
+            appointment_id INTEGER PRIMARY KEY,
+            state TEXT NOT NULL,
+            patient_id INTEGER,
+            version INTEGER NOT NULL,
+            upstream_updated_at TEXT,
+            data TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        """CREATE TABLE state_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            time TEXT NOT NULL,
+            appointment_id INTEGER NOT NULL,
+            related_appointment_id INTEGER,
+            machine TEXT NOT NULL,
+            from_state TEXT,
+            to_state TEXT NOT NULL,
+            trigger TEXT NOT NULL,
+            source TEXT NOT NULL,
+            command_id TEXT,
+            webhook_id TEXT,
+            workflow_id TEXT,
+            correlation_id TEXT,
+            detail TEXT NOT NULL
+        )""",
+        "CREATE INDEX state_log_appointment ON state_log (appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (related_appointment_id, seq)",
+        """CREATE TABLE workflows (
+            workflow_id TEXT PRIMARY KEY,
+            appointment_id INTEGER NOT NULL,
+            new_patient_id INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            command_id TEXT NOT NULL,
+            correlation_id TEXT,
+            replacement_id INTEGER,
+            last_error TEXT,
+            attempts INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            data TEXT NOT NULL
+        )""",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+        "CREATE INDEX workflows_state ON workflows (state)",
+        """CREATE TABLE inbox (
+            message_id TEXT PRIMARY KEY,
+            result TEXT,
+            processed_at TEXT NOT NULL
+        )""",
+        "CREATE TABLE watermarks (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ],
+]
+
+POSTGRES_MIGRATIONS: list[list[str]] = [
+    [
+        """CREATE TABLE appointments (
+            appointment_id bigint PRIMARY KEY,
+            state text NOT NULL,
+            patient_id bigint,
+            version bigint NOT NULL,
+            upstream_updated_at text,
+            data jsonb NOT NULL,
+            updated_at timestamptz NOT NULL
+        )""",
+        """CREATE TABLE state_log (
+            seq bigserial PRIMARY KEY,
+            time timestamptz NOT NULL,
+            appointment_id bigint NOT NULL,
+            related_appointment_id bigint,
+            machine text NOT NULL,
+            from_state text,
+            to_state text NOT NULL,
+            trigger text NOT NULL,
+            source text NOT NULL,
+            command_id text,
+            webhook_id text,
+            workflow_id text,
+            correlation_id text,
+            detail jsonb NOT NULL
+        )""",
+        "CREATE INDEX state_log_appointment ON state_log (appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (related_appointment_id, seq)",
+        """CREATE TABLE workflows (
+            workflow_id text PRIMARY KEY,
+            appointment_id bigint NOT NULL,
+            new_patient_id bigint NOT NULL,
+            state text NOT NULL,
+            command_id text NOT NULL,
+            correlation_id text,
+            replacement_id bigint,
+            last_error text,
+            attempts integer NOT NULL,
+            version bigint NOT NULL,
+            created_at timestamptz NOT NULL,
+            updated_at timestamptz NOT NULL,
+            data jsonb NOT NULL
+        )""",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+        "CREATE INDEX workflows_state ON workflows (state)",
+        """CREATE TABLE inbox (
+            message_id text PRIMARY KEY,
+            result jsonb,
+            processed_at timestamptz NOT NULL
+        )""",
+        "CREATE TABLE watermarks (name text PRIMARY KEY, value text NOT NULL)",
+    ],
+]
+
+class Row(Protocol):
+    """A result row by column name: asyncpg's Record and sqlite3.Row both qualify."""
+
+    def __getitem__(self, key: str) -> Any: ...
+
+
+APPOINTMENT_COLUMNS = "appointment_id, state, patient_id, version, upstream_updated_at, data"
+WORKFLOW_COLUMNS = (
+    "workflow_id, appointment_id, new_patient_id, state, command_id, correlation_id,"
+    " replacement_id, last_error, attempts, version, created_at, updated_at, data"
+)
+LOG_COLUMNS = (
+    "seq, time, appointment_id, machine, from_state, to_state, trigger, source,"
+    " command_id, webhook_id, workflow_id, correlation_id, detail"
+)
+
+
+def utc(value: datetime) -> datetime:
+    """Naive datetimes are taken as UTC, so nothing depends on the host's zone."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def sqlite_time(value: datetime) -> str:
+    """A fixed-width UTC text form, so SQLite's text ordering is time ordering."""
+    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def parse_time(value: datetime | str) -> datetime:
+    """PostgreSQL returns datetimes, SQLite the text written by ``sqlite_time``."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return utc(value)
+
+
+def dumps(value: Any) -> str:
+    """JSON that also accepts datetimes, UUIDs, models: what pydantic would emit."""
+    return to_json(value).decode()
+
+
+def loads(value: Any) -> Any:
+    """Both drivers hand JSON back as text (asyncpg has no jsonb codec set)."""
+    return None if value is None else json.loads(value)
+
+
+def related_appointment_id(record: StateLogRecord) -> int | None:
+    """The other appointment a workflow record names, so ``history`` of either finds it."""
+    for key in ("replacement_id", "original_id"):
+        value = record.detail.get(key)
+        if type(value) is int and value != record.appointment_id:
+            return value
+    return None
+
+
+def appointment_from_row(row: Row) -> AppointmentRecord:
+    return AppointmentRecord(
+        appointment_id=row["appointment_id"],
+        state=row["state"],
+        patient_id=row["patient_id"],
+        version=row["version"],
+        upstream_updated_at=row["upstream_updated_at"],
+        data=loads(row["data"]),
+    )
+
+
+def workflow_from_row(row: Row) -> WorkflowRecord:
+    return WorkflowRecord(
+        workflow_id=row["workflow_id"],
+        appointment_id=row["appointment_id"],
+        new_patient_id=row["new_patient_id"],
+        state=row["state"],
+        command_id=row["command_id"],
+        correlation_id=row["correlation_id"],
+        replacement_id=row["replacement_id"],
+        last_error=row["last_error"],
+        attempts=row["attempts"],
+        version=row["version"],
+        created_at=parse_time(row["created_at"]),
+        updated_at=parse_time(row["updated_at"]),
+        data=loads(row["data"]),
+    )
+
+
+def log_from_row(row: Row) -> StateLogRecord:
+    return StateLogRecord(
+        seq=row["seq"],
+        time=parse_time(row["time"]),
+        appointment_id=row["appointment_id"],
+        machine=row["machine"],
+        from_state=row["from_state"],
+        to_state=row["to_state"],
+        trigger=row["trigger"],
+        source=row["source"],
+        command_id=row["command_id"],
+        webhook_id=row["webhook_id"],
+        workflow_id=row["workflow_id"],
+        correlation_id=row["correlation_id"],
+        detail=loads(row["detail"]),
+    )
+
+
+def inbox_from_row(row: Row) -> InboxEntry:
+    return InboxEntry(message_id=row["message_id"], result=loads(row["result"]))

@@ -1,0 +1,259 @@
+"""The HTTP face: webhooks in, health, metrics, and read-only appointment endpoints.
+
+A webhook is answered 2xx only after RabbitMQ confirmed the message: a 202
+means "durably queued", and anything less makes the PMS retry. The live
+objects (broker, store) come from a cleanup context supplied by the caller, so
+nothing is created at import time and tests wire in real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from consumer import metrics
+from consumer.broker import Broker, PublishFailed
+from consumer.logs import get_logger
+from consumer.messages import ObservedEvent, WebhookPayload
+from consumer.settings import Settings
+from consumer.signing import (
+    FutureTimestamp,
+    SignatureError,
+    StaleTimestamp,
+    secret_key,
+    verify,
+    verify_dentally,
+)
+from consumer.store.base import Store
+
+SETTINGS_KEY = web.AppKey("settings", Settings)
+BROKER_KEY = web.AppKey("broker", Broker)
+STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DENTALLY_SIGNATURE = "X-Dentally-Signature"
+DENTALLY_DELIVERY = "X-Dentally-Delivery"
+READY_PING_TIMEOUT = 2.0
+MAX_HISTORY_PAGE = 1000
+
+Resources = Callable[[web.Application], AsyncIterator[None]]
+
+log = get_logger(__name__)
+
+
+def create_app(settings: Settings, resources: Resources) -> web.Application:
+    """The aiohttp application; ``resources`` puts the broker and store under their keys.
+
+    Secrets are decoded here so a malformed one stops start-up instead of
+    failing every request.
+    """
+    for secret in settings.webhook_secrets:
+        secret_key(secret)
+    if not settings.webhook_secrets and not settings.dentally_signing_secret:
+        log.error("webhooks.no_secret_configured",
+                  hint="set APPT_WEBHOOK_SECRETS; every webhook is refused until then")
+    # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
+    app = web.Application(client_max_size=settings.webhook_max_body + 1)
+    app[SETTINGS_KEY] = settings
+    app.cleanup_ctx.append(resources)
+    app.router.add_post("/webhooks/pms", receive_webhook)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", render_metrics)
+    app.router.add_get(r"/appointments/{id:\d+}", get_appointment)
+    app.router.add_get(r"/appointments/{id:\d+}/history", get_history)
+    return app
+
+
+def _error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _refuse(result: str, status: int, message: str, **log_fields: Any) -> web.Response:
+    metrics.WEBHOOKS.labels(result=result).inc()
+    log.warning("webhook.refused", result=result, **log_fields)
+    return _error(status, message)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes | None:
+    """The raw body, or None once it exceeds ``limit`` (without reading the rest)."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(limit + 1 - size)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return None
+
+
+def _verify(settings: Settings, request: web.Request, body: bytes) -> str:
+    """Check the signature by whichever scheme the request carries; return the webhook id."""
+    headers = request.headers
+    if (
+        settings.dentally_signing_secret
+        and DENTALLY_SIGNATURE in headers
+        and "webhook-signature" not in headers
+    ):
+        verify_dentally(settings.dentally_signing_secret, body, headers[DENTALLY_SIGNATURE])
+        return (
+            headers.get(DENTALLY_DELIVERY)
+            or headers.get("webhook-id")
+            or "sha256:" + hashlib.sha256(body).hexdigest()
+        )
+    return verify(settings.webhook_secrets, headers, body, tolerance=settings.webhook_tolerance)
+
+
+def _validation_text(exc: ValidationError) -> str:
+    """Pydantic's errors without the input values (which would echo the body back)."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
+    )
+
+
+def _observed_event(body: bytes, webhook_id: str) -> ObservedEvent:
+    """Raises ValidationError (a ValueError) or ValueError when the payload is unusable."""
+    payload = WebhookPayload.model_validate_json(body)
+    return ObservedEvent(
+        type=payload.type, event_id=webhook_id, source="webhook", appointment=payload.appointment()
+    )
+
+
+async def receive_webhook(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS_KEY]
+    body = await _read_body(request, settings.webhook_max_body)
+    if body is None:
+        return _refuse("too_large", 413, f"body over {settings.webhook_max_body} bytes")
+    try:
+        webhook_id = _verify(settings, request, body)
+    except (StaleTimestamp, FutureTimestamp) as exc:
+        return _refuse("stale", 401, "timestamp outside tolerance", reason=str(exc),
+                       webhook_id=request.headers.get("webhook-id"))
+    except SignatureError as exc:
+        return _refuse("bad_signature", 401, "invalid signature", reason=type(exc).__name__)
+    try:
+        event = _observed_event(body, webhook_id)
+    except ValidationError as exc:
+        return _refuse("invalid", 400, _validation_text(exc), webhook_id=webhook_id)
+    except ValueError as exc:
+        return _refuse("invalid", 400, str(exc), webhook_id=webhook_id)
+    fields = {"webhook_id": webhook_id, "type": event.type,
+              "appointment_id": event.appointment_id}
+    try:
+        await request.app[BROKER_KEY].publish_inbound(
+            event.model_dump_json().encode(),
+            appointment_id=event.appointment_id,
+            message_id=webhook_id,
+        )
+    except PublishFailed as exc:
+        metrics.WEBHOOKS.labels(result="unavailable").inc()
+        log.error("webhook.unavailable", error=str(exc), **fields)
+        return _error(503, "queue unavailable, retry")
+    metrics.WEBHOOKS.labels(result="accepted").inc()
+    log.info("webhook.accepted", **fields)
+    return web.json_response({"accepted": webhook_id}, status=202)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _store_answers(store: Store) -> bool:
+    try:
+        async with asyncio.timeout(READY_PING_TIMEOUT):
+            await store.ping()
+    except Exception:  # any failure means "not ready"; the reason is the store's to log
+        return False
+    return True
+
+
+async def readyz(request: web.Request) -> web.Response:
+    broker_ok = request.app[BROKER_KEY].connected
+    store_ok = await _store_answers(request.app[STORE_KEY])
+    checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down"}
+    ready = broker_ok and store_ok
+    return web.json_response(
+        {"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503
+    )
+
+
+async def render_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+def _unauthorized(request: web.Request) -> web.Response | None:
+    """None when the bearer token is right; the refusal to send otherwise.
+
+    With no token configured the endpoints stay shut (503): appointment data
+    must never be open by default.
+    """
+    token = request.app[SETTINGS_KEY].api_token
+    if not token:
+        return _error(503, "APPT_API_TOKEN not configured")
+    given = request.headers.get("Authorization", "").encode()
+    if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+        return web.json_response(
+            {"error": "missing or wrong bearer token"},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return None
+
+
+async def get_appointment(request: web.Request) -> web.Response:
+    if (refusal := _unauthorized(request)) is not None:
+        return refusal
+    appointment_id = int(request.match_info["id"])
+    record = await request.app[STORE_KEY].get_appointment(appointment_id)
+    if record is None:
+        return _error(404, f"appointment {appointment_id} unknown")
+    return web.json_response({
+        "appointment_id": record.appointment_id,
+        "state": record.state,
+        "patient_id": record.patient_id,
+        "version": record.version,
+        "upstream_updated_at": record.upstream_updated_at,
+    })
+
+
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name, str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise web.HTTPBadRequest(
+            text=json.dumps({"error": f"{name} must be an integer in {low}..{high}"}),
+            content_type="application/json",
+        )
+    return value
+
+
+async def get_history(request: web.Request) -> web.Response:
+    """One page of the state log; ``next_after_seq`` is null once the last page is served."""
+    if (refusal := _unauthorized(request)) is not None:
+        return refusal
+    appointment_id = int(request.match_info["id"])
+    after_seq = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
+    limit = _int_query(request, "limit", 100, 1, MAX_HISTORY_PAGE)
+    store = request.app[STORE_KEY]
+    records = await store.history(appointment_id, after_seq=after_seq, limit=limit)
+    if not records and await store.get_appointment(appointment_id) is None:
+        return _error(404, f"appointment {appointment_id} unknown")
+    next_after_seq = records[-1].seq if len(records) == limit else None
+    return web.json_response({
+        "records": [r.model_dump(mode="json") for r in records],
+        "next_after_seq": next_after_seq,
+    })

@@ -1,0 +1,402 @@
+"""Runs the reassignment saga against the PMS, durably.
+
+The saga's state is in the store before and after every remote call, so a
+process killed at any instant resumes where it was:
+- killed after the replacement was booked but before that was recorded: the
+  replacement is found again by its link marker, never booked twice;
+- killed after the original was cancelled but before that was recorded: the
+  fresh GET shows it cancelled, and the step counts as done;
+- a compensation that keeps failing parks the workflow in
+  ``compensation_failed`` (metric, error log, ``appt sagas --stuck``) until
+  ``appt sagas retry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import datetime, timezone
+from typing import Any
+
+from consumer import metrics
+from consumer.broker import Broker, PublishFailed
+from consumer.commands import STATUS_REASON, execute
+from consumer.logs import get_logger
+from consumer.messages import Reassign, SetPatient, StateLogRecord
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
+from consumer.records import Decision, Origin, new_record, result_for, snapshot_from_pms, snapshot_from_record
+from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord
+from statemachines.appointment import Refused, Write, bound
+from statemachines.reassignment import (
+    CANCEL_REASON,
+    COMPENSATION_FAILED,
+    REQUESTED,
+    STATES,
+    TERMINAL,
+    Reassignment,
+    Step,
+    bound_reassignment,
+    link_marker,
+    original_cancel_note,
+    replacement_note,
+)
+
+log = get_logger(__name__)
+
+CANCELLABLE = ("Pending", "Confirmed")
+COPIED_FIELDS = ("practitioner_id", "start_time", "finish_time", "duration", "reason")
+
+
+def is_stuck(workflow: WorkflowRecord, *, deadline: float, now: datetime | None = None) -> bool:
+    """Parked, or unfinished and untouched for longer than the deadline (deadlines live in the store)."""
+    if workflow.state == COMPENSATION_FAILED:
+        return True
+    if workflow.state in TERMINAL or workflow.updated_at is None:
+        return False
+    age = ((now or datetime.now(timezone.utc)) - workflow.updated_at).total_seconds()
+    return age > deadline
+
+
+class WorkflowBusy(Exception):
+    """Another runner moved this workflow on (seen as a version conflict)."""
+
+
+def workflow_id_for(command_id: str) -> str:
+    """Deterministic, so a redelivered command finds its workflow instead of starting another."""
+    return f"reassign-{command_id}"
+
+
+class WorkflowRunner:
+    def __init__(
+        self, *, pms: PmsClient, store: Store, broker: Broker, deadline: float = 300.0,
+        compensation_attempts: int = 3, compensation_backoff: float = 0.5,
+    ) -> None:
+        self._pms = pms
+        self._store = store
+        self._broker = broker
+        self._deadline = deadline
+        self._compensation_attempts = compensation_attempts
+        self._compensation_backoff = compensation_backoff
+        self._alerted: set[str] = set()
+
+    # ---- entry points -------------------------------------------------------
+
+    async def reassign(self, command: Reassign) -> Decision:
+        """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
+        workflow = await self._store.get_workflow(workflow_id_for(command.command_id))
+        if workflow is None:
+            started = await self._start(command)
+            if isinstance(started, Decision):
+                return started
+            workflow = started
+        workflow = await self._drive(workflow)
+        return Decision(result=await self._result(command, workflow))
+
+    async def resume_unfinished(self) -> int:
+        """On start: drive every workflow a previous process left mid-way (parked ones wait)."""
+        resumed = 0
+        for workflow in await self._store.list_workflows(unfinished=True):
+            if workflow.state == COMPENSATION_FAILED:
+                continue
+            log.info("resuming workflow", workflow_id=workflow.workflow_id, state=workflow.state)
+            try:
+                await self._drive(workflow)
+                resumed += 1
+            except (PmsError, StaleVersion, WorkflowBusy, PublishFailed) as exc:
+                log.warning("workflow not resumed now; its command's redelivery will retry",
+                            workflow_id=workflow.workflow_id, error=str(exc))
+        return resumed
+
+    async def retry(self, workflow_id: str) -> WorkflowRecord:
+        """`appt sagas retry`: run a parked workflow's compensation again."""
+        workflow = await self._store.get_workflow(workflow_id)
+        if workflow is None:
+            raise LookupError(f"no workflow {workflow_id}")
+        if workflow.state == COMPENSATION_FAILED:
+            workflow = await self._record(workflow, lambda saga: saga.retry(), attempts=workflow.attempts + 1)
+        return await self._drive(workflow)
+
+    async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
+        """Refresh the workflow gauges and raise the alarm once per stuck workflow."""
+        while not stop.is_set():
+            try:
+                await self.refresh_metrics()
+            except Exception:  # the watcher must outlive a store hiccup
+                log.exception("workflow watch failed")
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+    async def refresh_metrics(self) -> None:
+        workflows = await self._store.list_workflows()
+        for state in STATES:
+            metrics.WORKFLOWS.labels(state).set(sum(w.state == state for w in workflows))
+        stuck = [w for w in workflows if is_stuck(w, deadline=self._deadline)]
+        metrics.STUCK_WORKFLOWS.set(len(stuck))
+        for workflow in stuck:
+            if workflow.workflow_id not in self._alerted:
+                self._alerted.add(workflow.workflow_id)
+                log.error("workflow stuck: operator action needed (appt sagas --stuck)",
+                          workflow_id=workflow.workflow_id, state=workflow.state,
+                          appointment_id=workflow.appointment_id, last_error=workflow.last_error)
+
+    # ---- starting -----------------------------------------------------------
+
+    async def _start(self, command: Reassign) -> WorkflowRecord | Decision:
+        """Decide whether a workflow is needed at all; if so, persist it before any remote call."""
+        try:
+            original = (await self._pms.get_appointment(command.appointment_id)).model_dump(mode="json")
+        except NotFound:
+            return Decision(result=result_for(command, "rejected",
+                                              reasons={"appointment_id": ["not found in the PMS"]}))
+        if original.get("patient_id") is None:
+            return await self._plain_set_patient(command)
+        if original["patient_id"] == command.patient_id:
+            return Decision(result=result_for(command, "succeeded", appointment=original))
+        if original.get("state") not in CANCELLABLE:
+            reasons = {"state": [f"{STATUS_REASON} {original.get('state')}"]}
+            return Decision(result=result_for(command, "rejected", reasons=reasons, appointment=original))
+        active = await self._store.active_workflow(command.appointment_id)
+        if active is not None:
+            reasons = {"appointment_id": [f"a reassignment is already running ({active.workflow_id})"]}
+            return Decision(result=result_for(command, "rejected", reasons=reasons))
+        workflow = WorkflowRecord(
+            workflow_id=workflow_id_for(command.command_id),
+            appointment_id=command.appointment_id,
+            new_patient_id=command.patient_id,
+            state=REQUESTED,
+            command_id=command.command_id,
+            correlation_id=command.correlation_id,
+            data={"original": {k: original.get(k) for k in COPIED_FIELDS}},
+        )
+        start = StateLogRecord(
+            appointment_id=command.appointment_id, machine="reassignment", from_state=None,
+            to_state=REQUESTED, trigger="reassign", source="workflow", command_id=command.command_id,
+            workflow_id=workflow.workflow_id, correlation_id=command.correlation_id,
+            detail={"workflow_id": workflow.workflow_id, "original_id": command.appointment_id,
+                    "new_patient_id": command.patient_id},
+        )
+        await self._commit(Commit(workflow=workflow, logs=[start]))
+        return dataclasses.replace(workflow, version=1)
+
+    async def _plain_set_patient(self, command: Reassign) -> Decision:
+        """No patient yet: the PMS allows setting one, so no workflow is needed."""
+        set_patient = SetPatient(command_id=command.command_id, appointment_id=command.appointment_id,
+                                 patient_id=command.patient_id, correlation_id=command.correlation_id)
+        origin = Origin("command", command_id=command.command_id, correlation_id=command.correlation_id)
+        decision = await execute(set_patient, self._pms, self._store, origin)
+        if decision.result is not None:
+            decision.result = decision.result.model_copy(update={"type": "reassign"})
+        return decision
+
+    # ---- driving ------------------------------------------------------------
+
+    async def _drive(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        while True:
+            with self._saga(workflow) as saga:
+                step = saga.next_step()
+            if step is Step.NONE:
+                return workflow
+            if step is Step.CREATE_REPLACEMENT:
+                workflow = await self._create_replacement(workflow)
+            elif step is Step.CANCEL_ORIGINAL:
+                workflow = await self._cancel_original(workflow)
+            elif step is Step.FINISH:
+                workflow = await self._record(workflow, lambda saga: saga.finish())
+            elif step is Step.REMOVE_REPLACEMENT:
+                workflow = await self._remove_replacement(workflow)
+
+    async def _create_replacement(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+        if original.get("state") not in CANCELLABLE:
+            reason = f"original is {original.get('state')} before the replacement was booked"
+            return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+        found = await self._find_replacement(workflow)
+        if found is None:
+            try:
+                created = await self._pms.create_appointment(self._replacement_fields(workflow))
+                found = created.id
+            except Unavailable:
+                # The POST may have been applied before the answer was lost: look, never blindly re-post.
+                found = await self._find_replacement(workflow)
+                if found is None:
+                    raise
+            except Rejected as rejected:
+                reason = f"replacement refused by the PMS: {rejected.params}"
+                return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+        replacement_id = found
+        return await self._record(workflow, lambda saga: saga.replacement_booked(replacement_id))
+
+    def _replacement_fields(self, workflow: WorkflowRecord) -> dict[str, Any]:
+        original = workflow.data.get("original", {})
+        fields = {k: original[k] for k in COPIED_FIELDS if original.get(k) is not None}
+        fields.update(
+            patient_id=workflow.new_patient_id,
+            notes=replacement_note(workflow.appointment_id, workflow.workflow_id),
+            metadata=link_marker(workflow.workflow_id, workflow.appointment_id),
+        )
+        return fields
+
+    async def _find_replacement(self, workflow: WorkflowRecord) -> int | None:
+        """The live appointment carrying this workflow's link marker, if one was booked."""
+        original = workflow.data.get("original", {})
+        candidates = await self._pms.list_appointments(
+            after=original.get("start_time"), before=original.get("finish_time"),
+            practitioner_id=original.get("practitioner_id"),
+        )
+        marker = link_marker(workflow.workflow_id, workflow.appointment_id)
+        for candidate in candidates:
+            metadata = candidate.metadata or {}
+            if all(metadata.get(k) == v for k, v in marker.items()) and candidate.state != "Cancelled":
+                return candidate.id
+        return None
+
+    async def _cancel_original(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        assert workflow.replacement_id is not None
+        note = original_cancel_note(workflow.replacement_id, workflow.workflow_id)
+        try:
+            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
+            for attempt in (1, 2):
+                upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
+                    return await self._original_done(workflow, None, upstream, None)
+                write = self._plan_cancel(workflow, upstream, reason_id, note)
+                try:
+                    answer = await self._pms.update_appointment(workflow.appointment_id, write.fields)
+                except Rejected as rejected:
+                    if attempt == 1 and any(STATUS_REASON in r for rs in rejected.params.values() for r in rs):
+                        continue  # the state moved behind our back: read again, decide once more
+                    raise
+                return await self._original_done(workflow, upstream, answer.model_dump(mode="json"), write)
+        except Refused as refused:
+            reason = f"original can not be cancelled: {refused.reasons}"
+        except Rejected as rejected:
+            reason = f"PMS refused to cancel the original: {rejected.params}"
+        except Unavailable as exc:
+            reason = f"PMS kept failing to cancel the original: {exc}"
+        except (NotFound, LookupError) as exc:
+            reason = f"original can not be cancelled: {exc}"
+        return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+
+    def _plan_cancel(
+        self, workflow: WorkflowRecord, upstream: dict[str, Any], reason_id: int, note: str
+    ) -> Write:
+        with bound(snapshot_from_pms(upstream), workflow.appointment_id) as appt:
+            write = appt.plan_cancel(CANCEL_REASON, reason_id)
+        return Write(trigger=write.trigger, fields={**write.fields, "notes": note})
+
+    async def _original_done(
+        self, workflow: WorkflowRecord, before: dict[str, Any] | None, after: dict[str, Any],
+        write: Write | None,
+    ) -> WorkflowRecord:
+        """Record the saga step and the original's new state in one commit."""
+        origin = self._origin(workflow)
+        for _ in range(3):
+            stored = await self._store.get_appointment(workflow.appointment_id)
+            with bound(snapshot_from_record(stored), workflow.appointment_id) as appt:
+                transitions = appt.reconcile(snapshot_from_pms(before)) if before else []
+                if write is not None:
+                    transitions += appt.applied(write, snapshot_from_pms(after))
+                else:
+                    transitions += appt.reconcile(snapshot_from_pms(after))
+                record = new_record(stored, appt.state, appt.patient_id, after)
+            try:
+                return await self._record(
+                    workflow, lambda saga: saga.original_cancelled(),
+                    appointment=record, extra_logs=origin.logs(transitions),
+                )
+            except StaleVersion:
+                await self._ensure_unchanged(workflow)
+        raise StaleVersion(f"appointment {workflow.appointment_id} kept changing")
+
+    async def _remove_replacement(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        replacement_id = workflow.replacement_id
+        if replacement_id is None:
+            return await self._record(workflow, lambda saga: saga.replacement_removed())
+        error = ""
+        for attempt in range(1, self._compensation_attempts + 1):
+            try:
+                await self._delete_or_cancel(replacement_id)
+                return await self._record(workflow, lambda saga: saga.replacement_removed())
+            except (PmsError, LookupError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                log.warning("compensation failed", workflow_id=workflow.workflow_id,
+                            replacement_id=replacement_id, attempt=attempt, error=error)
+                await asyncio.sleep(self._compensation_backoff * attempt)
+        log.error("compensation failed for good: workflow parked", workflow_id=workflow.workflow_id,
+                  replacement_id=replacement_id, error=error)
+        reason = f"could not remove replacement {replacement_id}: {error}"
+        return await self._record(workflow, lambda saga: saga.compensation_error(reason))
+
+    async def _delete_or_cancel(self, replacement_id: int) -> None:
+        """Delete the replacement; where the PMS refuses a delete, cancel it instead."""
+        try:
+            await self._pms.delete_appointment(replacement_id)
+        except NotFound:
+            return  # already gone (deleted before a crash)
+        except Rejected:
+            current = await self._pms.get_appointment(replacement_id)
+            if current.state == "Cancelled":
+                return
+            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
+            await self._pms.update_appointment(replacement_id, {
+                "state": "Cancelled", "appointment_cancellation_reason_id": reason_id,
+                "notes": f"{CANCEL_REASON}: reassignment compensated",
+            })
+
+    # ---- persistence --------------------------------------------------------
+
+    def _saga(self, workflow: WorkflowRecord) -> Any:
+        return bound_reassignment(
+            workflow.workflow_id, workflow.appointment_id, workflow.new_patient_id,
+            state=workflow.state, replacement_id=workflow.replacement_id, last_error=workflow.last_error,
+        )
+
+    def _origin(self, workflow: WorkflowRecord) -> Origin:
+        return Origin("workflow", command_id=workflow.command_id, workflow_id=workflow.workflow_id,
+                      correlation_id=workflow.correlation_id)
+
+    async def _record(
+        self, workflow: WorkflowRecord, outcome: Any, *, attempts: int | None = None,
+        appointment: Any = None, extra_logs: list[StateLogRecord] | None = None,
+    ) -> WorkflowRecord:
+        """Fire the saga trigger for an outcome and persist it with its log, atomically."""
+        with self._saga(workflow) as saga:
+            transition = outcome(saga)
+            updated = dataclasses.replace(
+                workflow, state=saga.state, replacement_id=saga.replacement_id,
+                last_error=saga.last_error,
+                attempts=workflow.attempts if attempts is None else attempts,
+            )
+        logs = [self._origin(workflow).log(transition), *(extra_logs or [])]
+        await self._commit(Commit(workflow=updated, appointment=appointment, logs=logs))
+        log.info("workflow step", workflow_id=workflow.workflow_id, from_state=workflow.state,
+                 to_state=updated.state, replacement_id=updated.replacement_id)
+        return dataclasses.replace(updated, version=workflow.version + 1)
+
+    async def _commit(self, commit: Commit) -> None:
+        for record in await self._store.commit(commit):
+            await self._broker.publish_event(
+                record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
+            )
+
+    async def _ensure_unchanged(self, workflow: WorkflowRecord) -> None:
+        current = await self._store.get_workflow(workflow.workflow_id)
+        if current is None or current.version != workflow.version:
+            raise WorkflowBusy(f"workflow {workflow.workflow_id} was moved on by another runner")
+
+    async def _result(self, command: Reassign, workflow: WorkflowRecord) -> Any:
+        if workflow.state == "completed":
+            replacement = None
+            if workflow.replacement_id is not None:
+                replacement = (await self._pms.get_appointment(workflow.replacement_id)).model_dump(mode="json")
+            return result_for(command, "succeeded", appointment=replacement, workflow_id=workflow.workflow_id)
+        reasons = {"original": [workflow.last_error or "the original could not be cancelled"]}
+        if workflow.state == COMPENSATION_FAILED:
+            reasons["compensation"] = [f"parked in {COMPENSATION_FAILED}: see appt sagas --stuck"]
+        else:
+            reasons["compensation"] = [f"replacement {workflow.replacement_id or '(none booked)'} removed; "
+                                       "original left as it was"]
+        return result_for(command, "failed", reasons=reasons, workflow_id=workflow.workflow_id)

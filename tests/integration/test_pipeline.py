@@ -1,0 +1,202 @@
+"""Commands over RabbitMQ: ordered, idempotent, at-least-once (real broker, sandbox over HTTP)."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from consumer.broker import INBOUND_EXCHANGE, REASON_HEADER
+from tests.helpers import eventually
+from tests.stack import Stack, running_stack
+
+STATUS = "The appointment can not be updated as the current status is:"
+
+
+@pytest.fixture
+async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[Stack]:
+    async with running_stack(amqp_url, sqlite_url, sandbox.url) as running:
+        yield running
+
+
+def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
+    defaults = {"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
+                "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
+                "reason": "Exam", "state": "Pending"}
+    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
+
+
+async def test_every_command_type_succeeds_on_a_legal_appointment(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 101)
+    seed(sandbox, 102, patient_id=None)
+    seed(sandbox, 103)
+
+    confirmed = await stack.result(await stack.send({"type": "confirm", "appointment_id": 101}))
+    patient_set = await stack.result(await stack.send(
+        {"type": "set_patient", "appointment_id": 102, "patient_id": 2001}))
+    noted = await stack.result(await stack.send(
+        {"type": "edit_notes", "appointment_id": 101, "notes": "bring x-rays"}))
+    cancelled = await stack.result(await stack.send(
+        {"type": "cancel", "appointment_id": 103, "reason": "Patient cancelled"}))
+
+    assert [r["outcome"] for r in (confirmed, patient_set, noted, cancelled)] == ["succeeded"] * 4
+    assert sandbox.state.get(101)["state"] == "Confirmed"
+    assert sandbox.state.get(101)["notes"] == "bring x-rays"
+    assert sandbox.state.get(102)["patient_id"] == 2001
+    assert sandbox.state.get(103)["state"] == "Cancelled"
+    record = await stack.store.get_appointment(101)
+    assert record is not None and record.state == "Confirmed"
+
+
+async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 201, state="Cancelled", appointment_cancellation_reason_id=2)
+    seed(sandbox, 202)
+
+    confirm = await stack.result(await stack.send({"type": "confirm", "appointment_id": 201}))
+    set_patient = await stack.result(await stack.send(
+        {"type": "set_patient", "appointment_id": 202, "patient_id": 1014}))
+    unknown_reason = await stack.result(await stack.send(
+        {"type": "cancel", "appointment_id": 202, "reason": "Bored"}))
+    missing = await stack.result(await stack.send({"type": "confirm", "appointment_id": 999}))
+
+    assert confirm["outcome"] == "rejected"
+    assert confirm["reasons"] == {"state": [f"{STATUS} Cancelled"]}
+    assert set_patient["outcome"] == "rejected"
+    assert set_patient["reasons"]["patient_id"] == ["can not change patients"]
+    assert "reassign" in set_patient["reasons"]["hint"][0]
+    assert unknown_reason["outcome"] == "rejected" and "Patient cancelled" in unknown_reason["reasons"]["reason"][0]
+    assert missing["reasons"] == {"appointment_id": ["not found in the PMS"]}
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
+
+
+async def test_behind_the_back_confirmation_is_reconciled(stack: Stack, sandbox: Any) -> None:
+    """The seed: auto-confirmed by SMS between our GET and our PUT."""
+    seed(sandbox, 301, patient_id=None)
+    sandbox.state.change_behind_back(301, {"state": "Confirmed"}, before_next="PUT")
+
+    result = await stack.result(await stack.send(
+        {"type": "set_patient", "appointment_id": 301, "patient_id": 2002}))
+
+    assert result["outcome"] == "rejected"
+    assert result["reasons"] == {"patient_id": [f"{STATUS} Confirmed"]}
+    history = await stack.store.history(301)
+    assert [(r.trigger, r.source, r.to_state) for r in history][-1] == ("reconcile", "reconcile", "Confirmed")
+    assert sandbox.state.get(301)["patient_id"] is None
+
+
+async def test_seed_confirm_raced_by_sms_ends_confirmed_and_succeeded(stack: Stack, sandbox: Any) -> None:
+    sandbox.state.seed_fixture("seed")
+
+    result = await stack.result(await stack.send({"type": "confirm", "appointment_id": 757579675}))
+
+    assert result["outcome"] == "succeeded"
+    assert result["appointment"]["state"] == "Confirmed"
+    drift = [r for r in await stack.store.history(757579675) if r.trigger == "reconcile"]
+    assert drift[-1].from_state == "Pending" and drift[-1].to_state == "Confirmed"
+
+
+async def test_the_same_command_three_times_is_applied_once(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 401)
+    command = {"type": "edit_notes", "appointment_id": 401, "notes": "once", "command_id": "dup-1"}
+    for _ in range(3):
+        await stack.send(dict(command))
+
+    await eventually(lambda: stack.observer.result_counts.get("dup-1") == 3)
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 1
+    applied = [r for r in await stack.store.history(401) if r.command_id == "dup-1" and r.source == "command"]
+    assert len(applied) == 1
+
+
+async def test_a_thousand_interleaved_commands_keep_per_appointment_order(
+    stack: Stack, sandbox: Any
+) -> None:
+    ids = list(range(5001, 5051))
+    for appointment_id in ids:
+        seed(sandbox, appointment_id)
+    rounds = 20
+    for n in range(rounds):
+        for appointment_id in ids:
+            await stack.send({"type": "edit_notes", "appointment_id": appointment_id,
+                              "notes": f"note {n}", "command_id": f"order-{appointment_id}-{n}"})
+
+    await eventually(lambda: len(stack.observer.results) == rounds * len(ids), timeout=120)
+    assert {r["outcome"] for r in stack.observer.results.values()} == {"succeeded"}
+    for appointment_id in ids:
+        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000)
+                   if r.source == "command"]
+        assert applied == [f"order-{appointment_id}-{n}" for n in range(rounds)]
+        assert sandbox.state.get(appointment_id)["notes"] == f"note {rounds - 1}"
+
+
+async def test_bad_input_is_dead_lettered_with_a_reason_and_the_worker_goes_on(
+    stack: Stack, sandbox: Any, amqp_url: str
+) -> None:
+    seed(sandbox, 601)
+    bad_bodies = [
+        b"not json",
+        b'{"type": "confirm", "appointment_id": "abc", "command_id": "x1"}',
+        b'{"type": "teleport", "appointment_id": 601, "command_id": "x2"}',
+        b'{"type": "cancel", "appointment_id": 601, "command_id": "x3"}',
+        b'{"type": "confirm", "appointment_id": 601, "command_id": "x4", "extra": 1}',
+        b"{" + b" " * 70_000 + b"}",
+    ]
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.get_exchange(INBOUND_EXCHANGE)
+        for index, body in enumerate(bad_bodies):
+            await exchange.publish(aio_pika.Message(body, message_id=f"bad-{index}"), routing_key="601")
+    good = await stack.send({"type": "confirm", "appointment_id": 601})
+
+    assert (await stack.result(good))["outcome"] == "succeeded"
+    await eventually(lambda: len(stack.observer.dead) == len(bad_bodies))
+    reasons = {m.message_id: str((m.headers or {})[REASON_HEADER]) for m in stack.observer.dead}
+    assert "not JSON" in reasons["bad-0"]
+    assert "appointment_id" in reasons["bad-1"]
+    assert "teleport" in reasons["bad-2"] or "type" in reasons["bad-2"]
+    assert "reason" in reasons["bad-3"]
+    assert "extra" in reasons["bad-4"]
+    assert "exceeds the limit" in reasons["bad-5"]
+
+
+async def test_transient_pms_failures_are_retried_then_dead_lettered(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 701)
+    seed(sandbox, 702)
+    sandbox.state.fail_next("GET /v1/appointments/{id}", 2, 503)
+    recovered = await stack.result(await stack.send({"type": "confirm", "appointment_id": 701}))
+    assert recovered["outcome"] == "succeeded"
+
+    sandbox.state.fail_next("GET /v1/appointments/{id}", 10_000, 500)
+    doomed = await stack.send({"type": "confirm", "appointment_id": 702})
+    await eventually(lambda: any(m.message_id == doomed for m in stack.observer.dead), timeout=60)
+    dead = next(m for m in stack.observer.dead if m.message_id == doomed)
+    assert "gave up after 5 deliveries" in str((dead.headers or {})[REASON_HEADER])
+    sandbox.state.reset()
+
+
+async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twice(
+    stack: Stack, sandbox: Any
+) -> None:
+    ids = list(range(8001, 8011))
+    for appointment_id in ids:
+        seed(sandbox, appointment_id)
+    sandbox.state.set_latency(0.01)
+    commands = [f"kill-{appointment_id}-{n}" for n in range(10) for appointment_id in ids]
+    for command_id in commands:
+        _, appointment_id, n = command_id.split("-")
+        await stack.send({"type": "edit_notes", "appointment_id": int(appointment_id),
+                          "notes": f"note {n}", "command_id": command_id})
+    await eventually(lambda: len(stack.observer.results) >= 10)
+
+    subprocess.run(["rabbitmqctl", "close_all_connections", "test kill"], check=True,
+                   capture_output=True, timeout=60)
+
+    await eventually(lambda: set(stack.observer.results) >= set(commands), timeout=90)
+    for appointment_id in ids:
+        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000)
+                   if r.source == "command"]
+        assert len(applied) == len(set(applied)), "a command was applied twice"
+        assert sandbox.state.get(appointment_id)["notes"] == "note 9"

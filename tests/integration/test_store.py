@@ -1,0 +1,452 @@
+"""The store contract, run against both backends: SQLite (a file in tmp_path) and a real
+PostgreSQL (a fresh schema per test, dropped after).
+
+The PostgreSQL variant fails, never skips, when the server is unreachable: a
+skipped shared-store suite would hide exactly the bugs scale-out depends on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from consumer.messages import StateLogRecord
+from consumer.store import (
+    TERMINAL_WORKFLOW_STATES,
+    AppointmentRecord,
+    Commit,
+    InboxEntry,
+    StaleVersion,
+    Store,
+    StoreUnavailable,
+    WorkflowRecord,
+)
+from consumer.store.postgres import PostgresStore
+from consumer.store.sqlite import SqliteStore
+
+POSTGRES_URL = os.environ.get("APPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+StoreFactory = Callable[[], Store]
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StoreFactory]:
+    """Makes unopened stores on one database, as separate processes would; closes them after."""
+    made: list[Store] = []
+    schema = f"test_store_{uuid.uuid4().hex[:12]}"
+
+    def make() -> Store:
+        store: Store
+        if request.param == "sqlite":
+            store = SqliteStore(str(tmp_path / "store.sqlite3"))
+        else:
+            store = PostgresStore(POSTGRES_URL, schema=schema)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+    if request.param == "postgres":
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        try:
+            await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def store(new_store: StoreFactory) -> Store:
+    opened = new_store()
+    await opened.open()
+    return opened
+
+
+def appointment(
+    appointment_id: int = 1, version: int = 0, state: str = "Pending", **fields: Any
+) -> AppointmentRecord:
+    values: dict[str, Any] = {"patient_id": None, **fields}
+    return AppointmentRecord(appointment_id, state, version=version, **values)
+
+
+def log(appointment_id: int = 1, to_state: str = "Pending", **fields: Any) -> StateLogRecord:
+    return StateLogRecord.model_validate({
+        "appointment_id": appointment_id,
+        "to_state": to_state,
+        "machine": "appointment",
+        "from_state": None,
+        "trigger": "observe",
+        "source": "webhook",
+        **fields,
+    })
+
+
+def workflow(
+    workflow_id: str = "wf-1", appointment_id: int = 1, state: str = "started", version: int = 0
+) -> WorkflowRecord:
+    return WorkflowRecord(
+        workflow_id=workflow_id,
+        appointment_id=appointment_id,
+        new_patient_id=42,
+        state=state,
+        command_id=f"cmd-{workflow_id}",
+        version=version,
+    )
+
+
+async def test_opening_twice_migrates_once_and_keeps_data(new_store: StoreFactory) -> None:
+    first = new_store()
+    await first.open()
+    await first.commit(Commit(appointment=appointment()))
+    await first.close()
+
+    second, third = new_store(), new_store()
+    await asyncio.gather(second.open(), third.open())
+
+    assert await second.get_appointment(1) == appointment(version=1)
+    assert await third.get_appointment(1) == appointment(version=1)
+
+
+async def test_commit_round_trips_every_field(store: Store) -> None:
+    stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+    record = AppointmentRecord(
+        appointment_id=7,
+        state="Confirmed",
+        patient_id=99,
+        upstream_updated_at="2024-05-06T07:08:09Z",
+        data={"notes": "café ☕", "nested": {"list": [1, 2.5, None, True]}},
+    )
+    entry = log(
+        7,
+        "Confirmed",
+        time=stamp,
+        command_id="c1",
+        webhook_id="w1",
+        correlation_id="corr",
+        detail={"reasons": {"state": ["nope"]}},
+    )
+
+    written = await store.commit(
+        Commit(appointment=record, logs=[entry], inbox=InboxEntry("m1", {"ok": 1}))
+    )
+
+    assert await store.get_appointment(7) == replace(record, version=1)
+    assert written[0].seq is not None
+    assert written == [entry.model_copy(update={"seq": written[0].seq})]
+    assert await store.history(7) == written
+    assert (await store.history(7))[0].time == stamp
+    assert await store.inbox_get("m1") == InboxEntry("m1", {"ok": 1})
+    assert await store.get_appointment(8) is None
+    assert await store.inbox_get("m2") is None
+
+
+async def test_naive_log_times_are_taken_as_utc(store: Store) -> None:
+    await store.commit(Commit(logs=[log(time=datetime(2024, 1, 1, 12, 0))]))
+
+    [found] = await store.history(1)
+
+    assert found.time == datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+    assert found.time.utcoffset() is not None
+
+
+async def test_each_commit_advances_the_version_by_one(store: Store) -> None:
+    await store.commit(Commit(appointment=appointment()))
+    await store.commit(Commit(appointment=appointment(version=1, state="Confirmed")))
+
+    assert await store.get_appointment(1) == appointment(version=2, state="Confirmed")
+
+
+async def test_a_stale_commit_is_refused_and_writes_nothing(store: Store) -> None:
+    await store.commit(Commit(appointment=appointment()))
+    await store.commit(Commit(appointment=appointment(version=1, state="Confirmed")))
+
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(
+            appointment=appointment(version=1, state="Cancelled"),
+            workflow=workflow(),
+            logs=[log(to_state="Cancelled")],
+            inbox=InboxEntry("late"),
+        ))
+
+    assert await store.get_appointment(1) == appointment(version=2, state="Confirmed")
+    assert await store.get_workflow("wf-1") is None
+    assert await store.history(1) == []
+    assert await store.inbox_get("late") is None
+
+
+async def test_version_zero_means_the_record_must_not_exist(store: Store) -> None:
+    await store.commit(Commit(appointment=appointment()))
+
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(appointment=appointment(state="Confirmed"), logs=[log()]))
+
+    assert await store.get_appointment(1) == appointment(version=1)
+    assert await store.history(1) == []
+
+
+async def test_a_version_above_zero_needs_the_record_to_exist(store: Store) -> None:
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(appointment=appointment(version=3)))
+
+    assert await store.get_appointment(1) is None
+
+
+async def test_two_writers_racing_on_one_version_only_one_wins(store: Store) -> None:
+    await store.commit(Commit(appointment=appointment()))
+
+    confirm = Commit(appointment=appointment(version=1, state="Confirmed"), inbox=InboxEntry("a"))
+    cancel = Commit(appointment=appointment(version=1, state="Cancelled"), inbox=InboxEntry("b"))
+
+    outcomes = await asyncio.gather(
+        store.commit(confirm), store.commit(cancel), return_exceptions=True
+    )
+
+    assert sorted(type(o).__name__ for o in outcomes) == ["StaleVersion", "list"]
+    winner = "Confirmed" if isinstance(outcomes[0], list) else "Cancelled"
+    assert await store.get_appointment(1) == appointment(version=2, state=winner)
+    assert [await store.inbox_get(m) is not None for m in ("a", "b")].count(True) == 1
+
+
+async def test_two_store_instances_racing_on_one_version_only_one_wins(
+    new_store: StoreFactory,
+) -> None:
+    """Two processes (separate connections or pools) sharing one database."""
+    first, second = new_store(), new_store()
+    await first.open()
+    await second.open()
+    await first.commit(Commit(appointment=appointment()))
+
+    for round_ in range(1, 6):
+        outcomes = await asyncio.gather(
+            first.commit(Commit(appointment=appointment(version=round_, state="by-first"))),
+            second.commit(Commit(appointment=appointment(version=round_, state="by-second"))),
+            return_exceptions=True,
+        )
+        assert sorted(type(o).__name__ for o in outcomes) == ["StaleVersion", "list"]
+
+    stored = await second.get_appointment(1)
+    assert stored is not None and stored.version == 6
+
+
+async def test_many_writers_creating_one_record_only_one_succeeds(
+    new_store: StoreFactory,
+) -> None:
+    stores = [new_store() for _ in range(3)]
+    for each in stores:
+        await each.open()
+
+    outcomes = await asyncio.gather(
+        *(s.commit(Commit(appointment=appointment(state=f"by-{i}"), logs=[log(trigger=f"by-{i}")]))
+          for i, s in enumerate(stores)),
+        return_exceptions=True,
+    )
+
+    assert [type(o).__name__ for o in outcomes].count("list") == 1
+    assert len(await stores[0].history(1)) == 1
+
+
+async def test_a_cancelled_commit_writes_all_or_nothing_and_leaves_the_store_usable(
+    store: Store,
+) -> None:
+    """Cancelled at a different point each round: mid-transaction must roll back."""
+    for round_ in range(10):
+        entry = log(to_state=f"s{round_}")
+        task = asyncio.create_task(
+            store.commit(Commit(logs=[entry, entry], inbox=InboxEntry(f"m{round_}")))
+        )
+        for _ in range(round_):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+        written = [r for r in await store.history(1) if r.to_state == f"s{round_}"]
+        assert len(written) in (0, 2)
+        assert (await store.inbox_get(f"m{round_}") is not None) == (len(written) == 2)
+
+    await store.commit(Commit(appointment=appointment()))
+    assert await store.get_appointment(1) == appointment(version=1)
+
+
+async def test_a_redelivered_message_is_refused_by_the_inbox(store: Store) -> None:
+    done = InboxEntry("msg-1", {"outcome": "succeeded"})
+    await store.commit(Commit(appointment=appointment(), inbox=done))
+
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(
+            appointment=appointment(version=1, state="Confirmed"),
+            logs=[log()],
+            inbox=InboxEntry("msg-1", {"outcome": "other"}),
+        ))
+
+    assert await store.inbox_get("msg-1") == done
+    assert await store.get_appointment(1) == appointment(version=1)
+    assert await store.history(1) == []
+
+
+async def test_an_inbox_entry_may_carry_no_result(store: Store) -> None:
+    await store.commit(Commit(inbox=InboxEntry("ignored")))
+
+    assert await store.inbox_get("ignored") == InboxEntry("ignored", None)
+
+
+async def test_history_is_in_seq_order_and_pages_by_after_seq(store: Store) -> None:
+    for n in range(5):
+        await store.commit(Commit(logs=[log(1, f"s{n}"), log(2, f"other{n}")]))
+
+    everything = await store.history(1)
+    first_page = await store.history(1, limit=2)
+    second_page = await store.history(1, after_seq=first_page[-1].seq or 0, limit=2)
+    rest = await store.history(1, after_seq=second_page[-1].seq or 0)
+
+    assert [r.to_state for r in everything] == ["s0", "s1", "s2", "s3", "s4"]
+    assert [r.seq for r in everything] == sorted(r.seq or 0 for r in everything)
+    assert first_page + second_page + rest == everything
+    assert [r.to_state for r in rest] == ["s4"]
+    assert await store.history(1, after_seq=everything[-1].seq or 0) == []
+
+
+async def test_history_finds_workflow_records_through_the_linked_appointment(store: Store) -> None:
+    saga = {"machine": "reassignment", "source": "workflow", "workflow_id": "wf-1"}
+    await store.commit(Commit(logs=[
+        log(10, "started", **saga),
+        log(10, "replacement_created", detail={"replacement_id": 11}, **saga),
+        log(11, "Pending", detail={"original_id": 10}),
+        log(12, "Pending"),
+    ]))
+
+    original = await store.history(10)
+    replacement = await store.history(11)
+
+    assert [r.to_state for r in original] == ["started", "replacement_created", "Pending"]
+    assert [r.to_state for r in replacement] == ["replacement_created", "Pending"]
+    assert replacement[0].detail == {"replacement_id": 11}
+    assert [r.to_state for r in await store.history(12)] == ["Pending"]
+
+
+async def test_workflow_round_trips_and_keeps_its_creation_time(store: Store) -> None:
+    created = datetime(2024, 3, 1, 9, 30, tzinfo=timezone.utc)
+    started = WorkflowRecord(
+        workflow_id="wf-1", appointment_id=1, new_patient_id=42, state="started",
+        command_id="cmd-1", correlation_id="corr", created_at=created, data={"step": 1},
+    )
+    await store.commit(Commit(workflow=started))
+    stored = await store.get_workflow("wf-1")
+    assert stored is not None
+    moved = WorkflowRecord(
+        workflow_id="wf-1", appointment_id=1, new_patient_id=42, state="replacement_created",
+        command_id="cmd-1", correlation_id="corr", replacement_id=2, last_error="timeout",
+        attempts=3, version=stored.version, data={"step": 2},
+    )
+    await store.commit(Commit(workflow=moved))
+    final = await store.get_workflow("wf-1")
+
+    assert final is not None
+    assert final.version == 2
+    assert final.created_at == created
+    assert final.updated_at is not None and final.updated_at.tzinfo is not None
+    assert final.updated_at >= (stored.updated_at or final.updated_at)
+    assert (final.state, final.replacement_id, final.last_error, final.attempts, final.data) == (
+        "replacement_created", 2, "timeout", 3, {"step": 2},
+    )
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(workflow=moved))  # version 1 was already moved on
+
+
+async def test_one_unfinished_workflow_per_appointment(store: Store) -> None:
+    await store.commit(Commit(workflow=workflow("wf-1")))
+
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(workflow=workflow("wf-2"), logs=[log()]))
+
+    assert await store.get_workflow("wf-2") is None
+    assert await store.history(1) == []
+    active = await store.active_workflow(1)
+    assert active is not None and active.workflow_id == "wf-1"
+
+
+@pytest.mark.parametrize("terminal", sorted(TERMINAL_WORKFLOW_STATES))
+async def test_a_finished_workflow_frees_the_appointment_for_the_next(
+    store: Store, terminal: str
+) -> None:
+    await store.commit(Commit(workflow=workflow("wf-1")))
+    await store.commit(Commit(workflow=workflow("wf-1", state=terminal, version=1)))
+
+    assert await store.active_workflow(1) is None
+    await store.commit(Commit(workflow=workflow("wf-2")))
+
+    active = await store.active_workflow(1)
+    assert active is not None and active.workflow_id == "wf-2"
+
+
+async def test_list_workflows_filters_by_state_and_by_unfinished(store: Store) -> None:
+    states = ["started", "completed", "compensation_failed", "compensated"]
+    for number, state in enumerate(states, start=1):
+        started = workflow(f"wf-{number}", appointment_id=number, state=state)
+        await store.commit(Commit(workflow=started))
+
+    def ids(found: list[WorkflowRecord]) -> list[str]:
+        return sorted(w.workflow_id for w in found)
+
+    assert ids(await store.list_workflows()) == ["wf-1", "wf-2", "wf-3", "wf-4"]
+    assert ids(await store.list_workflows(unfinished=True)) == ["wf-1", "wf-3"]
+    assert ids(await store.list_workflows(states=frozenset({"compensation_failed"}))) == ["wf-3"]
+    both = frozenset({"completed", "started"})
+    assert ids(await store.list_workflows(states=both)) == ["wf-1", "wf-2"]
+    assert ids(await store.list_workflows(states=frozenset({"completed"}), unfinished=True)) == []
+    assert await store.list_workflows(states=frozenset()) == []
+
+
+async def test_watermarks_are_stored_and_overwritten(store: Store) -> None:
+    assert await store.get_watermark("reconcile") is None
+
+    await store.set_watermark("reconcile", "2024-01-01T00:00:00Z")
+    await store.set_watermark("reconcile", "2024-01-02T00:00:00Z")
+    await store.set_watermark("other", "x")
+
+    assert await store.get_watermark("reconcile") == "2024-01-02T00:00:00Z"
+    assert await store.get_watermark("other") == "x"
+
+
+async def test_ping_answers_while_open_and_raises_unavailable_once_closed(store: Store) -> None:
+    await store.ping()
+    await store.close()
+
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.get_appointment(1)
+
+
+async def test_an_unreachable_postgres_is_unavailable() -> None:
+    store = PostgresStore("postgresql://postgres@127.0.0.1:9/test", connect_timeout=2)
+
+    with pytest.raises(StoreUnavailable):
+        await store.ping()
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+
+
+async def test_an_unopenable_sqlite_path_is_unavailable(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "missing-dir" / "store.sqlite3"))
+
+    with pytest.raises(StoreUnavailable):
+        await store.open()
+
+
+async def test_sqlite_in_memory_works() -> None:
+    store = SqliteStore(":memory:")
+    await store.open()
+    try:
+        await store.commit(Commit(appointment=appointment(), logs=[log()]))
+        assert await store.get_appointment(1) == appointment(version=1)
+    finally:
+        await store.close()

@@ -1,0 +1,105 @@
+"""The service's pipeline assembled in-process for integration tests.
+
+Real RabbitMQ (a test vhost), a real store, the sandbox over HTTP: the same
+objects `appt serve` wires, minus the HTTP server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+
+from consumer.broker import DEAD_QUEUE, EVENTS_EXCHANGE, Broker
+from consumer.pms.client import PmsClient
+from consumer.store.base import Store, open_store
+from consumer.worker import Worker
+from consumer.workflows import WorkflowRunner
+from tests.helpers import eventually
+
+
+@dataclass
+class Observer:
+    """Everything published to appointments.events, and everything dead-lettered."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    result_counts: dict[str, int] = field(default_factory=dict)
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    dead: list[aio_pika.abc.AbstractIncomingMessage] = field(default_factory=list)
+
+    async def on_event(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = json.loads(message.body)
+        if message.routing_key and message.routing_key.startswith("result."):
+            self.results[body["command_id"]] = body
+            self.result_counts[body["command_id"]] = self.result_counts.get(body["command_id"], 0) + 1
+        else:
+            self.logs.append(body)
+        await message.ack()
+
+    async def on_dead(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self.dead.append(message)
+        await message.ack()
+
+
+@dataclass
+class Stack:
+    broker: Broker
+    store: Store
+    pms: PmsClient
+    worker: Worker
+    workflows: WorkflowRunner
+    observer: Observer
+
+    async def send(self, command: dict[str, Any]) -> str:
+        command.setdefault("command_id", str(uuid.uuid4()))
+        await self.broker.publish_inbound(
+            json.dumps(command).encode(), appointment_id=command["appointment_id"],
+            message_id=command["command_id"],
+        )
+        return str(command["command_id"])
+
+    async def result(self, command_id: str, timeout: float = 15.0) -> dict[str, Any]:
+        return await eventually(lambda: self.observer.results.get(command_id), timeout=timeout)  # type: ignore[no-any-return]
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
+    max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
+    pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
+) -> AsyncIterator[Stack]:
+    store = open_store(store_url)
+    await store.open()
+    broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
+    await broker.connect()
+    pms = PmsClient(pms_url, "sandbox-token", timeout=pms_timeout, retry_attempts=pms_retry_attempts,
+                    backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency)
+    observer = Observer()
+    connection = await aio_pika.connect_robust(amqp_url)
+    channel = await connection.channel()
+    # Durable, not exclusive: it must outlive a killed connection (the vhost is dropped after the test).
+    events = await channel.declare_queue("test.observer.events", durable=True)
+    await events.bind(EVENTS_EXCHANGE, routing_key="#")
+    await events.consume(observer.on_event)
+    dead = await channel.get_queue(DEAD_QUEUE)
+    await dead.consume(observer.on_dead)
+    workflows = WorkflowRunner(pms=pms, store=store, broker=broker, compensation_backoff=compensation_backoff)
+    worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+                    partitions=list(range(partitions)), max_deliveries=max_deliveries,
+                    retry_delay=retry_delay)
+    await worker.start()
+    try:
+        yield Stack(broker, store, pms, worker, workflows, observer)
+    finally:
+        await worker.stop(timeout=5)
+        await connection.close()
+        await pms.close()
+        await broker.close()
+        await store.close()
+        await asyncio.sleep(0)
