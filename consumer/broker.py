@@ -118,12 +118,13 @@ class Broker:
         self._connection = None
 
     async def _publish(
-        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str
+        self, exchange: AbstractExchange, message: aio_pika.Message, routing_key: str,
+        *, mandatory: bool = True,
     ) -> None:
         try:
             async with asyncio.timeout(self._publish_timeout):
                 # A nack or a return (mandatory + on_return_raises) raises here.
-                await exchange.publish(message, routing_key, mandatory=True)
+                await exchange.publish(message, routing_key, mandatory=mandatory)
         except (AMQPError, PublishError, DeliveryError, TimeoutError, ConnectionError) as exc:
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
@@ -152,14 +153,19 @@ class Broker:
         await self._publish(self._exchange(INBOUND_EXCHANGE), message, str(appointment_id))
 
     async def publish_event(self, routing_key: str, body: bytes, *, message_id: str) -> None:
+        """Not mandatory: a topic nobody observes yet is normal; the store keeps the history."""
         message = json_message(body, message_id=message_id)
-        await self._publish(self._exchange(EVENTS_EXCHANGE), message, routing_key)
+        await self._publish(self._exchange(EVENTS_EXCHANGE), message, routing_key, mandatory=False)
 
     async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str | None) -> None:
-        """Replies go through the default exchange to the caller's queue."""
-        assert self._publish_channel is not None
+        """Replies go through the default exchange to the caller's queue.
+
+        Not mandatory: a caller that stopped waiting must not make the command fail.
+        """
+        if self._publish_channel is None:
+            raise PublishFailed("not connected to the broker")
         message = json_message(body, message_id=None, correlation_id=correlation_id)
-        await self._publish(self._publish_channel.default_exchange, message, reply_to)
+        await self._publish(self._publish_channel.default_exchange, message, reply_to, mandatory=False)
 
     async def publish_dead(
         self, message: AbstractIncomingMessage, reason: str

@@ -45,6 +45,7 @@ def configure(log_format: str = "json", level: str = "INFO") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

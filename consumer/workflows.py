@@ -20,6 +20,7 @@ from typing import Any
 
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
+from consumer.failpoints import failpoint
 from consumer.commands import STATUS_REASON, execute
 from consumer.logs import get_logger
 from consumer.messages import Reassign, SetPatient, StateLogRecord
@@ -215,9 +216,11 @@ class WorkflowRunner:
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
         found = await self._find_replacement(workflow)
         if found is None:
+            failpoint("before_create_replacement")
             try:
                 created = await self._pms.create_appointment(self._replacement_fields(workflow))
                 found = created.id
+                failpoint("after_create_replacement")
             except Unavailable:
                 # The POST may have been applied before the answer was lost: look, never blindly re-post.
                 found = await self._find_replacement(workflow)
@@ -227,7 +230,9 @@ class WorkflowRunner:
                 reason = f"replacement refused by the PMS: {rejected.params}"
                 return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
         replacement_id = found
-        return await self._record(workflow, lambda saga: saga.replacement_booked(replacement_id))
+        recorded = await self._record(workflow, lambda saga: saga.replacement_booked(replacement_id))
+        failpoint("after_record_replacement")
+        return recorded
 
     def _replacement_fields(self, workflow: WorkflowRecord) -> dict[str, Any]:
         original = workflow.data.get("original", {})
@@ -263,8 +268,10 @@ class WorkflowRunner:
                 if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
                     return await self._original_done(workflow, None, upstream, None)
                 write = self._plan_cancel(workflow, upstream, reason_id, note)
+                failpoint("before_cancel_original")
                 try:
                     answer = await self._pms.update_appointment(workflow.appointment_id, write.fields)
+                    failpoint("after_cancel_original")
                 except Rejected as rejected:
                     if attempt == 1 and any(STATUS_REASON in r for rs in rejected.params.values() for r in rs):
                         continue  # the state moved behind our back: read again, decide once more
@@ -303,10 +310,12 @@ class WorkflowRunner:
                     transitions += appt.reconcile(snapshot_from_pms(after))
                 record = new_record(stored, appt.state, appt.patient_id, after)
             try:
-                return await self._record(
+                recorded = await self._record(
                     workflow, lambda saga: saga.original_cancelled(),
                     appointment=record, extra_logs=origin.logs(transitions),
                 )
+                failpoint("after_record_cancelled")
+                return recorded
             except StaleVersion:
                 await self._ensure_unchanged(workflow)
         raise StaleVersion(f"appointment {workflow.appointment_id} kept changing")
@@ -318,7 +327,9 @@ class WorkflowRunner:
         error = ""
         for attempt in range(1, self._compensation_attempts + 1):
             try:
+                failpoint("before_remove_replacement")
                 await self._delete_or_cancel(replacement_id)
+                failpoint("after_remove_replacement")
                 return await self._record(workflow, lambda saga: saga.replacement_removed())
             except (PmsError, LookupError) as exc:
                 error = f"{type(exc).__name__}: {exc}"

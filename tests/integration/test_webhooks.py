@@ -277,7 +277,9 @@ async def test_an_oversized_chunked_body_is_a_413(service: Service) -> None:
     ],
     ids=["not-json", "no-data", "unknown-type", "id-not-int"],
 )
-async def test_a_signed_but_invalid_payload_is_a_400_with_the_reason(service: Service, body: bytes) -> None:
+async def test_a_signed_but_invalid_payload_is_a_400_with_the_reason(
+    service: Service, body: bytes
+) -> None:
     async with service.http.post(f"{service.url}/webhooks/pms", data=body,
                                  headers=signed(body)) as resp:
         assert resp.status == 400
@@ -418,7 +420,9 @@ async def test_history_pages_through_records_in_seq_order(service: Service) -> N
         pages += 1
     assert pages == 3
     assert [r["seq"] for r in seen] == [r.seq for r in written]
-    assert [r["to_state"] for r in seen] == ["Pending", "Confirmed", "Arrived", "In surgery", "Completed"]
+    assert [r["to_state"] for r in seen] == [
+        "Pending", "Confirmed", "Arrived", "In surgery", "Completed"
+    ]
     assert {r["appointment_id"] for r in seen} == {11}
     assert [StateLogRecord.model_validate(r) for r in seen] == written
 
