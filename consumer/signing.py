@@ -44,19 +44,16 @@ class FutureTimestamp(SignatureError):
 
 
 def secret_key(secret: str) -> bytes:
-    """The HMAC key: base64 after ``whsec_`` (the standard), else the string's own bytes.
+    """The HMAC key: the base64 after an optional ``whsec_`` prefix.
 
-    Raw secrets are accepted because some senders are configured with a plain
-    shared string; the prefix is what tells the two apart.
+    Exactly what the reference Standard Webhooks library does, so a secret
+    works the same in the sender (the PMS, the sandbox) and here.
     """
-    if secret.startswith(SECRET_PREFIX):
-        try:
-            # Unpadded base64 is common in the wild; extra padding is ignored.
-            key = base64.b64decode(secret.removeprefix(SECRET_PREFIX) + "==")
-        except (binascii.Error, ValueError):
-            raise ValueError("a whsec_ secret must be base64 after the prefix") from None
-    else:
-        key = secret.encode()
+    try:
+        # Unpadded base64 is common in the wild; extra padding is ignored.
+        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX) + "==", validate=False)
+    except (binascii.Error, ValueError):
+        raise ValueError("a webhook secret must be base64, optionally after whsec_") from None
     if not key:
         raise ValueError("a webhook secret may not be empty")
     return key

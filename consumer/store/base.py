@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
+from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from consumer.messages import StateLogRecord
 
@@ -123,8 +124,17 @@ class Store(Protocol):
     async def set_watermark(self, name: str, value: str) -> None: ...
 
 
+def _split_schema(url: str) -> tuple[str, str | None]:
+    """``postgresql://...?schema=name`` puts the tables in that schema (one database, many deployments)."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    schema = query.pop("schema", [None])[0]
+    rest = urlencode({k: v[0] for k, v in query.items()})
+    return urlunsplit(parts._replace(query=rest)), schema
+
+
 def open_store(url: str) -> Store:
-    """``sqlite:///path`` (embedded default) or ``postgresql://...`` (shared by workers)."""
+    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers)."""
     if url.startswith("sqlite://"):
         from consumer.store.sqlite import SqliteStore
 
@@ -132,5 +142,6 @@ def open_store(url: str) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from consumer.store.postgres import PostgresStore
 
-        return PostgresStore(url)
+        base, schema = _split_schema(url)
+        return PostgresStore(base, schema=schema)
     raise ValueError(f"unknown store URL scheme: {url!r}")

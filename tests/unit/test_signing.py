@@ -167,14 +167,19 @@ def test_a_forged_stale_message_is_a_bad_signature_not_a_stale_one() -> None:
         verify([NEW_SECRET], headers, BODY)
 
 
-def test_a_raw_secret_without_prefix_is_used_as_its_bytes() -> None:
-    assert secret_key("plain-shared-string") == b"plain-shared-string"
-    now = int(time.time())
-    digest = hmac.new(b"plain-shared-string", f"{MSG_ID}.{now}.".encode() + BODY,
-                      hashlib.sha256).digest()
-    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(now),
-               "webhook-signature": "v1," + base64.b64encode(digest).decode()}
-    assert verify(["plain-shared-string"], headers, BODY) == MSG_ID
+def test_a_secret_without_prefix_is_base64_as_in_the_reference_library() -> None:
+    raw = base64.b64encode(b"shared-key-bytes").decode()
+    assert secret_key(raw) == secret_key("whsec_" + raw) == b"shared-key-bytes"
+    now = datetime.now(timezone.utc)
+    signature = Webhook(raw).sign(MSG_ID, now, BODY.decode())
+    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": signature}
+    assert verify([raw], headers, BODY) == MSG_ID
+
+
+def test_a_secret_that_is_not_base64_is_a_configuration_error() -> None:
+    with pytest.raises(ValueError):
+        secret_key("plain shared string!")
 
 
 def test_an_empty_secret_is_a_configuration_error() -> None:
