@@ -16,13 +16,12 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
-import aio_pika
 from pydantic import ValidationError
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.messages import COMMAND, StateLogRecord
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, WorkflowRecord, open_store
+from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
 

@@ -231,7 +231,8 @@ class Worker:
         return found
 
     async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
-        deliveries = int((message.headers or {}).get("x-delivery-count") or 0) + 1
+        count = (message.headers or {}).get("x-delivery-count")  # set by quorum queues on redelivery
+        deliveries = (count if isinstance(count, int) else 0) + 1
         reason = f"{type(exc).__name__}: {exc}"
         if deliveries >= self._max_deliveries:
             return await self._dead_letter(message, f"gave up after {deliveries} deliveries: {reason}", "exhausted")

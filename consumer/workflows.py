@@ -35,7 +35,6 @@ from statemachines.reassignment import (
     REQUESTED,
     STATES,
     TERMINAL,
-    Reassignment,
     Step,
     bound_reassignment,
     link_marker,

@@ -161,7 +161,7 @@ async def test_the_reconciler_alone_catches_up_dropped_webhooks(
     published = await reconcile_once(stack.pms, stack.broker, stack.store)
     assert published >= len(ids)
     for appointment_id in ids:
-        await eventually(lambda: _is(stored_state(stack, appointment_id), "Confirmed"), timeout=10)
+        await eventually(lambda i=appointment_id: _is(stored_state(stack, i), "Confirmed"), timeout=10)
     sources = {r.source for i in ids for r in await stack.store.history(i) if r.to_state == "Confirmed"}
     assert sources == {"reconcile"}
 
