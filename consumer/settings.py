@@ -6,11 +6,11 @@ operator fixes the deployment instead of reading a traceback.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
+
 
 ENV_PREFIX = "APPT_"
 

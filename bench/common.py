@@ -1,0 +1,267 @@
+"""What the benchmarks share: a throwaway vhost, child processes, the worker pipeline, RESULT lines.
+
+Every run gets a fresh RabbitMQ vhost (deleted afterwards) so no run ever
+counts a previous run's leftovers; every server under test runs in its own
+process so the load generator and the server never share an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
+from consumer.pms.client import PmsClient  # noqa: E402
+from consumer.store.base import Store, open_store  # noqa: E402
+from consumer.worker import Worker  # noqa: E402
+from consumer.workflows import WorkflowRunner  # noqa: E402
+
+RABBIT = "127.0.0.1:5672"
+SANDBOX_TOKEN = "sandbox-token"
+SERVERS = Path(__file__).resolve().parent / "servers.py"
+READY_TIMEOUT = 30.0
+FIRST_SLOT = datetime(2031, 1, 6, 8, tzinfo=timezone.utc)
+UNLIMITED_BUDGET = 10**9  # the sandbox's hourly budget must never be what a benchmark measures
+
+
+def result_line(name: str, **figures: Any) -> str:
+    """The stable, greppable last line(s) of every benchmark."""
+    parts = [f"{key.replace('_per_', '/')}={_fmt(value)}" for key, value in figures.items()]
+    return f"RESULT {name} " + " ".join(parts)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 10 else f"{value:.0f}"
+    return str(value)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def throwaway_vhost() -> Iterator[str]:
+    """An AMQP URL on a vhost of this run's own, deleted afterwards whatever happens."""
+    name = f"appt-bench-{uuid.uuid4().hex[:10]}"
+    _rabbitmqctl("add_vhost", name)
+    try:
+        _rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield f"amqp://guest:guest@{RABBIT}/{name}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", name], capture_output=True, timeout=60)
+
+
+@dataclass
+class Child:
+    """A server in its own process; ``port`` is what it printed on its READY line."""
+
+    process: subprocess.Popen[str]
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.contextmanager
+def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterator[Child]:
+    """Start ``servers.py KIND`` and wait for its ``READY <port>`` line; SIGTERM it afterwards."""
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(
+        [sys.executable, str(SERVERS), kind, *args],
+        stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
+    )
+    try:
+        port = _ready_port(process, kind)
+        yield Child(process, port)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log_path:
+            log.close()  # type: ignore[union-attr]
+
+
+def _ready_port(process: subprocess.Popen[str], kind: str) -> int:
+    assert process.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line.startswith("READY "):
+            return int(line.split()[1])
+        if not line and process.poll() is not None:
+            break
+    raise RuntimeError(f"{kind} server did not start (exit code {process.poll()})")
+
+
+# ---- the sandbox in its own process ------------------------------------------
+
+
+@contextlib.contextmanager
+def sandbox_process() -> Iterator[Child]:
+    """The PMS emulator in a child process, so its CPU is not charged to the worker measured."""
+    with child_server("sandbox") as child:
+        yield child
+
+
+async def sandbox_knob(url: str, name: str, body: dict[str, Any]) -> Any:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        async with session.post(f"{url}/_sandbox/{name}", json=body) as response:
+            answer = await response.json()
+    if not answer.get("ok"):
+        raise RuntimeError(f"sandbox knob {name} failed: {answer}")
+    return answer.get("result")
+
+
+def appointments(first_id: int, count: int, *, patient_id: int | None = 1013) -> list[dict[str, Any]]:
+    """``count`` Pending appointments, each on its own half-hour slot (so list queries stay small)."""
+    seeded = []
+    for offset in range(count):
+        start = FIRST_SLOT + timedelta(minutes=30 * offset)
+        seeded.append({
+            "id": first_id + offset, "patient_id": patient_id, "practitioner_id": 1 + offset % 7,
+            "start_time": _iso(start), "finish_time": _iso(start + timedelta(minutes=25)),
+            "reason": "Exam", "state": "Pending",
+        })
+    return seeded
+
+
+def _iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+async def seed_sandbox(url: str, seeded: list[dict[str, Any]], *, latency: float = 0.0) -> None:
+    await sandbox_knob(url, "rate_limit", {"budget": UNLIMITED_BUDGET})
+    await sandbox_knob(url, "seed", {"appointments": seeded})
+    await sandbox_knob(url, "latency", {"seconds": latency})
+
+
+# ---- the worker pipeline in this process ----------------------------------------
+
+
+@dataclass
+class ResultCounter:
+    """Counts ``result.*`` events (the end of each command) until a target is reached."""
+
+    target: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    count: int = 0
+
+    def expect(self, target: int) -> None:
+        self.target, self.count, self.outcomes = target, 0, {}
+        self.done.clear()
+
+    async def on_result(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        outcome = (message.routing_key or "").rsplit(".", 1)[-1]
+        self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
+        self.count += 1
+        if self.count >= self.target:
+            self.done.set()
+
+
+@dataclass
+class Pipeline:
+    broker: Broker
+    store: Store
+    pms: PmsClient
+    worker: Worker
+    results: ResultCounter
+
+    async def publish(self, commands: list[dict[str, Any]]) -> None:
+        """Publish with confirms, 64 at a time (order per appointment kept: one id is never split)."""
+        for start in range(0, len(commands), 64):
+            await asyncio.gather(*(
+                self.broker.publish_inbound(
+                    json.dumps(c).encode(), appointment_id=c["appointment_id"], message_id=c["command_id"])
+                for c in commands[start:start + 64]
+            ))
+
+    async def drain(self, count: int, timeout: float) -> float:
+        """Seconds until ``count`` results were published (the worker must already be started)."""
+        started = time.perf_counter()
+        await asyncio.wait_for(self.results.done.wait(), timeout)
+        return time.perf_counter() - started
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    amqp_url: str, store_url: str, pms_url: str, *, prefetch: int, pms_concurrency: int,
+    partitions: int = 4,
+) -> AsyncIterator[Pipeline]:
+    """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started."""
+    store = open_store(store_url)
+    await store.open()
+    broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
+    await broker.connect()
+    pms = PmsClient(pms_url, SANDBOX_TOKEN, timeout=30.0, concurrency=pms_concurrency)
+    workflows = WorkflowRunner(pms=pms, store=store, broker=broker)
+    worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+                    partitions=list(range(partitions)), retry_delay=0.1)
+    results = ResultCounter()
+    channel = await broker.channel()
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(EVENTS_EXCHANGE, routing_key="result.#")
+    await queue.consume(results.on_result, no_ack=True)
+    try:
+        yield Pipeline(broker, store, pms, worker, results)
+    finally:
+        await worker.stop(timeout=5)
+        await pms.close()
+        await broker.close()
+        await store.close()
+
+
+def edit_commands(appointment_ids: list[int], count: int, tag: str) -> list[dict[str, Any]]:
+    """``count`` edit_notes commands spread round-robin over the appointments."""
+    return [
+        {"type": "edit_notes", "command_id": f"{tag}-{i}", "appointment_id": appointment_ids[i % len(appointment_ids)],
+         "notes": f"{tag} note {i}"}
+        for i in range(count)
+    ]
+
+
+async def queued_messages(amqp_url: str, partitions: int = 4) -> int:
+    """Ready messages across the partition queues (passive declare: nothing is created)."""
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        total = 0
+        for index in range(partitions):
+            queue = await channel.declare_queue(partition_queue(index), passive=True)
+            total += queue.declaration_result.message_count or 0
+        return total
+
+
+async def purge_partitions(amqp_url: str, partitions: int = 4) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for index in range(partitions):
+            queue = await channel.declare_queue(partition_queue(index), passive=True)
+            await queue.purge()
+
+
+def sqlite_url(directory: str, name: str) -> str:
+    return f"sqlite:///{os.path.join(directory, name)}"

@@ -1,0 +1,250 @@
+"""The reassignment saga over the real pipeline: RabbitMQ, a store, the sandbox over HTTP.
+
+Each test ends by checking what matters to the practice: the sandbox holds
+exactly one live appointment for the slot, and the state log tells the story.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.messages import Reassign
+from consumer.sandbox.state import FIRST_ID
+from statemachines.reassignment import CANCEL_REASON, link_marker
+from tests.stack import Stack, running_stack
+
+STATUS = "The appointment can not be updated as the current status is:"
+BOOKED_IN_ERROR_ID = 1
+ORIGINAL_PATIENT, NEW_PATIENT = 1013, 2001
+SLOT = {"practitioner_id": 7, "start_time": "2030-03-04T10:00:00Z", "finish_time": "2030-03-04T10:30:00Z"}
+
+
+@pytest.fixture
+async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[Stack]:
+    async with running_stack(amqp_url, sqlite_url, sandbox.url) as running:
+        yield running
+
+
+def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
+    defaults = {"id": appointment_id, "patient_id": ORIGINAL_PATIENT, "reason": "Exam", "state": "Pending", **SLOT}
+    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
+
+
+async def reassign(stack: Stack, appointment_id: int, patient_id: int = NEW_PATIENT, **extra: Any) -> dict[str, Any]:
+    command_id = await stack.send({"type": "reassign", "appointment_id": appointment_id,
+                                   "patient_id": patient_id, **extra})
+    return await stack.result(command_id)
+
+
+def live_in_slot(sandbox: Any) -> list[dict[str, Any]]:
+    """Appointments holding the slot: a second one is a double booking, none is a lost slot."""
+    return [a for a in sandbox.state.all_appointments()
+            if a["state"] != "Cancelled" and a["start_time"] == SLOT["start_time"]
+            and a["practitioner_id"] == SLOT["practitioner_id"]]
+
+
+async def workflow_states(stack: Stack, appointment_id: int) -> list[str]:
+    history = await stack.store.history(appointment_id)
+    return [r.to_state for r in history if r.machine == "reassignment"]
+
+
+async def assert_compensated(stack: Stack, sandbox: Any, result: dict[str, Any], reason: str) -> None:
+    """The original is left as it was, the replacement is gone, and the result says why."""
+    assert result["outcome"] == "failed"
+    assert reason in result["reasons"]["original"][0]
+    assert "removed; original left as it was" in result["reasons"]["compensation"][0]
+    workflow = await stack.store.get_workflow(result["workflow_id"])
+    assert workflow is not None and workflow.state == "compensated"
+    assert workflow.replacement_id is not None
+    assert sandbox.state.get(workflow.replacement_id) is None  # deleted, not just cancelled
+    [live] = live_in_slot(sandbox)
+    assert live["id"] == result["appointment_id"] and live["patient_id"] == ORIGINAL_PATIENT
+    assert await workflow_states(stack, result["appointment_id"]) == [
+        "requested", "replacement_created", "compensating", "compensated"]
+
+
+async def test_reassign_books_a_replacement_and_cancels_the_original(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 101)
+
+    result = await reassign(stack, 101)
+
+    assert result["outcome"] == "succeeded" and result["reasons"] == {}
+    replacement = result["appointment"]
+    assert replacement["patient_id"] == NEW_PATIENT
+    assert {k: replacement[k] for k in SLOT} == SLOT and replacement["reason"] == "Exam"
+    assert replacement["metadata"] == link_marker(result["workflow_id"], 101)
+    original = sandbox.state.get(101)
+    assert original["state"] == "Cancelled" and original["patient_id"] == ORIGINAL_PATIENT
+    assert original["appointment_cancellation_reason_id"] == BOOKED_IN_ERROR_ID
+    assert f"{CANCEL_REASON}: moved to appointment {replacement['id']}" in original["notes"]
+    assert [a["id"] for a in live_in_slot(sandbox)] == [replacement["id"]]
+
+    original_log = await stack.store.history(101)
+    assert [r.to_state for r in original_log if r.machine == "reassignment"] == [
+        "requested", "replacement_created", "original_cancelled", "completed"]
+    cancelled = [r for r in original_log if r.machine == "appointment" and r.to_state == "Cancelled"]
+    assert len(cancelled) == 1 and cancelled[0].source == "workflow"
+    assert cancelled[0].workflow_id == result["workflow_id"]
+    replacement_log = await stack.store.history(replacement["id"])
+    assert [r.to_state for r in replacement_log if r.machine == "reassignment"] == [
+        "replacement_created", "original_cancelled", "completed"]
+    workflow = await stack.store.get_workflow(result["workflow_id"])
+    assert workflow is not None and workflow.state == "completed"
+
+
+async def test_original_confirmed_then_arrived_behind_our_back_is_compensated(
+    stack: Stack, sandbox: Any
+) -> None:
+    seed(sandbox, 201)
+    sandbox.state.change_behind_back(201, {"state": "Confirmed"}, after_reads=1)  # SMS auto-confirm
+    sandbox.state.change_behind_back(201, {"state": "Arrived"}, before_next="PUT")  # checked in at the desk
+
+    result = await reassign(stack, 201)
+
+    await assert_compensated(stack, sandbox, result, "original can not be cancelled")
+    assert "Arrived" in result["reasons"]["original"][0]
+    assert sandbox.state.get(201)["state"] == "Arrived"
+    drift = [r for r in await stack.store.history(201) if r.machine == "appointment"]
+    assert [r.to_state for r in drift][-1] == "Arrived"
+
+
+async def test_original_the_pms_will_not_cancel_is_compensated(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 301)
+    sandbox.state.refuse_cancel(301)
+
+    result = await reassign(stack, 301)
+
+    await assert_compensated(stack, sandbox, result, "PMS refused to cancel the original")
+    assert f"{STATUS} Pending" in result["reasons"]["original"][0]
+    assert sandbox.state.get(301)["state"] == "Pending"
+
+
+async def test_cancel_failing_with_5xx_past_the_retries_is_compensated(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 401)
+    sandbox.state.fail_next("PUT /v1/appointments/{id}", 3, 503)  # the stack's client tries 3 times
+
+    result = await reassign(stack, 401)
+
+    await assert_compensated(stack, sandbox, result, "PMS kept failing to cancel the original")
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 3
+    assert sandbox.state.get(401)["state"] == "Pending"
+
+
+async def park(stack: Stack, sandbox: Any, appointment_id: int) -> dict[str, Any]:
+    """Original can't be cancelled, and the replacement can be neither deleted nor cancelled."""
+    seed(sandbox, appointment_id)
+    sandbox.state.refuse_cancel(appointment_id)
+    sandbox.state.refuse_cancel(FIRST_ID)  # the replacement: the first id this fresh sandbox hands out
+    sandbox.state.refuse_deletes(True)
+    result = await reassign(stack, appointment_id)
+    assert result["outcome"] == "failed"
+    assert result["reasons"]["compensation"] == ["parked in compensation_failed: see appt sagas --stuck"]
+    workflow = await stack.store.get_workflow(result["workflow_id"])
+    assert workflow is not None and workflow.state == "compensation_failed"
+    assert workflow.replacement_id == FIRST_ID
+    assert f"could not remove replacement {FIRST_ID}" in (workflow.last_error or "")
+    assert len(live_in_slot(sandbox)) == 2  # visible and parked, never silently lost
+    return result
+
+
+async def test_failed_compensation_parks_then_sagas_retry_compensates(stack: Stack, sandbox: Any) -> None:
+    parked = await park(stack, sandbox, 501)
+
+    second = await reassign(stack, 501, patient_id=2002)
+    assert second["outcome"] == "rejected"
+    assert second["reasons"] == {"appointment_id": [f"a reassignment is already running ({parked['workflow_id']})"]}
+    assert sandbox.state.call_count("POST /v1/appointments") == 1
+
+    sandbox.state.refuse_deletes(False)
+    workflow = await stack.workflows.retry(parked["workflow_id"])
+
+    assert workflow.state == "compensated" and workflow.attempts == 1
+    assert sandbox.state.get(FIRST_ID) is None
+    assert [a["id"] for a in live_in_slot(sandbox)] == [501]
+    assert await workflow_states(stack, 501) == [
+        "requested", "replacement_created", "compensating", "compensation_failed", "compensating", "compensated"]
+    assert await stack.store.active_workflow(501) is None
+
+
+async def test_cli_sagas_retry_compensates_a_parked_workflow(
+    stack: Stack, sandbox: Any, amqp_url: str, sqlite_url: str, tmp_path: Path
+) -> None:
+    parked = await park(stack, sandbox, 601)
+    sandbox.state.refuse_deletes(False)
+
+    env = {**os.environ, "APPT_STORE": sqlite_url, "APPT_AMQP_URL": amqp_url, "APPT_PMS_URL": sandbox.url}
+    appt = Path(sys.executable).parent / "appt"
+    # Async, because the sandbox answering the CLI runs on this test's event loop.
+    process = await asyncio.create_subprocess_exec(
+        str(appt), "sagas", "retry", parked["workflow_id"], env=env, cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
+
+    assert process.returncode == 0, stderr.decode()
+    assert '"state": "compensated"' in stdout.decode()
+    workflow = await stack.store.get_workflow(parked["workflow_id"])
+    assert workflow is not None and workflow.state == "compensated"
+    assert [a["id"] for a in live_in_slot(sandbox)] == [601]
+
+
+async def test_appointment_without_a_patient_gets_a_plain_set_patient(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 701, patient_id=None)
+
+    result = await reassign(stack, 701)
+
+    assert result["outcome"] == "succeeded" and result["type"] == "reassign"
+    assert result["workflow_id"] is None
+    assert sandbox.state.get(701)["patient_id"] == NEW_PATIENT
+    assert sandbox.state.call_count("POST /v1/appointments") == 0
+    assert await stack.store.list_workflows() == []
+    assert [a["id"] for a in live_in_slot(sandbox)] == [701]
+
+
+async def test_reassign_to_the_same_patient_changes_nothing(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 801)
+
+    result = await reassign(stack, 801, patient_id=ORIGINAL_PATIENT)
+
+    assert result["outcome"] == "succeeded" and result["reasons"] == {}
+    assert result["appointment"]["id"] == 801
+    assert sandbox.state.call_count("POST /v1/appointments") == 0
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
+    assert await stack.store.list_workflows() == []
+
+
+async def test_reassign_of_a_cancelled_appointment_is_rejected(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 901, state="Cancelled", appointment_cancellation_reason_id=2)
+
+    result = await reassign(stack, 901)
+
+    assert result["outcome"] == "rejected"
+    assert result["reasons"] == {"state": [f"{STATUS} Cancelled"]}
+    assert sandbox.state.call_count("POST /v1/appointments") == 0
+    assert await stack.store.list_workflows() == []
+
+
+async def test_a_redelivered_reassign_books_nothing_twice(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 1001)
+    command = {"type": "reassign", "appointment_id": 1001, "patient_id": NEW_PATIENT, "command_id": "re-1"}
+    for _ in range(3):
+        await stack.send(dict(command))
+    first = await stack.result("re-1")
+    await asyncio.sleep(0.5)
+
+    assert stack.observer.result_counts["re-1"] == 3
+    assert first["outcome"] == "succeeded"
+    # Past the inbox too (a crash before the inbox write): the workflow is found by the command id.
+    again = await stack.workflows.reassign(Reassign.model_validate(command))
+    assert again.result is not None and again.result.outcome == "succeeded"
+    assert again.result.workflow_id == first["workflow_id"]
+    assert sandbox.state.call_count("POST /v1/appointments") == 1
+    assert [a["id"] for a in live_in_slot(sandbox)] == [first["appointment"]["id"]]
+    assert len(await stack.store.list_workflows()) == 1
