@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from consumer.logs import configure
 from consumer.settings import Settings, SettingsError, load_settings
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
@@ -87,6 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"appt: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.verb != "serve":
+        # Operator verbs keep stdout for their output; their logs go to stderr, readable.
+        configure("console", settings.log_level)
     return _run(_dispatch(args, settings))
 
 
@@ -95,6 +100,9 @@ def _run(coro: Any) -> int:
         return int(asyncio.run(coro) or EXIT_OK)
     except KeyboardInterrupt:
         return EXIT_FAILED
+    except BrokenPipeError:  # `appt history 42 | head`: the reader left, that's fine
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,7 +29,7 @@ from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
 from consumer.records import Decision, Origin, new_record, result_for, snapshot_from_pms, snapshot_from_record
 from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord
-from statemachines.appointment import Refused, Write, bound
+from statemachines.appointment import Appointment, Refused, Transition, Write, bound
 from statemachines.reassignment import (
     CANCEL_REASON,
     COMPENSATION_FAILED,
@@ -209,12 +210,20 @@ class WorkflowRunner:
                 workflow = await self._remove_replacement(workflow)
 
     async def _create_replacement(self, workflow: WorkflowRecord) -> WorkflowRecord:
-        original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
-        if original.get("state") not in CANCELLABLE:
-            reason = f"original is {original.get('state')} before the replacement was booked"
-            return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+        # Look for a replacement booked before a crash first: once booked, it must be recorded
+        # (and undone by compensation if need be), whatever the original has become since.
         found = await self._find_replacement(workflow)
         if found is None:
+            try:
+                original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+            except NotFound:
+                return await self._record(workflow, lambda saga: saga.cancel_failed("original was deleted"))
+            if original.get("state") not in CANCELLABLE:
+                reason = f"original is {original.get('state')} before the replacement was booked"
+                return await self._record_with_original(
+                    workflow, lambda saga: saga.cancel_failed(reason), original,
+                    lambda appt: appt.reconcile(snapshot_from_pms(original)),
+                )
             failpoint("before_create_replacement")
             try:
                 created = await self._pms.create_appointment(self._replacement_fields(workflow))
@@ -260,6 +269,7 @@ class WorkflowRunner:
     async def _cancel_original(self, workflow: WorkflowRecord) -> WorkflowRecord:
         assert workflow.replacement_id is not None
         note = original_cancel_note(workflow.replacement_id, workflow.workflow_id)
+        upstream: dict[str, Any] | None = None  # the last read of the original, adopted whatever happens
         try:
             reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
             for attempt in (1, 2):
@@ -281,10 +291,22 @@ class WorkflowRunner:
         except Rejected as rejected:
             reason = f"PMS refused to cancel the original: {rejected.params}"
         except Unavailable as exc:
+            # The PUT may have been applied before its answer was lost: compensating then would
+            # leave the slot with no live appointment. Read again (a failing read propagates, and
+            # the step is retried later); only an original still standing is compensated for.
+            upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+            if upstream.get("state") == "Cancelled":
+                return await self._original_done(workflow, None, upstream, None)
             reason = f"PMS kept failing to cancel the original: {exc}"
         except (NotFound, LookupError) as exc:
             reason = f"original can not be cancelled: {exc}"
-        return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+        if upstream is None:
+            return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
+        seen = upstream
+        return await self._record_with_original(
+            workflow, lambda saga: saga.cancel_failed(reason), seen,
+            lambda appt: appt.reconcile(snapshot_from_pms(seen)),
+        )
 
     def _plan_cancel(
         self, workflow: WorkflowRecord, upstream: dict[str, Any], reason_id: int, note: str
@@ -298,23 +320,35 @@ class WorkflowRunner:
         write: Write | None,
     ) -> WorkflowRecord:
         """Record the saga step and the original's new state in one commit."""
+
+        def observe(appt: Appointment) -> list[Transition]:
+            transitions = appt.reconcile(snapshot_from_pms(before)) if before else []
+            if write is not None:
+                return transitions + appt.applied(write, snapshot_from_pms(after))
+            return transitions + appt.reconcile(snapshot_from_pms(after))
+
+        recorded = await self._record_with_original(workflow, lambda saga: saga.original_cancelled(), after, observe)
+        failpoint("after_record_cancelled")
+        return recorded
+
+    async def _record_with_original(
+        self, workflow: WorkflowRecord, outcome: Any, upstream: dict[str, Any],
+        observe: Callable[[Appointment], list[Transition]],
+    ) -> WorkflowRecord:
+        """Record a saga step with what it saw of (or did to) the original, in one commit.
+
+        The PMS is the truth: whatever the step read of the original is adopted
+        and logged, even when the step failed because of it.
+        """
         origin = self._origin(workflow)
         for _ in range(3):
             stored = await self._store.get_appointment(workflow.appointment_id)
             with bound(snapshot_from_record(stored), workflow.appointment_id) as appt:
-                transitions = appt.reconcile(snapshot_from_pms(before)) if before else []
-                if write is not None:
-                    transitions += appt.applied(write, snapshot_from_pms(after))
-                else:
-                    transitions += appt.reconcile(snapshot_from_pms(after))
-                record = new_record(stored, appt.state, appt.patient_id, after)
+                transitions = observe(appt)
+                record = new_record(stored, appt.state, appt.patient_id, upstream)
             try:
-                recorded = await self._record(
-                    workflow, lambda saga: saga.original_cancelled(),
-                    appointment=record, extra_logs=origin.logs(transitions),
-                )
-                failpoint("after_record_cancelled")
-                return recorded
+                return await self._record(workflow, outcome, appointment=record,
+                                          extra_logs=origin.logs(transitions))
             except StaleVersion:
                 await self._ensure_unchanged(workflow)
         raise StaleVersion(f"appointment {workflow.appointment_id} kept changing")
@@ -375,9 +409,12 @@ class WorkflowRunner:
         """Fire the saga trigger for an outcome and persist it with its log, atomically."""
         with self._saga(workflow) as saga:
             transition = outcome(saga)
+            data = workflow.data
+            if transition.trigger == "cancel_failed":  # kept apart: a later compensation error must not hide it
+                data = {**data, "cancel_error": saga.last_error}
             updated = dataclasses.replace(
                 workflow, state=saga.state, replacement_id=saga.replacement_id,
-                last_error=saga.last_error,
+                last_error=saga.last_error, data=data,
                 attempts=workflow.attempts if attempts is None else attempts,
             )
         logs = [self._origin(workflow).log(transition), *(extra_logs or [])]
@@ -403,9 +440,11 @@ class WorkflowRunner:
             if workflow.replacement_id is not None:
                 replacement = (await self._pms.get_appointment(workflow.replacement_id)).model_dump(mode="json")
             return result_for(command, "succeeded", appointment=replacement, workflow_id=workflow.workflow_id)
-        reasons = {"original": [workflow.last_error or "the original could not be cancelled"]}
+        cancel_error = workflow.data.get("cancel_error") or workflow.last_error
+        reasons = {"original": [cancel_error or "the original could not be cancelled"]}
         if workflow.state == COMPENSATION_FAILED:
-            reasons["compensation"] = [f"parked in {COMPENSATION_FAILED}: see appt sagas --stuck"]
+            reasons["compensation"] = [f"{workflow.last_error}; parked in {COMPENSATION_FAILED}: "
+                                       "see appt sagas --stuck"]
         else:
             reasons["compensation"] = [f"replacement {workflow.replacement_id or '(none booked)'} removed; "
                                        "original left as it was"]

@@ -208,7 +208,8 @@ async def test_cli_table_cli_json_and_http_show_the_same_history_for_both_appoin
     assert ("appointment", ORIGINAL, "Cancelled") in {(r["machine"], r["appointment_id"], r["to_state"])
                                                        for r in original}
     replacement = await stored(service.store, run.replacement_id)
-    assert any(r["appointment_id"] == run.replacement_id for r in replacement)
+    assert all(run.replacement_id in (r["appointment_id"], r["detail"].get("replacement_id")) for r in replacement)
+    assert "completed" in [r["to_state"] for r in replacement]
 
 
 async def test_every_state_record_reaches_the_events_exchange_exactly_once(

@@ -1,0 +1,244 @@
+"""Scale-out: two `appt serve` processes share the partitions and one PostgreSQL store.
+
+Each run publishes 400 commands over 40 appointments and then checks what an
+operator relies on: every command got a result, each appointment's commands
+were applied in the order they were sent, and none was applied twice, whether
+the partitions are split between the workers or one worker is SIGKILLed while
+it is the active consumer of all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import aiohttp
+import asyncpg
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from consumer.broker import EVENTS_EXCHANGE, Broker
+from consumer.sandbox import RunningSandbox, running_sandbox
+from consumer.store.base import open_store
+from tests.helpers import eventually, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+APPOINTMENTS = list(range(7001, 7041))
+ROUNDS = 10
+START_TIMEOUT = 30.0
+
+
+@dataclass
+class ServiceProcess:
+    """One `appt serve` subprocess; its output goes to a file (a full pipe would stall it)."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    port: int = field(default_factory=free_port)
+    process: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        env = {**self.env, "APPT_HTTP_PORT": str(self.port), "APPT_HTTP_HOST": "127.0.0.1"}
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "consumer.cli", "serve", cwd=REPO, env=env,
+                stdout=log, stderr=asyncio.subprocess.STDOUT,
+            )
+        await eventually(self._ready, timeout=START_TIMEOUT, interval=0.1)
+
+    async def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.returncode is not None:
+            raise AssertionError(f"{self.name} exited {self.process.returncode}:\n{self.log_tail()}")
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+                async with http.get(f"{self.url}/readyz") as response:
+                    return response.status == 200
+        except aiohttp.ClientError:
+            return False
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    async def handled(self, kind: str, outcome: str) -> int:
+        """appt_messages_total{kind, outcome} as this process's /metrics reports it."""
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(f"{self.url}/metrics") as response:
+                text = await response.text()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "appt_messages_total" and sample.labels == {"kind": kind, "outcome": outcome}:
+                    return int(sample.value)
+        return 0
+
+    async def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.terminate()
+        try:
+            await asyncio.wait_for(self.process.wait(), 15)
+        except TimeoutError:
+            await self.kill()
+
+
+@dataclass
+class Results:
+    """Every result published to appointments.events, counted per command."""
+
+    outcomes: dict[str, list[str]] = field(default_factory=dict)
+
+    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        body = json.loads(message.body)
+        self.outcomes.setdefault(body["command_id"], []).append(body["outcome"])
+        await message.ack()
+
+
+@pytest.fixture
+async def pg_store_url(pg_url: str) -> AsyncIterator[str]:
+    """The shared store in a schema of this test's own, dropped after."""
+    schema = f"appt_{uuid.uuid4().hex[:12]}"
+    yield f"{pg_url}?schema={schema}"
+    connection = await asyncpg.connect(pg_url)
+    try:
+        await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def pms() -> AsyncIterator[RunningSandbox]:
+    """A sandbox with budget to spare, so the client's hourly pacing never slows the run."""
+    async with running_sandbox(port=0, rate_limit=100_000) as sandbox:
+        for appointment_id in APPOINTMENTS:
+            sandbox.state.seed([{"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
+                                 "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
+                                 "reason": "Exam", "state": "Pending"}])
+        yield sandbox
+
+
+@pytest.fixture
+async def results(amqp_url: str) -> AsyncIterator[Results]:
+    """Bound before any worker runs, so no result can slip past."""
+    collected = Results()
+    broker = Broker(amqp_url)
+    await broker.connect()  # declares the topology, so the test can bind to it first
+    await broker.close()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(EVENTS_EXCHANGE, routing_key="result.#")
+        await queue.consume(collected.on_message)
+        yield collected
+
+
+@contextlib.asynccontextmanager
+async def workers(
+    tmp_path: Path, amqp_url: str, store_url: str, pms_url: str, partitions: list[str]
+) -> AsyncIterator[list[ServiceProcess]]:
+    """One `appt serve` per partition spec, started in order (the first is the active consumer
+    of every single-active-consumer queue it shares)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APPT_")}
+    env.update({"APPT_AMQP_URL": amqp_url, "APPT_STORE": store_url, "APPT_PMS_URL": pms_url,
+                "APPT_PARTITIONS": "4", "APPT_RECONCILE_INTERVAL": "0", "APPT_RETRY_DELAY": "0.1",
+                "APPT_API_TOKEN": "t", "APPT_LOG_LEVEL": "WARNING"})
+    processes = [ServiceProcess(f"worker-{i}", {**env, "APPT_WORKER_PARTITIONS": spec}, tmp_path / f"worker-{i}.log")
+                 for i, spec in enumerate(partitions)]
+    try:
+        for process in processes:
+            await process.start()
+        yield processes
+    finally:
+        await asyncio.gather(*(p.stop() for p in processes))
+
+
+def command_id(appointment_id: int, n: int) -> str:
+    return f"scale-{appointment_id}-{n}"
+
+
+async def publish_all(amqp_url: str) -> list[str]:
+    """ROUNDS edit_notes per appointment, interleaved across appointments."""
+    broker = Broker(amqp_url)
+    await broker.connect()
+    sent = []
+    try:
+        for n in range(ROUNDS):
+            for appointment_id in APPOINTMENTS:
+                body = {"type": "edit_notes", "appointment_id": appointment_id, "notes": f"note {n}",
+                        "command_id": command_id(appointment_id, n)}
+                await broker.publish_inbound(json.dumps(body).encode(), appointment_id=appointment_id,
+                                             message_id=body["command_id"])
+                sent.append(body["command_id"])
+    finally:
+        await broker.close()
+    return sent
+
+
+async def assert_applied_once_in_order(store_url: str, sandbox: RunningSandbox) -> None:
+    store = open_store(store_url)
+    await store.open()
+    try:
+        for appointment_id in APPOINTMENTS:
+            applied = [r.command_id for r in await store.history(appointment_id, limit=1000)
+                       if r.source == "command"]
+            assert applied == [command_id(appointment_id, n) for n in range(ROUNDS)], appointment_id
+            assert sandbox.state.get(appointment_id)["notes"] == f"note {ROUNDS - 1}"  # type: ignore[index]
+    finally:
+        await store.close()
+
+
+async def test_two_workers_splitting_the_partitions_apply_every_command_once_in_order(
+    tmp_path: Path, amqp_url: str, pg_store_url: str, pms: RunningSandbox, results: Results
+) -> None:
+    async with workers(tmp_path, amqp_url, pg_store_url, pms.url, ["0,1", "2,3"]) as (first, second):
+        sent = await publish_all(amqp_url)
+        await eventually(lambda: set(results.outcomes) >= set(sent), timeout=90)
+        shares = [await w.handled("edit_notes", "succeeded") for w in (first, second)]
+
+    assert set(results.outcomes) == set(sent)
+    assert Counter(tuple(o) for o in results.outcomes.values()) == {("succeeded",): len(sent)}
+    assert sum(shares) == len(sent) and min(shares) > 0, f"work was not shared: {shares}"
+    assert pms.state.call_count("PUT /v1/appointments/{id}") == len(sent), "a command was applied twice"
+    await assert_applied_once_in_order(pg_store_url, pms)
+
+
+async def test_when_the_active_worker_is_killed_the_standby_takes_over(
+    tmp_path: Path, amqp_url: str, pg_store_url: str, pms: RunningSandbox, results: Results
+) -> None:
+    pms.state.set_latency(0.005)  # keep messages in flight when the kill lands
+    async with workers(tmp_path, amqp_url, pg_store_url, pms.url, ["all", "all"]) as (active, standby):
+        sent = await publish_all(amqp_url)
+        await eventually(lambda: len(results.outcomes) >= len(sent) // 4, timeout=60)
+        await active.kill()
+        finished_by_active = len(results.outcomes)
+        await eventually(lambda: set(results.outcomes) >= set(sent), timeout=90)
+        taken_over = await standby.handled("edit_notes", "succeeded")
+
+    assert finished_by_active < len(sent), "the kill came too late to test a take-over"
+    assert taken_over > 0
+    # A message whose result was published before the kill but not yet acked is
+    # redelivered and answered again from the inbox: the same outcome, never a new one.
+    assert set(results.outcomes) == set(sent)
+    assert {o for outcomes in results.outcomes.values() for o in outcomes} == {"succeeded"}
+    await assert_applied_once_in_order(pg_store_url, pms)
