@@ -80,6 +80,11 @@ class Child:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU the child has used so far: robust to other load on the machine."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 @contextlib.contextmanager
 def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterator[Child]:

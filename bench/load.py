@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import random
 import statistics
 import sys
 import time
@@ -59,6 +60,7 @@ class Tally:
     def __init__(self) -> None:
         self.latencies: list[float] = []
         self.statuses: Counter[int] = Counter()
+        self.answered_total = 0  # warm-up included: what the server's CPU time is divided by
         self.accepted_total = 0  # every 2xx, warm-up included: what the queues must hold
         self.errors = 0
 
@@ -71,6 +73,7 @@ class Tally:
             "p50_ms": statistics.median(ordered) * 1e3 if ordered else 0.0,
             "p99_ms": ordered[min(count - 1, int(count * 0.99))] * 1e3 if ordered else 0.0,
             "statuses": {str(k): v for k, v in sorted(self.statuses.items())},
+            "answered_total": self.answered_total,
             "accepted_total": self.accepted_total,
             "errors": self.errors,
         }
@@ -78,10 +81,14 @@ class Tally:
 
 async def connection_loop(
     session: aiohttp.ClientSession, url: str, pool: itertools.cycle[Request],
-    measure_from: float, until: float, tally: Tally,
+    measure_from: float, until: float, interval: float, tally: Tally,
 ) -> None:
-    """One keep-alive connection's worth of back-to-back requests."""
+    """One keep-alive connection's requests: back to back, or one per ``interval`` seconds."""
+    await asyncio.sleep(random.uniform(0, interval))  # spread the paced connections' phases
+    next_start = time.perf_counter()
     while (started := time.perf_counter()) < until:
+        if interval:
+            next_start += interval
         body, headers = next(pool)
         try:
             async with session.post(url, data=body, headers=headers) as response:
@@ -90,15 +97,22 @@ async def connection_loop(
         except aiohttp.ClientError:
             tally.errors += 1
             continue
+        tally.answered_total += 1
         if 200 <= status < 300:
             tally.accepted_total += 1
         if started >= measure_from:
             tally.latencies.append(time.perf_counter() - started)
             tally.statuses[status] += 1
+        if interval and (pause := next_start - time.perf_counter()) > 0:
+            await asyncio.sleep(pause)
 
 
-async def run(url: str, requests: list[Request], connections: int, warmup: float, duration: float) -> dict[str, Any]:
+async def run(
+    url: str, requests: list[Request], connections: int, warmup: float, duration: float, rate: float,
+) -> dict[str, Any]:
+    """Closed loop (as fast as answers come) unless ``rate``: then an offered load, in requests/s."""
     pool = itertools.cycle(requests)
+    interval = connections / rate if rate else 0.0
     tally = Tally()
     connector = aiohttp.TCPConnector(limit=connections)
     timeout = aiohttp.ClientTimeout(total=10)
@@ -106,7 +120,7 @@ async def run(url: str, requests: list[Request], connections: int, warmup: float
         start = time.perf_counter()
         measure_from, until = start + warmup, start + warmup + duration
         await asyncio.gather(*(
-            connection_loop(session, url, pool, measure_from, until, tally) for _ in range(connections)
+            connection_loop(session, url, pool, measure_from, until, interval, tally) for _ in range(connections)
         ))
     # The last requests may finish a little after ``until``: count the time they took.
     return tally.summary(max(duration, time.perf_counter() - measure_from))
@@ -119,11 +133,12 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--rate", type=float, default=0.0, help="offered requests/s (0: closed loop)")
     parser.add_argument("--pool", type=int, default=20_000, help="distinct signed requests, then cycled")
     parser.add_argument("--appointments", type=int, default=1000)
     args = parser.parse_args()
     requests = signed_requests(args.secret, args.pool, args.appointments)
-    summary = asyncio.run(run(args.url, requests, args.connections, args.warmup, args.duration))
+    summary = asyncio.run(run(args.url, requests, args.connections, args.warmup, args.duration, args.rate))
     print(json.dumps(summary), flush=True)
 
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -200,3 +204,27 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
                    if r.source == "command"]
         assert len(applied) == len(set(applied)), "a command was applied twice"
         assert sandbox.state.get(appointment_id)["notes"] == "note 9"
+
+
+async def test_appt_send_waits_for_the_result_and_exits_by_outcome(
+    stack: Stack, sandbox: Any, amqp_url: str
+) -> None:
+    seed(sandbox, 901)
+    seed(sandbox, 902, state="Cancelled", appointment_cancellation_reason_id=2)
+    env = {**os.environ, "APPT_AMQP_URL": amqp_url}
+    appt = str(Path(sys.executable).with_name("appt"))
+
+    def send(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([appt, "send", *args, "--wait", "20"], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    confirmed = await asyncio.to_thread(send, "confirm", "--appointment", "901")
+    refused = await asyncio.to_thread(send, "confirm", "--appointment", "902")
+    unusable = await asyncio.to_thread(send, "set_patient", "--appointment", "901")
+
+    assert confirmed.returncode == 0, confirmed.stderr
+    assert '"outcome": "succeeded"' in confirmed.stdout
+    assert refused.returncode == 1
+    assert "The appointment can not be updated as the current status is: Cancelled" in refused.stdout
+    assert unusable.returncode == 2
+    assert "patient_id" in unusable.stderr

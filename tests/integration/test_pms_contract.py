@@ -4,6 +4,7 @@ failures, retries where safe and only there, and respect for the rate limit."""
 # ruff: noqa: F811  (fixtures imported from conftest_pms are, by design, redefined as parameters)
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -230,15 +231,21 @@ async def test_403_rate_limit_block_waits_for_the_reset(client: PmsClient, sandb
 
 
 async def test_a_block_until_the_next_hour_is_raised_not_slept(sandbox: RunningSandbox) -> None:
+    # max_retry_after well under the time to the next clock hour, whatever minute the test runs in
+    # (a budget that resets in under that is slept through, by design).
+    seconds_to_hour = 3600 - time.time() % 3600
+    if seconds_to_hour < 2:
+        await asyncio.sleep(seconds_to_hour + 0.1)
+    wait_limit = {"max_retry_after": 0.5}
     sandbox.state.set_rate_limit(2)
     sandbox.state.seed([slot(id=42)])
-    async with fast_client(sandbox, concurrency=1) as first:
+    async with fast_client(sandbox, concurrency=1, **wait_limit) as first:
         await first.get_appointment(42)
         await first.get_appointment(42)
         with pytest.raises(RateLimited) as paced:
             await first.get_appointment(42)  # the client knows the budget is gone: not sent
     assert sandbox.state.call_count("GET /v1/appointments/{id}") == 2
-    async with fast_client(sandbox) as unaware:
+    async with fast_client(sandbox, **wait_limit) as unaware:
         with pytest.raises(RateLimited) as blocked:
             await unaware.get_appointment(42)  # sent once, blocked, not retried
     assert sandbox.state.call_count("GET /v1/appointments/{id}") == 3

@@ -1,0 +1,176 @@
+"""kill -9 of the real `appt serve` at random instants, under commands, webhooks and reassignments.
+
+The service is restarted after every kill. Afterwards: every command has a
+result (repeats only as identical redelivery repeats), the store agrees with
+the PMS, no slot is double-booked and no replacement is orphaned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer.broker import Broker
+from consumer.sandbox import running_sandbox
+from consumer.store.base import open_store
+from tests.chaos.common import (
+    Collector,
+    applied_twice,
+    chaos_marks,
+    collecting,
+    double_bookings,
+    orphan_replacements,
+    pms_side_change,
+    publish_until_confirmed,
+    random_command,
+    scaled,
+    seed_slots,
+    state_mismatches,
+)
+from tests.chaos.processes_local import ServiceProcess, run_appt
+from tests.helpers import free_port
+
+pytestmark = chaos_marks
+
+API_TOKEN = "chaos-token"
+
+
+@pytest.fixture
+async def pms() -> AsyncIterator[Any]:
+    """The sandbox in this process, with no hourly budget to run out of."""
+    async with running_sandbox(port=0, rate_limit=10**9) as sandbox:
+        sandbox.state.set_webhook_retry_delay(0.05)  # a restarted service gets its webhooks soon
+        yield sandbox
+
+
+def service_env(amqp_url: str, store_url: str, pms_url: str, secret: str) -> dict[str, str]:
+    return {
+        "APPT_AMQP_URL": amqp_url, "APPT_STORE": store_url, "APPT_PMS_URL": pms_url,
+        "APPT_WEBHOOK_SECRETS": secret, "APPT_HTTP_PORT": str(free_port()),
+        "APPT_API_TOKEN": API_TOKEN, "APPT_RETRY_DELAY": "0.2", "APPT_RECONCILE_INTERVAL": "2",
+        "APPT_LOG_LEVEL": "WARNING", "APPT_PMS_TIMEOUT": "5",
+    }
+
+
+async def mixed_load(
+    broker: Broker, pms: Any, ids: list[int], rng: random.Random, sent: list[str], stop: asyncio.Event
+) -> None:
+    """Commands on the queue and PMS-side changes (which the PMS announces by webhook)."""
+    tick = 0
+    while not stop.is_set():
+        command = random_command(rng, ids)
+        await publish_until_confirmed(broker, command)
+        sent.append(command["command_id"])
+        if tick % 3 == 0:
+            pms_side_change(rng, pms, ids)
+        tick += 1
+        await asyncio.sleep(rng.uniform(0.005, 0.04))
+
+
+async def wait_for(check: Any, timeout: float) -> bool:
+    """Like eventually(), but answers False instead of raising, so the figures still print."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+    return True
+
+
+async def test_kill9_at_random_instants_loses_nothing_and_converges(
+    amqp_url: str, tmp_path: Path, pms: Any
+) -> None:
+    seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
+    rng = random.Random(seed)
+    trials = scaled(4, 25)
+    ids = seed_slots(pms, scaled(24, 80))
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
+    env = service_env(amqp_url, store_url, pms.url, secret)
+    service = ServiceProcess(env, tmp_path / "serve.log")
+    pms.state.subscribe(f"{service.url}/webhooks/pms", secret)
+    broker = Broker(amqp_url)
+    await broker.connect()
+    store = open_store(store_url)
+    sent: list[str] = []
+    try:
+        async with collecting(amqp_url) as collector:
+            await service.start()
+            await store.open()
+            stop = asyncio.Event()
+            load = asyncio.create_task(mixed_load(broker, pms, ids, rng, sent, stop))
+            for _ in range(trials):
+                await asyncio.sleep(rng.uniform(0.2, 1.5))
+                service.kill9()
+                await service.start()
+            stop.set()
+            await load
+
+            settled = await settle(collector, sent, pms, env, store, timeout=scaled(90, 400))
+            await service.stop()
+            figures = await final_figures(collector, sent, pms, store, ids)
+    finally:
+        await service.stop()
+        await store.close()
+        await broker.close()
+
+    print(f"\n{service.tail(15)}" if not settled else "")
+    print(f"chaos kill9 trials={trials} commands={len(sent)} events={figures['events']} "
+          f"lost={figures['lost']} duplicated={figures['duplicated']} dead={figures['dead']} "
+          f"diverging={figures['diverging']} applied_twice={figures['applied_twice']} "
+          f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
+          f"orphans={figures['orphans']} anomalies={figures['anomalies']} seed={seed}")
+    assert figures["details"] == {}, figures["details"]
+
+
+async def settle(
+    collector: Collector, sent: list[str], pms: Any, env: dict[str, str], store: Any, *, timeout: float
+) -> bool:
+    """Wait for every result, every webhook delivered, one catch-up poll, then the store to agree."""
+    answered = await wait_for(lambda: _true(not collector.lost(sent)), timeout)
+    delivered = await wait_for(lambda: _true(pms.state.webhooks.pending() == 0), 30)
+    code, output = await run_appt(env, "reconcile")
+    assert code == 0, output
+    deleted = _deleted_ids(pms)
+    agreed = await wait_for(lambda: _none(state_mismatches(pms, store, deleted)), 30)
+    return answered and delivered and agreed
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _none(pending: Any) -> bool:
+    return not await pending
+
+
+def _deleted_ids(pms: Any) -> set[int]:
+    return {d.appointment_id for d in pms.state.deliveries if d.type == "appointment.deleted"}
+
+
+async def final_figures(
+    collector: Collector, sent: list[str], pms: Any, store: Any, ids: list[int]
+) -> dict[str, Any]:
+    touched = sorted({*ids, *(a["id"] for a in pms.state.all_appointments()), *_deleted_ids(pms)})
+    details = {
+        "lost": collector.lost(sent),
+        "dead": collector.dead,
+        "diverging": collector.diverging(),
+        "applied_twice": await applied_twice(store, touched),
+        "mismatches": await state_mismatches(pms, store, _deleted_ids(pms)),
+        "double_bookings": double_bookings(pms),
+        "orphans": await orphan_replacements(pms, store),
+    }
+    figures: dict[str, Any] = {name: len(found) for name, found in details.items()}
+    figures["details"] = {name: found for name, found in details.items() if found}
+    figures["events"] = len(collector.logs) + sum(len(r) for r in collector.results.values())
+    figures["duplicated"] = collector.duplicated()
+    figures["anomalies"] = collector.anomalies()
+    return figures
