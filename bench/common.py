@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
+from consumer.logs import configure  # noqa: E402
 from consumer.pms.client import PmsClient  # noqa: E402
 from consumer.store.base import Store, open_store  # noqa: E402
 from consumer.worker import Worker  # noqa: E402
@@ -266,6 +268,14 @@ async def purge_partitions(amqp_url: str, partitions: int = 4) -> None:
         for index in range(partitions):
             queue = await channel.declare_queue(partition_queue(index), passive=True)
             await queue.purge()
+
+
+def log_to_file(path: Path) -> None:
+    """Log as ``appt serve`` does (JSON lines, INFO) but into a file: the cost stays, the noise goes."""
+    configure("json", "INFO")
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.StreamHandler)
+    handler.setStream(open(path, "a"))
 
 
 def sqlite_url(directory: str, name: str) -> str:

@@ -107,20 +107,17 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
 
 async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
-    async with opened_store(settings) as store:
-        after = 0
-        while page := await store.history(appointment_id, after_seq=after, limit=500):
-            for record in page:
-                printer.print(record)
-            after = page[-1].seq or after
     if not follow:
+        await _print_stored(settings, appointment_id, printer, after=0)
         if not printer.printed and not as_json:
             print(f"no records for appointment {appointment_id}", file=sys.stderr)
         return EXIT_OK
     async with connected_broker(settings) as broker:
+        # Bind before reading the store: a record committed in between is then queued, not missed.
         channel = await broker.channel()
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(EVENTS_EXCHANGE, routing_key="state.#")
+        after = await _print_stored(settings, appointment_id, printer, after=0)
         async with queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
@@ -129,6 +126,16 @@ async def history(settings: Settings, appointment_id: int, *, as_json: bool, fol
                     printer.print(record)
                     after = max(after, record.seq or 0)
     return EXIT_OK
+
+
+async def _print_stored(settings: Settings, appointment_id: int, printer: RecordPrinter, *, after: int) -> int:
+    """Print the stored records after ``after``; return the last seq printed."""
+    async with opened_store(settings) as store:
+        while page := await store.history(appointment_id, after_seq=after, limit=500):
+            for record in page:
+                printer.print(record)
+            after = page[-1].seq or after
+    return after
 
 
 def _names(record: StateLogRecord, appointment_id: int) -> bool:

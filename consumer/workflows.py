@@ -227,7 +227,7 @@ class WorkflowRunner:
             failpoint("before_create_replacement")
             try:
                 created = await self._pms.create_appointment(self._replacement_fields(workflow))
-                found = created.id
+                found = created.model_dump(mode="json")
                 failpoint("after_create_replacement")
             except Unavailable:
                 # The POST may have been applied before the answer was lost: look, never blindly re-post.
@@ -237,8 +237,12 @@ class WorkflowRunner:
             except Rejected as rejected:
                 reason = f"replacement refused by the PMS: {rejected.params}"
                 return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
-        replacement_id = found
-        recorded = await self._record(workflow, lambda saga: saga.replacement_booked(replacement_id))
+        replacement, replacement_id = found, int(found["id"])
+        # The replacement gets its own record and first log entry now, not only when its webhook arrives.
+        recorded = await self._record_with(
+            workflow, lambda saga: saga.replacement_booked(replacement_id), replacement_id, replacement,
+            lambda appt: appt.reconcile(snapshot_from_pms(replacement)),
+        )
         failpoint("after_record_replacement")
         return recorded
 
@@ -252,7 +256,7 @@ class WorkflowRunner:
         )
         return fields
 
-    async def _find_replacement(self, workflow: WorkflowRecord) -> int | None:
+    async def _find_replacement(self, workflow: WorkflowRecord) -> dict[str, Any] | None:
         """The live appointment carrying this workflow's link marker, if one was booked."""
         original = workflow.data.get("original", {})
         candidates = await self._pms.list_appointments(
@@ -263,7 +267,7 @@ class WorkflowRunner:
         for candidate in candidates:
             metadata = candidate.metadata or {}
             if all(metadata.get(k) == v for k, v in marker.items()) and candidate.state != "Cancelled":
-                return candidate.id
+                return candidate.model_dump(mode="json")
         return None
 
     async def _cancel_original(self, workflow: WorkflowRecord) -> WorkflowRecord:
@@ -302,7 +306,7 @@ class WorkflowRunner:
             reason = f"original can not be cancelled: {exc}"
         if upstream is None:
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
-        seen = upstream
+        seen = upstream  # a name the closure can rely on being set
         return await self._record_with_original(
             workflow, lambda saga: saga.cancel_failed(reason), seen,
             lambda appt: appt.reconcile(snapshot_from_pms(seen)),
@@ -340,10 +344,21 @@ class WorkflowRunner:
         The PMS is the truth: whatever the step read of the original is adopted
         and logged, even when the step failed because of it.
         """
+        return await self._record_with(workflow, outcome, workflow.appointment_id, upstream, observe)
+
+    async def _record_with(
+        self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, upstream: dict[str, Any],
+        observe: Callable[[Appointment], list[Transition]],
+    ) -> WorkflowRecord:
+        """Record a saga step with one appointment's new record and log, in one commit.
+
+        A webhook about the same appointment may commit first (a version
+        conflict): re-read and rebuild, unless the workflow itself moved on.
+        """
         origin = self._origin(workflow)
         for _ in range(3):
-            stored = await self._store.get_appointment(workflow.appointment_id)
-            with bound(snapshot_from_record(stored), workflow.appointment_id) as appt:
+            stored = await self._store.get_appointment(appointment_id)
+            with bound(snapshot_from_record(stored), appointment_id) as appt:
                 transitions = observe(appt)
                 record = new_record(stored, appt.state, appt.patient_id, upstream)
             try:
@@ -351,7 +366,7 @@ class WorkflowRunner:
                                           extra_logs=origin.logs(transitions))
             except StaleVersion:
                 await self._ensure_unchanged(workflow)
-        raise StaleVersion(f"appointment {workflow.appointment_id} kept changing")
+        raise StaleVersion(f"appointment {appointment_id} kept changing")
 
     async def _remove_replacement(self, workflow: WorkflowRecord) -> WorkflowRecord:
         replacement_id = workflow.replacement_id

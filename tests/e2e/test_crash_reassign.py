@@ -102,7 +102,7 @@ async def results(amqp_url: str) -> AsyncIterator[Results]:
 
 
 @pytest.fixture
-async def sandbox(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
+async def sandbox_process(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
     process = SandboxProcess(tmp_path).start()
     try:
         await process.wait_ready()
@@ -128,8 +128,9 @@ async def begin(trial: Trial, sandbox: SandboxProcess, broker: Broker) -> None:
 
 
 async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exactly_once(
-    amqp_url: str, tmp_path: Path, sandbox: SandboxProcess, results: Results
+    amqp_url: str, tmp_path: Path, sandbox_process: SandboxProcess, results: Results
 ) -> None:
+    sandbox = sandbox_process
     seed = int(os.environ.get("APPT_E2E_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"

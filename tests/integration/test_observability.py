@@ -18,6 +18,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -35,7 +36,7 @@ from tests.helpers import eventually
 
 TOKEN = "observability-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = Path(__file__).resolve().parents[2]
 CLI_TIMEOUT = 30.0
 ORIGINAL, CONFIRMED_A, CONFIRMED_B, CANCELLED = 101, 102, 103, 104
 
@@ -70,7 +71,8 @@ class Service:
         return command_id
 
     async def result(self, command_id: str) -> dict[str, Any]:
-        return await eventually(lambda: self.events.results.get(command_id), timeout=20)  # type: ignore[no-any-return]
+        result: dict[str, Any] = await eventually(lambda: self.events.results.get(command_id), timeout=20)
+        return result
 
 
 @contextlib.asynccontextmanager
@@ -210,6 +212,9 @@ async def test_cli_table_cli_json_and_http_show_the_same_history_for_both_appoin
     replacement = await stored(service.store, run.replacement_id)
     assert all(run.replacement_id in (r["appointment_id"], r["detail"].get("replacement_id")) for r in replacement)
     assert "completed" in [r["to_state"] for r in replacement]
+    first_seen = next(r for r in replacement if r["machine"] == "appointment")
+    assert (first_seen["appointment_id"], first_seen["to_state"], first_seen["source"]) == (
+        run.replacement_id, "Pending", "workflow")  # recorded when booked, not only once its webhook comes
 
 
 async def test_every_state_record_reaches_the_events_exchange_exactly_once(

@@ -163,7 +163,10 @@ async def park(stack: Stack, sandbox: Any, appointment_id: int) -> dict[str, Any
     sandbox.state.refuse_deletes(True)
     result = await reassign(stack, appointment_id)
     assert result["outcome"] == "failed"
-    assert result["reasons"]["compensation"] == ["parked in compensation_failed: see appt sagas --stuck"]
+    assert "PMS refused to cancel the original" in result["reasons"]["original"][0]
+    [compensation] = result["reasons"]["compensation"]
+    assert f"could not remove replacement {FIRST_ID}" in compensation
+    assert compensation.endswith("parked in compensation_failed: see appt sagas --stuck")
     workflow = await stack.store.get_workflow(result["workflow_id"])
     assert workflow is not None and workflow.state == "compensation_failed"
     assert workflow.replacement_id == FIRST_ID

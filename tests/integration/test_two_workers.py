@@ -12,15 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
-import sys
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import aio_pika
 import aiohttp
@@ -32,75 +28,24 @@ from consumer.broker import EVENTS_EXCHANGE, Broker
 from consumer.messages import StateLogRecord
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.store.base import open_store
-from tests.helpers import eventually, free_port
+from tests.e2e.processes import ServiceProcess, service_env
+from tests.helpers import eventually
 
-REPO = Path(__file__).resolve().parents[2]
 APPOINTMENTS = list(range(7001, 7041))
 ROUNDS = 10
 START_TIMEOUT = 30.0
 
 
-@dataclass
-class ServiceProcess:
-    """One `appt serve` subprocess; its output goes to a file (a full pipe would stall it)."""
-
-    name: str
-    env: dict[str, str]
-    log_path: Path
-    port: int = field(default_factory=free_port)
-    process: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        env = {**self.env, "APPT_HTTP_PORT": str(self.port), "APPT_HTTP_HOST": "127.0.0.1"}
-        with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "consumer.cli", "serve", cwd=REPO, env=env,
-                stdout=log, stderr=asyncio.subprocess.STDOUT,
-            )
-        await eventually(self._ready, timeout=START_TIMEOUT, interval=0.1)
-
-    async def _ready(self) -> bool:
-        assert self.process is not None
-        if self.process.returncode is not None:
-            raise AssertionError(f"{self.name} exited {self.process.returncode}:\n{self.log_tail()}")
-        try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-                async with http.get(f"{self.url}/readyz") as response:
-                    return response.status == 200
-        except aiohttp.ClientError:
-            return False
-
-    def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    async def handled(self, kind: str, outcome: str) -> int:
-        """appt_messages_total{kind, outcome} as this process's /metrics reports it."""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            async with http.get(f"{self.url}/metrics") as response:
-                text = await response.text()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == "appt_messages_total" and sample.labels == {"kind": kind, "outcome": outcome}:
-                    return int(sample.value)
-        return 0
-
-    async def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        await self.process.wait()
-
-    async def stop(self) -> None:
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            await asyncio.wait_for(self.process.wait(), 15)
-        except TimeoutError:
-            await self.kill()
+async def handled(service: ServiceProcess, kind: str, outcome: str) -> int:
+    """appt_messages_total{kind, outcome} as this process's /metrics reports it."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        async with http.get(f"{service.url}/metrics") as response:
+            text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "appt_messages_total" and sample.labels == {"kind": kind, "outcome": outcome}:
+                return int(sample.value)
+    return 0
 
 
 @dataclass
@@ -160,18 +105,18 @@ async def workers(
 ) -> AsyncIterator[list[ServiceProcess]]:
     """One `appt serve` per partition spec, started in order (the first is the active consumer
     of every single-active-consumer queue it shares)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APPT_")}
-    env.update({"APPT_AMQP_URL": amqp_url, "APPT_STORE": store_url, "APPT_PMS_URL": pms_url,
-                "APPT_PARTITIONS": "4", "APPT_RECONCILE_INTERVAL": "0", "APPT_RETRY_DELAY": "0.1",
-                "APPT_API_TOKEN": "t", "APPT_LOG_LEVEL": "WARNING"})
-    processes = [ServiceProcess(f"worker-{i}", {**env, "APPT_WORKER_PARTITIONS": spec}, tmp_path / f"worker-{i}.log")
-                 for i, spec in enumerate(partitions)]
+    processes = [
+        ServiceProcess(service_env(pms_url=pms_url, store=store_url, amqp_url=amqp_url, APPT_PARTITIONS="4",
+                                   APPT_WORKER_PARTITIONS=spec, APPT_RETRY_DELAY="0.1", APPT_LOG_LEVEL="WARNING"),
+                       tmp_path, name=f"worker-{i}")
+        for i, spec in enumerate(partitions)
+    ]
     try:
         for process in processes:
-            await process.start()
+            await process.start().wait_ready(START_TIMEOUT)
         yield processes
     finally:
-        await asyncio.gather(*(p.stop() for p in processes))
+        await asyncio.gather(*(p.terminate() for p in processes))
 
 
 def command_id(appointment_id: int, n: int) -> str:
@@ -234,7 +179,7 @@ async def test_two_workers_splitting_the_partitions_apply_every_command_once_in_
     async with workers(tmp_path, amqp_url, pg_store_url, pms.url, ["0,1", "2,3"]) as (first, second):
         sent = await publish_all(amqp_url)
         await eventually(lambda: set(results.outcomes) >= set(sent), timeout=90)
-        shares = [await w.handled("edit_notes", "succeeded") for w in (first, second)]
+        shares = [await handled(w, "edit_notes", "succeeded") for w in (first, second)]
 
     assert set(results.outcomes) == set(sent)
     assert Counter(tuple(o) for o in results.outcomes.values()) == {("succeeded",): len(sent)}
@@ -252,11 +197,13 @@ async def test_when_the_active_worker_is_killed_the_standby_takes_over(
     async with workers(tmp_path, amqp_url, pg_store_url, pms.url, ["all", "all"]) as (active, standby):
         sent = await publish_all(amqp_url)
         await eventually(lambda: len(results.outcomes) >= len(sent) // 4, timeout=60)
-        await active.kill()
+        idle_standby = await handled(standby, "edit_notes", "succeeded")
+        active.kill()
         finished_by_active = len(results.outcomes)
         await eventually(lambda: set(results.outcomes) >= set(sent), timeout=90)
-        taken_over = await standby.handled("edit_notes", "succeeded")
+        taken_over = await handled(standby, "edit_notes", "succeeded")
 
+    assert idle_standby == 0, "single-active-consumer let the standby consume beside the active worker"
     assert finished_by_active < len(sent), "the kill came too late to test a take-over"
     assert taken_over > 0
     # A message whose result was published before the kill but not yet acked is
