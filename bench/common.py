@@ -91,23 +91,20 @@ class Child:
 @contextlib.contextmanager
 def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterator[Child]:
     """Start ``servers.py KIND`` and wait for its ``READY <port>`` line; SIGTERM it afterwards."""
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen(
-        [sys.executable, str(SERVERS), kind, *args],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
-    )
-    try:
-        port = _ready_port(process, kind)
-        yield Child(process, port)
-    finally:
-        process.terminate()
+    with open(log_path or os.devnull, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(SERVERS), kind, *args],
+            stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
+        )
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if log_path:
-            log.close()  # type: ignore[union-attr]
+            yield Child(process, _ready_port(process, kind))
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _ready_port(process: subprocess.Popen[str], kind: str) -> int:

@@ -20,7 +20,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, DeliveryError, PublishError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
 
 INBOUND_EXCHANGE = "appointments.inbound"
 EVENTS_EXCHANGE = "appointments.events"
@@ -125,7 +125,8 @@ class Broker:
             async with asyncio.timeout(self._publish_timeout):
                 # A nack or a return (mandatory + on_return_raises) raises here.
                 await exchange.publish(message, routing_key, mandatory=mandatory)
-        except (AMQPError, PublishError, DeliveryError, TimeoutError, ConnectionError) as exc:
+        except (AMQPError, ChannelInvalidStateError, PublishError, DeliveryError, TimeoutError,
+                ConnectionError) as exc:  # ChannelInvalidStateError: mid-reconnect
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
     def _exchange(self, name: str) -> AbstractExchange:

@@ -10,9 +10,12 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 MAX_MESSAGE_BYTES = 64 * 1024
+MAX_ID = 2**63 - 1  # ids are stored as BIGINT: a larger one is invalid input, not a transient failure
+
+Id = Annotated[int, Field(gt=0, le=MAX_ID)]
 
 Source = Literal["webhook", "command", "workflow", "reconcile"]
 Outcome = Literal["succeeded", "rejected", "failed"]
@@ -28,7 +31,7 @@ class _Strict(BaseModel):
 
 class _Command(_Strict):
     command_id: Annotated[str, Field(min_length=1, max_length=200)]
-    appointment_id: Annotated[int, Field(gt=0)]
+    appointment_id: Id
     correlation_id: str | None = None
 
 
@@ -43,12 +46,12 @@ class Cancel(_Command):
 
 class SetPatient(_Command):
     type: Literal["set_patient"] = "set_patient"
-    patient_id: Annotated[int, Field(gt=0)]
+    patient_id: Id
 
 
 class Reassign(_Command):
     type: Literal["reassign"] = "reassign"
-    patient_id: Annotated[int, Field(gt=0)]
+    patient_id: Id
 
 
 class EditNotes(_Command):
@@ -81,6 +84,15 @@ class ObservedEvent(_Strict):
     source: Literal["webhook", "reconcile"]
     appointment: dict[str, Any]
     received_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("appointment")
+    @classmethod
+    def _has_an_id(cls, appointment: dict[str, Any]) -> dict[str, Any]:
+        """The id keys the ordering, the record and the log: an event without one can never apply."""
+        appointment_id = appointment.get("id")
+        if type(appointment_id) is not int or not 0 < appointment_id <= MAX_ID:
+            raise ValueError(f"appointment.id must be a positive 64-bit integer, got {appointment_id!r}")
+        return appointment
 
     @property
     def appointment_id(self) -> int:

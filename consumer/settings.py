@@ -11,7 +11,6 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-
 ENV_PREFIX = "APPT_"
 
 

@@ -161,7 +161,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         log.error("webhook.unavailable", error=str(exc), **fields)
         return _error(503, "queue unavailable, retry")
     metrics.WEBHOOKS.labels(result="accepted").inc()
-    log.info("webhook.accepted", **fields)
+    log.debug("webhook.accepted", **fields)
     return web.json_response({"accepted": webhook_id}, status=202)
 
 

@@ -46,7 +46,8 @@ def parse(body: bytes) -> Any:
         raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: deeply nested arrays/objects; left uncaught it killed the task unsettled.
         raise InvalidMessage(f"not JSON: {exc}") from None
     try:
         return INBOUND.validate_python(data)
@@ -197,21 +198,29 @@ class Worker:
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
     ) -> None:
-        for record in logs:
-            await self._broker.publish_event(
+        publishes = [
+            self._broker.publish_event(
                 record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
             )
+            for record in logs
+        ]
+        if result is not None:
+            body = result.model_dump_json().encode()
+            publishes.append(self._broker.publish_event(
+                result.routing_key(), body, message_id=f"result-{result.command_id}"))
+            if message.reply_to:
+                publishes.append(self._broker.publish_reply(
+                    message.reply_to, body, correlation_id=message.correlation_id or result.correlation_id))
+        # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
+        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        for record in logs:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
-        if result is None:
-            return
-        body = result.model_dump_json().encode()
-        await self._broker.publish_event(result.routing_key(), body, message_id=f"result-{result.command_id}")
-        if message.reply_to:
-            await self._broker.publish_reply(
-                message.reply_to, body, correlation_id=message.correlation_id or result.correlation_id
-            )
-        log.info("command result", command_id=result.command_id, type=result.type,
-                 appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
+        if result is not None:
+            log.info("command result", command_id=result.command_id, type=result.type,
+                     appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
 
     async def _republish(
         self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry

@@ -21,8 +21,8 @@ from typing import Any
 
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
-from consumer.failpoints import failpoint
 from consumer.commands import STATUS_REASON, execute
+from consumer.failpoints import failpoint
 from consumer.logs import get_logger
 from consumer.messages import Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient

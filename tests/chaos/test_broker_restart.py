@@ -64,8 +64,8 @@ async def test_broker_restart_under_load_loses_nothing_and_applies_nothing_twice
     ids = seed_slots(sandbox, scaled(20, 60))
     sandbox.state.set_latency(0.005)
     sent: list[str] = []
+    sending = asyncio.create_task(load(stack, ids, scaled(150, 1200), rng, sent))
     try:
-        sending = asyncio.create_task(load(stack, ids, scaled(150, 1200), rng, sent))
         for _ in range(restarts):
             await eventually(lambda: len(stack.observer.results) >= len(sent) // 3 and sent, timeout=30)
             await restart_broker(rng.uniform(1.0, 3.0))
@@ -73,6 +73,7 @@ async def test_broker_restart_under_load_loses_nothing_and_applies_nothing_twice
         await eventually(lambda: set(stack.observer.results) | dead_ids(stack) >= set(sent),
                          timeout=scaled(90, 300))
     finally:
+        sending.cancel()
         lost = [c for c in sent if c not in stack.observer.results]
         twice = await applied_twice(stack.store, ids)
         repeats = sum(n - 1 for n in stack.observer.result_counts.values())

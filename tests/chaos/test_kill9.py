@@ -8,10 +8,11 @@ the PMS, no slot is double-booked and no replacement is orphaned.
 from __future__ import annotations
 
 import asyncio
-import base64
+import inspect
 import os
 import random
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,9 @@ from tests.chaos.common import (
     seed_slots,
     state_mismatches,
 )
-from tests.chaos.processes_local import ServiceProcess, run_appt
-from tests.helpers import free_port
+from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
 
 pytestmark = chaos_marks
-
-API_TOKEN = "chaos-token"
 
 
 @pytest.fixture
@@ -47,16 +45,8 @@ async def pms() -> AsyncIterator[Any]:
     """The sandbox in this process, with no hourly budget to run out of."""
     async with running_sandbox(port=0, rate_limit=10**9) as sandbox:
         sandbox.state.set_webhook_retry_delay(0.05)  # a restarted service gets its webhooks soon
+        sandbox.state.set_latency(0.03)  # so that a kill finds PMS calls and sagas in flight
         yield sandbox
-
-
-def service_env(amqp_url: str, store_url: str, pms_url: str, secret: str) -> dict[str, str]:
-    return {
-        "APPT_AMQP_URL": amqp_url, "APPT_STORE": store_url, "APPT_PMS_URL": pms_url,
-        "APPT_WEBHOOK_SECRETS": secret, "APPT_HTTP_PORT": str(free_port()),
-        "APPT_API_TOKEN": API_TOKEN, "APPT_RETRY_DELAY": "0.2", "APPT_RECONCILE_INTERVAL": "2",
-        "APPT_LOG_LEVEL": "WARNING", "APPT_PMS_TIMEOUT": "5",
-    }
 
 
 async def mixed_load(
@@ -74,14 +64,18 @@ async def mixed_load(
         await asyncio.sleep(rng.uniform(0.005, 0.04))
 
 
-async def wait_for(check: Any, timeout: float) -> bool:
+async def wait_for(check: Callable[[], Any], timeout: float) -> bool:
     """Like eventually(), but answers False instead of raising, so the figures still print."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return True
         if asyncio.get_running_loop().time() > deadline:
             return False
         await asyncio.sleep(0.2)
-    return True
 
 
 async def test_kill9_at_random_instants_loses_nothing_and_converges(
@@ -91,64 +85,62 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
     rng = random.Random(seed)
     trials = scaled(4, 25)
     ids = seed_slots(pms, scaled(24, 80))
-    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
-    env = service_env(amqp_url, store_url, pms.url, secret)
-    service = ServiceProcess(env, tmp_path / "serve.log")
-    pms.state.subscribe(f"{service.url}/webhooks/pms", secret)
+    # Catch-up polling every 2 s: part of the chaos, and what heals a webhook lost in a kill.
+    env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
+                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5")
+    service = ServiceProcess(env, tmp_path)
+    pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
     broker = Broker(amqp_url)
     await broker.connect()
     store = open_store(store_url)
     sent: list[str] = []
     try:
         async with collecting(amqp_url) as collector:
-            await service.start()
+            await service.start().wait_ready()
             await store.open()
             stop = asyncio.Event()
             load = asyncio.create_task(mixed_load(broker, pms, ids, rng, sent, stop))
+            unanswered_at_kills = 0  # shows the kills landed under load
             for _ in range(trials):
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
-                service.kill9()
-                await service.start()
+                unanswered_at_kills += len(collector.lost(sent))
+                service.kill()
+                await service.start().wait_ready()
             stop.set()
             await load
 
-            settled = await settle(collector, sent, pms, env, store, timeout=scaled(90, 400))
-            await service.stop()
+            settled = await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
+                                   store, timeout=scaled(90, 400))
+            await service.terminate()
             figures = await final_figures(collector, sent, pms, store, ids)
     finally:
-        await service.stop()
+        await service.terminate()
         await store.close()
         await broker.close()
 
     print(f"\n{service.tail(15)}" if not settled else "")
-    print(f"chaos kill9 trials={trials} commands={len(sent)} events={figures['events']} "
+    print(f"chaos kill9 trials={trials} commands={len(sent)} unanswered_at_kills={unanswered_at_kills} events={figures['events']} "
           f"lost={figures['lost']} duplicated={figures['duplicated']} dead={figures['dead']} "
           f"diverging={figures['diverging']} applied_twice={figures['applied_twice']} "
           f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
-          f"orphans={figures['orphans']} anomalies={figures['anomalies']} seed={seed}")
+          f"orphans={figures['orphans']} anomalies={figures['anomalies']} sagas={figures['sagas']} seed={seed}")
     assert figures["details"] == {}, figures["details"]
 
 
 async def settle(
-    collector: Collector, sent: list[str], pms: Any, env: dict[str, str], store: Any, *, timeout: float
+    collector: Collector, sent: list[str], pms: Any, reconcile: AppProcess, store: Any, *, timeout: float
 ) -> bool:
-    """Wait for every result, every webhook delivered, one catch-up poll, then the store to agree."""
-    answered = await wait_for(lambda: _true(not collector.lost(sent)), timeout)
-    delivered = await wait_for(lambda: _true(pms.state.webhooks.pending() == 0), 30)
-    code, output = await run_appt(env, "reconcile")
-    assert code == 0, output
+    """Wait for every result, every webhook delivered, one `appt reconcile`, then the store to agree."""
+    answered = await wait_for(lambda: not collector.lost(sent), timeout)
+    delivered = await wait_for(lambda: pms.state.webhooks.pending() == 0, 30)
+    assert await reconcile.start().wait_exit(60) == 0, reconcile.tail()
     deleted = _deleted_ids(pms)
-    agreed = await wait_for(lambda: _none(state_mismatches(pms, store, deleted)), 30)
-    return answered and delivered and agreed
 
+    async def agreed() -> bool:
+        return not await state_mismatches(pms, store, deleted)
 
-async def _true(value: bool) -> bool:
-    return value
-
-
-async def _none(pending: Any) -> bool:
-    return not await pending
+    return answered and delivered and await wait_for(agreed, 30)
 
 
 def _deleted_ids(pms: Any) -> set[int]:
@@ -173,4 +165,5 @@ async def final_figures(
     figures["events"] = len(collector.logs) + sum(len(r) for r in collector.results.values())
     figures["duplicated"] = collector.duplicated()
     figures["anomalies"] = collector.anomalies()
+    figures["sagas"] = dict(Counter(w.state for w in await store.list_workflows()))
     return figures
