@@ -284,22 +284,7 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
 
 async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
     seq = await conn.fetchval(
-        "INSERT INTO state_log (time, appointment_id, related_appointment_id, machine,"
-        " from_state, to_state, trigger, source, command_id, webhook_id, workflow_id,"
-        " correlation_id, detail) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
-        " RETURNING seq",
-        schema.utc(record.time),
-        record.appointment_id,
-        schema.related_appointment_id(record),
-        record.machine,
-        record.from_state,
-        record.to_state,
-        record.trigger,
-        record.source,
-        record.command_id,
-        record.webhook_id,
-        record.workflow_id,
-        record.correlation_id,
-        schema.dumps(record.detail),
+        schema.insert_log_sql([f"${n}" for n in range(1, 14)]) + " RETURNING seq",
+        *schema.log_values(record, schema.utc(record.time)),
     )
     return record.model_copy(update={"seq": seq})

@@ -192,6 +192,26 @@ def related_appointment_id(record: StateLogRecord) -> int | None:
     return None
 
 
+INSERT_LOG_COLUMNS = (
+    "time, appointment_id, related_appointment_id, machine, from_state, to_state, trigger, source,"
+    " command_id, webhook_id, workflow_id, correlation_id, detail"
+)
+
+
+def insert_log_sql(placeholders: list[str]) -> str:
+    """The one INSERT for a state-log record; each driver brings its placeholder style."""
+    return f"INSERT INTO state_log ({INSERT_LOG_COLUMNS}) VALUES ({', '.join(placeholders)})"
+
+
+def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
+    """Values in ``INSERT_LOG_COLUMNS`` order; ``time`` already in the driver's form."""
+    return (
+        time, record.appointment_id, related_appointment_id(record), record.machine,
+        record.from_state, record.to_state, record.trigger, record.source, record.command_id,
+        record.webhook_id, record.workflow_id, record.correlation_id, dumps(record.detail),
+    )
+
+
 def appointment_from_row(row: Row) -> AppointmentRecord:
     return AppointmentRecord(
         appointment_id=row["appointment_id"],

@@ -273,24 +273,7 @@ async def _write_workflow(db: aiosqlite.Connection, record: WorkflowRecord) -> N
 
 async def _append_log(db: aiosqlite.Connection, record: StateLogRecord) -> StateLogRecord:
     cursor = await db.execute(
-        "INSERT INTO state_log (time, appointment_id, related_appointment_id, machine,"
-        " from_state, to_state, trigger, source, command_id, webhook_id, workflow_id,"
-        " correlation_id, detail) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (
-            schema.sqlite_time(record.time),
-            record.appointment_id,
-            schema.related_appointment_id(record),
-            record.machine,
-            record.from_state,
-            record.to_state,
-            record.trigger,
-            record.source,
-            record.command_id,
-            record.webhook_id,
-            record.workflow_id,
-            record.correlation_id,
-            schema.dumps(record.detail),
-        ),
+        schema.insert_log_sql(["?"] * 13), schema.log_values(record, schema.sqlite_time(record.time))
     )
     return record.model_copy(update={"seq": cursor.lastrowid})
 
