@@ -15,26 +15,53 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import structlog
 from aio_pika.abc import AbstractIncomingMessage
 from aio_pika.exceptions import ChannelInvalidStateError
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
 
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
-from consumer.messages import INBOUND, MAX_MESSAGE_BYTES, CommandResult, ObservedEvent, Reassign, StateLogRecord
+from consumer.messages import (
+    INBOUND,
+    MAX_MESSAGE_BYTES,
+    CommandResult,
+    ObservedEvent,
+    Reassign,
+    StateLogRecord,
+)
 from consumer.observed import observe
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import RateLimited, Unavailable
 from consumer.records import Decision, Origin
-from consumer.store.base import Commit, InboxEntry, StaleVersion, Store, StoreUnavailable
+from consumer.store.base import (
+    Commit,
+    InboxEntry,
+    StaleVersion,
+    Store,
+    StoreUnavailable,
+)
 
 log = get_logger(__name__)
 
 TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
 ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
+
+
+class AlreadyProcessed(Exception):
+    """Found in the inbox on a retry: another delivery of the same id committed first."""
+
+    def __init__(self, entry: InboxEntry) -> None:
+        super().__init__(entry.message_id)
+        self.entry = entry
 
 
 class InvalidMessage(Exception):
@@ -144,7 +171,12 @@ class Worker:
         try:
             inbound = parse(message.body)
             kind = inbound.type
-            outcome = await self._process(message, inbound)
+            # Every log line written while handling this message carries its ids.
+            with structlog.contextvars.bound_contextvars(
+                message_id=message_key(inbound), appointment_id=inbound.appointment_id,
+                correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
+            ):
+                outcome = await self._process(message, inbound)
         except InvalidMessage as exc:
             outcome = await self._dead_letter(message, str(exc), "invalid")
         metrics.MESSAGES.labels(kind, outcome).inc()
@@ -160,6 +192,10 @@ class Worker:
                 return "duplicate"
             decision, logs = await self._decide_and_commit(key, inbound)
             await self._publish(message, logs, decision.result)
+        except AlreadyProcessed as done:  # the same id, delivered twice at once (e.g. two workers)
+            await self._republish(message, key, inbound, done.entry)
+            await _settle(message.ack())
+            return "duplicate"
         except TRANSIENT as exc:
             return await self._retry_later(message, key, exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
@@ -177,6 +213,8 @@ class Worker:
             reraise=True,
         ):
             with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    await self._raise_if_processed(key)  # the conflict may have been this very message
                 decision = await self._decide(inbound)
                 result = decision.result.model_dump(mode="json") if decision.result else None
                 logs = await self._store.commit(Commit(
@@ -186,6 +224,11 @@ class Worker:
                     inbox=InboxEntry(key, result),
                 ))
         return decision, logs
+
+    async def _raise_if_processed(self, key: str) -> None:
+        entry = await self._store.inbox_get(key)
+        if entry is not None:
+            raise AlreadyProcessed(entry)
 
     async def _decide(self, inbound: Any) -> Decision:
         if isinstance(inbound, ObservedEvent):

@@ -1,7 +1,7 @@
 """The PMS client against the sandbox over real HTTP: typed answers, typed
 failures, retries where safe and only there, and respect for the rate limit."""
 
-# ruff: noqa: F811  (fixtures imported from conftest_pms are, by design, redefined as parameters)
+# ruff: noqa: F811  (fixtures imported from pms_fixtures are, by design, redefined as parameters)
 from __future__ import annotations
 
 import asyncio
@@ -20,7 +20,7 @@ from consumer.pms import (
 )
 from consumer.pms.client import Pacer
 from consumer.sandbox import RunningSandbox
-from tests.integration.conftest_pms import (  # noqa: F401  (client, sandbox: fixtures)
+from tests.integration.pms_fixtures import (  # noqa: F401  (client, sandbox: fixtures)
     FINISH,
     START,
     client,

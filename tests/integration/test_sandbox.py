@@ -1,7 +1,7 @@
 """The sandbox speaks the PMS's contract: its rules with their exact 422
 bodies, its auth and rate limit, its webhooks out, and its knobs over HTTP."""
 
-# ruff: noqa: F811  (fixtures imported from conftest_pms are, by design, redefined as parameters)
+# ruff: noqa: F811  (fixtures imported from pms_fixtures are, by design, redefined as parameters)
 from __future__ import annotations
 
 import json
@@ -14,7 +14,7 @@ from standardwebhooks.webhooks import Webhook
 
 from consumer.sandbox import RunningSandbox
 from consumer.sandbox.webhooks_out import MAX_CONSECUTIVE_FAILURES, make_message
-from tests.integration.conftest_pms import (  # noqa: F401  (http, receiver, sandbox: fixtures)
+from tests.integration.pms_fixtures import (  # noqa: F401  (http, receiver, sandbox: fixtures)
     AUTH,
     SECRET,
     Receiver,
