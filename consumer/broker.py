@@ -20,7 +20,12 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError, PublishError
+from aio_pika.exceptions import (
+    AMQPError,
+    ChannelInvalidStateError,
+    DeliveryError,
+    PublishError,
+)
 
 INBOUND_EXCHANGE = "appointments.inbound"
 EVENTS_EXCHANGE = "appointments.events"
@@ -197,10 +202,13 @@ class Broker:
 
     async def stop_consuming(self) -> None:
         for name, tag in list(self._consumer_tags.items()):
+            if not self.connected:
+                break  # nothing to cancel: the broker requeues unacked messages itself
             try:
-                await self._queues[name].cancel(tag)
-            except (AMQPError, ConnectionError, RuntimeError):
-                pass  # connection already gone: the broker requeues unacked messages itself
+                async with asyncio.timeout(self._publish_timeout):  # a cancel mid-outage can hang
+                    await self._queues[name].cancel(tag)
+            except (AMQPError, ConnectionError, RuntimeError, TimeoutError):
+                pass  # connection gone meanwhile: the broker requeues unacked messages itself
         self._consumer_tags.clear()
 
 

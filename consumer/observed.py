@@ -14,7 +14,14 @@ from consumer.logs import get_logger
 from consumer.messages import ObservedEvent
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound
-from consumer.records import Decision, Origin, is_not_newer, new_record, snapshot_from_pms, snapshot_from_record
+from consumer.records import (
+    Decision,
+    Origin,
+    is_not_newer,
+    new_record,
+    snapshot_from_pms,
+    snapshot_from_record,
+)
 from consumer.store.base import Store
 from statemachines.appointment import bound
 

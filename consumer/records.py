@@ -87,6 +87,9 @@ class Decision:
     logs: list[StateLogRecord] = field(default_factory=list)
     result: CommandResult | None = None
     workflow: WorkflowRecord | None = None
+    republish: list[StateLogRecord] = field(default_factory=list)
+    """Records committed earlier whose publish may not have happened (a workflow resumed after
+    a crash, or a publish that failed mid-saga): published again; observers de-duplicate by seq."""
 
 
 def new_record(

@@ -48,6 +48,7 @@ from consumer.store.base import (
     StaleVersion,
     Store,
     StoreUnavailable,
+    records_of,
 )
 
 log = get_logger(__name__)
@@ -191,7 +192,7 @@ class Worker:
                 await _settle(message.ack())
                 return "duplicate"
             decision, logs = await self._decide_and_commit(key, inbound)
-            await self._publish(message, logs, decision.result)
+            await self._publish(message, decision.republish + logs, decision.result)
         except AlreadyProcessed as done:  # the same id, delivered twice at once (e.g. two workers)
             await self._republish(message, key, inbound, done.entry)
             await _settle(message.ack())
@@ -269,18 +270,9 @@ class Worker:
         self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry
     ) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
-        logs = await self._logs_of(key, inbound)
+        logs = await records_of(self._store, inbound.appointment_id, key)
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
-
-    async def _logs_of(self, key: str, inbound: Any) -> list[StateLogRecord]:
-        appointment_id = inbound.appointment_id
-        found: list[StateLogRecord] = []
-        after = 0
-        while page := await self._store.history(appointment_id, after_seq=after, limit=500):
-            found += [r for r in page if key in (r.command_id, r.webhook_id)]
-            after = page[-1].seq or after
-        return found
 
     async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
         count = (message.headers or {}).get("x-delivery-count")  # set by quorum queues on redelivery

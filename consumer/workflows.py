@@ -27,8 +27,15 @@ from consumer.logs import get_logger
 from consumer.messages import Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
-from consumer.records import Decision, Origin, new_record, result_for, snapshot_from_pms, snapshot_from_record
-from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord
+from consumer.records import (
+    Decision,
+    Origin,
+    new_record,
+    result_for,
+    snapshot_from_pms,
+    snapshot_from_record,
+)
+from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord, records_of
 from statemachines.appointment import Appointment, Refused, Transition, Write, bound
 from statemachines.reassignment import (
     CANCEL_REASON,
@@ -80,19 +87,26 @@ class WorkflowRunner:
         self._compensation_attempts = compensation_attempts
         self._compensation_backoff = compensation_backoff
         self._alerted: set[str] = set()
+        self._unpublished: set[str] = set()  # workflows with a record whose publish failed
 
     # ---- entry points -------------------------------------------------------
 
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
         workflow = await self._store.get_workflow(workflow_id_for(command.command_id))
+        redelivered = workflow is not None
         if workflow is None:
             started = await self._start(command)
             if isinstance(started, Decision):
                 return started
             workflow = started
         workflow = await self._drive(workflow)
-        return Decision(result=await self._result(command, workflow))
+        decision = Decision(result=await self._result(command, workflow))
+        if redelivered or workflow.workflow_id in self._unpublished:
+            # A crash (or a broker failure) may have come between a step's commit and its publish.
+            self._unpublished.discard(workflow.workflow_id)
+            decision.republish = await records_of(self._store, command.appointment_id, command.command_id)
+        return decision
 
     async def resume_unfinished(self) -> int:
         """On start: drive every workflow a previous process left mid-way (parked ones wait)."""
@@ -439,10 +453,20 @@ class WorkflowRunner:
         return dataclasses.replace(updated, version=workflow.version + 1)
 
     async def _commit(self, commit: Commit) -> None:
+        """Commit a step, then publish its records live; a failed publish is made good at the end.
+
+        The step is done once committed: a broker hiccup must not fail (or compensate) the
+        saga. The command's final publish sends the records again (see ``reassign``).
+        """
         for record in await self._store.commit(commit):
-            await self._broker.publish_event(
-                record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
-            )
+            try:
+                await self._broker.publish_event(
+                    record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
+                )
+            except PublishFailed as exc:
+                if commit.workflow is not None:
+                    self._unpublished.add(commit.workflow.workflow_id)
+                log.warning("state record not published yet", seq=record.seq, error=str(exc))
 
     async def _ensure_unchanged(self, workflow: WorkflowRecord) -> None:
         current = await self._store.get_workflow(workflow.workflow_id)

@@ -31,7 +31,12 @@ from typing import Any
 import aiohttp
 from multidict import CIMultiDictProxy
 from pydantic import ValidationError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+)
 from tenacity.wait import wait_random_exponential
 
 from consumer.pms.errors import (

@@ -124,6 +124,16 @@ class Store(Protocol):
     async def set_watermark(self, name: str, value: str) -> None: ...
 
 
+async def records_of(store: Store, appointment_id: int, message_id: str) -> list[StateLogRecord]:
+    """The state-log records one message (a command or an event id) produced, in seq order."""
+    found: list[StateLogRecord] = []
+    after = 0
+    while page := await store.history(appointment_id, after_seq=after, limit=500):
+        found += [r for r in page if message_id in (r.command_id, r.webhook_id)]
+        after = page[-1].seq or after
+    return found
+
+
 def _split_schema(url: str) -> tuple[str, str | None]:
     """``postgresql://...?schema=name`` puts the tables in that schema (one database, many deployments)."""
     parts = urlsplit(url)

@@ -268,3 +268,24 @@ async def test_a_redelivered_reassign_books_nothing_twice(stack: Stack, sandbox:
     assert sandbox.state.call_count("POST /v1/appointments") == 1
     assert [a["id"] for a in live_in_slot(sandbox)] == [first["appointment"]["id"]]
     assert len(await stack.store.list_workflows()) == 1
+    # ...and what the first run may not have published (killed between commit and publish) goes out again.
+    committed = [r.seq for r in await stack.store.history(1001) if r.command_id == "re-1"]
+    assert [r.seq for r in again.republish] == committed
+    assert {"requested", "replacement_created", "original_cancelled", "completed"} <= {
+        r.to_state for r in again.republish}
+
+
+async def test_a_step_whose_publish_fails_is_published_again_with_the_result(
+    stack: Stack, sandbox: Any
+) -> None:
+    seed(sandbox, 1101)
+    await stack.broker.close()  # every live publish of the saga's steps fails from here on
+    command = Reassign(command_id="pub-1", appointment_id=1101, patient_id=NEW_PATIENT)
+
+    decision = await stack.workflows.reassign(command)
+
+    assert decision.result is not None and decision.result.outcome == "succeeded"
+    committed = [r.seq for r in await stack.store.history(1101) if r.command_id == "pub-1"]
+    assert committed and [r.seq for r in decision.republish] == committed
+    await stack.broker.connect()  # leave the stack whole for its teardown
+    await stack.worker.start()
