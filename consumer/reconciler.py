@@ -61,27 +61,36 @@ async def reconcile_once(
     since: str | None = None,
     watermark_name: str = WATERMARK,
     overlap: timedelta = DEFAULT_OVERLAP,
+    page_size: int = 100,
 ) -> int:
     """Publish every appointment changed after the watermark; return how many were published.
 
-    The watermark moves only after every publish was confirmed: a failure
-    part-way (``PublishFailed``) leaves it where it was, and the next run
-    republishes the lot under the same ids.
+    Walks forward one page at a time with the last ``updated_at`` seen as the
+    cursor (page numbers over a changing list can skip a row). The watermark
+    moves after each page's publishes are confirmed: a failure part-way
+    (``PublishFailed``) leaves it at the last whole page, and the next run
+    republishes from there under the same ids. ``since`` (``appt reconcile
+    --since``) starts from that time instead of the stored watermark.
     """
-    start = await store.get_watermark(watermark_name) or since or EPOCH
-    appointments = await pms.list_appointments(updated_after=_query_from(start, overlap))
-    for appointment in appointments:
-        event = event_for(appointment)
-        await broker.publish_inbound(
-            event.model_dump_json().encode(),
-            appointment_id=appointment.id,
-            message_id=event.event_id,
-        )
-    watermark = _latest(appointments, start)
-    if watermark != start:
-        await store.set_watermark(watermark_name, watermark)
-    log.info("reconcile.done", published=len(appointments), watermark=watermark)
-    return len(appointments)
+    start = since or await store.get_watermark(watermark_name) or EPOCH
+    cursor, watermark, published = _query_from(start, overlap), start, 0
+    while True:
+        page = await pms.changed_after(cursor, per_page=page_size)
+        for appointment in page:
+            event = event_for(appointment)
+            await broker.publish_inbound(
+                event.model_dump_json().encode(), appointment_id=appointment.id, message_id=event.event_id,
+            )
+        published += len(page)
+        latest = _latest(page, watermark)
+        if latest != watermark:
+            watermark = latest
+            await store.set_watermark(watermark_name, watermark)
+        if len(page) < page_size or page[-1].updated_at in (None, cursor):
+            break  # the last page (or a page of one instant only: the next run goes on from it)
+        cursor = page[-1].updated_at
+    log.info("reconcile.done", published=published, watermark=watermark)
+    return published
 
 
 async def run_reconciler(

@@ -197,6 +197,17 @@ class PmsClient:
                 return found
             page += 1
 
+    async def changed_after(self, updated_after: str, *, per_page: int = 100) -> list[PmsAppointment]:
+        """The first page of changes strictly after a time, oldest first (the PMS's order).
+
+        For a poller that walks forward page by page: following page numbers
+        over a list that changes while it is read can skip an item (a change
+        moves a row to the end and shifts the rest back), a cursor can't.
+        """
+        params = {"updated_after": updated_after, "per_page": str(per_page), "page": "1"}
+        body = await self._retried("GET", LIST_ROUTE, "/appointments", params=params)
+        return [_parse(PmsAppointment, item) for item in body["appointments"]]
+
     async def create_appointment(self, fields: dict[str, Any]) -> PmsAppointment:
         """One attempt only: see the module docstring."""
         body = await self._send("POST", CREATE_ROUTE, "/appointments", json={"appointment": fields})

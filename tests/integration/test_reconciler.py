@@ -127,15 +127,29 @@ async def test_a_change_missed_by_webhooks_is_caught_up(
     assert await store.get_watermark(WATERMARK) == updated_at(sandbox, first)
 
 
-async def test_since_is_the_start_only_when_there_is_no_watermark(
+async def test_since_overrides_the_watermark_for_an_operator_rescan(
     sandbox: RunningSandbox, pms: PmsClient, broker: Broker, store: Store
 ) -> None:
     seed(sandbox, 2)
+    assert await reconcile_once(pms, broker, store, overlap=NO_OVERLAP) == 2
+    assert await reconcile_once(pms, broker, store, overlap=NO_OVERLAP) == 0  # from the watermark
     assert await reconcile_once(pms, broker, store, since="2999-01-01T00:00:00Z") == 0
-    assert await store.get_watermark(WATERMARK) is None
-    assert await reconcile_once(pms, broker, store, since="1970-01-01T00:00:00Z") == 2
-    assert await reconcile_once(pms, broker, store, since="1970-01-01T00:00:00Z",
-                                overlap=NO_OVERLAP) == 0
+    assert await reconcile_once(pms, broker, store, since="1970-01-01T00:00:00Z") == 2  # a rescan
+
+
+async def test_a_backlog_is_walked_page_by_page_to_the_end(
+    sandbox: RunningSandbox, pms: PmsClient, broker: Broker, store: Store, amqp_url: str
+) -> None:
+    sandbox.state.seed([
+        {"patient_id": 100 + n, "practitioner_id": 1, "start_time": "2030-02-01T09:00:00Z",
+         "finish_time": "2030-02-01T09:30:00Z"} for n in range(25)
+    ])
+    published = await reconcile_once(pms, broker, store, overlap=NO_OVERLAP, page_size=10)
+
+    assert published == 25
+    assert len({message.message_id for _, message in await queued(amqp_url)}) == 25
+    newest = max(a["updated_at"] for a in sandbox.state.all_appointments())
+    assert await store.get_watermark(WATERMARK) == newest
 
 
 async def test_with_the_broker_down_the_watermark_does_not_move(
