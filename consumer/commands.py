@@ -75,11 +75,9 @@ async def execute(
     try:
         upstream = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
     except NotFound:
-        reasons = {"appointment_id": ["not found in the PMS"]}
-        return Decision(result=result_for(command, "rejected", reasons=reasons))
+        return _gone(command, stored, origin)
+    reconcile_origin = Origin("reconcile", command_id=origin.command_id, correlation_id=origin.correlation_id)
     with bound(snapshot_from_record(stored), command.appointment_id) as appt:
-        reconcile_origin = Origin("reconcile", command_id=origin.command_id,
-                                  correlation_id=origin.correlation_id)
         logs = reconcile_origin.logs(appt.reconcile(snapshot_from_pms(upstream)))
         for attempt in (1, 2):
             if already_done(appt, command):
@@ -100,6 +98,19 @@ async def execute(
             logs += origin.logs(appt.applied(write, snapshot_from_pms(upstream)))
             return _decided(command, stored, appt, upstream, logs, "succeeded")
     raise AssertionError("unreachable: the loop always returns")
+
+
+def _gone(command: SimpleCommand, stored: AppointmentRecord | None, origin: Origin) -> Decision:
+    """The PMS no longer has it: refuse, and if we knew it, record that it was deleted."""
+    result = result_for(command, "rejected", reasons={"appointment_id": ["not found in the PMS"]})
+    if stored is None:
+        return Decision(result=result)
+    reconcile_origin = Origin("reconcile", command_id=origin.command_id, correlation_id=origin.correlation_id)
+    with bound(snapshot_from_record(stored), command.appointment_id) as appt:
+        gone = snapshot_from_pms({**stored.data, "id": stored.appointment_id}, deleted=True)
+        logs = reconcile_origin.logs(appt.reconcile(gone))
+        record = new_record(stored, appt.state, appt.patient_id, None)
+    return Decision(record=record, logs=logs, result=result)
 
 
 def _decided(

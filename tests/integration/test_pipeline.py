@@ -228,3 +228,21 @@ async def test_appt_send_waits_for_the_result_and_exits_by_outcome(
     assert "The appointment can not be updated as the current status is: Cancelled" in refused.stdout
     assert unusable.returncode == 2
     assert "patient_id" in unusable.stderr
+
+
+async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion(
+    stack: Stack, sandbox: Any
+) -> None:
+    seed(sandbox, 951)
+    assert (await stack.result(await stack.send({"type": "confirm", "appointment_id": 951})))["outcome"] \
+        == "succeeded"
+    sandbox.state.delete(951)  # the deleted webhook is lost: nobody subscribed
+
+    result = await stack.result(await stack.send(
+        {"type": "edit_notes", "appointment_id": 951, "notes": "too late"}))
+
+    assert result["reasons"] == {"appointment_id": ["not found in the PMS"]}
+    record = await stack.store.get_appointment(951)
+    assert record is not None and record.state == "Deleted"
+    last = (await stack.store.history(951))[-1]
+    assert (last.from_state, last.to_state, last.source) == ("Confirmed", "Deleted", "reconcile")
