@@ -13,7 +13,7 @@ import base64
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
@@ -33,7 +33,9 @@ log = get_logger(__name__)
 SANDBOX_PORT = 8700
 
 
-def service_resources(settings: Settings):  # type: ignore[no-untyped-def]
+def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+    """The cleanup context that owns every long-lived resource of `appt serve`."""
+
     async def resources(app: web.Application) -> AsyncIterator[None]:
         store = open_store(settings.store)
         await store.open()

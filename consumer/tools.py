@@ -203,12 +203,26 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
+    """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
     from consumer.pms.client import PmsClient
     from consumer.workflows import WorkflowRunner
+    from statemachines.reassignment import COMPENSATION_FAILED
 
     async with opened_store(settings) as store, connected_broker(settings) as broker:
         async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
             runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+            workflow = await store.get_workflow(workflow_id)
+            if workflow is None:
+                print(f"appt sagas retry: no workflow {workflow_id}", file=sys.stderr)
+                return EXIT_USAGE
+            if workflow.state in TERMINAL_WORKFLOW_STATES:
+                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state, "note": "already finished"}))
+                return EXIT_OK
+            if workflow.state != COMPENSATION_FAILED:
+                await runner.requeue(workflow)
+                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state,
+                                  "note": "handed back to the pipeline: watch appt history"}))
+                return EXIT_OK
             workflow = await runner.retry(workflow_id)
     print(json.dumps({"workflow_id": workflow.workflow_id, "state": workflow.state,
                       "last_error": workflow.last_error}))

@@ -109,19 +109,33 @@ class WorkflowRunner:
         return decision
 
     async def resume_unfinished(self) -> int:
-        """On start: drive every workflow a previous process left mid-way (parked ones wait)."""
+        """On start: hand every workflow a previous process left mid-way back to the pipeline.
+
+        Its command is published again (same id, keyed on the same appointment),
+        so the partition's single active consumer drives it, serialised with the
+        redelivery of the original message; the inbox drops whichever comes
+        second. Driving it here instead could race another process starting at
+        the same moment, and two drivers could both book a replacement.
+        Parked workflows wait for `appt sagas retry`.
+        """
         resumed = 0
         for workflow in await self._store.list_workflows(unfinished=True):
             if workflow.state == COMPENSATION_FAILED:
                 continue
-            log.info("resuming workflow", workflow_id=workflow.workflow_id, state=workflow.state)
             try:
-                await self._drive(workflow)
+                await self.requeue(workflow)
                 resumed += 1
-            except (PmsError, StaleVersion, WorkflowBusy, PublishFailed) as exc:
-                log.warning("workflow not resumed now; its command's redelivery will retry",
-                            workflow_id=workflow.workflow_id, error=str(exc))
+            except PublishFailed as exc:  # the original message's redelivery still resumes it
+                log.warning("workflow not handed back now", workflow_id=workflow.workflow_id, error=str(exc))
         return resumed
+
+    async def requeue(self, workflow: WorkflowRecord) -> None:
+        """Publish the workflow's command again, to be driven by whoever consumes its partition."""
+        command = Reassign(command_id=workflow.command_id, appointment_id=workflow.appointment_id,
+                           patient_id=workflow.new_patient_id, correlation_id=workflow.correlation_id)
+        await self._broker.publish_inbound(command.model_dump_json().encode(),
+                                           appointment_id=command.appointment_id, message_id=command.command_id)
+        log.info("workflow handed back to the pipeline", workflow_id=workflow.workflow_id, state=workflow.state)
 
     async def retry(self, workflow_id: str) -> WorkflowRecord:
         """`appt sagas retry`: run a parked workflow's compensation again."""

@@ -17,6 +17,7 @@ import pytest
 
 from consumer.messages import Reassign
 from consumer.sandbox.state import FIRST_ID
+from consumer.store.base import WorkflowRecord
 from statemachines.reassignment import CANCEL_REASON, link_marker
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack
@@ -289,3 +290,22 @@ async def test_a_step_whose_publish_fails_is_published_again_with_the_result(
     assert committed and [r.seq for r in decision.republish] == committed
     await stack.broker.connect()  # leave the stack whole for its teardown
     await stack.worker.start()
+
+
+async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(
+    stack: Stack, sandbox: Any
+) -> None:
+    """Two processes starting at once both hand the saga back: it is still driven once."""
+    seed(sandbox, 1201)
+    command = Reassign(command_id="left-1", appointment_id=1201, patient_id=NEW_PATIENT)
+    started = await stack.workflows._start(command)  # persisted as a crash would leave it
+    assert isinstance(started, WorkflowRecord) and started.state == "requested"
+
+    assert await stack.workflows.resume_unfinished() == 1
+    assert await stack.workflows.resume_unfinished() == 1
+
+    result = await stack.result("left-1")
+    assert result["outcome"] == "succeeded"
+    await eventually(lambda: stack.observer.result_counts.get("left-1") == 2)
+    assert sandbox.state.call_count("POST /v1/appointments") == 1
+    assert [a["patient_id"] for a in live_in_slot(sandbox)] == [NEW_PATIENT]
