@@ -79,7 +79,7 @@ def parse(body: bytes) -> Any:
         raise InvalidMessage(f"not JSON: {exc}") from None
     try:
         return INBOUND.validate_python(data)
-    except ValidationError as exc:
+    except (ValidationError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"invalid message: {exc}") from None
 
 
@@ -187,16 +187,16 @@ class Worker:
         key = message_key(inbound)
         try:
             entry = await self._store.inbox_get(key)
+            if entry is None:
+                try:
+                    decision, logs = await self._decide_and_commit(key, inbound)
+                except AlreadyProcessed as done:  # the same id, delivered twice at once
+                    entry = done.entry
             if entry is not None:
                 await self._republish(message, key, inbound, entry)
                 await _settle(message.ack())
                 return "duplicate"
-            decision, logs = await self._decide_and_commit(key, inbound)
             await self._publish(message, decision.republish + logs, decision.result)
-        except AlreadyProcessed as done:  # the same id, delivered twice at once (e.g. two workers)
-            await self._republish(message, key, inbound, done.entry)
-            await _settle(message.ack())
-            return "duplicate"
         except TRANSIENT as exc:
             return await self._retry_later(message, key, exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
