@@ -109,9 +109,16 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     from consumer import tools
 
     if args.verb == "serve":
-        from consumer.service import serve
+        from aio_pika.exceptions import AMQPError
 
-        await serve(settings, with_sandbox=args.with_sandbox)
+        from consumer.service import serve
+        from consumer.store.base import StoreUnavailable
+
+        try:
+            await serve(settings, with_sandbox=args.with_sandbox)
+        except (AMQPError, StoreUnavailable, OSError) as exc:  # a dependency down, a port taken
+            print(f"appt serve: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
         return EXIT_OK
     if args.verb == "send":
         return await tools.send(settings, args)

@@ -37,45 +37,52 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
     """The cleanup context that owns every long-lived resource of `appt serve`."""
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        store = open_store(settings.store)
-        await store.open()
-        broker = Broker(settings.amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
-        await broker.connect()
-        pms = PmsClient(
-            settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
-            concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
-            on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
-            on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
-        )
-        workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
-        await workflows.resume_unfinished()
-        worker = Worker(
-            broker=broker, store=store, pms=pms, reassign=workflows.reassign,
-            partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
-            retry_delay=settings.retry_delay,
-        )
-        await worker.start()
-        stop = asyncio.Event()
-        background = [asyncio.create_task(workflows.watch(stop))]
-        if settings.reconcile_interval > 0:
-            background.append(asyncio.create_task(
-                run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
-        app[BROKER_KEY] = broker
-        app[STORE_KEY] = store
-        log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
-                 pms=settings.pms_url, store=settings.store.split("@")[-1])
-        yield
-        log.info("shutting down")
-        stop.set()
-        await worker.stop()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
-        await pms.close()
-        await broker.close()
-        await store.close()
+        # Whatever started is stopped again, in reverse, also when a later start fails
+        # (a store left open keeps its thread, and the process, alive).
+        async with contextlib.AsyncExitStack() as started:
+            store = open_store(settings.store)
+            await store.open()
+            started.push_async_callback(store.close)
+            broker = Broker(settings.amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
+            started.push_async_callback(broker.close)
+            await broker.connect()
+            pms = PmsClient(
+                settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
+                concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
+                on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
+                on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
+            )
+            started.push_async_callback(pms.close)
+            workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+            await workflows.resume_unfinished()
+            stop = asyncio.Event()
+            background = [asyncio.create_task(workflows.watch(stop))]
+            if settings.reconcile_interval > 0:
+                background.append(asyncio.create_task(
+                    run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
+            started.push_async_callback(_cancelled, background)
+            worker = Worker(
+                broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+                partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
+                retry_delay=settings.retry_delay,
+            )
+            started.push_async_callback(worker.stop)  # first to run on the way out
+            await worker.start()
+            app[BROKER_KEY] = broker
+            app[STORE_KEY] = store
+            log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
+                     pms=settings.pms_url, store=settings.store.split("@")[-1])
+            yield
+            log.info("shutting down")
+            stop.set()
 
     return resources
+
+
+async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
