@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     sagas.add_argument("--stuck", action="store_true", help="only parked or overdue ones")
     sagas.add_argument("--json", action="store_true")
     sagas_verbs = sagas.add_subparsers(dest="sagas_verb", metavar="ACTION")
-    retry = sagas_verbs.add_parser("retry", help="try a parked workflow's compensation again")
+    retry = sagas_verbs.add_parser(
+        "retry", help="compensate a parked workflow again; hand an unfinished one back to the pipeline")
     retry.add_argument("workflow_id")
 
     diagram = verbs.add_parser("diagram", help="print a machine as a Mermaid state diagram")

@@ -49,7 +49,8 @@ DEAD_LETTERED = Counter(
 )
 WORKFLOWS = Gauge(
     "appt_workflows",
-    "Reassignment workflows by state (refreshed on change and on scrape).",
+    "Unfinished reassignment workflows by state (refreshed every 5 s); outcomes are in"
+    " appt_messages_total{kind=\"reassign\"}.",
     ["state"],
     registry=REGISTRY,
 )

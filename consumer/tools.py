@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.messages import COMMAND, StateLogRecord
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, open_store
+from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, iter_history, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
 
@@ -131,10 +131,9 @@ async def history(settings: Settings, appointment_id: int, *, as_json: bool, fol
 async def _print_stored(settings: Settings, appointment_id: int, printer: RecordPrinter, *, after: int) -> int:
     """Print the stored records after ``after``; return the last seq printed."""
     async with opened_store(settings) as store:
-        while page := await store.history(appointment_id, after_seq=after, limit=500):
-            for record in page:
-                printer.print(record)
-            after = page[-1].seq or after
+        async for record in iter_history(store, appointment_id, after_seq=after):
+            printer.print(record)
+            after = record.seq or after
     return after
 
 

@@ -138,12 +138,17 @@ class WorkflowRunner:
         log.info("workflow handed back to the pipeline", workflow_id=workflow.workflow_id, state=workflow.state)
 
     async def retry(self, workflow_id: str) -> WorkflowRecord:
-        """`appt sagas retry`: run a parked workflow's compensation again."""
+        """`appt sagas retry`: run a parked workflow's compensation again.
+
+        Only a parked one: nothing else drives it (its command was acked). An
+        unfinished one belongs to the pipeline (see ``requeue``).
+        """
         workflow = await self._store.get_workflow(workflow_id)
         if workflow is None:
             raise LookupError(f"no workflow {workflow_id}")
-        if workflow.state == COMPENSATION_FAILED:
-            workflow = await self._record(workflow, lambda saga: saga.retry(), attempts=workflow.attempts + 1)
+        if workflow.state != COMPENSATION_FAILED:
+            raise ValueError(f"workflow {workflow_id} is {workflow.state}, not {COMPENSATION_FAILED}")
+        workflow = await self._record(workflow, lambda saga: saga.retry(), attempts=workflow.attempts + 1)
         return await self._drive(workflow)
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
@@ -159,9 +164,10 @@ class WorkflowRunner:
                 pass
 
     async def refresh_metrics(self) -> None:
-        workflows = await self._store.list_workflows()
+        workflows = await self._store.list_workflows(unfinished=True)  # finished ones only grow
         for state in STATES:
-            metrics.WORKFLOWS.labels(state).set(sum(w.state == state for w in workflows))
+            if state not in TERMINAL:
+                metrics.WORKFLOWS.labels(state).set(sum(w.state == state for w in workflows))
         stuck = [w for w in workflows if is_stuck(w, deadline=self._deadline)]
         metrics.STUCK_WORKFLOWS.set(len(stuck))
         for workflow in stuck:
@@ -248,8 +254,8 @@ class WorkflowRunner:
                 return await self._record(workflow, lambda saga: saga.cancel_failed("original was deleted"))
             if original.get("state") not in CANCELLABLE:
                 reason = f"original is {original.get('state')} before the replacement was booked"
-                return await self._record_with_original(
-                    workflow, lambda saga: saga.cancel_failed(reason), original,
+                return await self._record_with(
+                    workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, original,
                     lambda appt: appt.reconcile(snapshot_from_pms(original)),
                 )
             failpoint("before_create_replacement")
@@ -335,8 +341,8 @@ class WorkflowRunner:
         if upstream is None:
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
         seen = upstream  # a name the closure can rely on being set
-        return await self._record_with_original(
-            workflow, lambda saga: saga.cancel_failed(reason), seen,
+        return await self._record_with(
+            workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, seen,
             lambda appt: appt.reconcile(snapshot_from_pms(seen)),
         )
 
@@ -359,20 +365,11 @@ class WorkflowRunner:
                 return transitions + appt.applied(write, snapshot_from_pms(after))
             return transitions + appt.reconcile(snapshot_from_pms(after))
 
-        recorded = await self._record_with_original(workflow, lambda saga: saga.original_cancelled(), after, observe)
+        recorded = await self._record_with(
+            workflow, lambda saga: saga.original_cancelled(), workflow.appointment_id, after, observe
+        )
         failpoint("after_record_cancelled")
         return recorded
-
-    async def _record_with_original(
-        self, workflow: WorkflowRecord, outcome: Any, upstream: dict[str, Any],
-        observe: Callable[[Appointment], list[Transition]],
-    ) -> WorkflowRecord:
-        """Record a saga step with what it saw of (or did to) the original, in one commit.
-
-        The PMS is the truth: whatever the step read of the original is adopted
-        and logged, even when the step failed because of it.
-        """
-        return await self._record_with(workflow, outcome, workflow.appointment_id, upstream, observe)
 
     async def _record_with(
         self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, upstream: dict[str, Any],

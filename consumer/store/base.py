@@ -7,6 +7,7 @@ version cannot both win. That is what makes redelivery and scale-out safe.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -124,14 +125,19 @@ class Store(Protocol):
     async def set_watermark(self, name: str, value: str) -> None: ...
 
 
+async def iter_history(
+    store: Store, appointment_id: int, *, after_seq: int = 0
+) -> AsyncIterator[StateLogRecord]:
+    """Every record naming this appointment after ``after_seq``, page by page, in seq order."""
+    while page := await store.history(appointment_id, after_seq=after_seq, limit=500):
+        for record in page:
+            yield record
+        after_seq = page[-1].seq or after_seq
+
+
 async def records_of(store: Store, appointment_id: int, message_id: str) -> list[StateLogRecord]:
     """The state-log records one message (a command or an event id) produced, in seq order."""
-    found: list[StateLogRecord] = []
-    after = 0
-    while page := await store.history(appointment_id, after_seq=after, limit=500):
-        found += [r for r in page if message_id in (r.command_id, r.webhook_id)]
-        after = page[-1].seq or after
-    return found
+    return [r async for r in iter_history(store, appointment_id) if message_id in (r.command_id, r.webhook_id)]
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:

@@ -8,7 +8,6 @@ skipped shared-store suite would hide exactly the bugs scale-out depends on.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -32,8 +31,7 @@ from consumer.store import (
 )
 from consumer.store.postgres import PostgresStore
 from consumer.store.sqlite import SqliteStore
-
-POSTGRES_URL = os.environ.get("APPT_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+from tests.conftest import PG_URL
 
 StoreFactory = Callable[[], Store]
 
@@ -49,7 +47,7 @@ async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         if request.param == "sqlite":
             store = SqliteStore(str(tmp_path / "store.sqlite3"))
         else:
-            store = PostgresStore(POSTGRES_URL, schema=schema)
+            store = PostgresStore(PG_URL, schema=schema)
         made.append(store)
         return store
 
@@ -57,7 +55,7 @@ async def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
     for store in made:
         await store.close()
     if request.param == "postgres":
-        conn = await asyncpg.connect(POSTGRES_URL, timeout=5)
+        conn = await asyncpg.connect(PG_URL, timeout=5)
         try:
             await conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         finally:
