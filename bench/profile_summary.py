@@ -18,7 +18,7 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("bench harness", ("raw_consume", "Pipeline.publish", "domain_seconds", "seed_sandbox", "ResultCounter")),
     ("logging (structlog + stdlib)", ("structlog/", "logging/__init__.py")),
     ("domain (statemachines, transitions)", ("statemachines/", "transitions/")),
-    ("store (SQLite via aiosqlite)", ("SqliteStore", "aiosqlite/")),
+    ("store (SQLite, its own thread)", ("SqliteStore", "consumer/store/")),
     ("PMS client (aiohttp client)", ("PmsClient", "aiohttp/client", "aiohttp/connector")),
     ("broker (aio-pika, aiormq, pamqp)", ("Broker.", "aio_pika/", "aiormq/", "pamqp/")),
     ("pydantic (validate / dump)", ("pydantic",)),

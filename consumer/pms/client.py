@@ -23,6 +23,7 @@ protocol handles that (GET again, reconcile), not this client.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
@@ -296,13 +297,16 @@ class PmsClient:
 
 
 async def _read_body(response: aiohttp.ClientResponse) -> Any:
+    """The JSON answer, or its text when it is not JSON (an error page); decoded once."""
     if response.status == 204:
         return None
-    text = await response.text()
+    raw = await response.read()
+    if not raw:
+        return None
     try:
-        return await response.json(content_type=None) if text else None
-    except ValueError:
-        return text
+        return json.loads(raw)
+    except ValueError:  # UnicodeDecodeError too
+        return raw.decode("utf-8", errors="replace")
 
 
 def _error(status: int, headers: Headers, body: Any, route: str) -> PmsError:
