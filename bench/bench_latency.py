@@ -56,10 +56,9 @@ async def run(count: int, appointment_count: int, latency: float) -> None:
             prefetch=PREFETCH, pms_concurrency=PMS_CONCURRENCY, partitions=PARTITIONS,
         ) as pipeline:
             await pipeline.publish(edit_commands(ids, count, "lat"))
-            pipeline.results.expect(count)
             await pipeline.worker.start()
             drained = await pipeline.drain(count, TIMEOUT)
-            outcomes = pipeline.results.outcomes
+            outcomes = await pipeline.results.take(count)
     rate = count / drained
     bound = min(PREFETCH, PMS_CONCURRENCY) / (CALLS_PER_COMMAND * latency)
     effective = min(PARTITIONS * PREFETCH, PMS_CONCURRENCY) / (CALLS_PER_COMMAND * latency)

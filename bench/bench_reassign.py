@@ -59,11 +59,11 @@ def reassign_commands(ids: list[int], tag: str) -> list[dict[str, Any]]:
 
 async def rate_of(pipeline: Pipeline, commands: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
     """Commands/s from the first publish to the last result."""
-    pipeline.results.expect(len(commands))
     started = time.perf_counter()
     await pipeline.publish(commands)
-    await asyncio.wait_for(pipeline.results.done.wait(), TIMEOUT)
-    return len(commands) / (time.perf_counter() - started), dict(pipeline.results.outcomes)
+    await pipeline.results.wait_for(len(commands), TIMEOUT)
+    rate = len(commands) / (time.perf_counter() - started)
+    return rate, await pipeline.results.take(len(commands))
 
 
 async def memory_per_in_flight(pipeline: Pipeline, commands: list[dict[str, Any]]) -> tuple[float, float]:
@@ -73,14 +73,14 @@ async def memory_per_in_flight(pipeline: Pipeline, commands: list[dict[str, Any]
     every PMS call slow, all the messages are delivered and waiting on the PMS
     together: the peak is their joint footprint.
     """
-    pipeline.results.expect(len(commands))
     tracemalloc.start()
     started = time.perf_counter()
     await pipeline.publish(commands)
-    await asyncio.wait_for(pipeline.results.done.wait(), TIMEOUT)
+    await pipeline.results.wait_for(len(commands), TIMEOUT)
     elapsed = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
+    await pipeline.results.take(len(commands))
     return peak / len(commands), elapsed
 
 

@@ -186,7 +186,7 @@ async def test_the_loop_outlives_pms_and_broker_failures_and_stops_on_request(
     assert await store.get_watermark(WATERMARK) is None
 
     await broker.connect()
-    await eventually(lambda: store.get_watermark(WATERMARK), timeout=5)
+    await eventually(lambda: store.get_watermark(WATERMARK), timeout=15)
     stop.set()
     await asyncio.wait_for(loop, timeout=2)
     assert await published_ids(amqp_url)
