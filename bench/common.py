@@ -175,7 +175,6 @@ class Results:
     every 20 ms), and the outcomes are read afterwards.
     """
 
-    channel: aio_pika.abc.AbstractChannel
     queue: aio_pika.abc.AbstractQueue
 
     async def wait_for(self, count: int, timeout: float) -> None:
@@ -184,8 +183,9 @@ class Results:
                 await asyncio.sleep(RESULTS_POLL_SECONDS)
 
     async def _depth(self) -> int:
-        declared = await self.channel.declare_queue(self.queue.name, passive=True)
-        return declared.declaration_result.message_count or 0
+        # Declaring again answers the current depth (aio-pika caches a passive declare's answer).
+        declared = await self.queue.declare()
+        return declared.message_count or 0
 
     async def take(self, count: int, timeout: float = 60.0) -> dict[str, int]:
         """Read ``count`` results off the queue: how many ended in each outcome."""
@@ -245,7 +245,7 @@ async def running_pipeline(
     channel = await broker.channel()
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(EVENTS_EXCHANGE, routing_key="result.#")
-    results = Results(channel, queue)
+    results = Results(queue)
     try:
         yield Pipeline(broker, store, pms, worker, results)
     finally:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import time
@@ -43,11 +44,13 @@ class FutureTimestamp(SignatureError):
     """Signed in the future beyond the tolerance: a skewed clock or a forged timestamp."""
 
 
+@functools.cache
 def secret_key(secret: str) -> bytes:
     """The HMAC key: the base64 after an optional ``whsec_`` prefix.
 
     Exactly what the reference Standard Webhooks library does, so a secret
-    works the same in the sender (the PMS, the sandbox) and here.
+    works the same in the sender (the PMS, the sandbox) and here. Cached: a
+    process has a handful of secrets and checks every webhook against each.
     """
     try:
         # Unpadded base64 is common in the wild; extra padding is ignored.

@@ -46,6 +46,7 @@ MAX_HISTORY_PAGE = 1000
 Resources = Callable[[web.Application], AsyncIterator[None]]
 
 log = get_logger(__name__)
+ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webhook counts here
 
 
 def create_app(settings: Settings, resources: Resources) -> web.Application:
@@ -160,7 +161,7 @@ async def receive_webhook(request: web.Request) -> web.Response:
         metrics.WEBHOOKS.labels(result="unavailable").inc()
         log.error("webhook.unavailable", error=str(exc), **fields)
         return _error(503, "queue unavailable, retry")
-    metrics.WEBHOOKS.labels(result="accepted").inc()
+    ACCEPTED.inc()
     log.debug("webhook.accepted", **fields)
     return web.json_response({"accepted": webhook_id}, status=202)
 
