@@ -38,6 +38,7 @@ from tests.chaos.common import (
 from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
 
 pytestmark = chaos_marks
+BURST_CHANCE = 0.05  # per tick of the load: 10-40 commands back to back
 
 
 @pytest.fixture
@@ -52,12 +53,17 @@ async def pms() -> AsyncIterator[Any]:
 async def mixed_load(
     broker: Broker, pms: Any, ids: list[int], rng: random.Random, sent: list[str], stop: asyncio.Event
 ) -> None:
-    """Commands on the queue and PMS-side changes (which the PMS announces by webhook)."""
+    """Commands on the queue and PMS-side changes (which the PMS announces by webhook).
+
+    A trickle with a burst now and then: the service drains a trickle as fast
+    as it comes, and a kill must also land while a backlog is being worked.
+    """
     tick = 0
     while not stop.is_set():
-        command = random_command(rng, ids)
-        await publish_until_confirmed(broker, command)
-        sent.append(command["command_id"])
+        for _ in range(rng.randint(10, 40) if rng.random() < BURST_CHANCE else 1):
+            command = random_command(rng, ids)
+            await publish_until_confirmed(broker, command)
+            sent.append(command["command_id"])
         if tick % 3 == 0:
             pms_side_change(rng, pms, ids)
         tick += 1
