@@ -20,6 +20,7 @@ from transitions import Machine
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import result_line  # noqa: E402
 from statemachines.appointment import (  # noqa: E402
     MACHINE,
     Appointment,
@@ -114,8 +115,15 @@ def main() -> None:
     print(f"memory per Machine:      {machine_bytes / 1024:8.1f} KiB")
     print(f"memory per bound model:  {model_bytes / 1024:8.1f} KiB")
     print(f"ratio Machine / bound model = {machine_bytes / model_bytes:.1f}x")
-    print(f"retained per finished message (gc off): {retained_per_message(KEPT):.0f} B")
-    print(f"models left on the shared machine after unbinding: {len(MACHINE.models) - baseline}")
+    retained = retained_per_message(KEPT)
+    left_bound = len(MACHINE.models) - baseline
+    print(f"retained per finished message (gc off): {retained:.0f} B")
+    print(f"models left on the shared machine after unbinding: {left_bound}")
+    print(result_line(
+        "machine", shared_us=shared, per_message_us=per_message, speed_ratio=per_message / shared,
+        machine_kib=machine_bytes / 1024, model_kib=model_bytes / 1024,
+        memory_ratio=machine_bytes / model_bytes, retained_bytes=retained, left_bound=left_bound,
+    ))
 
 
 if __name__ == "__main__":

@@ -98,12 +98,17 @@ def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterato
         try:
             yield Child(process, _ready_port(process, kind))
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=10)
+
+
+def stop_process(process: subprocess.Popen[Any], *, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _ready_port(process: subprocess.Popen[str], kind: str) -> int:
@@ -204,6 +209,24 @@ class Results:
         return outcomes
 
 
+async def bind_results(broker: Broker) -> Results:
+    """A queue of this run's own that collects every ``result.*`` event from now on."""
+    channel = await broker.channel()
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(EVENTS_EXCHANGE, routing_key="result.#")
+    return Results(queue)
+
+
+async def publish_commands(broker: Broker, commands: list[dict[str, Any]]) -> None:
+    """Publish with confirms, 64 at a time (order per appointment kept: one id is never split)."""
+    for start in range(0, len(commands), 64):
+        await asyncio.gather(*(
+            broker.publish_inbound(
+                json.dumps(c).encode(), appointment_id=c["appointment_id"], message_id=c["command_id"])
+            for c in commands[start:start + 64]
+        ))
+
+
 @dataclass
 class Pipeline:
     broker: Broker
@@ -213,13 +236,7 @@ class Pipeline:
     results: Results
 
     async def publish(self, commands: list[dict[str, Any]]) -> None:
-        """Publish with confirms, 64 at a time (order per appointment kept: one id is never split)."""
-        for start in range(0, len(commands), 64):
-            await asyncio.gather(*(
-                self.broker.publish_inbound(
-                    json.dumps(c).encode(), appointment_id=c["appointment_id"], message_id=c["command_id"])
-                for c in commands[start:start + 64]
-            ))
+        await publish_commands(self.broker, commands)
 
     async def drain(self, count: int, timeout: float) -> float:
         """Seconds until ``count`` results were published (the worker must already be started)."""
@@ -242,10 +259,7 @@ async def running_pipeline(
     workflows = WorkflowRunner(pms=pms, store=store, broker=broker)
     worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
                     partitions=list(range(partitions)), retry_delay=0.1)
-    channel = await broker.channel()
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(EVENTS_EXCHANGE, routing_key="result.#")
-    results = Results(queue)
+    results = await bind_results(broker)
     try:
         yield Pipeline(broker, store, pms, worker, results)
     finally:
