@@ -29,6 +29,7 @@ from bench.common import (  # noqa: E402
     appointments,
     edit_commands,
     log_to_file,
+    publish_commands,
     result_line,
     running_pipeline,
     sandbox_process,
@@ -55,7 +56,7 @@ async def run(count: int, appointment_count: int, latency: float) -> None:
             amqp_url, sqlite_url(workdir, "latency.sqlite3"), sandbox.url,
             prefetch=PREFETCH, pms_concurrency=PMS_CONCURRENCY, partitions=PARTITIONS,
         ) as pipeline:
-            await pipeline.publish(edit_commands(ids, count, "lat"))
+            await publish_commands(pipeline.broker, edit_commands(ids, count, "lat"))
             await pipeline.worker.start()
             drained = await pipeline.drain(count, TIMEOUT)
             outcomes = await pipeline.results.take(count)

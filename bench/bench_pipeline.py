@@ -41,6 +41,7 @@ from bench.common import (  # noqa: E402
     appointments,
     edit_commands,
     log_to_file,
+    publish_commands,
     result_line,
     running_pipeline,
     sandbox_process,
@@ -149,14 +150,14 @@ async def run(count: int, appointment_count: int) -> None:
             prefetch=settings.prefetch, pms_concurrency=settings.pms_concurrency,
             partitions=settings.partitions,
         ) as pipeline:
-            await pipeline.publish(edit_commands(ids, count, "raw"))
+            await publish_commands(pipeline.broker, edit_commands(ids, count, "raw"))
             cpu = cpu_seconds()
             raw = await raw_consume(amqp_url, count, settings.prefetch, settings.partitions)
             raw_cpu = cpu_seconds() - cpu
             print(f"raw consume+ack: {count} messages in {raw:.2f} s = {count / raw:.0f} msg/s, "
                   f"{raw_cpu / count * 1e6:.0f} us CPU/msg", flush=True)
 
-            await pipeline.publish(edit_commands(ids, count, "floor"))
+            await publish_commands(pipeline.broker, edit_commands(ids, count, "floor"))
             cpu = cpu_seconds()
             floor = await floor_consume(amqp_url, sandbox.url, count, settings.prefetch, settings.partitions)
             floor_cpu = cpu_seconds() - cpu
@@ -165,7 +166,7 @@ async def run(count: int, appointment_count: int) -> None:
                   flush=True)
 
             commands = edit_commands(ids, count, "cmd")
-            await pipeline.publish(commands)
+            await publish_commands(pipeline.broker, commands)
             cpu = cpu_seconds()
             await pipeline.worker.start()
             drained = await pipeline.drain(count, TIMEOUT)

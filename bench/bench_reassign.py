@@ -35,6 +35,7 @@ from bench.common import (  # noqa: E402
     appointments,
     edit_commands,
     log_to_file,
+    publish_commands,
     result_line,
     running_pipeline,
     sandbox_knob,
@@ -60,7 +61,7 @@ def reassign_commands(ids: list[int], tag: str) -> list[dict[str, Any]]:
 async def rate_of(pipeline: Pipeline, commands: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
     """Commands/s from the first publish to the last result."""
     started = time.perf_counter()
-    await pipeline.publish(commands)
+    await publish_commands(pipeline.broker, commands)
     await pipeline.results.wait_for(len(commands), TIMEOUT)
     rate = len(commands) / (time.perf_counter() - started)
     return rate, await pipeline.results.take(len(commands))
@@ -75,7 +76,7 @@ async def memory_per_in_flight(pipeline: Pipeline, commands: list[dict[str, Any]
     """
     tracemalloc.start()
     started = time.perf_counter()
-    await pipeline.publish(commands)
+    await publish_commands(pipeline.broker, commands)
     await pipeline.results.wait_for(len(commands), TIMEOUT)
     elapsed = time.perf_counter() - started
     peak = tracemalloc.get_traced_memory()[1]

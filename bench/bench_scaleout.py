@@ -17,16 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -40,13 +37,13 @@ from bench.common import (  # noqa: E402
     result_line,
     sandbox_process,
     seed_sandbox,
-    stop_process,
     throwaway_vhost,
 )
 from consumer.broker import Broker  # noqa: E402
+from tests.e2e.processes import ServiceProcess, service_env  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 PG_URL = os.environ.get("APPT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
-APPT = Path(sys.executable).parent / "appt"
 FIRST_ID = 10_000
 SPLITS = {1: ["all"], 2: ["0,1", "2,3"]}
 READY_TIMEOUT = 30.0
@@ -67,56 +64,32 @@ async def throwaway_schema() -> AsyncIterator[str]:
             await connection.close()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def services(count: int, env: dict[str, str], log_dir: str) -> Iterator[list[int]]:
-    """``count`` `appt serve` processes splitting the partitions; yields their HTTP ports."""
-    processes, ports = [], []
+@contextlib.asynccontextmanager
+async def services(count: int, env: dict[str, str], log_dir: Path) -> AsyncIterator[None]:
+    """``count`` ready `appt serve` processes splitting the partitions, stopped afterwards."""
+    processes = [
+        ServiceProcess({**env, "APPT_HTTP_PORT": str(free_port()), "APPT_WORKER_PARTITIONS": partitions},
+                       log_dir, name=f"serve-{count}-{index}")
+        for index, partitions in enumerate(SPLITS[count])
+    ]
     try:
-        for index, partitions in enumerate(SPLITS[count]):
-            port = free_port()
-            log = open(Path(log_dir) / f"serve-{count}-{index}.log", "w")  # noqa: SIM115 (closed below)
-            processes.append((subprocess.Popen(
-                [str(APPT), "serve"], stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **env, "APPT_HTTP_PORT": str(port), "APPT_WORKER_PARTITIONS": partitions},
-            ), log))
-            ports.append(port)
-        yield ports
+        for process in processes:
+            await process.start().wait_ready(READY_TIMEOUT)
+        yield
     finally:
-        for process, log in processes:
-            stop_process(process, timeout=30)
-            log.close()
-
-
-async def wait_ready(ports: list[int]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    async with aiohttp.ClientSession() as session:
-        for port in ports:
-            while True:
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as response:
-                        if response.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"appt serve on :{port} not ready within {READY_TIMEOUT} s")
-                await asyncio.sleep(0.1)
+        for process in processes:
+            await process.terminate(timeout=30)
 
 
 async def drain_rate(
-    count: int, processes: int, amqp_url: str, env: dict[str, str], log_dir: str, ids: list[int]
+    count: int, processes: int, amqp_url: str, env: dict[str, str], log_dir: Path, ids: list[int]
 ) -> tuple[float, dict[str, int]]:
     """Commands/s from the first publish to the last result, with ``processes`` workers."""
     broker = Broker(amqp_url)
     await broker.connect()
     try:
         results = await bind_results(broker)
-        with services(processes, env, log_dir) as ports:
-            await wait_ready(ports)
+        async with services(processes, env, log_dir):
             commands = edit_commands(ids, count, f"scale{processes}")
             started = time.perf_counter()
             await publish_commands(broker, commands)
@@ -129,13 +102,12 @@ async def drain_rate(
 
 async def run(count: int, appointment_count: int) -> None:
     ids = list(range(FIRST_ID, FIRST_ID + appointment_count))
-    with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as log_dir, sandbox_process() as sandbox:
+    with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:
+        log_dir = Path(workdir)
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
         async with throwaway_schema() as store_url:
-            env = {
-                "APPT_AMQP_URL": amqp_url, "APPT_STORE": store_url, "APPT_PMS_URL": sandbox.url,
-                "APPT_PMS_TOKEN": SANDBOX_TOKEN, "APPT_RECONCILE_INTERVAL": "0", "APPT_LOG_FORMAT": "json",
-            }
+            env = service_env(pms_url=sandbox.url, store=store_url, amqp_url=amqp_url,
+                              APPT_PMS_TOKEN=SANDBOX_TOKEN)
             one, one_outcomes = await drain_rate(count, 1, amqp_url, env, log_dir, ids)
             print(f"1 process:   {count} commands at {one:.0f} commands/s, outcomes {one_outcomes}", flush=True)
             two, two_outcomes = await drain_rate(count, 2, amqp_url, env, log_dir, ids)

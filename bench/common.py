@@ -98,17 +98,12 @@ def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterato
         try:
             yield Child(process, _ready_port(process, kind))
         finally:
-            stop_process(process, timeout=10)
-
-
-def stop_process(process: subprocess.Popen[Any], *, timeout: float) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
-    process.terminate()
-    try:
-        process.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def _ready_port(process: subprocess.Popen[str], kind: str) -> int:
@@ -234,9 +229,6 @@ class Pipeline:
     pms: PmsClient
     worker: Worker
     results: Results
-
-    async def publish(self, commands: list[dict[str, Any]]) -> None:
-        await publish_commands(self.broker, commands)
 
     async def drain(self, count: int, timeout: float) -> float:
         """Seconds until ``count`` results were published (the worker must already be started)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # (bucket, substrings of a frame that put a sample in it), checked in this order.
 BUCKETS: list[tuple[str, tuple[str, ...]]] = [
-    ("bench harness", ("consume_until", "Pipeline.publish", "domain_seconds", "seed_sandbox", "Results.")),
+    ("bench harness", ("consume_until", "publish_commands", "domain_seconds", "seed_sandbox", "Results.")),
     ("logging (structlog + stdlib)", ("structlog/", "logging/__init__.py")),
     ("domain (statemachines, transitions)", ("statemachines/", "transitions/")),
     ("store (SQLite, its own thread)", ("SqliteStore", "consumer/store/")),

@@ -133,10 +133,10 @@ class Broker:
 
         Straight to aiormq's ``basic_publish`` with ready-made properties, and
         without waiting for the socket write apart from the confirm (which
-        comes after it anyway): 370 -> 230 us of CPU per confirmed publish
-        against aio-pika's ``Message`` + ``Exchange.publish`` (A/B in one
-        process, 32 at a time). Memory stays bounded without that wait: every
-        caller still waits for its confirm, at most ``publish_timeout``.
+        comes after it anyway): two thirds of the CPU of aio-pika's
+        ``Message`` + ``Exchange.publish`` (bench/bench_publish.py). Memory
+        stays bounded without that wait: every caller still waits for its
+        confirm, at most ``publish_timeout``.
         """
         if self._publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")

@@ -1,10 +1,11 @@
 """Process logging: JSON lines in production, readable console output on demand.
 
 Our own lines go through structlog's native path (a level-filtering logger
-writing straight to the stream): going through the stdlib ``logging`` machinery
-made each line cost ~130 us, a tenth of a webhook's CPU. The stdlib records of
-libraries go through the same processors and renderer, so one process still
-writes one format to one stream.
+writing straight to the stream): the worker writes two lines per command, and
+the stdlib ``logging`` machinery added a LogRecord, handler dispatch and a
+second formatting pass to each. The stdlib records of libraries go
+through the same processors and renderer, so one process still writes one
+format to one stream.
 """
 
 from __future__ import annotations
