@@ -182,7 +182,7 @@ async def test_transient_pms_failures_are_retried_then_dead_lettered(stack: Stac
 
 
 async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twice(
-    stack: Stack, sandbox: Any
+    stack: Stack, sandbox: Any, amqp_url: str
 ) -> None:
     ids = list(range(8001, 8011))
     for appointment_id in ids:
@@ -195,7 +195,8 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
                           "notes": f"note {n}", "command_id": command_id})
     await eventually(lambda: len(stack.observer.results) >= 10)
 
-    subprocess.run(["rabbitmqctl", "close_all_connections", "test kill"], check=True,
+    vhost = amqp_url.rsplit("/", 1)[1]  # only this test's connections: other runs share the broker
+    subprocess.run(["rabbitmqctl", "close_all_connections", "--vhost", vhost, "test kill"], check=True,
                    capture_output=True, timeout=60)
 
     await eventually(lambda: set(stack.observer.results) >= set(commands), timeout=90)
