@@ -108,7 +108,8 @@ class DeadLetterQuery:
     """A case-insensitive substring of the reason."""
     type: str | None = None
     practice: str | None = None
-    status: str = "dead"
+    status: str | None = "dead"
+    """None: whatever their status (replayed and purged ones are kept for the record)."""
 
 
 @dataclass(frozen=True)

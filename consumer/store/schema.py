@@ -347,8 +347,11 @@ def dead_values(letter: DeadLetter, dead_at: Any) -> tuple[Any, ...]:
 
 def dead_letters_sql(query: DeadLetterQuery) -> tuple[str, list[Any]]:
     """The SELECT for a query, with ``?`` placeholders, in arrival order."""
-    where: list[str] = ["status = ?"]
-    params: list[Any] = [query.status]
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if query.status is not None:
+        where.append("status = ?")
+        params.append(query.status)
     if query.ids is not None:
         where.append(f"dead_id IN ({', '.join('?' for _ in query.ids) or 'NULL'})")
         params.extend(query.ids)
