@@ -30,6 +30,7 @@ from consumer.broker import (
     Broker,
     PublishFailed,
 )
+from consumer.failpoints import failpoint
 from consumer.logs import get_logger
 from consumer.messages import COMMAND_TYPES, MAX_ID, CommandResult
 from consumer.store.base import (
@@ -147,10 +148,11 @@ class DeadLetterCollector:
             answer = InboxEntry(replay_key(result.command_id, result.replay), dumped)
             latest = InboxEntry(result.command_id, dumped) if result.replay else None
         collected = await self._store.add_dead_letter(letter, answer, latest)
+        failpoint("after_dead_letter_stored")
         if collected.new:
             log.info("dead letter kept", dead_id=collected.letter.dead_id, key=letter.key,
                      reason_class=letter.reason_class)
-            if not letter.command_id and not letter.type:
+            if result is None and letter.type not in EVENT_TYPES:
                 metrics.DEAD_UNREADABLE.inc()
         if collected.answer is not None and collected.answer.result is not None:
             answered = CommandResult.model_validate(collected.answer.result)

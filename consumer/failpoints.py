@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-FAILPOINTS = frozenset({
+SAGA_FAILPOINTS = frozenset({
     "before_create_replacement",
     "after_create_replacement",
     "after_record_replacement",
@@ -21,8 +21,9 @@ FAILPOINTS = frozenset({
     "after_record_cancelled",
     "before_remove_replacement",
     "after_remove_replacement",
-    "after_replay_publish",
 })
+DEAD_LETTER_FAILPOINTS = frozenset({"after_dead_letter_stored", "after_replay_publish"})
+FAILPOINTS = SAGA_FAILPOINTS | DEAD_LETTER_FAILPOINTS
 
 
 def _armed() -> dict[str, int]:

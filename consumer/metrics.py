@@ -56,7 +56,7 @@ DEAD_LETTERS = Gauge(
 )
 DEAD_UNREADABLE = Counter(
     "appt_dead_letters_unreadable_total",
-    "Dead letters whose body names no command or event, so no result could be sent.",
+    "Dead letters naming neither an event nor a command's id, type and appointment: no result was sent.",
     registry=REGISTRY,
 )
 WORKFLOWS = Gauge(
