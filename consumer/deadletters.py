@@ -40,7 +40,7 @@ from consumer.store.base import (
     Store,
     StoreUnavailable,
 )
-from consumer.worker import replay_key, result_publishes
+from consumer.worker import command_key, replay_key, result_publishes
 
 log = get_logger(__name__)
 
@@ -145,8 +145,9 @@ class DeadLetterCollector:
             # Under the key the worker gives this delivery, so a duplicate gets this result;
             # a replay's death is also the newest answer for the command id itself.
             dumped = result.model_dump(mode="json")
-            answer = InboxEntry(replay_key(result.command_id, result.replay), dumped)
-            latest = InboxEntry(result.command_id, dumped) if result.replay else None
+            key = command_key(result.command_id)
+            answer = InboxEntry(replay_key(key, result.replay), dumped)
+            latest = InboxEntry(key, dumped) if result.replay else None
         collected = await self._store.add_dead_letter(letter, answer, latest)
         failpoint("after_dead_letter_stored")
         if collected.new:

@@ -85,7 +85,12 @@ def parse(body: bytes) -> Any:
 
 def message_key(inbound: Any) -> str:
     """The idempotency key: the command id or the webhook / reconcile event id."""
-    return inbound.event_id if isinstance(inbound, ObservedEvent) else inbound.command_id
+    return inbound.event_id if isinstance(inbound, ObservedEvent) else command_key(inbound.command_id)
+
+
+def command_key(command_id: str) -> str:
+    """A command's inbox key (also written by the dead-letter collector, for its ``failed`` result)."""
+    return command_id
 
 
 def replay_number(message: AbstractIncomingMessage) -> int:
