@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
 import pytest
 
 from consumer import metrics
-from consumer.broker import INBOUND_EXCHANGE
+from consumer.broker import DEAD_EXCHANGE, INBOUND_EXCHANGE
 from consumer.deadletters import DeadLetterCollector
 from consumer.store.base import DeadLetterQuery
 from tests.helpers import eventually, run_appt
@@ -145,6 +146,25 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
     await stack.send({"command_id": "doomed", "type": "edit_notes", "appointment_id": 701, "notes": "x-rays"})
     await eventually(lambda: stack.observer.result_counts.get("doomed") == 3)
     assert stack.observer.results["doomed"] == result
+
+
+async def test_a_message_rabbitmq_dead_lettered_itself_is_kept_and_answered(stack: Stack, amqp_url: str) -> None:
+    """The partitions' delivery limit is a backstop (a worker dying on a message each time):
+    such a dead letter carries RabbitMQ's ``x-death``, not our reason."""
+    body = json.dumps({"command_id": "crash-loop", "type": "confirm", "appointment_id": 5}).encode()
+    death = [{"reason": "delivery_limit", "queue": "appointments.inbound.p1", "count": 1,
+              "time": datetime(2026, 12, 1, tzinfo=timezone.utc), "routing-keys": ["5"]}]
+    async with await aio_pika.connect(amqp_url) as connection:
+        exchange = await (await connection.channel()).get_exchange(DEAD_EXCHANGE)
+        await exchange.publish(aio_pika.Message(body, message_id="crash-loop", headers={
+            "x-death": death, "x-delivery-count": 50}), routing_key="5")
+
+    result = await stack.result("crash-loop")
+    assert (result["outcome"], result["deliveries"]) == ("failed", 50)
+    assert result["reasons"] == {"dead_letter": ["dead-lettered by RabbitMQ: delivery_limit"]}
+    [kept] = await stack.store.dead_letters(DeadLetterQuery())
+    assert (kept.reason_class, kept.routing_key, kept.headers["x-death"][0]["time"]) == (
+        "broker", "5", "2026-12-01T00:00:00+00:00")
 
 
 async def test_purge_removes_exactly_what_it_named_and_listing_changes_nothing(
