@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -75,7 +76,7 @@ def _fault_response(fault: Fault, budget: Budget) -> web.Response:
     headers = _rate_headers(budget)
     if fault.status == 403:
         reset = time.time() + fault.retry_after if fault.retry_after is not None else budget.reset
-        headers.update({"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(int(reset))})
+        headers.update({"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(math.ceil(reset))})
         return _blocked(headers)
     if fault.retry_after is not None:
         headers["Retry-After"] = f"{fault.retry_after:g}"
