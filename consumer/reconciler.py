@@ -39,6 +39,11 @@ from consumer.store.base import Store
 # stamped just before it but committed after would otherwise be missed forever.
 DEFAULT_OVERLAP = timedelta(seconds=2)
 DEFAULT_SILENCE_GRACE = timedelta(minutes=2)
+# The share is spread over the hour: by a given minute, polling may have spent the
+# share of the time gone so far plus this much ahead (so one hour's share is never
+# burnt in its first minutes, leaving the rest of it blind).
+SPREAD_AHEAD_SECONDS = 600
+HOUR = 3600
 
 log = get_logger(__name__)
 
@@ -111,6 +116,11 @@ class Reconciler:
         """Requests polling may spend per clock hour: its share of the token's budget."""
         return int(self._pms.hourly_limit * self._share)
 
+    def allowed_by(self, now: datetime) -> int:
+        """How much of this clock hour's allowance may be spent by ``now`` (spread over the hour)."""
+        into_hour = now.timestamp() % HOUR
+        return int(self.allowance() * min(1.0, (into_hour + SPREAD_AHEAD_SECONDS) / HOUR))
+
     async def poll(self, *, since: datetime | None = None) -> int:
         """One cycle: each due window, nearest first, while the budget share lasts.
 
@@ -118,16 +128,16 @@ class Reconciler:
         --since``) publishes only rows changed after it, whatever is stored.
         """
         now = self._clock()
-        hour = int(now.timestamp() // 3600)
+        hour = int(now.timestamp() // HOUR)
         if hour != self._spent_hour:
             self._spent_hour, self.spent = hour, 0
         due = [w for w in self.windows if self._cycle % w.every == 0]
         self._cycle += 1
         published = 0
         for window in due:
-            if self.spent + self._cost.get(window.name, 1) > self.allowance():
+            if self.spent + self._cost.get(window.name, 1) > self.allowed_by(now):
                 log.info("reconcile.window_deferred", window=window.name, spent=self.spent,
-                         allowance=self.allowance())
+                         allowed=self.allowed_by(now))
                 continue
             published += await self._poll_window(window, now, since)
         return published
