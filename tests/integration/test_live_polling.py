@@ -26,8 +26,7 @@ from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.silence import WebhookSilence
 from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
-from tests.helpers import eventually
-from tests.integration.test_reconciler import starts_in
+from tests.helpers import eventually, starts_in
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_" + base64.b64encode(b"live-polling-test-secret").decode()

@@ -16,7 +16,7 @@ from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.silence import WebhookSilence
 from consumer.store.base import Store, open_store
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
-from tests.helpers import eventually
+from tests.helpers import eventually, starts_in
 from tests.integration.test_webhooks import PARTITIONS, queued
 
 LIST_ROUTE = "GET /v1/appointments"
@@ -58,11 +58,6 @@ async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[RunningSandbo
 async def pms(sandbox: RunningSandbox) -> AsyncIterator[PmsClient]:
     async with PmsClient(sandbox.url, "sandbox-token", timeout=5, retry_attempts=1) as client:
         yield client
-
-
-def starts_in(days: float) -> dict[str, str]:
-    start = datetime.now(timezone.utc).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=days)
-    return {"start_time": start.isoformat(), "finish_time": (start + timedelta(minutes=30)).isoformat()}
 
 
 def seed(sandbox: RunningSandbox, days: list[float]) -> list[int]:
