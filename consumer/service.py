@@ -20,6 +20,7 @@ from aiohttp import web
 
 from consumer import metrics
 from consumer.broker import Broker
+from consumer.console import add_console
 from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
@@ -105,6 +106,7 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
+        add_console(app)
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

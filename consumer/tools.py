@@ -13,6 +13,7 @@ import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.messages import COMMAND, StateLogRecord
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, iter_history, open_store
+from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, WorkflowRecord, iter_history, open_store
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
 
@@ -203,29 +204,52 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
+    async with opened_store(settings) as store, connected_broker(settings) as broker:
+        try:
+            outcome = await retry_saga(settings, store, broker, workflow_id)
+        except LookupError as exc:
+            print(f"appt sagas retry: {exc.args[0]}", file=sys.stderr)
+            return EXIT_USAGE
+    print(json.dumps(outcome.report()))
+    return EXIT_OK if outcome.finished or outcome.note else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class SagaRetry:
+    """What `appt sagas retry` (or the console's retry button) did to one workflow."""
+
+    workflow: WorkflowRecord
+    note: str | None = None
+    """Set when nothing was compensated here: already finished, or handed back to the pipeline."""
+
+    @property
+    def finished(self) -> bool:
+        return self.workflow.state in TERMINAL_WORKFLOW_STATES
+
+    def report(self) -> dict[str, Any]:
+        w = self.workflow
+        if self.note:
+            return {"workflow_id": w.workflow_id, "state": w.state, "note": self.note}
+        return {"workflow_id": w.workflow_id, "state": w.state, "last_error": w.last_error}
+
+
+async def retry_saga(settings: Settings, store: Store, broker: Broker, workflow_id: str) -> SagaRetry:
+    """Compensate a parked workflow again, or hand an unfinished one back; LookupError if unknown."""
     from consumer.pms.client import PmsClient
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
-    async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
-            workflow = await store.get_workflow(workflow_id)
-            if workflow is None:
-                print(f"appt sagas retry: no workflow {workflow_id}", file=sys.stderr)
-                return EXIT_USAGE
-            if workflow.state in TERMINAL_WORKFLOW_STATES:
-                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state, "note": "already finished"}))
-                return EXIT_OK
-            if workflow.state != COMPENSATION_FAILED:
-                await runner.requeue(workflow)
-                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state,
-                                  "note": "handed back to the pipeline: watch appt history"}))
-                return EXIT_OK
-            workflow = await runner.retry(workflow_id)
-    print(json.dumps({"workflow_id": workflow.workflow_id, "state": workflow.state,
-                      "last_error": workflow.last_error}))
-    return EXIT_OK if workflow.state in TERMINAL_WORKFLOW_STATES else EXIT_FAILED
+    workflow = await store.get_workflow(workflow_id)
+    if workflow is None:
+        raise LookupError(f"no workflow {workflow_id}")
+    if workflow.state in TERMINAL_WORKFLOW_STATES:
+        return SagaRetry(workflow, "already finished")
+    async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
+        runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+        if workflow.state != COMPENSATION_FAILED:
+            await runner.requeue(workflow)
+            return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
+        return SagaRetry(await runner.retry(workflow_id))
 
 
 async def reconcile(settings: Settings, *, since: str | None) -> int:
