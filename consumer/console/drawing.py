@@ -1,8 +1,9 @@
 """A machine's state diagram as inline SVG, drawn on the server from ``statemachines.diagram.graph``.
 
 States stand in a column in the machine's own order; an arrow to a later state
-curves out on the right, one back to an earlier state on the left, each wider
-the further it goes, so arrows rarely cross their labels. No JavaScript, no
+curves out on the right, one back to an earlier state (or to itself) on the
+left, each wider the further it goes, so labels of arrows of different lengths
+stand apart. No JavaScript, no
 layout engine: the diagram is readable without either.
 """
 
@@ -14,9 +15,10 @@ from markupsafe import Markup
 
 from statemachines.diagram import Graph
 
-BOX_W, BOX_H, GAP, LEFT, TOP = 170, 30, 26, 150, 10
+BOX_W, BOX_H, GAP, LEFT, TOP = 150, 30, 26, 150, 10
+SPREAD = 40  # how much wider an arrow bulges per state it skips
 STEP = BOX_H + GAP
-WIDTH = LEFT + BOX_W + 230
+WIDTH = LEFT + BOX_W + 300
 
 
 def _y(index: int) -> float:
@@ -25,14 +27,14 @@ def _y(index: int) -> float:
 
 def _edge(src: int, dst: int, label: str) -> str:
     if src == dst:
-        x, y = LEFT + BOX_W, _y(src)
-        path = f"M{x},{y - 8} c28,-16 28,32 0,16"
+        x, y = LEFT, _y(src)
+        path = f"M{x},{y - 8} c-28,-16 -28,32 0,16"
         return (f'<path class="edge" d="{path}" marker-end="url(#arrow)"/>'
-                f'<text class="label" x="{x + 26}" y="{y + 4}">{escape(label)}</text>')
+                f'<text class="label" x="{x - 26}" y="{y + 4}" text-anchor="end">{escape(label)}</text>')
     span = abs(dst - src)
     right = dst > src
     x = LEFT + BOX_W if right else LEFT
-    bulge = (24 + 22 * span) * (1 if right else -1)
+    bulge = (24 + SPREAD * span) * (1 if right else -1)
     y1, y2 = _y(src), _y(dst)
     path = f"M{x},{y1} C{x + bulge},{y1} {x + bulge},{y2} {x},{y2}"
     lx = x + bulge * 0.75 + (4 if right else -4)

@@ -162,7 +162,7 @@ async def dead_action(request: web.Request) -> web.StreamResponse:
     """Replay or purge the ticked letters: a first post asks, the confirmed one acts."""
     form = await request.post()
     action = str(form.get("action", ""))
-    ids = tuple(int(v) for v in form.getall("id", []) if str(v).isdigit())
+    ids = tuple(int(str(v)) for v in form.getall("id", []) if str(v).isdigit())
     if action not in ("replay", "purge") or not ids:
         raise web.HTTPSeeOther("/console/dead?message=" + "tick at least one dead letter, then replay or purge")
     store = _store(request)
