@@ -5,7 +5,9 @@ needed stays, and pruning alongside the worker's commits loses nothing and deadl
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -15,6 +17,7 @@ import asyncpg
 import pytest
 
 from consumer import metrics
+from consumer.cli import main
 from consumer.messages import utcnow
 from consumer.retention import PAGING_GRACE, prune_once, run_pruner
 from consumer.settings import DAY, load_settings
@@ -169,15 +172,47 @@ async def test_two_pruners_together_delete_each_row_once(new_store: StoreFactory
     first, second = new_store(), new_store()
     await first.open()
     await second.open()
-    for i in range(300):
+    for i in range(150):
         await first.commit(Commit(inbox=InboxEntry(f"m-{i}")))
     now = a_day_after(utcnow())
 
     reports = await asyncio.gather(*(
         prune_once(s, {"inbox": DAY}, batch=11, now=now, pause=0) for s in (first, second)))
 
-    assert sum(r[0].pruned for r in reports) == 300
+    assert sum(r[0].pruned for r in reports) == 150
     assert await first.oldest("inbox") is None
+
+
+def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "cli.sqlite3"
+
+    async def fill() -> None:
+        store = SqliteStore(str(path))
+        await store.open()
+        await commit_old_and_young(store)
+        await store.close()
+
+    asyncio.run(fill())
+    time.sleep(1.1)  # everything is now older than a 1-second retention
+    monkeypatch.setenv("APPT_STORE", f"sqlite:///{path}")
+    monkeypatch.setenv("APPT_INBOX_RETENTION", "1")
+    monkeypatch.setenv("APPT_WORKFLOW_RETENTION", "1")
+
+    assert main(["prune", "--dry-run"]) == 0
+    dry = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["prune"]) == 0
+    done = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(["prune", "--dry-run"]) == 0
+    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+
+    assert [(r["table"], r["pruned"], r["dry_run"]) for r in dry] == [
+        ("history_reads", 0, True), ("inbox", 4, True), ("workflows", 2, True), ("state_log", 0, True)]
+    assert [(r["table"], r["pruned"]) for r in done] == [(r["table"], r["pruned"]) for r in dry]
+    assert {r["table"]: r["oldest"] for r in done}["inbox"] is None
+    assert {r["table"]: r["retention_s"] for r in done}["state_log"] is None  # 0: kept
+    assert sum(r["pruned"] for r in again) == 0
 
 
 async def test_sqlite_gives_pruned_space_back_and_empties_its_wal(tmp_path: Path) -> None:
@@ -185,8 +220,8 @@ async def test_sqlite_gives_pruned_space_back_and_empties_its_wal(tmp_path: Path
     store = SqliteStore(str(path))
     await store.open()
     try:
-        blob = {"padding": "x" * 2000}
-        for i in range(1500):
+        blob = {"padding": "x" * 10_000}
+        for i in range(300):
             await store.commit(Commit(inbox=InboxEntry(f"m-{i}", blob)))
         await store.compact()
         before = path.stat().st_size
