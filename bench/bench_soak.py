@@ -9,9 +9,12 @@ is ``--rate`` commands/s (edit_notes, some confirms, one reassign in 20) over
 a pool of appointments, plus the webhooks they cause. Every ``--sample``
 seconds it prints the service's RSS, the store's size on disk, the rows in
 every store table, and the p99 of command latency (publish to result event)
-in that window. At the end, the slope of each over the second half of the
+in that window (SQLite's size includes its write-ahead log, which swings
+by up to ~4 MiB between checkpoints, so its slope is also given without
+it). At the end, the slope of each over the second half of the
 run (after the first retention period has filled the tables): with a short
-retention, each levels off instead of climbing. Appointment records are not
+retention, each levels off instead of climbing; ``--keep`` runs the baseline
+with the pruner off, where the tables climb at the rate messages arrive. Appointment records are not
 pruned (one per appointment ever seen); they grow with the reassignments'
 replacement bookings, so they are reported but not expected to level off.
 """
@@ -62,6 +65,7 @@ class Sample:
     elapsed: float
     rss_kib: int
     store_kib: int
+    wal_kib: int
     rows: dict[str, int]
     p99_ms: float
     done: int
@@ -125,18 +129,20 @@ class StoreProbe:
     def __init__(self, store_url: str) -> None:
         self.store_url = store_url
 
-    async def measure(self) -> tuple[int, dict[str, int]]:
+    async def measure(self) -> tuple[int, int, dict[str, int]]:
+        """KiB on disk in all, KiB of it in SQLite's write-ahead log, rows per table."""
         if self.store_url.startswith("sqlite"):
             return self._sqlite()
-        return await self._postgres()
+        size, rows = await self._postgres()
+        return size, 0, rows
 
-    def _sqlite(self) -> tuple[int, dict[str, int]]:
+    def _sqlite(self) -> tuple[int, int, dict[str, int]]:
         path = self.store_url.removeprefix("sqlite:///")
-        size = sum(os.path.getsize(p) for p in (path, f"{path}-wal", f"{path}-shm") if os.path.exists(p))
+        sizes = {p: os.path.getsize(p) for p in (path, f"{path}-wal", f"{path}-shm") if os.path.exists(p)}
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
             rows = {t: db.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in sorted(tables)}
-        return size // 1024, _interesting(rows)
+        return sum(sizes.values()) // 1024, sizes.get(f"{path}-wal", 0) // 1024, _interesting(rows)
 
     async def _postgres(self) -> tuple[int, dict[str, int]]:
         schema = self.store_url.rsplit("schema=", 1)[1]
@@ -187,25 +193,25 @@ async def sample_until(
     samples = []
     while (elapsed := time.perf_counter() - started) < seconds:
         await asyncio.sleep(min(every, seconds - elapsed))
-        size, rows = await probe.measure()
+        size, wal, rows = await probe.measure()
         p99, done = load.window_p99()
-        sample = Sample(time.perf_counter() - started, rss_kib(pid), size, rows, p99, done)
+        sample = Sample(time.perf_counter() - started, rss_kib(pid), size, wal, rows, p99, done)
         samples.append(sample)
         table = " ".join(f"{t}={n}" for t, n in rows.items())
-        print(f"t={sample.elapsed:6.0f}s rss={sample.rss_kib / 1024:6.1f}MiB store={size / 1024:7.2f}MiB "
+        print(f"t={sample.elapsed:6.0f}s rss={sample.rss_kib / 1024:6.1f}MiB store={size / 1024:7.2f}MiB (wal {wal / 1024:5.2f}) "
               f"p99={p99:7.1f}ms answered={done:5d} {table}", flush=True)
     return samples
 
 
 async def run(args: argparse.Namespace) -> None:
-    retention = args.retention or max(5.0, args.seconds / 6)
+    retention = 0.0 if args.keep else args.retention or max(5.0, args.seconds / 6)
     with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, POOL))
         async with store_for(args.store, workdir) as store_url:
             env = service_env(
                 pms_url=sandbox.url, store=store_url, amqp_url=amqp_url, APPT_PMS_TOKEN=SANDBOX_TOKEN,
                 APPT_INBOX_RETENTION=str(retention), APPT_WORKFLOW_RETENTION=str(retention),
-                APPT_STATE_LOG_RETENTION=str(retention), APPT_PRUNE_INTERVAL=str(max(1.0, retention / 5)),
+                APPT_STATE_LOG_RETENTION=str(retention), APPT_PRUNE_INTERVAL=str(retention and max(1.0, retention / 5)),
             )
             service = ServiceProcess(env, Path(workdir), name="soak")
             service.start()
@@ -230,7 +236,7 @@ async def soak(
         load = Load(broker, list(range(FIRST_ID, FIRST_ID + POOL)))
         await results.consume(load.on_result, no_ack=True)
         print(f"soak: {args.seconds:.0f} s, {args.store}, {args.rate:g} commands/s (+ the webhooks they cause), "
-              f"retention {retention:.0f} s, sample every {args.sample:.0f} s", flush=True)
+              f"retention {retention or 'none (keep)'} s, sample every {args.sample:.0f} s", flush=True)
         started = time.perf_counter()
         assert service.pid is not None
         sampler = asyncio.create_task(
@@ -249,10 +255,12 @@ def report(samples: list[Sample], load: Load, args: argparse.Namespace, retentio
             "store": statistics.fmean(s.store_kib for s in settled) or 1.0}
     rss = slope_per_minute(settled, lambda s: s.rss_kib)
     size = slope_per_minute(settled, lambda s: s.store_kib)
+    without_wal = slope_per_minute(settled, lambda s: s.store_kib - s.wal_kib)
     p99 = slope_per_minute(settled, lambda s: s.p99_ms)
     rows = {t: slope_per_minute(settled, lambda s, t=t: s.rows.get(t, 0)) for t in settled[-1].rows}
     print(f"second half ({len(settled)} samples), slope per minute: RSS {rss:+.0f} KiB "
-          f"({100 * rss / mean['rss']:+.2f} %), store {size:+.0f} KiB ({100 * size / mean['store']:+.2f} %), "
+          f"({100 * rss / mean['rss']:+.2f} %), store {size:+.0f} KiB ({100 * size / mean['store']:+.2f} %; "
+          f"without the WAL, which swings between checkpoints: {without_wal:+.0f} KiB), "
           f"p99 {p99:+.2f} ms; rows " + ", ".join(f"{t} {v:+.0f}" for t, v in rows.items()))
     print(f"commands sent {load.sent}, answered {sum(load.outcomes.values())} {load.outcomes}, "
           f"unanswered {len(load.sent_at)}")
@@ -260,7 +268,7 @@ def report(samples: list[Sample], load: Load, args: argparse.Namespace, retentio
         "soak", store=args.store, seconds=args.seconds, rate=args.rate, retention_s=retention,
         sent=load.sent, unanswered=len(load.sent_at),
         rss_mib=settled[-1].rss_kib / 1024, rss_kib_per_min=rss,
-        store_mib=settled[-1].store_kib / 1024, store_kib_per_min=size,
+        store_mib=settled[-1].store_kib / 1024, store_kib_per_min=size, store_without_wal_kib_per_min=without_wal,
         p99_ms=settled[-1].p99_ms, p99_ms_per_min=p99,
         **{f"{t}_rows_per_min": v for t, v in rows.items() if t != "appointments"},
     ))
@@ -273,6 +281,8 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10.0, help="commands per second")
     parser.add_argument("--retention", type=float, default=0.0,
                         help="seconds, for inbox, workflows and state log (default: a sixth of the run)")
+    parser.add_argument("--keep", action="store_true",
+                        help="the baseline: keep everything (pruner off), to see what retention levels off")
     parser.add_argument("--sample", type=float, default=0.0, help="seconds between samples (default: 1/20 of the run)")
     args = parser.parse_args()
     args.sample = args.sample or max(2.0, args.seconds / 20)
