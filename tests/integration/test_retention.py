@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -17,7 +20,6 @@ import asyncpg
 import pytest
 
 from consumer import metrics
-from consumer.cli import main
 from consumer.messages import utcnow
 from consumer.retention import PAGING_GRACE, prune_once, run_pruner
 from consumer.settings import DAY, load_settings
@@ -34,6 +36,8 @@ from tests.integration.test_store import (  # noqa: F401 (new_store and store ar
 )
 from tests.stack import running_stack
 
+APPT = str(Path(sys.executable).with_name("appt"))
+RETENTION = 4.0  # seconds, in the pipeline test
 KEEP_A_DAY = {"history_reads": PAGING_GRACE, "inbox": DAY, "workflows": DAY, "state_log": DAY}
 
 
@@ -183,9 +187,7 @@ async def test_two_pruners_together_delete_each_row_once(new_store: StoreFactory
     assert await first.oldest("inbox") is None
 
 
-def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(tmp_path: Path) -> None:
     path = tmp_path / "cli.sqlite3"
 
     async def fill() -> None:
@@ -196,16 +198,15 @@ def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(
 
     asyncio.run(fill())
     time.sleep(1.1)  # everything is now older than a 1-second retention
-    monkeypatch.setenv("APPT_STORE", f"sqlite:///{path}")
-    monkeypatch.setenv("APPT_INBOX_RETENTION", "1")
-    monkeypatch.setenv("APPT_WORKFLOW_RETENTION", "1")
+    env = {**os.environ, "APPT_STORE": f"sqlite:///{path}", "APPT_INBOX_RETENTION": "1",
+           "APPT_WORKFLOW_RETENTION": "1"}
 
-    assert main(["prune", "--dry-run"]) == 0
-    dry = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert main(["prune"]) == 0
-    done = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert main(["prune", "--dry-run"]) == 0
-    again = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    def prune(*args: str) -> list[dict[str, Any]]:
+        finished = subprocess.run([APPT, "prune", *args], env=env, capture_output=True, text=True, timeout=60)
+        assert finished.returncode == 0, finished.stderr
+        return [json.loads(line) for line in finished.stdout.splitlines()]
+
+    dry, done, again = prune("--dry-run"), prune(), prune("--dry-run")
 
     assert [(r["table"], r["pruned"], r["dry_run"]) for r in dry] == [
         ("history_reads", 0, True), ("inbox", 4, True), ("workflows", 2, True), ("state_log", 0, True)]
@@ -251,7 +252,7 @@ async def test_an_existing_sqlite_file_is_switched_to_incremental_auto_vacuum(tm
 async def test_with_a_tiny_retention_a_redelivery_inside_it_is_still_deduplicated(
     store_kind: str, amqp_url: str, sqlite_url: str, pg_url: str, sandbox: Any,
 ) -> None:
-    """The whole pipeline with the pruner running every 50 ms over a 2-second retention."""
+    """The whole pipeline with the pruner running every 50 ms over a few seconds' retention."""
     schema = f"test_retention_{uuid.uuid4().hex[:12]}"
     store_url = sqlite_url if store_kind == "sqlite" else f"{pg_url}?schema={schema}"
     try:
@@ -266,8 +267,8 @@ async def test_with_a_tiny_retention_a_redelivery_inside_it_is_still_deduplicate
 
 
 async def _redelivery_inside_a_tiny_retention(store_url: str, amqp_url: str, sandbox: Any) -> None:
-    settings = load_settings(inbox_retention=2, workflow_retention=2, state_log_retention=2,
-                             prune_interval=0.05, prune_batch=5)
+    settings = load_settings(inbox_retention=RETENTION, workflow_retention=RETENTION,
+                             state_log_retention=RETENTION, prune_interval=0.05, prune_batch=5)
     sandbox.state.seed([{"id": 700 + i, "patient_id": 1013, "practitioner_id": 1, "state": "Pending",
                          "start_time": f"2030-01-02T{9 + i:02d}:00:00Z", "finish_time": f"2030-01-02T{9 + i:02d}:30:00Z",
                          "reason": "Exam"} for i in range(5)])
@@ -279,9 +280,12 @@ async def _redelivery_inside_a_tiny_retention(store_url: str, amqp_url: str, san
             first = await stack.send({"type": "edit_notes", "appointment_id": 700, "notes": "first",
                                       "command_id": "c-first"})
             assert (await stack.result(first))["outcome"] == "succeeded"
+            reads = sandbox.state.call_count("GET /v1/appointments/{id}")
             await stack.send({"type": "edit_notes", "appointment_id": 700, "notes": "first",
                               "command_id": "c-first"})  # the same command again, inside the window
-            await eventually(lambda: stack.observer.result_counts.get("c-first") == 2)
+            await eventually(lambda: stack.observer.result_counts.get("c-first") == 2, timeout=RETENTION)
+            # the inbox answered it: not even the fresh GET a re-executed command would make
+            assert sandbox.state.call_count("GET /v1/appointments/{id}") == reads
             assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 1
 
             # a steady flow of commands while the pruner deletes around them
@@ -292,7 +296,7 @@ async def _redelivery_inside_a_tiny_retention(store_url: str, amqp_url: str, san
             assert [sandbox.state.get(700 + i)["notes"] for i in range(5)] == [f"n{55 + i}" for i in range(5)]
             assert stack.observer.dead == []
 
-            await eventually(lambda: _inbox_gone(stack.store, "c-first"), timeout=10)
+            await eventually(lambda: _inbox_gone(stack.store, "c-first"), timeout=RETENTION + 10)
             assert _pruned_inbox() > pruned_before
         finally:
             stop.set()
