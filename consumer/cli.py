@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | reconcile | prune.
+"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile | prune.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -55,12 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
         "retry", help="compensate a parked workflow again; hand an unfinished one back to the pipeline")
     retry.add_argument("workflow_id")
 
+    _add_dead(verbs)
+
     diagram = verbs.add_parser("diagram", help="print a machine as a Mermaid state diagram")
     diagram.add_argument("machine", choices=["appointment", "reassignment"])
 
     sandbox = verbs.add_parser("sandbox", help="run the PMS emulator")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8700)
+    sandbox.add_argument("--token", default="sandbox-token",
+                         help="the one bearer token accepted (default: sandbox-token); "
+                              "POST /_sandbox/token changes it at run time, as a revoked or expired token")
+    sandbox.add_argument("--updated-after", choices=["ignored", "honoured"], default="ignored",
+                         help="whether the list honours updated_after (unconfirmed on the live PMS; default: ignored)")
+    sandbox.add_argument("--delete", choices=["cancel", "remove"], default="cancel",
+                         help="what DELETE does (unconfirmed on the live PMS; default: cancel)")
 
     verbs.add_parser("schema", help="print the message contract as JSON Schema")
 
@@ -68,9 +77,30 @@ def build_parser() -> argparse.ArgumentParser:
         "prune", help="delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)")
     prune.add_argument("--dry-run", action="store_true", help="only count what would go, per table")
 
-    reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
-    reconcile.add_argument("--since", help="ISO time to start from instead of the stored watermark")
+    reconcile = verbs.add_parser(
+        "reconcile", help="catch up from the PMS now (reads every polling window once, cancelled rows included)")
+    reconcile.add_argument("--since", help="ISO time: republish every row changed after it, whatever is stored")
     return parser
+
+
+def _add_dead(verbs: Any) -> None:
+    dead = verbs.add_parser("dead", help="dead letters: list, show, replay or purge them")
+    actions = dead.add_subparsers(dest="dead_verb", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="dead letters in arrival order, and a count by reason class")
+    show = actions.add_parser("show", help="one dead letter's body and headers")
+    show.add_argument("id", type=int)
+    replay = actions.add_parser("replay", help="put dead letters back through the pipeline")
+    purge = actions.add_parser("purge", help="discard dead letters (asks first)")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    for action in (replay, purge):
+        action.add_argument("ids", type=int, nargs="*", metavar="ID")
+        action.add_argument("--all", action="store_true", help="every dead letter the filters match")
+    for action in (listing, replay, purge):
+        action.add_argument("--reason", help="reason contains TEXT (case-insensitive)")
+        action.add_argument("--type", help="command or event type, e.g. confirm, appointment.updated")
+        action.add_argument("--practice", help="the practice the message names")
+    for action in (listing, show, replay, purge):
+        action.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "sandbox":
         from consumer.sandbox import serve_sandbox
 
-        return _run(serve_sandbox(args.host, args.port))
+        return _run(serve_sandbox(args.host, args.port, token=args.token,
+                                  updated_after_honoured=args.updated_after == "honoured",
+                                  delete_mode=args.delete))
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -137,7 +169,27 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tools.reconcile(settings, since=args.since)
     if args.verb == "prune":
         return await tools.prune(settings, dry_run=args.dry_run)
+    if args.verb == "dead":
+        return await _dead(args, settings)
     raise AssertionError(args.verb)
+
+
+async def _dead(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import dead_tools
+    from consumer.store.base import DeadLetterQuery
+
+    if args.dead_verb == "show":
+        return await dead_tools.dead_show(settings, args.id, as_json=args.json)
+    ids = tuple(getattr(args, "ids", None) or ()) or None
+    if args.dead_verb != "list" and (ids is None) == (not args.all):
+        print(f"appt dead {args.dead_verb}: name dead letters by ID or use --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    query = DeadLetterQuery(ids=ids, reason=args.reason, type=args.type, practice=args.practice)
+    if args.dead_verb == "list":
+        return await dead_tools.dead_list(settings, query, as_json=args.json)
+    if args.dead_verb == "replay":
+        return await dead_tools.dead_replay(settings, query, as_json=args.json)
+    return await dead_tools.dead_purge(settings, query, yes=args.yes, as_json=args.json)
 
 
 if __name__ == "__main__":

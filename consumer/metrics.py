@@ -47,6 +47,18 @@ DEAD_LETTERED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+DEAD_LETTERS = Gauge(
+    "appt_dead_letters",
+    "Dead letters kept now (not replayed or purged), by reason class (refreshed every 5 s):"
+    " see `appt dead list`.",
+    ["reason_class"],
+    registry=REGISTRY,
+)
+DEAD_UNREADABLE = Counter(
+    "appt_dead_letters_unreadable_total",
+    "Dead letters naming neither an event nor a command's id, type and appointment: no result was sent.",
+    registry=REGISTRY,
+)
 WORKFLOWS = Gauge(
     "appt_workflows",
     "Unfinished reassignment workflows by state (refreshed every 5 s); outcomes are in"
@@ -63,6 +75,19 @@ WEBHOOKS = Counter(
     "appt_webhook_verifications_total",
     "Webhook requests by verification result.",
     ["result"],
+    registry=REGISTRY,
+)
+RECONCILE_REQUESTS = Counter(
+    "appt_reconcile_requests_total",
+    "PMS requests spent by polling, by window (bounded by APPT_RECONCILE_BUDGET_SHARE of the hourly budget).",
+    ["window"],
+    registry=REGISTRY,
+)
+WEBHOOK_MISSED = Counter(
+    "appt_webhook_missed_changes_total",
+    "Changes polling found that no webhook had delivered in time: rising means the PMS switched"
+    " the webhook subscription off.",
+    ["practice"],
     registry=REGISTRY,
 )
 

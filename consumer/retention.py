@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from consumer import metrics
 from consumer.logs import get_logger
 from consumer.messages import utcnow
+from consumer.periodic import every
 from consumer.settings import Settings
 from consumer.store.base import Store
 
@@ -92,22 +93,16 @@ async def _prune_table(store: Store, table: str, cutoff: datetime, batch: int, p
 
 
 async def run_pruner(store: Store, settings: Settings, stop: asyncio.Event) -> None:
-    """Every ``APPT_PRUNE_INTERVAL`` (the first pass one interval after start)."""
+    """A pass every ``APPT_PRUNE_INTERVAL``, then the oldest-row gauges and one log line."""
     keep_for = retentions(settings)
-    while not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=settings.prune_interval)
-            return
-        except TimeoutError:
-            pass
-        try:
-            reports = await prune_once(store, keep_for, batch=settings.prune_batch)
-        except Exception:  # the pruner must outlive a store hiccup
-            log.exception("prune pass failed")
-            continue
+
+    async def prune_and_report() -> None:
+        reports = await prune_once(store, keep_for, batch=settings.prune_batch)
         now = utcnow()
         for report in reports:
             age = (now - report.oldest).total_seconds() if report.oldest else 0.0
             metrics.OLDEST_ROW.labels(report.table).set(max(age, 0.0))
         if pruned := {r.table: r.pruned for r in reports if r.pruned}:
             log.info("pruned", **pruned)
+
+    await every(settings.prune_interval, stop, prune_and_report, "prune pass")

@@ -14,18 +14,21 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 from aiohttp import web
 
 from consumer import metrics
 from consumer.broker import Broker
+from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
-from consumer.reconciler import run_reconciler
+from consumer.reconciler import Reconciler, run_reconciler
 from consumer.retention import run_pruner
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
+from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -56,11 +59,20 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             started.push_async_callback(pms.close)
             workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
             await workflows.resume_unfinished()
+            dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
-            background = [asyncio.create_task(workflows.watch(stop))]
+            background = [asyncio.create_task(workflows.watch(stop)),
+                          asyncio.create_task(dead_letters.watch(stop))]
+            silence = WebhookSilence()
             if settings.reconcile_interval > 0:
+                reconciler = Reconciler(
+                    pms, broker, store, horizon_days=settings.reconcile_horizon_days,
+                    budget_share=settings.reconcile_budget_share,
+                    use_updated_after=settings.reconcile_updated_after, silence=silence,
+                    silence_grace=timedelta(seconds=settings.webhook_silence_grace),
+                )
                 background.append(asyncio.create_task(
-                    run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
+                    run_reconciler(reconciler, settings.reconcile_interval, stop)))
             if settings.prune_interval > 0:
                 background.append(asyncio.create_task(run_pruner(store, settings, stop)))
             started.push_async_callback(_cancelled, background)
@@ -69,10 +81,12 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay,
             )
-            started.push_async_callback(worker.stop)  # first to run on the way out
+            started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
             await worker.start()
+            await dead_letters.start()
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
+            app[SILENCE_KEY] = silence
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
                      pms=settings.pms_url, store=settings.store.split("@")[-1])
             yield
