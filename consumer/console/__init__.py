@@ -40,14 +40,11 @@ async def require_login(request: web.Request, handler: Handler) -> web.StreamRes
     return await handler(request)
 
 
-@web.middleware
-async def security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Everything comes from this origin (no CDN); pages can't be framed."""
-    response = await handler(request)
+async def security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Everything comes from this origin (no CDN); pages can't be framed. Redirects and errors too."""
     response.headers.setdefault("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'")
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     response.headers.setdefault("Referrer-Policy", "same-origin")
-    return response
 
 
 async def _context(request: web.Request) -> dict[str, object]:
@@ -58,7 +55,9 @@ async def _context(request: web.Request) -> dict[str, object]:
 
 
 def console_app() -> web.Application:
-    console = web.Application(middlewares=[security_headers, require_login])
+    console = web.Application(middlewares=[require_login])
+    console.on_response_prepare.append(security_headers)
+    live.end_streams_on_shutdown(console)
     env = aiohttp_jinja2.setup(console, loader=jinja2.FileSystemLoader(HERE / "templates"),
                                autoescape=True, context_processors=[_context],
                                undefined=jinja2.StrictUndefined)

@@ -2,12 +2,14 @@
 
 Each open page gets its own exclusive, auto-deleted queue bound to ``state.#``,
 so a closed tab leaves nothing behind on the broker and a slow one holds back
-no one else.
+no one else. A stream lasts until the browser leaves, so the service ends
+them itself when it stops (``on_shutdown``), rather than waiting for the tabs.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from aiohttp import web
 
@@ -16,10 +18,25 @@ from consumer.webhooks import BROKER_KEY
 
 KEEPALIVE = 15.0  # seconds: a comment line keeps proxies from closing an idle stream
 TAIL_PREFETCH = 50
+STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("live_streams")
+
+
+def end_streams_on_shutdown(app: web.Application) -> None:
+    app[STREAMS] = set()
+    app.on_shutdown.append(_end_streams)
+
+
+async def _end_streams(app: web.Application) -> None:
+    for task in app[STREAMS]:
+        task.cancel()
 
 
 async def live_tail(request: web.Request) -> web.StreamResponse:
     channel = await request.config_dict[BROKER_KEY].channel()
+    streams = request.app[STREAMS]
+    task = asyncio.current_task()
+    assert task is not None
+    streams.add(task)
     try:
         await channel.set_qos(prefetch_count=TAIL_PREFETCH)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
@@ -39,5 +56,6 @@ async def live_tail(request: web.Request) -> web.StreamResponse:
     except ConnectionResetError:  # the browser left
         pass
     finally:
+        streams.discard(task)
         await channel.close()
     return response

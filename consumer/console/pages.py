@@ -40,7 +40,7 @@ async def login_form(request: web.Request) -> dict[str, Any]:
 def _next(request: web.Request) -> str:
     """Where to go after logging in: a console path only, never another site."""
     target = request.query.get("next", "/console/")
-    return target if target.startswith("/console/") and not target.startswith("//") else "/console/"
+    return target if target.startswith("/console/") else "/console/"
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -63,12 +63,11 @@ async def logout(request: web.Request) -> web.StreamResponse:
 @aiohttp_jinja2.template("overview.html")
 async def overview(request: web.Request) -> dict[str, Any]:
     store = _store(request)
-    unfinished = await store.list_workflows(unfinished=True)
-    parked = await store.list_workflows(states=frozenset({"compensation_failed"}))
+    unfinished = await store.list_workflows(unfinished=True)  # parked ones included
     letters = await store.dead_letters(DeadLetterQuery())
     return {
         "in_flight": [w for w in unfinished if w.state != "compensation_failed"],
-        "stuck": [w for w in unfinished + parked if _stuck(request, w)],
+        "stuck": [w for w in unfinished if _stuck(request, w)],
         "by_reason": Counter(reason_group(letter.reason) for letter in letters).most_common(),
         "dead_count": len(letters),
     }

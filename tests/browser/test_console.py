@@ -118,6 +118,8 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
 
 async def test_logging_in_sets_a_secure_http_only_strict_cookie(console: Console) -> None:
     page = await (await console.context()).new_page()
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
     await page.goto(console.url + "workflows")
     await expect(page).to_have_url(console.url + "login?next=/console/workflows")
 
@@ -133,6 +135,10 @@ async def test_logging_in_sets_a_secure_http_only_strict_cookie(console: Console
     assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"], cookie["path"]) == (
         True, True, "Strict", "/console")
     assert TOKEN not in cookie["value"]
+    # Everything the pages load comes from the service itself (no CDN), and the policy says so.
+    assert requested and all(url.startswith(console.service.url + "/console") for url in requested)
+    shown = await page.goto(console.url)
+    assert shown is not None and "default-src 'self'" in shown.headers["content-security-policy"]
 
 
 async def test_missing_or_wrong_credentials_and_forged_actions_are_refused(console: Console) -> None:
@@ -263,3 +269,12 @@ async def test_pages_have_no_serious_accessibility_violations(console: Console, 
     assert serious == [], json.dumps([(v["id"], v["help"], [n["target"] for n in v["nodes"]]) for v in serious])
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+
+async def test_a_graceful_stop_is_not_held_up_by_an_open_live_tail(console: Console) -> None:
+    """Last in this module: it stops the service the others share."""
+    page = await console.logged_in()
+    await expect(page.get_by_role("status")).to_have_text("Live: new records appear at the top.")
+    started = time.monotonic()
+    assert await console.service.terminate(timeout=20) == 0
+    assert time.monotonic() - started < 10  # aiohttp would wait 60 s for the stream to end by itself
