@@ -78,7 +78,7 @@ async def reconcile_once(
         page = await pms.changed_after(cursor, per_page=page_size)
         for appointment in page:
             event = event_for(appointment)
-            await broker.publish_inbound(
+            await broker.publish_observed(
                 event.model_dump_json().encode(), appointment_id=appointment.id, message_id=event.event_id,
             )
         published += len(page)

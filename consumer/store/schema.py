@@ -25,6 +25,14 @@ from consumer.store.base import (
 # the same list out literally because an applied migration must never change.
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
 
+# Inbox keys became ``<kind>:<sender's id>`` (worker.message_key). Rows written before
+# carry the bare id: a command's row has a result, an observed event's has none, and
+# the reconciler's ids already began with "reconcile:". Valid SQL in both dialects.
+INBOX_NAMESPACES = """UPDATE inbox SET message_id = CASE
+        WHEN result IS NOT NULL THEN 'command:'
+        WHEN message_id LIKE 'reconcile:%' THEN 'reconcile:'
+        ELSE 'webhook:' END || message_id"""
+
 SQLITE_MIGRATIONS: list[list[str]] = [
     [
         """CREATE TABLE appointments (
@@ -79,6 +87,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
+    [INBOX_NAMESPACES],
 ]
 
 POSTGRES_MIGRATIONS: list[list[str]] = [
@@ -135,6 +144,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name text PRIMARY KEY, value text NOT NULL)",
     ],
+    [INBOX_NAMESPACES],
 ]
 
 class Row(Protocol):
