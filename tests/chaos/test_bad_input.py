@@ -198,7 +198,7 @@ def inbound_corpus() -> list[tuple[str, bytes]]:
         ("unknown command type", json.dumps({**command, "type": "teleport"}).encode()),
         ("cancel without reason", json.dumps({**command, "type": "cancel"}).encode()),
         ("unknown field", json.dumps({**command, "extra": 1}).encode()),
-        ("over 64 KiB", json.dumps({**command, "pad": "x" * 70_000}).encode()),
+        ("over 256 KiB", json.dumps({**command, "notes": "x" * 300_000}).encode()),
         ("nesting 30 000 deep", b"[" * 30_000 + b"]" * 30_000),
         ("event without appointment id", json.dumps({**EVENT, "appointment": {}}).encode()),
         ("event with appointment id 'abc'", json.dumps({**EVENT, "appointment": {"id": "abc"}}).encode()),
