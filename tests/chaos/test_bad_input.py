@@ -43,7 +43,7 @@ SECRET = "whsec_" + base64.b64encode(b"chaos-secret-of-24-bytes").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"not-the-configured-secret").decode()
 APPOINTMENT = {"id": 1001, "patient_id": 1000, "practitioner_id": 1, "state": "Pending",
                "start_time": "2031-03-03T08:00:00Z", "finish_time": "2031-03-03T08:30:00Z",
-               "updated_at": "2031-01-01T00:00:00Z"}
+               "updated_at": "2026-01-01T00:00:00Z"}
 
 
 @dataclass
@@ -151,6 +151,18 @@ async def test_webhook_corpus_gets_clear_4xx_never_5xx_and_the_receiver_goes_on(
     assert statuses == [202, 202] and len(applied) == 1
 
 
+async def test_a_202_webhook_near_the_size_limit_is_applied_not_dead_lettered(service: Service) -> None:
+    """Once, a 64-256 KiB webhook got its 202 and then a dead letter: the PMS never resends."""
+    body = webhook(id=1003, notes="n" * 150_000)
+    headers = signed(body)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        async with session.post(f"{service.url}/webhooks/pms", data=body, headers=headers) as response:
+            assert response.status == 202
+    await eventually(lambda: any(r.get("webhook_id") == headers["webhook-id"] for r in service.collector.logs),
+                     timeout=20)
+    assert service.collector.dead == {}
+
+
 def close_vhost_connections(amqp_url: str) -> int:
     """Drop this test's broker connections only (other tests share the broker)."""
     vhost = amqp_url.rsplit("/", 1)[1]
@@ -252,7 +264,7 @@ appointments = st.fixed_dictionaries(
     {"id": ids | scalars},
     optional={"state": st.sampled_from(("Pending", "Confirmed", "Cancelled", "Gone")) | scalars,
               "patient_id": ids | scalars, "notes": scalars,
-              "updated_at": st.sampled_from(("2031-01-01T00:00:00Z", "yesterday")) | scalars},
+              "updated_at": st.sampled_from(("2026-01-01T00:00:00Z", "yesterday")) | scalars},
 )
 EXTRA = {"cancel": ("reason", st.sampled_from(("Patient cancelled", "Bored", "")) | scalars),
          "edit_notes": ("notes", st.text(max_size=12) | scalars),
