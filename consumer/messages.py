@@ -62,7 +62,10 @@ def check_upstream_time(value: object, now: datetime | None = None) -> None:
         return
     if not isinstance(value, str):
         raise ValueError("updated_at must be an ISO 8601 string")
-    moment = parse_time(value)
+    try:
+        moment = parse_time(value)
+    except ValueError:
+        raise ValueError("updated_at must be an ISO 8601 time") from None
     if moment.tzinfo is None:
         raise ValueError("updated_at must carry a time zone")
     if moment > (now or utcnow()) + MAX_CLOCK_SKEW:
