@@ -25,7 +25,21 @@ log = get_logger(__name__)
 
 
 class QuietHandler(web.RequestHandler):
-    """aiohttp's connection handler, with error answers that carry no request bytes."""
+    """aiohttp's connection handler, with error answers that carry no request bytes.
+
+    It also keeps itself in ``live`` from creation to connection loss: the
+    cap must count connections accepted in the same loop pass, which
+    aiohttp's own list learns of only one callback later.
+    """
+
+    def __init__(self, server: web.Server, *, live: set[QuietHandler], **kwargs: Any) -> None:
+        super().__init__(server, **kwargs)
+        self._live = live
+        live.add(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._live.discard(self)
+        super().connection_lost(exc)
 
     def handle_error(
         self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None,
@@ -55,11 +69,13 @@ async def listen(runner: web.AppRunner, settings: Settings) -> asyncio.Server:
     server = runner.server
     assert server is not None, "runner.setup() first"
 
+    live: set[QuietHandler] = set()
+
     def connection() -> asyncio.Protocol:
-        if len(server.connections) >= settings.http_max_connections:
+        if len(live) >= settings.http_max_connections:
             log.warning("http.connection_refused", limit=settings.http_max_connections)
             return _Refused()
         # web.Server.__call__ builds aiohttp's own handler; ours, from the same arguments.
-        return QuietHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
+        return QuietHandler(server, live=live, loop=asyncio.get_running_loop(), **server._kwargs)
 
     return await asyncio.get_running_loop().create_server(connection, settings.http_host, settings.http_port)

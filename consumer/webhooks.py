@@ -142,7 +142,10 @@ async def receive_webhook(request: web.Request) -> web.Response:
         body = await _read_body(request, settings.max_message_bytes, settings.http_body_timeout)
     except TimeoutError:
         response = _refuse("body_timeout", 408, f"body not received within {settings.http_body_timeout} s")
-        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        if request.transport is not None:  # or aiohttp lingers, reading the rest of the body for 10 s
+            request.transport.close()
         return response
     if body is None:
         return _refuse("too_large", 413, f"body over {settings.max_message_bytes} bytes")
