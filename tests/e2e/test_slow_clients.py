@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -54,7 +55,7 @@ def usage(pid: int) -> tuple[int, int]:
     return fds, rss
 
 
-async def closed_after(port: int, behave: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> float:
+async def closed_after(port: int, behave: Callable[[asyncio.StreamWriter], Coroutine[Any, Any, None]]) -> float:
     """Connect, behave, and return how many seconds the server took to close the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     started = time.monotonic()
