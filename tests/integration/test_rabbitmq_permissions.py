@@ -61,6 +61,10 @@ async def test_the_service_user_runs_the_topology_and_publishes_observed_events(
         await broker.close()
 
 
+async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+    """A consumer that is never called: the broker refuses the subscription."""
+
+
 async def test_a_partner_publishes_commands_and_reads_results_only(urls: dict[str, str]) -> None:
     declaring = Broker(urls["appt-service"])
     await declaring.connect()
@@ -82,7 +86,7 @@ async def test_a_partner_publishes_commands_and_reads_results_only(urls: dict[st
                     observed = await channel.get_exchange(OBSERVED_EXCHANGE, ensure=False)
                     await observed.publish(aio_pika.Message(b"{}"), "7")
                 elif attempt == "consume a partition":
-                    await (await channel.get_queue(partition_queue(0), ensure=False)).consume(lambda m: None)
+                    await (await channel.get_queue(partition_queue(0), ensure=False)).consume(ignore)
                 else:
                     await channel.declare_exchange("appointments.mine", aio_pika.ExchangeType.FANOUT)
 
