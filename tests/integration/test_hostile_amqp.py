@@ -17,8 +17,12 @@ from typing import Any
 import aio_pika
 import pytest
 
-from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE, REASON_HEADER
+from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE, REASON_HEADER, Broker
+from consumer.messages import Reassign
+from consumer.pms.client import PmsClient
+from consumer.records import Decision
 from consumer.store.base import AppointmentRecord, Commit
+from consumer.worker import Worker
 from tests.chaos.common import seed_slots
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack
@@ -159,3 +163,31 @@ async def test_an_id_given_as_a_string_float_or_bool_is_invalid(stack: Stack, am
     await eventually(lambda: len(reasons(stack, ids)) == 3, timeout=15)
     assert all("appointment_id" in r for r in reasons(stack, ids))
     assert stack.observer.results == {}
+
+
+async def a_bug(command: Reassign) -> Decision:
+    raise RuntimeError("a bug no branch foresaw")
+
+
+async def test_a_handler_bug_settles_the_message_and_shows_the_worker_failing(
+    stack: Stack, amqp_url: str, sandbox: Any
+) -> None:
+    """A second worker whose reassign handler has a bug: it must say so, and still settle everything."""
+    await stack.worker.stop(timeout=5)  # the buggy worker below takes the partitions
+    broker = Broker(amqp_url)
+    await broker.connect()
+    pms = PmsClient(sandbox.url, "sandbox-token")
+    worker = Worker(broker=broker, store=stack.store, pms=pms, reassign=a_bug, partitions=list(range(4)),
+                    max_deliveries=2, retry_delay=0.05)
+    await worker.start()
+    try:
+        assert not worker.failing
+        ids = await publish(amqp_url, [json.dumps({"type": "reassign", "appointment_id": APPOINTMENT,
+                                                   "patient_id": 2000, "command_id": "bug-1"}).encode()])
+        await eventually(lambda: reasons(stack, ids), timeout=15)
+        assert "RuntimeError" in reasons(stack, ids)[0]
+        assert worker.failing
+    finally:
+        await worker.stop(timeout=5)
+        await pms.close()
+        await broker.close()
