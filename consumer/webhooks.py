@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
 from consumer.messages import MAX_ID, ObservedEvent, WebhookPayload
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -36,6 +38,7 @@ from consumer.store.base import Store
 SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
 # Optional: set by `appt serve`, so /readyz can say when the worker's handler is failing.
 WORKER_FAILING_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("worker_failing")
 
@@ -200,9 +203,11 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down",
               "worker": "failing" if worker_failing else "ok"}
     ready = broker_ok and store_ok and not worker_failing
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
+    silence = request.app.get(SILENCE_KEY)
+    if silence is not None:
+        body["webhooks"] = silence.report(datetime.now(timezone.utc))
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def render_metrics(request: web.Request) -> web.Response:
