@@ -37,8 +37,9 @@ def _within_bytes(limit: int) -> AfterValidator:
     return AfterValidator(check)
 
 
-MessageId = Annotated[str, Field(min_length=1), _within_bytes(MAX_ID_BYTES)]
-ShortStr = Annotated[str, _within_bytes(MAX_SHORTSTR_BYTES)]
+# max_length (characters) puts the limit in the JSON Schema; the byte check is the binding one.
+MessageId = Annotated[str, Field(min_length=1, max_length=MAX_ID_BYTES), _within_bytes(MAX_ID_BYTES)]
+ShortStr = Annotated[str, Field(max_length=MAX_SHORTSTR_BYTES), _within_bytes(MAX_SHORTSTR_BYTES)]
 
 
 def is_positive_id(value: object) -> bool:
