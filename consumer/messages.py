@@ -26,11 +26,16 @@ MAX_CLOCK_SKEW = timedelta(minutes=5)
 Id = Annotated[int, Field(strict=True, gt=0, le=MAX_ID)]
 
 
+def fits_bytes(value: str, limit: int) -> bool:
+    """Whether ``value`` is at most ``limit`` bytes in UTF-8 (AMQP counts bytes, not characters)."""
+    return len(value.encode()) <= limit
+
+
 def _within_bytes(limit: int) -> AfterValidator:
-    """A length limit in UTF-8 bytes: AMQP counts bytes, pydantic's max_length counts characters."""
+    """A length limit in UTF-8 bytes, for fields that become AMQP properties."""
 
     def check(value: str) -> str:
-        if len(value.encode()) > limit:
+        if not fits_bytes(value, limit):
             raise ValueError(f"must be at most {limit} bytes in UTF-8")
         return value
 

@@ -145,7 +145,10 @@ async def test_a_correlation_id_over_255_bytes_is_invalid_at_once(stack: Stack, 
     ids = await publish(amqp_url, [json.dumps(command).encode()], reply_to=reply)
     await eventually(lambda: reasons(stack, ids), timeout=15)
     assert "correlation_id" in reasons(stack, ids)[0]
-    assert stack.observer.results == {}  # not applied, no result published over and over
+    # Dead-lettered at once and answered "failed" once (by the dead-letter collector), never applied.
+    assert (await stack.result("long-corr"))["outcome"] == "failed"
+    await asyncio.sleep(0.5)
+    assert stack.observer.result_counts["long-corr"] == 1
 
 
 async def test_reply_to_a_queue_of_the_service_is_ignored(stack: Stack, amqp_url: str) -> None:
