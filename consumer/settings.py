@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.messages import DEFAULT_MAX_MESSAGE_BYTES
@@ -18,6 +18,7 @@ from consumer.signing import secret_key
 ENV_PREFIX = "APPT_"
 # Never echoed in an error: their values are credentials.
 SECRET_SETTINGS = frozenset({"pms_token", "webhook_secrets", "dentally_signing_secret", "api_token"})
+DAY = 86_400.0
 
 
 class SettingsError(Exception):
@@ -60,6 +61,12 @@ class Settings(BaseSettings):
     reconcile_updated_after: bool = False
     webhook_silence_grace: float = Field(120.0, gt=0)
     workflow_deadline: float = Field(300.0, gt=0)
+    # Retention, in seconds; 0 keeps for good. Why these defaults: README "Retention".
+    inbox_retention: float = Field(7 * DAY, ge=0)
+    workflow_retention: float = Field(30 * DAY, ge=0)
+    state_log_retention: float = Field(0.0, ge=0)
+    prune_interval: float = Field(60.0, ge=0)
+    prune_batch: int = Field(500, ge=1, le=100_000)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -82,6 +89,16 @@ class Settings(BaseSettings):
     def _known_store(cls, value: str) -> str:
         if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///PATH or a postgresql:// URL")
+        return value
+
+    @field_validator("state_log_retention")
+    @classmethod
+    def _log_outlives_inbox(cls, value: float, info: ValidationInfo) -> float:
+        """A redelivery the inbox catches re-publishes its records from the log, so
+        the log must be kept at least as long as the inbox."""
+        inbox = info.data.get("inbox_retention")
+        if value and inbox is not None and (inbox == 0 or value < inbox):
+            raise ValueError(f"must be 0 (keep) or at least APPT_INBOX_RETENTION ({inbox:g})")
         return value
 
     @field_validator("worker_partitions")
