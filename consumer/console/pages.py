@@ -161,7 +161,7 @@ async def dead_action(request: web.Request) -> web.StreamResponse:
     """Replay or purge the ticked letters: a first post asks, the confirmed one acts."""
     form = await request.post()
     action = str(form.get("action", ""))
-    ids = tuple(int(str(v)) for v in form.getall("id", []) if str(v).isdigit())
+    ids = tuple(int(str(v)) for v in form.getall("id", []) if _ascii_digits(str(v)))
     if action not in ("replay", "purge") or not ids:
         raise web.HTTPSeeOther("/console/dead?message=" + "tick at least one dead letter, then replay or purge")
     store = _store(request)
@@ -182,11 +182,16 @@ async def dead_action(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/console/dead?message={done} {verb}")
 
 
+def _ascii_digits(text: str) -> bool:
+    """``str.isdigit`` and ``int`` also take other scripts' digits; ids here are ASCII only."""
+    return text.isascii() and text.isdigit()
+
+
 async def search(request: web.Request) -> web.StreamResponse:
     """An appointment id, a workflow id or a command id: go where it is."""
     query = request.query.get("q", "").strip()
     store = _store(request)
-    if query.isdigit() and (await store.get_appointment(int(query)) or await store.history(int(query), limit=1)):
+    if _ascii_digits(query) and (await store.get_appointment(int(query)) or await store.history(int(query), limit=1)):
         raise web.HTTPSeeOther(f"/console/appointments/{query}")
     for workflow_id in (query, workflow_id_for(query)):
         if query and await store.get_workflow(workflow_id):
