@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -22,8 +22,6 @@ from aiohttp import web
 
 from consumer.sandbox import rules
 from consumer.sandbox.state import Budget, Fault, Missing, Refused, SandboxState
-
-log = logging.getLogger(__name__)
 
 STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
 HANG_SECONDS = 60.0
@@ -270,6 +268,7 @@ KNOBS: dict[str, Callable[[SandboxState, dict[str, Any]], Any]] = {
     "refuse_deletes": lambda s, b: s.refuse_deletes(bool(b["enabled"])),
     "refuse_cancel": lambda s, b: s.refuse_cancel(int(b["appointment_id"])),
     "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"])),
+    "clear_faults": lambda s, b: s.clear_faults(),
     "reset": lambda s, b: s.reset(),
 }
 
@@ -342,5 +341,8 @@ async def running_sandbox(
 async def serve_sandbox(host: str, port: int, *, token: str = "sandbox-token") -> None:
     """Run the sandbox until cancelled (``appt sandbox``)."""
     async with running_sandbox(host=host, port=port, token=token) as sandbox:
-        log.info("PMS sandbox listening on %s (token %r)", sandbox.url, sandbox.state.token)
+        # One line for the person who started it: where, with which token, and where the knobs are.
+        print(f"appt sandbox: PMS sandbox listening on {sandbox.url} (API {sandbox.url}/v1, "
+              f"token {sandbox.state.token!r}; knobs: POST {sandbox.url}/_sandbox/<knob>, "
+              f"e.g. /_sandbox/seed)", file=sys.stderr, flush=True)
         await asyncio.Event().wait()
