@@ -24,6 +24,10 @@ class StoreUnavailable(Exception):
     """The store could not be reached (transient: retry)."""
 
 
+class NoStore(StoreUnavailable):
+    """A store opened read-only does not exist (APPT_STORE points elsewhere than the service's)."""
+
+
 @dataclass(frozen=True)
 class AppointmentRecord:
     """What the service believes about one appointment.

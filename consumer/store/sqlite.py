@@ -29,6 +29,7 @@ from consumer.store.base import (
     AppointmentRecord,
     Commit,
     InboxEntry,
+    NoStore,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -61,7 +62,7 @@ class SqliteStore:
         """Runs on the store's thread, the only one that ever touches the connection."""
         if self._path != ":memory:" and not os.path.exists(self._path):
             if not self._create:
-                raise StoreUnavailable(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
+                raise NoStore(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
             os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         try:
             # isolation_level=None: the driver must not open transactions of its own.
