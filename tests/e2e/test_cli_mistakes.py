@@ -22,6 +22,7 @@ import pytest
 from consumer.cli import build_parser
 from consumer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from consumer.store.base import open_store
+from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
 from tests.e2e.processes import APPT
 from tests.helpers import free_port
 
@@ -71,6 +72,15 @@ MISTAKES = [
 ]
 
 
+@pytest.fixture(scope="module")
+def module_amqp_url() -> Iterator[str]:
+    """One vhost for the whole table (creating one per row cost seconds each)."""
+    require_service("RabbitMQ", RABBIT_HOST, RABBIT_PORT)
+    vhost = make_vhost()
+    yield f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
+    drop_vhost(vhost)
+
+
 @pytest.fixture
 def taken_port() -> Iterator[int]:
     with socket.socket() as held:
@@ -96,10 +106,10 @@ def run_appt(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.Comp
 @pytest.mark.parametrize(("mistake", "argv", "env", "code", "says"), MISTAKES, ids=[m[0] for m in MISTAKES])
 async def test_an_ordinary_mistake_is_one_line_and_its_exit_code(
     mistake: str, argv: list[str], env: dict[str, str], code: int, says: str,
-    tmp_path: Path, sqlite_url: str, amqp_url: str, taken_port: int,
+    tmp_path: Path, sqlite_url: str, module_amqp_url: str, taken_port: int,
 ) -> None:
     await make_store(sqlite_url)
-    fill = {"dead": str(free_port()), "tmp": str(tmp_path), "amqp": amqp_url, "taken": str(taken_port)}
+    fill = {"dead": str(free_port()), "tmp": str(tmp_path), "amqp": module_amqp_url, "taken": str(taken_port)}
     finished = run_appt([a.format(**fill) for a in argv],
                         {"APPT_STORE": sqlite_url, **{k: v.format(**fill) for k, v in env.items()}}, tmp_path)
     assert "Traceback" not in finished.stderr, finished.stderr
