@@ -1,4 +1,4 @@
-"""A newcomer's ordinary mistakes: every `appt` verb answers with one line and its documented exit code.
+"""`appt` in a newcomer's first hour: ordinary mistakes are one line and their documented exit code.
 
 Each row is a mistake (a service down, a bad flag, a bad time, an unknown id,
 a port taken), run as the real `appt` process. None may print a traceback;
@@ -23,7 +23,7 @@ from consumer.cli import build_parser
 from consumer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from consumer.store.base import open_store
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
-from tests.e2e.processes import APPT
+from tests.e2e.processes import APPT, SandboxProcess
 from tests.helpers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -186,3 +186,14 @@ def test_help_shows_defaults_and_formats() -> None:
     assert "(default: 127.0.0.1)" in subparser("sandbox").format_help()
     assert "2026-11-20T00:00:00Z" in subparser("reconcile").format_help()
     assert subparser("sagas").format_usage().startswith("usage: appt sagas [-h] [--stuck] [--json]\n")
+
+
+async def test_appt_sandbox_says_where_it_listens_with_which_token(tmp_path: Path) -> None:
+    sandbox = SandboxProcess(tmp_path).start()
+    try:
+        await sandbox.wait_ready()
+        [line] = sandbox.log_text().splitlines()
+        assert line.startswith(f"appt sandbox: PMS sandbox listening on {sandbox.url} ")
+        assert "token 'sandbox-token'" in line and f"{sandbox.url}/_sandbox/<knob>" in line
+    finally:
+        await sandbox.terminate()
