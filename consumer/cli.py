@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     diagram.add_argument("machine", choices=["appointment", "reassignment"], help="which machine")
 
     sandbox = verb("sandbox", "run the PMS emulator (in memory, with fault knobs under /_sandbox/)",
-                   "prints one line once listening: URL, token, knobs.\n"
-                   "exit codes: 1 the port is taken; 0 after Ctrl-C.")
+                   "prints one line once listening: URL, token, knobs; runs until Ctrl-C.\n"
+                   "exit codes: 1 the port is taken (or stopped by Ctrl-C).")
     sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sandbox.add_argument("--port", type=int, default=8700, help="port to listen on")
 
