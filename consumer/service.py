@@ -22,7 +22,7 @@ from consumer.broker import Broker
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
 from consumer.reconciler import run_reconciler
-from consumer.settings import Settings
+from consumer.settings import Settings, default_store, default_store_path
 from consumer.store.base import open_store
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
 from consumer.worker import Worker
@@ -97,6 +97,8 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
     # published would leave work half-done behind a failed start.
     check_ports_free(settings.http_host, {"APPT_HTTP_PORT": settings.http_port,
                                           **({"APPT_SANDBOX_PORT": settings.sandbox_port} if with_sandbox else {})})
+    if settings.store == default_store():  # our default place is ours to make; a configured path is not
+        default_store_path().parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)

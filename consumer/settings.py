@@ -20,13 +20,17 @@ class SettingsError(Exception):
     """Raised with one line per bad variable, each naming the variable."""
 
 
-def default_store() -> str:
+def default_store_path() -> Path:
     """An absolute place, so every verb finds the same store whatever the current directory.
 
     ``$XDG_DATA_HOME/appt/appt.sqlite3``, i.e. ``~/.local/share/appt/appt.sqlite3`` by default.
     """
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return f"sqlite:///{Path(data_home).absolute() / 'appt' / 'appt.sqlite3'}"
+    return Path(data_home).absolute() / "appt" / "appt.sqlite3"
+
+
+def default_store() -> str:
+    return f"sqlite:///{default_store_path()}"
 
 
 class Settings(BaseSettings):

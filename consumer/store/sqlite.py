@@ -60,10 +60,8 @@ class SqliteStore:
 
     def _connect(self) -> Connection:
         """Runs on the store's thread, the only one that ever touches the connection."""
-        if self._path != ":memory:" and not os.path.exists(self._path):
-            if not self._create:
-                raise NoStore(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
-            os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
+        if not self._create and self._path != ":memory:" and not os.path.exists(self._path):
+            raise NoStore(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
         try:
             # isolation_level=None: the driver must not open transactions of its own.
             db = sqlite3.connect(self._path, isolation_level=None)
