@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  dependency unreachable; 2 no such workflow; 3 a bad APPT_* variable")
     retry.add_argument("workflow_id", metavar="ID", help="as listed by appt sagas, e.g. reassign-<command id>")
 
+    _add_dead(verbs)
+
     diagram = verb("diagram", "print a machine as a Mermaid state diagram", "exit code 0.")
     diagram.add_argument("machine", choices=["appointment", "reassignment"], help="which machine")
 
@@ -151,6 +153,33 @@ def build_parser() -> argparse.ArgumentParser:
                            help="ISO 8601 time with a zone to rescan from (e.g. 2026-11-20T00:00:00Z) "
                                 "instead of the stored watermark")
     return parser
+
+
+def _add_dead(verbs: Any) -> None:
+    epilog = f"reads APPT_STORE (and APPT_AMQP_URL to replay).\n\n{EXIT_CODES}"
+
+    def action(name: str, help: str) -> argparse.ArgumentParser:
+        return actions.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=Formatter)
+
+    dead = verbs.add_parser("dead", help="dead letters: list, show, replay or purge them",
+                            description="dead letters: list, show, replay or purge them", epilog=epilog,
+                            formatter_class=Formatter)
+    actions = dead.add_subparsers(dest="dead_verb", required=True, metavar="ACTION")
+    listing = action("list", "dead letters in arrival order, and a count by reason class")
+    show = action("show", "one dead letter's body and headers")
+    show.add_argument("id", type=int)
+    replay = action("replay", "put dead letters back through the pipeline")
+    purge = action("purge", "discard dead letters (asks first)")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    for action in (replay, purge):
+        action.add_argument("ids", type=int, nargs="*", metavar="ID")
+        action.add_argument("--all", action="store_true", help="every dead letter the filters match")
+    for action in (listing, replay, purge):
+        action.add_argument("--reason", help="reason contains TEXT (case-insensitive)")
+        action.add_argument("--type", help="command or event type, e.g. confirm, appointment.updated")
+        action.add_argument("--practice", help="the practice the message names")
+    for action in (listing, show, replay, purge):
+        action.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -234,7 +263,26 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
+    if args.verb == "dead":
+        return await _dead(args, settings)
     raise AssertionError(args.verb)
+
+
+async def _dead(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import dead_tools
+    from consumer.store.base import DeadLetterQuery
+
+    if args.dead_verb == "show":
+        return await dead_tools.dead_show(settings, args.id, as_json=args.json)
+    ids = tuple(getattr(args, "ids", None) or ()) or None
+    if args.dead_verb != "list" and (ids is None) == (not args.all):
+        raise CliError(f"{args.dead_verb}: name dead letters by ID or use --all (not both)", EXIT_USAGE)
+    query = DeadLetterQuery(ids=ids, reason=args.reason, type=args.type, practice=args.practice)
+    if args.dead_verb == "list":
+        return await dead_tools.dead_list(settings, query, as_json=args.json)
+    if args.dead_verb == "replay":
+        return await dead_tools.dead_replay(settings, query, as_json=args.json)
+    return await dead_tools.dead_purge(settings, query, yes=args.yes, as_json=args.json)
 
 
 if __name__ == "__main__":
