@@ -157,19 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_dead(verbs: Any) -> None:
     epilog = f"reads APPT_STORE (and APPT_AMQP_URL to replay).\n\n{EXIT_CODES}"
-
-    def action(name: str, help: str) -> argparse.ArgumentParser:
-        return actions.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=Formatter)
-
     dead = verbs.add_parser("dead", help="dead letters: list, show, replay or purge them",
                             description="dead letters: list, show, replay or purge them", epilog=epilog,
                             formatter_class=Formatter)
     actions = dead.add_subparsers(dest="dead_verb", required=True, metavar="ACTION")
-    listing = action("list", "dead letters in arrival order, and a count by reason class")
-    show = action("show", "one dead letter's body and headers")
+
+    def subverb(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = actions.add_parser(
+            name, help=help, description=help, epilog=epilog, formatter_class=Formatter)
+        return parser
+
+    listing = subverb("list", "dead letters in arrival order, and a count by reason class")
+    show = subverb("show", "one dead letter's body and headers")
     show.add_argument("id", type=int)
-    replay = action("replay", "put dead letters back through the pipeline")
-    purge = action("purge", "discard dead letters (asks first)")
+    replay = subverb("replay", "put dead letters back through the pipeline")
+    purge = subverb("purge", "discard dead letters (asks first)")
     purge.add_argument("--yes", action="store_true", help="do not ask")
     for action in (replay, purge):
         action.add_argument("ids", type=int, nargs="*", metavar="ID")
