@@ -23,14 +23,14 @@ from consumer.cli import build_parser
 from consumer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
 from consumer.store.base import open_store
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
-from tests.e2e.processes import APPT, SandboxProcess
-from tests.helpers import free_port
+from tests.e2e.processes import SandboxProcess
+from tests.helpers import APPT, Ran, free_port, run_appt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 # (what goes wrong, argv, extra env, expected exit code, text the last stderr line contains).
-# {dead} is a port nothing listens on; {store} an existing empty SQLite store; {amqp} a live vhost;
-# {taken} a port held by the test.
+# Every row runs with APPT_STORE an existing empty SQLite store. {dead} is a port nothing listens
+# on; {tmp} the test's directory; {amqp} a live vhost; {taken} a port held by the test.
 MISTAKES = [
     ("RabbitMQ down: send", ["send", "confirm", "--appointment", "1"],
      {"APPT_AMQP_URL": "amqp://guest:guest@127.0.0.1:{dead}/"}, EXIT_FAILED, "RabbitMQ unreachable"),
@@ -95,12 +95,10 @@ async def make_store(url: str) -> None:
     await store.close()
 
 
-def run_appt(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("APPT_")}
-    environment.update({"APPT_RECONCILE_INTERVAL": "0", "APPT_HTTP_PORT": str(free_port()),
-                        "APPT_SANDBOX_PORT": str(free_port()), **env})
-    return subprocess.run([str(APPT), *argv], env=environment, cwd=cwd, capture_output=True, text=True,
-                          timeout=60)
+async def appt(argv: list[str], env: dict[str, str]) -> Ran:
+    """`appt ARGV` with polling off and ports of its own, so no row collides with a running service."""
+    return await run_appt({"APPT_RECONCILE_INTERVAL": "0", "APPT_HTTP_PORT": str(free_port()),
+                           "APPT_SANDBOX_PORT": str(free_port()), **env}, *argv)
 
 
 @pytest.mark.parametrize(("mistake", "argv", "env", "code", "says"), MISTAKES, ids=[m[0] for m in MISTAKES])
@@ -110,8 +108,8 @@ async def test_an_ordinary_mistake_is_one_line_and_its_exit_code(
 ) -> None:
     await make_store(sqlite_url)
     fill = {"dead": str(free_port()), "tmp": str(tmp_path), "amqp": module_amqp_url, "taken": str(taken_port)}
-    finished = run_appt([a.format(**fill) for a in argv],
-                        {"APPT_STORE": sqlite_url, **{k: v.format(**fill) for k, v in env.items()}}, tmp_path)
+    finished = await appt([a.format(**fill) for a in argv],
+                          {"APPT_STORE": sqlite_url, **{k: v.format(**fill) for k, v in env.items()}})
     assert "Traceback" not in finished.stderr, finished.stderr
     last = finished.stderr.strip().splitlines()[-1]
     assert last.startswith("appt"), finished.stderr
@@ -121,7 +119,7 @@ async def test_an_ordinary_mistake_is_one_line_and_its_exit_code(
 
 async def test_history_of_an_unknown_appointment_names_the_store_it_read(tmp_path: Path, sqlite_url: str) -> None:
     await make_store(sqlite_url)
-    finished = run_appt(["history", "404"], {"APPT_STORE": sqlite_url}, tmp_path)
+    finished = await appt(["history", "404"], {"APPT_STORE": sqlite_url})
     assert finished.returncode == EXIT_OK
     assert finished.stderr.splitlines() == [f"store: {sqlite_url}", "no records for appointment 404"]
 
@@ -144,13 +142,13 @@ async def test_an_unforeseen_error_is_one_line_and_a_traceback_only_when_debuggi
     with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as db:
         db.executescript("DROP TABLE workflows; CREATE TABLE workflows (x INTEGER);")
     env = {"APPT_STORE": sqlite_url}
-    plain = run_appt(["sagas"], env, tmp_path)
+    plain = await appt(["sagas"], env)
     assert plain.returncode == EXIT_FAILED
     assert "Traceback" not in plain.stderr
     assert plain.stderr.splitlines()[-1].startswith("appt sagas: unexpected StoreUnavailable")
     assert "--debug" in plain.stderr
-    assert "Traceback" in run_appt(["--debug", "sagas"], env, tmp_path).stderr
-    assert "Traceback" in run_appt(["sagas"], {**env, "APPT_LOG_LEVEL": "DEBUG"}, tmp_path).stderr
+    assert "Traceback" in (await appt(["--debug", "sagas"], env)).stderr
+    assert "Traceback" in (await appt(["sagas"], {**env, "APPT_LOG_LEVEL": "DEBUG"})).stderr
 
 
 def subparser(*words: str) -> argparse.ArgumentParser:
