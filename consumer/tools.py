@@ -40,6 +40,11 @@ def public_url(url: str) -> str:
     return f"{scheme}{sep}{rest.rpartition('@')[2]}"
 
 
+def name_store(settings: Settings) -> None:
+    """Read-only verbs say which store they read (on stderr), so "no records" can't hide a wrong one."""
+    print(f"store: {public_url(settings.store)}", file=sys.stderr)
+
+
 @contextlib.asynccontextmanager
 async def opened_store(settings: Settings, *, create: bool = False) -> AsyncIterator[Store]:
     """The store; read-only verbs (``create=False``) refuse to make an empty SQLite file."""
@@ -144,7 +149,7 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
 
 async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
-    print(f"store: {public_url(settings.store)}", file=sys.stderr)
+    name_store(settings)
     if not follow:
         await _print_stored(settings, appointment_id, printer, after=0)
         if not printer.printed and not as_json:
@@ -215,7 +220,7 @@ class RecordPrinter:
 
 
 async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
-    print(f"store: {public_url(settings.store)}", file=sys.stderr)
+    name_store(settings)
     async with opened_store(settings) as store:
         workflows = await store.list_workflows()
     if stuck:
