@@ -144,14 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "exit codes: 1 the port is taken (or stopped by Ctrl-C).")
     sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sandbox.add_argument("--port", type=int, default=8700, help="port to listen on")
+    sandbox.add_argument("--token", default="sandbox-token",
+                         help="the one bearer token accepted; "
+                              "POST /_sandbox/token changes it at run time, as a revoked or expired token")
+    sandbox.add_argument("--updated-after", choices=["ignored", "honoured"], default="ignored",
+                         help="whether the list honours updated_after (unconfirmed on the live PMS)")
+    sandbox.add_argument("--delete", choices=["cancel", "remove"], default="cancel",
+                         help="what DELETE does (unconfirmed on the live PMS)")
 
     verb("schema", "print the message contract as JSON Schema", "exit code 0.")
 
-    reconcile = verb("reconcile", "catch up from the PMS now (polls updated_after)",
+    reconcile = verb("reconcile", "catch up from the PMS now (reads every polling window once, cancelled rows included)",
                      "reads APPT_STORE, APPT_AMQP_URL, APPT_PMS_URL, APPT_PMS_TOKEN.\n\n" + EXIT_CODES)
     reconcile.add_argument("--since", metavar="TIME",
-                           help="ISO 8601 time with a zone to rescan from (e.g. 2026-11-20T00:00:00Z) "
-                                "instead of the stored watermark")
+                           help="ISO 8601 time with a zone (e.g. 2026-11-20T00:00:00Z): republish every row "
+                                "changed after it, whatever is stored")
     return parser
 
 
@@ -215,7 +222,9 @@ def _main(args: argparse.Namespace) -> int:
         from consumer.sandbox import serve_sandbox
 
         try:
-            return _run(serve_sandbox(args.host, args.port))
+            return _run(serve_sandbox(args.host, args.port, token=args.token,
+                                      updated_after_honoured=args.updated_after == "honoured",
+                                      delete_mode=args.delete))
         except OSError as exc:
             raise CliError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}): choose another --port") \
                 from None

@@ -278,7 +278,8 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
         check_time(since, "--since")
     async with opened_store(settings, create=True) as store, connected_broker(settings) as broker:
         async with connected_pms(settings) as pms:
-            count = await reconcile_once(pms, broker, store, since=since)
+            count = await reconcile_once(pms, broker, store, since=since,
+                                         horizon_days=settings.reconcile_horizon_days)
     print(json.dumps({"published": count}))
     return EXIT_OK
 
