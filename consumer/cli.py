@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile | prune.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     verb("schema", "print the message contract as JSON Schema", "exit code 0.")
 
+    prune = verb("prune", "delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)",
+                 f"reads APPT_STORE and the APPT_*_RETENTION settings; refuses a store that does not exist.\n\n"
+                 f"{EXIT_CODES}")
+    prune.add_argument("--dry-run", action="store_true", help="only count what would go, per table")
+
     reconcile = verb("reconcile", "catch up from the PMS now (reads every polling window once, cancelled rows included)",
                      "reads APPT_STORE, APPT_AMQP_URL, APPT_PMS_URL, APPT_PMS_TOKEN.\n\n" + EXIT_CODES)
     reconcile.add_argument("--since", metavar="TIME",
@@ -274,6 +279,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
+    if args.verb == "prune":
+        return await tools.prune(settings, dry_run=args.dry_run)
     if args.verb == "dead":
         return await _dead(args, settings)
     raise AssertionError(args.verb)

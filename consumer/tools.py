@@ -284,6 +284,17 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
     return EXIT_OK
 
 
+async def prune(settings: Settings, *, dry_run: bool) -> int:
+    """One JSON line per table: what went (or, dry, would go) and the oldest row kept."""
+    from consumer.retention import prune_once, retentions
+
+    async with opened_store(settings) as store:
+        reports = await prune_once(store, retentions(settings), batch=settings.prune_batch, dry_run=dry_run)
+    for report in reports:
+        print(json.dumps({**report.as_json(), "dry_run": dry_run}))
+    return EXIT_OK
+
+
 def check_time(text: str, flag: str) -> None:
     """An ISO 8601 time with its zone, as the PMS's ``updated_after`` takes it."""
     example = "e.g. 2026-11-20T00:00:00Z"
