@@ -160,8 +160,8 @@ def subparser(*words: str) -> argparse.ArgumentParser:
     return parser
 
 
-@pytest.mark.parametrize("verb", ["", "serve", "send", "history", "sagas", "sagas retry", "dead", "dead replay", "prune",
-                                  "diagram", "sandbox", "schema", "reconcile"])
+@pytest.mark.parametrize("verb", ["", "serve", "send", "history", "sagas", "sagas retry", "dead", "dead replay",
+                                  "prune", "diagram", "sandbox", "schema", "reconcile"])
 def test_help_at_every_level_gives_the_exit_codes(verb: str) -> None:
     assert "exit code" in subparser(*verb.split()).format_help()
 
