@@ -19,14 +19,14 @@ from typing import Any, NoReturn
 
 from consumer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from consumer.logs import configure
-from consumer.settings import Settings, SettingsError, default_store, load_settings
+from consumer.settings import Settings, SettingsError, default_store, load_settings, redact_url
 
 EXIT_CODES = """exit codes:
   0  done (send --wait: the command succeeded)
   1  failed: the command was rejected or failed, or RabbitMQ / the store / the PMS
      is unreachable, or a port is taken
   2  usage: a bad or missing flag or argument, an unknown id, no store at APPT_STORE
-  3  configuration: a bad APPT_* variable (each named on its own line)
+  3  configuration: a bad APPT_* variable (each one named)
   4  timeout: no result within send --wait SECONDS"""
 
 MAIN_EPILOG = f"""configuration: APPT_* environment variables (all of them: README, "Configuration"):
@@ -267,7 +267,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         try:
             await serve(settings, with_sandbox=args.with_sandbox)
         except (AMQPError, StoreUnavailable, OSError) as exc:  # a dependency down, a port taken
-            raise CliError(f"could not start: {type(exc).__name__}: {exc}") from None
+            reason = str(exc)
+            for url in (settings.amqp_url, settings.store):  # a driver may quote its URL back
+                reason = reason.replace(url, redact_url(url))
+            raise CliError(f"could not start: {type(exc).__name__}: {reason}") from None
         return EXIT_OK
     if args.verb == "send":
         return await tools.send(settings, args)

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.messages import DEFAULT_MAX_MESSAGE_BYTES
+from consumer.signing import secret_key
+
 ENV_PREFIX = "APPT_"
+# Never echoed in an error: their values are credentials.
+SECRET_SETTINGS = frozenset({"pms_token", "webhook_secrets", "dentally_signing_secret", "api_token"})
 DAY = 86_400.0
 
 
@@ -46,12 +52,18 @@ class Settings(BaseSettings):
     pms_retry_attempts: int = Field(4, ge=1, le=20)
     webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_tolerance: int = Field(300, ge=1)
-    webhook_max_body: int = Field(256 * 1024, ge=1024)
+    # One limit for a webhook's body and an inbound message, so a 202 always means "will be
+    # applied". APPT_WEBHOOK_MAX_BODY, its earlier name, is still read.
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=64 * 1024 * 1024, validation_alias=AliasChoices(
+        "max_message_bytes", "APPT_MAX_MESSAGE_BYTES", "webhook_max_body", "APPT_WEBHOOK_MAX_BODY"))
     dentally_signing_secret: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     sandbox_port: int = Field(8700, ge=0, le=65535)
     api_token: str | None = None
+    http_idle_timeout: float = Field(15.0, gt=0)
+    http_body_timeout: float = Field(30.0, gt=0)
+    http_max_connections: int = Field(512, ge=1)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     prefetch: int = Field(64, ge=1, le=1000)
@@ -79,6 +91,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [s for s in value.replace(",", " ").split() if s]
         return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _decodable_secrets(cls, secrets: list[str]) -> list[str]:
+        """A malformed secret stops start-up here, not at the first webhook."""
+        for secret in secrets:
+            secret_key(secret)
+        return secrets
 
     @field_validator("store")
     @classmethod
@@ -138,14 +158,32 @@ def parse_partitions(spec: str, count: int) -> list[int]:
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read settings, turning pydantic's errors into one line per bad ``APPT_*`` variable."""
+    """Read settings, turning pydantic's errors into one line naming every bad ``APPT_*`` variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            message = str(err["msg"]).removeprefix("Value error, ")
-            if err["loc"]:  # a field's own check; a cross-field check names its variables itself
-                message = f"{ENV_PREFIX}{str(err['loc'][0]).upper()}: {message} (got {err.get('input')!r})"
-            lines.append(message)
-        raise SettingsError("\n".join(lines)) from None
+            if not err["loc"]:  # a cross-field check names its variables itself
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(err["loc"][0]).lower().removeprefix(ENV_PREFIX.lower()) if err["loc"] else ""
+            got = "" if field in SECRET_SETTINGS else f" (got {_shown(err.get('input'))})"
+            lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{got}")
+        raise SettingsError("invalid configuration: " + "; ".join(lines)) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for messages an operator (or a log) sees."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
+
+
+def _shown(value: Any) -> str:
+    return repr(redact_url(value) if isinstance(value, str) and "://" in value else value)
