@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | asyncapi | reconcile.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--port", type=int, default=8700)
 
     verbs.add_parser("schema", help="print the message contract as JSON Schema")
+    verbs.add_parser("asyncapi", help="print the AMQP contract as an AsyncAPI 3.0 document (JSON)")
 
     reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
     reconcile.add_argument("--since", help="ISO time to start from instead of the stored watermark")
@@ -80,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from consumer.messages import json_schemas
 
         print(json.dumps(json_schemas(), indent=2))
+        return EXIT_OK
+    if args.verb == "asyncapi":
+        from consumer.asyncapi import asyncapi_document
+
+        print(json.dumps(asyncapi_document(), indent=2))
         return EXIT_OK
     if args.verb == "sandbox":
         from consumer.sandbox import serve_sandbox

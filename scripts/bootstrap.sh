@@ -11,3 +11,9 @@ if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q -e ".[test,postgres]"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# The AsyncAPI specification's own JSON Schema, which tests/unit/test_asyncapi.py
+# validates `appt asyncapi` against (the npm package the AsyncAPI tools use).
+specs=.tools/npm/node_modules/@asyncapi/specs
+if ! grep -qs '"version": "6.11.1"' "$specs/package.json"; then
+  npm install --silent --no-audit --no-fund --prefix .tools/npm @asyncapi/specs@6.11.1
+fi
