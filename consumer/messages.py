@@ -107,20 +107,43 @@ INBOUND: TypeAdapter[Any] = TypeAdapter(Inbound)
 COMMAND: TypeAdapter[Any] = TypeAdapter(Command)
 
 
+class WebhookAppointment(BaseModel):
+    """The PMS's appointment object: only its id is required here, the rest is kept as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: Id
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        """JSON's ``true`` is no id (pydantic would read it as 1); ``42.0`` is 42, as JSON Schema has it."""
+        if isinstance(value, bool):
+            raise ValueError("appointment id must be an integer")
+        return value
+
+
+class WebhookData(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    appointment: WebhookAppointment
+
+
 class WebhookPayload(BaseModel):
-    """What the PMS posts (Standard Webhooks envelope)."""
+    """What the PMS posts (Standard Webhooks envelope).
+
+    The schema says all that is required (``data.appointment.id``), so the
+    OpenAPI document generated from it promises exactly what is accepted.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     type: EventType
     timestamp: datetime | None = None
-    data: dict[str, Any]
+    data: WebhookData
 
     def appointment(self) -> dict[str, Any]:
-        inner = self.data.get("appointment", self.data)
-        if not isinstance(inner, dict) or not isinstance(inner.get("id"), int):
-            raise ValueError("data.appointment.id (an integer) is required")
-        return inner
+        return self.data.appointment.model_dump()
 
 
 class StateLogRecord(BaseModel):

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,7 +21,8 @@ from pydantic import ValidationError
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
-from consumer.messages import ObservedEvent, WebhookPayload
+from consumer.messages import MAX_ID, ObservedEvent, WebhookPayload
+from consumer.openapi import openapi_document
 from consumer.settings import Settings
 from consumer.signing import (
     FutureTimestamp,
@@ -44,6 +45,7 @@ READY_PING_TIMEOUT = 2.0
 MAX_HISTORY_PAGE = 1000
 
 Resources = Callable[[web.Application], AsyncIterator[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = get_logger(__name__)
 ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webhook counts here
@@ -61,16 +63,32 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
         log.error("webhooks.no_secret_configured",
                   hint="set APPT_WEBHOOK_SECRETS; every webhook is refused until then")
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
-    app = web.Application(client_max_size=settings.webhook_max_body + 1)
+    app = web.Application(client_max_size=settings.webhook_max_body + 1, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(resources)
     app.router.add_post("/webhooks/pms", receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
+    app.router.add_get("/openapi.json", render_openapi)
     app.router.add_get(r"/appointments/{id:\d+}", get_appointment)
     app.router.add_get(r"/appointments/{id:\d+}/history", get_history)
     return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method) answer JSON like ours do.
+
+    A client (or the OpenAPI document) then meets one error shape on every path.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": (exc.reason or "error").lower()}, status=exc.status, headers=allow)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -193,6 +211,10 @@ async def render_metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
+async def render_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app.router))
+
+
 def _unauthorized(request: web.Request) -> web.Response | None:
     """None when the bearer token is right; the refusal to send otherwise.
 
@@ -212,10 +234,19 @@ def _unauthorized(request: web.Request) -> web.Response | None:
     return None
 
 
+def _appointment_id(request: web.Request) -> int:
+    """The path's id; one past the stored ids' BIGINT range is unknown, not a store error."""
+    appointment_id = int(request.match_info["id"])
+    if appointment_id > MAX_ID:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"appointment {appointment_id} unknown"}),
+                               content_type="application/json")
+    return appointment_id
+
+
 async def get_appointment(request: web.Request) -> web.Response:
     if (refusal := _unauthorized(request)) is not None:
         return refusal
-    appointment_id = int(request.match_info["id"])
+    appointment_id = _appointment_id(request)
     record = await request.app[STORE_KEY].get_appointment(appointment_id)
     if record is None:
         return _error(404, f"appointment {appointment_id} unknown")
@@ -246,7 +277,7 @@ async def get_history(request: web.Request) -> web.Response:
     """One page of the state log; ``next_after_seq`` is null once the last page is served."""
     if (refusal := _unauthorized(request)) is not None:
         return refusal
-    appointment_id = int(request.match_info["id"])
+    appointment_id = _appointment_id(request)
     after_seq = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
     limit = _int_query(request, "limit", 100, 1, MAX_HISTORY_PAGE)
     store = request.app[STORE_KEY]
