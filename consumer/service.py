@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from consumer import metrics
+from consumer import metrics, tracing
 from consumer.broker import Broker
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
@@ -88,6 +88,9 @@ async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
 async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
     configure(settings.log_format, settings.log_level)
     async with contextlib.AsyncExitStack() as stack:
+        if tracing.configure():
+            stack.callback(tracing.shutdown)
+            log.info("tracing on", exporter=os.environ.get("OTEL_TRACES_EXPORTER", "otlp"))
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
