@@ -41,6 +41,7 @@ T = TypeVar("T")
 SERVICE_NAME = "appointment-consumer"
 
 _provider: Any = None  # the SDK's TracerProvider while tracing is on
+OFF = contextlib.nullcontext()  # what the hooks cost while tracing is off
 
 
 def wanted() -> bool:
@@ -103,12 +104,15 @@ def _tracer() -> Any:
     return _provider.get_tracer(__name__)
 
 
-@contextlib.contextmanager
-def publish_span(exchange: str, routing_key: str, properties: aiormq.spec.Basic.Properties) -> Iterator[None]:
+def publish_span(
+    exchange: str, routing_key: str, properties: aiormq.spec.Basic.Properties
+) -> contextlib.AbstractContextManager[None]:
     """A PRODUCER span around one publish; its context goes out as ``traceparent`` in the headers."""
-    if _provider is None:
-        yield
-        return
+    return OFF if _provider is None else _publish_span(exchange, routing_key, properties)
+
+
+@contextlib.contextmanager
+def _publish_span(exchange: str, routing_key: str, properties: aiormq.spec.Basic.Properties) -> Iterator[None]:
     with _tracer().start_as_current_span(
         f"publish {exchange or 'reply'}", kind=trace.SpanKind.PRODUCER,
         attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "publish",
@@ -128,10 +132,12 @@ def _text_headers(message: AbstractIncomingMessage) -> dict[str, str]:
             for key, value in (message.headers or {}).items() if isinstance(value, (str, bytes))}
 
 
-async def processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> T:
-    """Run ``work`` (the worker applying ``message``) in a CONSUMER span continuing its trace."""
-    if _provider is None:
-        return await work
+def processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> Awaitable[T]:
+    """``work`` (the worker applying ``message``), in a CONSUMER span continuing its trace when on."""
+    return work if _provider is None else _processing(message, work)
+
+
+async def _processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> T:
     parent = propagate.extract(_text_headers(message))
     with _tracer().start_as_current_span(
         f"process {message.exchange or 'queue'}", context=parent, kind=trace.SpanKind.CONSUMER,

@@ -130,7 +130,7 @@ def test_every_route_answers_as_documented(
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+              suppress_health_check=list(HealthCheck))
     def answers_as_documented(case: Case) -> None:
         for headers, keywords in _auth_variants(method, path):
             response = case.call(base_url=live_service.url, session=http, headers=headers,
