@@ -13,7 +13,17 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from consumer.broker import DEAD_EXCHANGE, DEAD_QUEUE, EVENTS_EXCHANGE, INBOUND_EXCHANGE, REASON_HEADER
+from consumer.broker import (
+    DEAD_EXCHANGE,
+    DEAD_QUEUE,
+    DELIVERIES_HEADER,
+    EVENTS_EXCHANGE,
+    INBOUND_EXCHANGE,
+    REASON_CLASS_HEADER,
+    REASON_HEADER,
+    REPLAY_HEADER,
+    ROUTING_KEY_HEADER,
+)
 from consumer.messages import (
     COMMAND_TYPES,
     Cancel,
@@ -28,7 +38,6 @@ from consumer.messages import (
 from consumer.schemas import component_schemas
 
 AMQP_BINDING = "0.3.0"
-ROUTING_KEY_HEADER = "x-appt-routing-key"
 
 COMMANDS: dict[str, type[BaseModel]] = {
     "confirm": Confirm, "cancel": Cancel, "set_patient": SetPatient,
@@ -60,7 +69,7 @@ RESULT_EXAMPLE = {
     "reasons": {"patient_id": ["can not change patients"],
                 "hint": ["use reassign to move this slot to another patient"]},
     "appointment": {"id": 757579675, "state": "Pending", "patient_id": 1013},
-    "workflow_id": None, "correlation_id": None, "time": EXAMPLE_TIME,
+    "workflow_id": None, "correlation_id": None, "deliveries": None, "replay": 0, "time": EXAMPLE_TIME,
 }
 STATE_LOG_EXAMPLE = {
     "seq": 7, "time": EXAMPLE_TIME, "appointment_id": 757579675, "machine": "appointment",
@@ -86,8 +95,15 @@ def _headers(*, reply: bool = False, dead: bool = False) -> dict[str, Any]:
     }
     if reply:
         properties["reply_to"] = _string("AMQP property: a queue that also gets the command's result.")
+        properties[REPLAY_HEADER] = {
+            "type": "integer", "minimum": 1,
+            "description": "AMQP header: set by `appt dead replay` on its Nth replay of a dead letter."}
     if dead:
         properties[REASON_HEADER] = _string("AMQP header: why the message was given up on.")
+        properties[REASON_CLASS_HEADER] = _string("AMQP header: the reason's class.",
+                                                  enum=["invalid", "exhausted"])
+        properties[DELIVERIES_HEADER] = {"type": "integer", "minimum": 0,
+                                         "description": "AMQP header: deliveries before it was given up on."}
         properties[ROUTING_KEY_HEADER] = _string("AMQP header: the routing key it was published with.")
     return {"type": "object", "properties": properties}
 
@@ -131,7 +147,7 @@ def _messages() -> dict[str, Any]:
         {"description": "The original body, as it was published (it may not even be JSON)."},
         _headers(dead=True), DEAD_LETTER_EXAMPLE,
         {"message_id": "c-9", REASON_HEADER: "invalid: appointment_id: Input should be a valid integer",
-         ROUTING_KEY_HEADER: "not-a-number"})
+         REASON_CLASS_HEADER: "invalid", DELIVERIES_HEADER: 1, ROUTING_KEY_HEADER: "not-a-number"})
     return {"messages": messages, "schemas": schemas}
 
 

@@ -25,10 +25,10 @@ DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "appointment-consumer.j
 README = (ROOT / "README.md").read_text()
 
 # Metrics that the rules and dashboard read but this process does not export:
-# RabbitMQ's own (rabbitmq_prometheus), Prometheus's `up`, and the two gauges
-# the practices (14) and dead-letter (16) work defines.
+# RabbitMQ's own (rabbitmq_prometheus), Prometheus's `up`, and the practice
+# status gauge that the practices work (issue 14) defines.
 EXTERNAL = {"up", "rabbitmq_detailed_queue_messages_ready"}
-DEFINED_ELSEWHERE = {"appt_practice_status", "appt_dead_letters"}
+DEFINED_ELSEWHERE = {"appt_practice_status"}
 
 
 def _promtool(*args: str) -> str:
