@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1  # ids are stored as BIGINT: a larger one is invalid input, not a transient failure
@@ -130,20 +130,32 @@ class WebhookData(BaseModel):
 
 
 class WebhookPayload(BaseModel):
-    """What the PMS posts (Standard Webhooks envelope).
+    """What the PMS posts. The live PMS's shape is not documented, so two are accepted:
+    ``{"type", "timestamp", "data": {"appointment": {...}}}`` (Standard Webhooks style) and
+    ``{"event", "object", "data": {...the appointment...}}``.
 
-    The schema says all that is required (``data.appointment.id``), so the
-    OpenAPI document generated from it promises exactly what is accepted.
+    ``data``'s schema says both (the appointment's id is what is required), so
+    the OpenAPI document generated from it promises exactly what is accepted.
     """
 
     model_config = ConfigDict(extra="allow")
 
     type: EventType
     timestamp: datetime | None = None
-    data: WebhookData
+    # Left to right: with an "appointment" key, that is the appointment.
+    data: WebhookData | WebhookAppointment = Field(union_mode="left_to_right")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _event_envelope(cls, value: Any) -> Any:
+        """The ``event`` envelope names its type ``event``."""
+        if isinstance(value, dict) and "type" not in value and "event" in value:
+            return {**value, "type": value["event"]}
+        return value
 
     def appointment(self) -> dict[str, Any]:
-        return self.data.appointment.model_dump()
+        inner = self.data.appointment if isinstance(self.data, WebhookData) else self.data
+        return inner.model_dump()
 
 
 class StateLogRecord(BaseModel):
