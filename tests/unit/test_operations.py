@@ -68,7 +68,7 @@ def test_each_alert_fires_on_its_series_and_not_before() -> None:
 
 
 def test_every_alert_has_a_runbook_line_in_the_readme() -> None:
-    section = README.split("### Alerts and runbook", 1)[1].split("\n## ", 1)[0]
+    section = README.split("### Alerts and runbook", 1)[1].split("\n#", 1)[0]
     for rule in _alerts():
         assert f"`{rule['alert']}`" in section, rule["alert"]
 
