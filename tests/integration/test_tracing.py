@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,7 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from consumer import tracing
-from consumer.broker import INBOUND_EXCHANGE
+from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
@@ -80,6 +81,11 @@ async def post_webhook(url: str, appointment: dict[str, Any]) -> None:
         assert answer.status == 202, await answer.text()
 
 
+def ago(hours: int) -> str:
+    """An updated_at in the past (one in the future is refused)."""
+    return (datetime.now(timezone.utc) - timedelta(hours=hours)).isoformat()
+
+
 def in_trace(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
     return [span for span in exporter.get_finished_spans() if span.context.trace_id == trace_id]
 
@@ -99,11 +105,11 @@ async def test_a_signed_webhook_and_the_pms_call_it_causes_are_one_trace(
     spans: InMemorySpanExporter, stack: Stack, sandbox: Any, webhook_url: str
 ) -> None:
     seed(sandbox, 2101, state="Confirmed")
-    await post_webhook(webhook_url, {"id": 2101, "state": "Cancelled", "updated_at": "2030-01-01T08:00:00Z"})
+    await post_webhook(webhook_url, {"id": 2101, "state": "Cancelled", "updated_at": ago(2)})
     await eventually(lambda: stack.store.get_appointment(2101))
     spans.clear()
     # Cancelled -> Confirmed is impossible: something was missed, so the worker asks the PMS.
-    await post_webhook(webhook_url, {"id": 2101, "state": "Confirmed", "updated_at": "2030-01-01T09:00:00Z"})
+    await post_webhook(webhook_url, {"id": 2101, "state": "Confirmed", "updated_at": ago(1)})
 
     async def processed_with_a_get() -> list[ReadableSpan] | None:
         """The trace of the PMS GET, once the worker's span around it has ended too."""
@@ -115,8 +121,8 @@ async def test_a_signed_webhook_and_the_pms_call_it_causes_are_one_trace(
     pms_get = one(trace, SpanKind.CLIENT, "GET")
     server = one(trace, SpanKind.SERVER, "POST /webhooks/pms")
     assert server.parent is None  # the webhook started the trace
-    publish = one(trace, SpanKind.PRODUCER, f"publish {INBOUND_EXCHANGE}")
-    process = one(trace, SpanKind.CONSUMER, f"process {INBOUND_EXCHANGE}")
+    publish = one(trace, SpanKind.PRODUCER, f"publish {OBSERVED_EXCHANGE}")
+    process = next(s for s in trace if s.kind == SpanKind.CONSUMER)  # behind the observed exchange
     assert parent_of(publish, trace) is server
     assert parent_of(process, trace) is publish  # across RabbitMQ, by the traceparent header
     assert parent_of(pms_get, trace) is process
