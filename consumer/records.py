@@ -46,6 +46,13 @@ def is_not_newer(candidate: str | None, stored: str | None) -> bool:
     return _parse_time(candidate) <= _parse_time(stored)
 
 
+def is_older(candidate: str | None, stored: str | None) -> bool:
+    """True when ``candidate`` is strictly older than what is stored (adopting it would go back)."""
+    if candidate is None or stored is None:
+        return False
+    return _parse_time(candidate) < _parse_time(stored)
+
+
 def _parse_time(value: str) -> datetime:
     return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
