@@ -76,6 +76,14 @@ def is_overdue(workflow: WorkflowRecord, *, deadline: float, now: datetime | Non
     return age > deadline
 
 
+class ReplacementChanged(Exception):
+    """Someone else cancelled, deleted or moved the replacement: it no longer holds the slot."""
+
+    def __init__(self, reason: str, replacement: dict[str, Any] | None) -> None:
+        super().__init__(reason)
+        self.replacement = replacement
+
+
 class WorkflowBusy(Exception):
     """Another runner moved this workflow on (seen as a version conflict)."""
 
@@ -385,8 +393,11 @@ class WorkflowRunner:
                                                  upstream)
             failpoint("before_cancel_original")
             try:
-                answer = await self._pms.update_appointment(workflow.appointment_id, write.fields)
+                answer = await self._pms.update_appointment(
+                    workflow.appointment_id, write.fields, before_retry=lambda: self._recheck(workflow))
                 failpoint("after_cancel_original")
+            except ReplacementChanged as changed:  # seen during the cancel's retry backoff
+                return await self._replacement_changed(workflow, str(changed), changed.replacement)
             except Rejected as rejected:
                 if attempt == 1 and names_other_status(rejected):
                     continue  # the state moved behind our back: read again, decide once more
@@ -424,25 +435,12 @@ class WorkflowRunner:
         ends the saga with the original kept (``replacement_changed``); the original moved by
         someone else since the booking is followed: the replacement is moved to its new time.
         """
-        replacement_id = workflow.replacement_id
-        assert replacement_id is not None
-        booked = booked_slot(workflow)
         try:
-            replacement = (await self._pms.get_appointment(replacement_id)).model_dump(mode="json")
-        except NotFound:
-            return await self._replacement_changed(
-                workflow, f"replacement {replacement_id} was deleted by someone else before the original "
-                          "was cancelled", None)
-        if replacement.get("state") not in LIVE:
-            return await self._replacement_changed(
-                workflow, f"replacement {replacement_id} was made {replacement.get('state')} by someone else "
-                          "before the original was cancelled", replacement)
-        if slot_of(replacement) != booked:
-            return await self._replacement_changed(
-                workflow, f"replacement {replacement_id} was moved by someone else to {slot_of(replacement)} "
-                          "before the original was cancelled; left there", replacement)
+            replacement = await self._look_at_replacement(workflow)
+        except ReplacementChanged as changed:
+            return await self._replacement_changed(workflow, str(changed), changed.replacement)
         workflow = dataclasses.replace(workflow, data={**workflow.data, "replacement": replacement})
-        if slot_of(original) == booked:
+        if slot_of(original) == booked_slot(workflow):
             return workflow
         try:
             moved = await self._move_replacement(workflow, original)
@@ -453,11 +451,32 @@ class WorkflowRunner:
         note = (f"moved by someone else to {slot_of(original)} after the replacement was booked; "
                 "the replacement was moved with it")
         copied = {k: original.get(k) for k in COPIED_FIELDS}
-        updated = dataclasses.replace(workflow, data={
-            **workflow.data, "original": copied, "replacement": moved,
-            "reasons": {**workflow.data.get("reasons", {}), "original": [note]}})
+        updated = dataclasses.replace(workflow, data=merge_data(
+            workflow.data, {"original": copied, "replacement": moved, "reasons": {"original": [note]}}))
         await self._commit(Commit(workflow=updated))
         return dataclasses.replace(updated, version=workflow.version + 1)
+
+    async def _look_at_replacement(self, workflow: WorkflowRecord) -> dict[str, Any]:
+        """The replacement as the PMS has it; ``ReplacementChanged`` if it no longer holds the booked slot."""
+        replacement_id = workflow.replacement_id
+        assert replacement_id is not None
+        try:
+            replacement = (await self._pms.get_appointment(replacement_id)).model_dump(mode="json")
+        except NotFound:
+            raise ReplacementChanged(f"replacement {replacement_id} was deleted by someone else before the "
+                                     "original was cancelled", None) from None
+        if replacement.get("state") not in LIVE:
+            raise ReplacementChanged(f"replacement {replacement_id} was made {replacement.get('state')} by "
+                                     "someone else before the original was cancelled", replacement)
+        if slot_of(replacement) != booked_slot(workflow):
+            raise ReplacementChanged(f"replacement {replacement_id} was moved by someone else to "
+                                     f"{slot_of(replacement)} before the original was cancelled; left there",
+                                     replacement)
+        return replacement
+
+    async def _recheck(self, workflow: WorkflowRecord) -> None:
+        """Before a retried cancel: the replacement may have changed during the backoff."""
+        await self._look_at_replacement(workflow)
 
     async def _move_replacement(self, workflow: WorkflowRecord, original: dict[str, Any]) -> dict[str, Any]:
         """Move the replacement to where the original is now (the saga's own booking, still Pending)."""
