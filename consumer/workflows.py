@@ -569,7 +569,8 @@ class WorkflowRunner:
 
         stored = await self._store.get_appointment(appointment_id)
         gone = snapshot_from_pms({**(stored.data if stored else {}), "id": appointment_id}, deleted=True)
-        return await self._record_with(workflow, outcome, appointment_id, None,
+        known = None if stored else {"id": appointment_id}  # a record is kept with what was known of it
+        return await self._record_with(workflow, outcome, appointment_id, known,
                                        lambda appt: appt.reconcile(gone), data=data)
 
     async def _record_with(
