@@ -177,6 +177,9 @@ class SandboxState:
         """
         self._call_hooks.setdefault(len(self.calls) + number, []).append(action)
 
+    def clear_call_hooks(self) -> None:
+        self._call_hooks.clear()
+
     def seed(self, appointments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store appointments as given (no rules checked), filling the fields left out."""
         created = []
