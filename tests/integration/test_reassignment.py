@@ -429,7 +429,7 @@ async def test_a_post_answer_older_than_the_stored_state_is_not_adopted(stack: S
     """A webhook about the replacement (confirmed at once by SMS) was applied before the saga recorded
     the booking: the POST's older answer must not take the record back to Pending."""
     seed(sandbox, 1701)
-    newer = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": "2099-01-01T00:00:00Z"}
+    newer: dict[str, Any] = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": "2099-01-01T00:00:00Z"}
     await stack.store.commit(Commit(appointment=AppointmentRecord(
         FIRST_ID, "Confirmed", NEW_PATIENT, upstream_updated_at=newer["updated_at"], data=newer)))
 
