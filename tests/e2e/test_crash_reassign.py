@@ -70,7 +70,7 @@ class Trial:
 
     @property
     def start_time(self) -> str:
-        return _iso(FIRST_SLOT + timedelta(minutes=30 * self.number))
+        return _iso(FIRST_SLOT + timedelta(hours=4 * self.number))  # room for a move of up to 2 h
 
     @property
     def expected(self) -> str:
