@@ -394,7 +394,8 @@ class WorkflowRunner:
             failpoint("before_cancel_original")
             try:
                 answer = await self._pms.update_appointment(
-                    workflow.appointment_id, write.fields, before_retry=lambda: self._recheck(workflow))
+                    workflow.appointment_id, write.fields,
+                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)))
                 failpoint("after_cancel_original")
             except ReplacementChanged as changed:  # seen during the cancel's retry backoff
                 return await self._replacement_changed(workflow, str(changed), changed.replacement)
@@ -436,18 +437,20 @@ class WorkflowRunner:
         someone else since the booking is followed: the replacement is moved to its new time.
         """
         try:
-            replacement = await self._look_at_replacement(workflow)
+            replacement = await self._look_at_replacement(workflow, slot_of(original))
         except ReplacementChanged as changed:
             return await self._replacement_changed(workflow, str(changed), changed.replacement)
         workflow = dataclasses.replace(workflow, data={**workflow.data, "replacement": replacement})
         if slot_of(original) == booked_slot(workflow):
             return workflow
-        try:
-            moved = await self._move_replacement(workflow, original)
-        except (Rejected, NotFound) as exc:
-            reason = (f"original was moved by someone else to {slot_of(original)} after the replacement was "
-                      f"booked, and the replacement could not follow: {exc}")
-            return await self._cancel_failed(workflow, reason, original)
+        moved = replacement  # already there: moved by a run killed before it could record that
+        if slot_of(replacement) != slot_of(original):
+            try:
+                moved = await self._move_replacement(workflow, original)
+            except (Rejected, NotFound) as exc:
+                reason = (f"original was moved by someone else to {slot_of(original)} after the replacement "
+                          f"was booked, and the replacement could not follow: {exc}")
+                return await self._cancel_failed(workflow, reason, original)
         note = (f"moved by someone else to {slot_of(original)} after the replacement was booked; "
                 "the replacement was moved with it")
         copied = {k: original.get(k) for k in COPIED_FIELDS}
@@ -456,8 +459,9 @@ class WorkflowRunner:
         await self._commit(Commit(workflow=updated))
         return dataclasses.replace(updated, version=workflow.version + 1)
 
-    async def _look_at_replacement(self, workflow: WorkflowRecord) -> dict[str, Any]:
-        """The replacement as the PMS has it; ``ReplacementChanged`` if it no longer holds the booked slot."""
+    async def _look_at_replacement(self, workflow: WorkflowRecord, original: Slot) -> dict[str, Any]:
+        """The replacement as the PMS has it; ``ReplacementChanged`` unless it is live, and where it
+        was booked or where the original is now (the saga may have moved it there itself)."""
         replacement_id = workflow.replacement_id
         assert replacement_id is not None
         try:
@@ -468,15 +472,15 @@ class WorkflowRunner:
         if replacement.get("state") not in LIVE:
             raise ReplacementChanged(f"replacement {replacement_id} was made {replacement.get('state')} by "
                                      "someone else before the original was cancelled", replacement)
-        if slot_of(replacement) != booked_slot(workflow):
+        if slot_of(replacement) not in (booked_slot(workflow), original):
             raise ReplacementChanged(f"replacement {replacement_id} was moved by someone else to "
                                      f"{slot_of(replacement)} before the original was cancelled; left there",
                                      replacement)
         return replacement
 
-    async def _recheck(self, workflow: WorkflowRecord) -> None:
+    async def _recheck(self, workflow: WorkflowRecord, original: Slot) -> None:
         """Before a retried cancel: the replacement may have changed during the backoff."""
-        await self._look_at_replacement(workflow)
+        await self._look_at_replacement(workflow, original)
 
     async def _move_replacement(self, workflow: WorkflowRecord, original: dict[str, Any]) -> dict[str, Any]:
         """Move the replacement to where the original is now (the saga's own booking, still Pending)."""
@@ -485,7 +489,9 @@ class WorkflowRunner:
         fields = {k: original[k] for k in ("practitioner_id", "start_time", "finish_time") if original.get(k)}
         log.info("replacement follows the moved original", workflow_id=workflow.workflow_id,
                  replacement_id=replacement_id, to=str(slot_of(original)))
-        return (await self._pms.update_appointment(replacement_id, fields)).model_dump(mode="json")
+        moved = (await self._pms.update_appointment(replacement_id, fields)).model_dump(mode="json")
+        failpoint("after_move_replacement")
+        return moved
 
     async def _replacement_changed(
         self, workflow: WorkflowRecord, reason: str, replacement: dict[str, Any] | None

@@ -42,6 +42,7 @@ from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
 COMPENSATION_FAILPOINTS = frozenset({"before_remove_replacement", "after_remove_replacement"})
+MOVED_ORIGINAL_FAILPOINTS = frozenset({"after_move_replacement"})  # reached when the original moves mid-saga
 RANDOM_TRIALS = 16
 MAX_KILL_DELAY = 0.3
 OUTSIDE_CHANGES = ("original moved", "original confirmed", "original cancelled", "original deleted",
@@ -57,6 +58,7 @@ class Trial:
     number: int
     how: str  # the failpoint, or "random kill after N ms"
     refuse_cancel: bool  # the original can't be cancelled: the saga must compensate
+    moved_mid_saga: bool = False  # the original is moved just after the cancel step's read of it
     change: str | None = None  # an outside change made at a random instant
     changed: bool = False  # ... and whether it was possible when made (the PMS may refuse it)
 
@@ -71,6 +73,10 @@ class Trial:
     @property
     def start_time(self) -> str:
         return _iso(FIRST_SLOT + timedelta(hours=4 * self.number))  # room for a move of up to 2 h
+
+    @property
+    def finish_time(self) -> str:
+        return _iso(FIRST_SLOT + timedelta(hours=4 * self.number, minutes=30))
 
     @property
     def expected(self) -> str:
@@ -125,14 +131,15 @@ async def sandbox_process(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
 
 async def begin(trial: Trial, sandbox: SandboxProcess, broker: Broker) -> None:
     """Seed the trial's original in its own slot and publish its reassign command."""
-    start = datetime.strptime(trial.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    slot = {"start_time": trial.start_time, "finish_time": trial.finish_time}
     await sandbox.knob("seed", appointments=[{
         "id": trial.original_id, "patient_id": ORIGINAL_PATIENT, "practitioner_id": PRACTITIONER,
-        "start_time": trial.start_time, "finish_time": _iso(start + timedelta(minutes=30)),
-        "reason": "Exam", "state": "Pending",
+        "reason": "Exam", "state": "Pending", **slot,
     }])
     if trial.refuse_cancel:
         await sandbox.knob("refuse_cancel", appointment_id=trial.original_id)
+    if trial.moved_mid_saga:  # the cancel's answer shows the move, and the replacement is moved after it
+        await sandbox.knob("change", appointment_id=trial.original_id, after_reads=3, fields=_shifted(slot, hours=2))
     command = Reassign(command_id=trial.command_id, appointment_id=trial.original_id, patient_id=NEW_PATIENT)
     await broker.publish_inbound(command.model_dump_json().encode(), appointment_id=trial.original_id,
                                  message_id=trial.command_id)
@@ -151,7 +158,8 @@ async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exa
     trials: list[Trial] = []
     try:
         for name in sorted(FAILPOINTS):
-            trial = Trial(len(trials), name, refuse_cancel=name in COMPENSATION_FAILPOINTS)
+            trial = Trial(len(trials), name, refuse_cancel=name in COMPENSATION_FAILPOINTS,
+                          moved_mid_saga=name in MOVED_ORIGINAL_FAILPOINTS)
             trials.append(trial)
             await service.start(APPT_FAILPOINTS=name).wait_ready()
             await begin(trial, sandbox, broker)
