@@ -204,6 +204,8 @@ class WorkflowRunner:
                 log.error("workflow stuck: operator action needed (appt sagas --stuck)",
                           workflow_id=workflow.workflow_id, state=workflow.state,
                           appointment_id=workflow.appointment_id, last_error=workflow.last_error)
+        unfinished = {w.workflow_id for w in workflows}
+        self._handed_back = {k: v for k, v in self._handed_back.items() if k in unfinished}
         for workflow in workflows:
             if is_overdue(workflow, deadline=self._deadline, now=now):
                 await self._hand_back_overdue(workflow, now)
