@@ -23,6 +23,7 @@ from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.commands import STATUS_REASON, execute, names_other_status
 from consumer.failpoints import failpoint
+from consumer.periodic import every
 from consumer.logs import get_logger
 from consumer.messages import CommandResult, Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
@@ -172,15 +173,7 @@ class WorkflowRunner:
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
         """Keep the workflow gauges, alarms and deadlines: see ``tick``."""
-        while not stop.is_set():
-            try:
-                await self.tick()
-            except Exception:  # the watcher must outlive a store hiccup
-                log.exception("workflow watch failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+        await every(interval, stop, self.tick, "workflow watch")
 
     async def tick(self) -> None:
         """Refresh the gauges, raise the alarm once per stuck workflow, hand back overdue ones.

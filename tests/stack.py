@@ -16,7 +16,8 @@ from typing import Any
 
 import aio_pika
 
-from consumer.broker import DEAD_QUEUE, EVENTS_EXCHANGE, Broker
+from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, Broker
+from consumer.deadletters import DeadLetterCollector
 from consumer.pms.client import PmsClient
 from consumer.store.base import Store, open_store
 from consumer.worker import Worker
@@ -26,7 +27,8 @@ from tests.helpers import eventually
 
 @dataclass
 class Observer:
-    """Everything published to appointments.events, and everything dead-lettered."""
+    """Everything published to appointments.events, and everything dead-lettered
+    (a copy from appointments.dead's fanout exchange)."""
 
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     result_counts: dict[str, int] = field(default_factory=dict)
@@ -90,7 +92,9 @@ async def running_stack(
     events = await channel.declare_queue("test.observer.events", durable=True)
     await events.bind(EVENTS_EXCHANGE, routing_key="#")
     await events.consume(observer.on_event)
-    dead = await channel.get_queue(DEAD_QUEUE)
+    # Our own copy of each dead letter: appointments.dead itself is the collector's intake.
+    dead = await channel.declare_queue("test.observer.dead", durable=True)
+    await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
     workflows = WorkflowRunner(pms=pms, store=store, broker=broker, compensation_backoff=compensation_backoff,
                                deadline=workflow_deadline)
@@ -98,6 +102,7 @@ async def running_stack(
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
                     retry_delay=retry_delay)
     await worker.start()
+    await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
     stop = asyncio.Event()
     watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
     try:
