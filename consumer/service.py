@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 
 from aiohttp import web
 
@@ -22,10 +23,11 @@ from consumer.broker import Broker
 from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
-from consumer.reconciler import run_reconciler
+from consumer.reconciler import Reconciler, run_reconciler
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
+from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -60,9 +62,16 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             stop = asyncio.Event()
             background = [asyncio.create_task(workflows.watch(stop)),
                           asyncio.create_task(dead_letters.watch(stop))]
+            silence = WebhookSilence()
             if settings.reconcile_interval > 0:
+                reconciler = Reconciler(
+                    pms, broker, store, horizon_days=settings.reconcile_horizon_days,
+                    budget_share=settings.reconcile_budget_share,
+                    use_updated_after=settings.reconcile_updated_after, silence=silence,
+                    silence_grace=timedelta(seconds=settings.webhook_silence_grace),
+                )
                 background.append(asyncio.create_task(
-                    run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
+                    run_reconciler(reconciler, settings.reconcile_interval, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
                 broker=broker, store=store, pms=pms, reassign=workflows.reassign,
@@ -74,6 +83,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await dead_letters.start()
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
+            app[SILENCE_KEY] = silence
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
                      pms=settings.pms_url, store=settings.store.split("@")[-1])
             yield

@@ -234,6 +234,7 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
 
     async with opened_store(settings) as store, connected_broker(settings) as broker:
         async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            count = await reconcile_once(pms, broker, store, since=since)
+            count = await reconcile_once(pms, broker, store, since=since,
+                                         horizon_days=settings.reconcile_horizon_days)
     print(json.dumps({"published": count}))
     return EXIT_OK

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +24,7 @@ from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
 from consumer.messages import ObservedEvent, WebhookPayload
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -36,6 +38,7 @@ from consumer.store.base import Store
 SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DENTALLY_SIGNATURE = "X-Dentally-Signature"
@@ -184,9 +187,11 @@ async def readyz(request: web.Request) -> web.Response:
     store_ok = await _store_answers(request.app[STORE_KEY])
     checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down"}
     ready = broker_ok and store_ok
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
+    silence = request.app.get(SILENCE_KEY)
+    if silence is not None:
+        body["webhooks"] = silence.report(datetime.now(timezone.utc))
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def render_metrics(request: web.Request) -> web.Response:

@@ -35,6 +35,7 @@ import pytest
 from consumer.broker import EVENTS_EXCHANGE, Broker
 from consumer.failpoints import SAGA_FAILPOINTS
 from consumer.messages import Reassign
+from consumer.reconciler import parse_time
 from consumer.store.base import open_store
 from consumer.workflows import workflow_id_for
 from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env
@@ -253,7 +254,8 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
         changed = trial.change if trial.changed else None
         original = next((a for a in appointments if a["id"] == trial.original_id), None)
         start = original["start_time"] if original else trial.start_time  # where the original is now
-        in_slot = [a for a in live if a["start_time"] == start and a["practitioner_id"] == PRACTITIONER]
+        in_slot = [a for a in live if parse_time(a["start_time"]) == parse_time(start)
+                   and a["practitioner_id"] == PRACTITIONER]
         original_live = any(a["id"] == trial.original_id for a in live)
         replacements = [a for a in (in_slot if changed == "replacement moved" else live)  # moved: someone else's
                         if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id]
