@@ -190,7 +190,7 @@ async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exa
         await broker.close()
 
     figures = await tally(trials, sandbox, results, store_url)
-    changes = sorted(f"{t.change}{'' if t.changed else ' (refused)'}" for t in trials if t.change)
+    changes = sorted(f"{t.change}{'' if t.changed else ' (not possible then)'}" for t in trials if t.change)
     print(f"\ncrash seed={seed} logs={tmp_path} outside_changes={len(changes)}: {', '.join(changes)}")
     print("crash " + " ".join(f"{k}={v}" for k, v in figures.items()))
     assert figures["trials"] >= 20
