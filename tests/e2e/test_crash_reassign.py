@@ -269,7 +269,9 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
         if len(in_slot) > 1:
             figures["double_bookings"] += 1
             problems.append(f"double booking: {[a['id'] for a in in_slot]}")
-        someone_else_emptied = changed is not None and changed.split()[1] in ("cancelled", "deleted")
+        # Cancelled, deleted, or the replacement moved away (after the saga's last look at it).
+        someone_else_emptied = changed is not None and (
+            changed.split()[1] in ("cancelled", "deleted") or changed == "replacement moved")
         if not in_slot and not someone_else_emptied:
             figures["empty_slots"] += 1
             problems.append("no live appointment left in the slot")
