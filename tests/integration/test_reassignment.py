@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -458,7 +459,8 @@ async def test_a_post_answer_older_than_the_stored_state_is_not_adopted(stack: S
     """A webhook about the replacement (confirmed at once by SMS) was applied before the saga recorded
     the booking: the POST's older answer must not take the record back to Pending."""
     seed(sandbox, 1701)
-    newer: dict[str, Any] = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": "2099-01-01T00:00:00Z"}
+    soon = (datetime.now(timezone.utc) + timedelta(minutes=2)).isoformat()  # newer, within the trusted skew
+    newer: dict[str, Any] = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": soon}
     await stack.store.commit(Commit(appointment=AppointmentRecord(
         FIRST_ID, "Confirmed", NEW_PATIENT, upstream_updated_at=newer["updated_at"], data=newer)))
 
