@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile | prune.
+"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | asyncapi | reconcile | prune.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what DELETE does (unconfirmed on the live PMS)")
 
     verb("schema", "print the message contract as JSON Schema", "exit code 0.")
+    verb("asyncapi", "print the AMQP contract as an AsyncAPI 3.0 document (JSON)", "exit code 0.")
 
     prune = verb("prune", "delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)",
                  f"reads APPT_STORE and the APPT_*_RETENTION settings; refuses a store that does not exist.\n\n"
@@ -222,6 +223,11 @@ def _main(args: argparse.Namespace) -> int:
         from consumer.messages import json_schemas
 
         print(json.dumps(json_schemas(), indent=2))
+        return EXIT_OK
+    if args.verb == "asyncapi":
+        from consumer.asyncapi import asyncapi_document
+
+        print(json.dumps(asyncapi_document(), indent=2))
         return EXIT_OK
     if args.verb == "sandbox":
         from consumer.sandbox import serve_sandbox

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -18,7 +19,7 @@ from datetime import timedelta
 
 from aiohttp import web
 
-from consumer import metrics
+from consumer import metrics, tracing
 from consumer.broker import Broker
 from consumer.deadletters import DeadLetterCollector
 from consumer.http import listen, make_runner
@@ -119,6 +120,9 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
     if settings.store == default_store():  # our default place is ours to make; a configured path is not
         default_store_path().parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
+        if tracing.configure():
+            stack.callback(tracing.shutdown)
+            log.info("tracing on", exporter=os.environ.get("OTEL_TRACES_EXPORTER", "otlp"))
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
