@@ -17,20 +17,48 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
+from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError
 from consumer.messages import COMMAND, StateLogRecord
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import PmsError
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, WorkflowRecord, iter_history, open_store
+from consumer.store.base import (
+    TERMINAL_WORKFLOW_STATES, NoStore, Store, StoreUnavailable, WorkflowRecord, iter_history, open_store,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
+# The flag each command type needs, by the message field it fills.
+SEND_FLAGS = {"patient_id": "--patient", "reason": "--reason", "notes": "--notes",
+              "appointment_id": "--appointment", "command_id": "--command-id"}
+NEEDED_FIELDS = {"confirm": (), "cancel": ("reason",), "set_patient": ("patient_id",),
+                 "reassign": ("patient_id",), "edit_notes": ("notes",)}
+
+
+def public_url(url: str) -> str:
+    """A URL without its credentials, fit to print."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def name_store(settings: Settings) -> None:
+    """Read-only verbs say which store they read (on stderr), so "no records" can't hide a wrong one."""
+    print(f"store: {public_url(settings.store)}", file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
-async def opened_store(settings: Settings) -> AsyncIterator[Store]:
-    store = open_store(settings.store)
-    await store.open()
+async def opened_store(settings: Settings, *, create: bool = False) -> AsyncIterator[Store]:
+    """The store; read-only verbs (``create=False``) refuse to make an empty SQLite file."""
+    store = open_store(settings.store, create=create)
+    try:
+        await store.open()
+    except NoStore as exc:
+        raise CliError(f"{exc}: run appt serve first, or set APPT_STORE", EXIT_USAGE) from None
+    except StoreUnavailable as exc:
+        raise CliError(f"store {public_url(settings.store)} unreachable: {exc} "
+                       "(start it, or set APPT_STORE)") from None
     try:
         yield store
     finally:
@@ -40,35 +68,52 @@ async def opened_store(settings: Settings) -> AsyncIterator[Store]:
 @contextlib.asynccontextmanager
 async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
     broker = Broker(settings.amqp_url, partitions=settings.partitions)
-    await broker.connect()
+    try:
+        await broker.connect(timeout=5.0)
+    except (AMQPError, OSError, TimeoutError) as exc:
+        raise CliError(f"RabbitMQ unreachable at {public_url(settings.amqp_url)}: {type(exc).__name__} "
+                       "(start it with scripts/services.sh, or set APPT_AMQP_URL)") from None
     try:
         yield broker
     finally:
         await broker.close()
 
 
+@contextlib.asynccontextmanager
+async def connected_pms(settings: Settings) -> AsyncIterator[PmsClient]:
+    """The PMS client; a PMS that stays unreachable or refuses is one line, not a traceback."""
+    try:
+        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
+            yield pms
+    except PmsError as exc:
+        raise CliError(f"PMS at {settings.pms_url}: {exc} (is it up? check APPT_PMS_URL, APPT_PMS_TOKEN)") from None
+
+
 def command_from_args(args: argparse.Namespace) -> Any:
+    """The command the flags describe; a missing or misplaced flag is named as a flag, not a schema field."""
+    given = {"patient_id": args.patient, "reason": args.reason, "notes": args.notes}
+    needed = NEEDED_FIELDS[args.type]
+    for field in needed:
+        if given[field] is None:
+            raise CliError(f"{args.type} needs {SEND_FLAGS[field]} (see appt send --help)", EXIT_USAGE)
+    extra = [SEND_FLAGS[f] for f, value in given.items() if value is not None and f not in needed]
+    if extra:
+        raise CliError(f"{', '.join(extra)} does not apply to {args.type} (see appt send --help)", EXIT_USAGE)
     fields: dict[str, Any] = {
         "type": args.type,
         "command_id": args.command_id or str(uuid.uuid4()),
         "appointment_id": args.appointment,
+        **{field: given[field] for field in needed},
     }
-    if args.type in ("set_patient", "reassign"):
-        fields["patient_id"] = args.patient
-    if args.type == "cancel":
-        fields["reason"] = args.reason
-    if args.type == "edit_notes":
-        fields["notes"] = args.notes
-    return COMMAND.validate_python(fields)
+    try:
+        return COMMAND.validate_python(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{SEND_FLAGS.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"invalid {args.type}: {problems}", EXIT_USAGE) from None
 
 
 async def send(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        command = command_from_args(args)
-    except ValidationError as exc:
-        missing = ", ".join(".".join(map(str, e["loc"][1:] or e["loc"])) + ": " + e["msg"] for e in exc.errors())
-        print(f"appt send: invalid {args.type} command: {missing}", file=sys.stderr)
-        return EXIT_USAGE
+    command = command_from_args(args)
     body = command.model_dump_json().encode()
     async with connected_broker(settings) as broker:
         reply_queue = None
@@ -81,8 +126,7 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
                 reply_to=reply_queue.name if reply_queue else None, correlation_id=command.command_id,
             )
         except PublishFailed as exc:
-            print(f"appt send: not published: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            raise CliError(f"not published: {exc}") from None
         print(json.dumps({"published": command.command_id, "type": command.type,
                           "appointment_id": command.appointment_id}))
         if reply_queue is None:
@@ -102,12 +146,13 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
                 return EXIT_OK if result.get("outcome") == "succeeded" else EXIT_FAILED
     except TimeoutError:
         pass
-    print(f"appt send: no result within {timeout} s (the command stays queued)", file=sys.stderr)
-    return EXIT_TIMEOUT
+    raise CliError(f"no result within {timeout} s (the command stays queued: is appt serve running?)",
+                   EXIT_TIMEOUT)
 
 
 async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
+    name_store(settings)
     if not follow:
         await _print_stored(settings, appointment_id, printer, after=0)
         if not printer.printed and not as_json:
@@ -178,6 +223,7 @@ class RecordPrinter:
 
 
 async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
+    name_store(settings)
     async with opened_store(settings) as store:
         workflows = await store.list_workflows()
     if stuck:
@@ -204,12 +250,12 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
-    async with opened_store(settings) as store, connected_broker(settings) as broker:
+    async with opened_store(settings) as store, connected_broker(settings) as broker, connected_pms(settings) as pms:
         try:
-            outcome = await retry_saga(settings, store, broker, workflow_id)
-        except LookupError as exc:
-            print(f"appt sagas retry: {exc.args[0]}", file=sys.stderr)
-            return EXIT_USAGE
+            outcome = await retry_saga(settings, store, broker, pms, workflow_id)
+        except LookupError:
+            raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
+                           "(appt sagas lists them)", EXIT_USAGE) from None
     print(json.dumps(outcome.report()))
     return EXIT_OK if outcome.finished or outcome.note else EXIT_FAILED
 
@@ -233,9 +279,10 @@ class SagaRetry:
         return {"workflow_id": w.workflow_id, "state": w.state, "last_error": w.last_error}
 
 
-async def retry_saga(settings: Settings, store: Store, broker: Broker, workflow_id: str) -> SagaRetry:
+async def retry_saga(
+    settings: Settings, store: Store, broker: Broker, pms: PmsClient, workflow_id: str
+) -> SagaRetry:
     """Compensate a parked workflow again, or hand an unfinished one back; LookupError if unknown."""
-    from consumer.pms.client import PmsClient
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
@@ -244,20 +291,20 @@ async def retry_saga(settings: Settings, store: Store, broker: Broker, workflow_
         raise LookupError(f"no workflow {workflow_id}")
     if workflow.state in TERMINAL_WORKFLOW_STATES:
         return SagaRetry(workflow, "already finished")
-    async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-        runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
-        if workflow.state != COMPENSATION_FAILED:
-            await runner.requeue(workflow)
-            return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
-        return SagaRetry(await runner.retry(workflow_id))
+    runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+    if workflow.state != COMPENSATION_FAILED:
+        await runner.requeue(workflow)
+        return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
+    return SagaRetry(await runner.retry(workflow_id))
 
 
 async def reconcile(settings: Settings, *, since: str | None) -> int:
-    from consumer.pms.client import PmsClient
     from consumer.reconciler import reconcile_once
 
-    async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
+    if since is not None:
+        check_time(since, "--since")
+    async with opened_store(settings, create=True) as store, connected_broker(settings) as broker:
+        async with connected_pms(settings) as pms:
             count = await reconcile_once(pms, broker, store, since=since,
                                          horizon_days=settings.reconcile_horizon_days)
     print(json.dumps({"published": count}))
@@ -273,3 +320,14 @@ async def prune(settings: Settings, *, dry_run: bool) -> int:
     for report in reports:
         print(json.dumps({**report.as_json(), "dry_run": dry_run}))
     return EXIT_OK
+
+
+def check_time(text: str, flag: str) -> None:
+    """An ISO 8601 time with its zone, as the PMS's ``updated_after`` takes it."""
+    example = "e.g. 2026-11-20T00:00:00Z"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{flag} {text!r} is not an ISO 8601 time ({example})", EXIT_USAGE) from None
+    if parsed.tzinfo is None:
+        raise CliError(f"{flag} {text!r} has no time zone ({example}, or +01:00)", EXIT_USAGE)

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,6 +23,7 @@ from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
 from consumer.messages import MAX_ID, ObservedEvent, WebhookPayload
+from consumer.openapi import openapi_document
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.signing import (
@@ -48,6 +49,7 @@ READY_PING_TIMEOUT = 2.0
 MAX_HISTORY_PAGE = 1000
 
 Resources = Callable[[web.Application], AsyncIterator[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = get_logger(__name__)
 ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webhook counts here
@@ -65,17 +67,33 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
         log.error("webhooks.no_secret_configured",
                   hint="set APPT_WEBHOOK_SECRETS; every webhook is refused until then")
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
-    app = web.Application(client_max_size=settings.max_message_bytes + 1)
+    app = web.Application(client_max_size=settings.max_message_bytes + 1, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(resources)
     app.router.add_post("/webhooks/pms", receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
+    app.router.add_get("/openapi.json", render_openapi)
     # [0-9], not \d: \d matches every script's digits, and "७५७" would alias "757".
     app.router.add_get(r"/appointments/{id:[0-9]+}", get_appointment)
     app.router.add_get(r"/appointments/{id:[0-9]+}/history", get_history)
     return app
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method) answer JSON like ours do.
+
+    A client (or the OpenAPI document) then meets one error shape on every path.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": (exc.reason or "error").lower()}, status=exc.status, headers=allow)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -212,6 +230,10 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def render_metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def render_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app.router))
 
 
 def _unauthorized(request: web.Request) -> web.Response | None:

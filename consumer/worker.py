@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from consumer import metrics
+from consumer import metrics, tracing
 from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
@@ -251,7 +251,7 @@ class Worker:
         log.info("worker stopped", drained=drained, in_flight=self._serializer.in_flight)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
+        self._serializer.submit(message.routing_key or "", lambda: tracing.processing(message, self._handle(message)))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every delivery is settled, whatever its bytes: a message left unsettled holds its
@@ -302,11 +302,11 @@ class Worker:
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
         except TRANSIENT as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
             self._last_unforeseen = time.monotonic()
             log.exception("unexpected error", message_id=message_key(inbound))
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         await _settle(message.ack())
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
@@ -362,7 +362,7 @@ class Worker:
         try:
             await self._publish(message, [], result_for(inbound, "rejected", reasons={"routing_key": [reason]}))
         except PublishFailed as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, None)  # nothing of a saga ran
         await _settle(message.ack())
         return "rejected"
 
@@ -410,10 +410,17 @@ class Worker:
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 
-    async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
+    async def _retry_later(
+        self, message: AbstractIncomingMessage, key: str, exc: BaseException, inbound: Any
+    ) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
         if deliveries >= self._max_deliveries:
+            if await self._left_to_its_workflow(inbound):
+                log.warning("reassign left to its workflow's deadline, not dead-lettered", message_id=key,
+                            delivery=deliveries, error=reason)
+                await _settle(message.ack())
+                return "deferred"
             return await self._dead_letter(
                 message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
         log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
@@ -422,6 +429,22 @@ class Worker:
             await asyncio.sleep(self._retry_delay * deliveries)
         await _settle(message.nack(requeue=True))
         return "retried"
+
+    async def _left_to_its_workflow(self, inbound: Any) -> bool:
+        """A reassign whose saga has started is never given up for a transient failure.
+
+        Its state and deadline are in the store, and the workflow watcher hands it back to the
+        pipeline once overdue, so the running service drives it to its end and answers it then.
+        Dead-lettering it instead would answer it ``failed`` while its saga goes on.
+        """
+        if not isinstance(inbound, Reassign):
+            return False
+        try:
+            workflow = await self._store.active_workflow(inbound.appointment_id)
+        except StoreUnavailable:
+            return False  # can't tell: the dead letter keeps it, and answers it
+        return workflow is not None and workflow.command_id == inbound.command_id \
+            and workflow.state != "compensation_failed"
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, reason_class: str, deliveries: int

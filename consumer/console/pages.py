@@ -14,6 +14,8 @@ from consumer.broker import PublishFailed
 from consumer.console import auth
 from consumer.dead_tools import detail, reason_group, replay_letter
 from consumer.messages import StateLogRecord
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import PmsError
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, DeadLetterQuery, Store, WorkflowRecord, iter_history
 from consumer.tools import retry_saga
 from consumer.webhooks import BROKER_KEY, SETTINGS_KEY, STORE_KEY
@@ -127,13 +129,18 @@ async def workflow(request: web.Request) -> dict[str, Any]:
 
 
 async def retry_workflow(request: web.Request) -> web.StreamResponse:
+    """`appt sagas retry` from a button; a PMS still failing is said on the page, as the CLI says it."""
     workflow_id = request.match_info["workflow_id"]
+    settings = request.config_dict[SETTINGS_KEY]
     try:
-        outcome = await retry_saga(request.config_dict[SETTINGS_KEY], _store(request),
-                                   request.config_dict[BROKER_KEY], workflow_id)
+        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
+            outcome = await retry_saga(settings, _store(request), request.config_dict[BROKER_KEY], pms, workflow_id)
     except LookupError as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
-    message = outcome.note or f"retried: now {outcome.workflow.state}"
+    except PmsError as exc:
+        message = f"not retried: PMS at {settings.pms_url}: {exc}"
+    else:
+        message = outcome.note or f"retried: now {outcome.workflow.state}"
     raise web.HTTPSeeOther(request.app.router["workflow"].url_for(workflow_id=workflow_id)
                            .with_query(message=message))
 

@@ -152,6 +152,9 @@ async def test_missing_or_wrong_credentials_and_forged_actions_are_refused(conso
             assert no_session.status == 403
         async with http.get(f"{console.service.url}/appointments/1", headers={"Authorization": "Bearer wrong"}) as api:
             assert api.status == 401  # the JSON API keeps its bearer header
+        async with http.get(f"{console.service.url}/openapi.json") as contract:
+            paths = (await contract.json())["paths"]
+            assert "/appointments/{id}" in paths and not [p for p in paths if p.startswith("/console")]
     page = await console.logged_in()
     # The session cookie rides along, but a forged form has no CSRF token, or a wrong one.
     for form in ({"action": "purge", "id": "1"}, {"action": "purge", "id": "1", "csrf": "f" * 64}):
