@@ -29,7 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
 from consumer.logs import configure  # noqa: E402
+from consumer.messages import DEFAULT_PRACTICE  # noqa: E402
 from consumer.pms.client import PmsClient  # noqa: E402
+from consumer.practices import PracticeConfig, Practices  # noqa: E402
 from consumer.store.base import Store, open_store  # noqa: E402
 from consumer.worker import Worker  # noqa: E402
 from consumer.workflows import WorkflowRunner  # noqa: E402
@@ -247,16 +249,19 @@ async def running_pipeline(
     await store.open()
     broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
-    pms = PmsClient(pms_url, SANDBOX_TOKEN, timeout=30.0, concurrency=pms_concurrency)
-    workflows = WorkflowRunner(pms=pms, store=store, broker=broker)
-    worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+    practices = Practices(
+        {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token=SANDBOX_TOKEN)},
+        lambda config, token: PmsClient(config.pms_url, token, timeout=30.0, concurrency=pms_concurrency),
+    )
+    workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
+    worker = Worker(broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                     partitions=list(range(partitions)), retry_delay=0.1)
     results = await bind_results(broker)
     try:
-        yield Pipeline(broker, store, pms, worker, results)
+        yield Pipeline(broker, store, practices.get(DEFAULT_PRACTICE).pms, worker, results)
     finally:
         await worker.stop(timeout=5)
-        await pms.close()
+        await practices.close()
         await broker.close()
         await store.close()
 

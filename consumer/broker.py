@@ -27,6 +27,8 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
+
 INBOUND_EXCHANGE = "appointments.inbound"
 EVENTS_EXCHANGE = "appointments.events"
 DEAD_EXCHANGE = "appointments.dead"
@@ -159,6 +161,7 @@ class Broker:
         *,
         appointment_id: int,
         message_id: str,
+        practice: str = DEFAULT_PRACTICE,
         reply_to: str | None = None,
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
@@ -166,7 +169,7 @@ class Broker:
         properties = json_properties(
             message_id=message_id, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
         )
-        await self._publish(INBOUND_EXCHANGE, body, str(appointment_id), properties)
+        await self._publish(INBOUND_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
     async def publish_event(self, routing_key: str, body: bytes, *, message_id: str) -> None:
         """Not mandatory: a topic nobody observes yet is normal; the store keeps the history."""

@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     send = verbs.add_parser("send", help="publish a command to appointments.inbound")
     send.add_argument("type", choices=["confirm", "cancel", "set_patient", "reassign", "edit_notes"])
     send.add_argument("--appointment", type=int, required=True)
+    send.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     send.add_argument("--patient", type=int, help="for set_patient and reassign")
     send.add_argument("--reason", help="for cancel, e.g. 'Patient cancelled'")
     send.add_argument("--notes", help="for edit_notes")
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     history = verbs.add_parser("history", help="an appointment's state log, in order")
     history.add_argument("appointment", type=int)
+    history.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     history.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     history.add_argument("--follow", action="store_true", help="then tail new records live")
 
@@ -112,11 +114,15 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "serve":
         from aio_pika.exceptions import AMQPError
 
+        from consumer.practices import PracticesError
         from consumer.service import serve
         from consumer.store.base import StoreUnavailable
 
         try:
             await serve(settings, with_sandbox=args.with_sandbox)
+        except PracticesError as exc:
+            print(f"appt: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         except (AMQPError, StoreUnavailable, OSError) as exc:  # a dependency down, a port taken
             print(f"appt serve: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
             return EXIT_FAILED
@@ -124,7 +130,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "send":
         return await tools.send(settings, args)
     if args.verb == "history":
-        return await tools.history(settings, args.appointment, as_json=args.json, follow=args.follow)
+        return await tools.history(settings, args.appointment, practice=args.practice,
+                                   as_json=args.json, follow=args.follow)
     if args.verb == "sagas":
         if args.sagas_verb == "retry":
             return await tools.sagas_retry(settings, args.workflow_id)

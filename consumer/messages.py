@@ -17,8 +17,19 @@ MAX_ID = 2**63 - 1  # ids are stored as BIGINT: a larger one is invalid input, n
 
 Id = Annotated[int, Field(gt=0, le=MAX_ID)]
 
+DEFAULT_PRACTICE = "default"
+PRACTICE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# No dots: the inbound routing key is ``<practice>.<appointment_id>``. Path-safe for the HTTP routes.
+PracticeName = Annotated[str, Field(pattern=PRACTICE_PATTERN)]
+
 Source = Literal["webhook", "command", "workflow", "reconcile"]
 Outcome = Literal["succeeded", "rejected", "failed"]
+
+
+def inbound_routing_key(practice: str, appointment_id: int) -> str:
+    """``<practice>.<appointment_id>``; the default practice keeps the bare id it always had,
+    so its messages hash to the partitions they always did (order holds across an upgrade)."""
+    return str(appointment_id) if practice == DEFAULT_PRACTICE else f"{practice}.{appointment_id}"
 
 
 def utcnow() -> datetime:
@@ -32,6 +43,7 @@ class _Strict(BaseModel):
 class _Command(_Strict):
     command_id: Annotated[str, Field(min_length=1, max_length=200)]
     appointment_id: Id
+    practice: PracticeName = DEFAULT_PRACTICE
     correlation_id: str | None = None
 
 
@@ -83,6 +95,7 @@ class ObservedEvent(_Strict):
     event_id: Annotated[str, Field(min_length=1, max_length=200)]
     source: Literal["webhook", "reconcile"]
     appointment: dict[str, Any]
+    practice: PracticeName = DEFAULT_PRACTICE
     received_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("appointment")
@@ -134,6 +147,7 @@ class StateLogRecord(BaseModel):
 
     seq: int | None = None
     time: datetime = Field(default_factory=utcnow)
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     machine: Literal["appointment", "reassignment"]
     from_state: str | None
@@ -157,6 +171,7 @@ class CommandResult(BaseModel):
 
     command_id: str
     type: str
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     outcome: Outcome
     reasons: dict[str, list[str]] = Field(default_factory=dict)

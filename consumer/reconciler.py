@@ -14,8 +14,9 @@ from datetime import datetime, timedelta
 
 from consumer.broker import Broker
 from consumer.logs import get_logger
-from consumer.messages import ObservedEvent
+from consumer.messages import DEFAULT_PRACTICE, ObservedEvent
 from consumer.pms import PmsAppointment, PmsClient
+from consumer.practices import Practices
 from consumer.store.base import Store
 
 WATERMARK = "pms.updated_after"
@@ -38,13 +39,19 @@ def _query_from(start: str, overlap: timedelta) -> str:
     return (_parse(start) - overlap).isoformat().replace("+00:00", "Z")
 
 
-def event_for(appointment: PmsAppointment) -> ObservedEvent:
+def event_for(appointment: PmsAppointment, practice: str = DEFAULT_PRACTICE) -> ObservedEvent:
     return ObservedEvent(
         type="appointment.updated",
         event_id=f"reconcile:{appointment.id}:{appointment.updated_at}",
         source="reconcile",
         appointment=appointment.model_dump(mode="json"),
+        practice=practice,
     )
+
+
+def watermark_for(practice: str) -> str:
+    """Each practice polls its own PMS, so each has its own watermark (the default's keeps its name)."""
+    return WATERMARK if practice == DEFAULT_PRACTICE else f"{WATERMARK}.{practice}"
 
 
 def _latest(appointments: list[PmsAppointment], current: str) -> str:
@@ -58,8 +65,8 @@ async def reconcile_once(
     broker: Broker,
     store: Store,
     *,
+    practice: str = DEFAULT_PRACTICE,
     since: str | None = None,
-    watermark_name: str = WATERMARK,
     overlap: timedelta = DEFAULT_OVERLAP,
     page_size: int = 100,
 ) -> int:
@@ -72,14 +79,16 @@ async def reconcile_once(
     republishes from there under the same ids. ``since`` (``appt reconcile
     --since``) starts from that time instead of the stored watermark.
     """
+    watermark_name = watermark_for(practice)
     start = since or await store.get_watermark(watermark_name) or EPOCH
     cursor, watermark, published = _query_from(start, overlap), start, 0
     while True:
         page = await pms.changed_after(cursor, per_page=page_size)
         for appointment in page:
-            event = event_for(appointment)
+            event = event_for(appointment, practice)
             await broker.publish_inbound(
-                event.model_dump_json().encode(), appointment_id=appointment.id, message_id=event.event_id,
+                event.model_dump_json().encode(), practice=practice, appointment_id=appointment.id,
+                message_id=event.event_id,
             )
         published += len(page)
         latest = _latest(page, watermark)
@@ -89,25 +98,27 @@ async def reconcile_once(
         if len(page) < page_size or page[-1].updated_at in (None, cursor):
             break  # the last page (or a page of one instant only: the next run goes on from it)
         cursor = page[-1].updated_at
-    log.info("reconcile.done", published=published, watermark=watermark)
+    log.info("reconcile.done", practice=practice, published=published, watermark=watermark)
     return published
 
 
 async def run_reconciler(
-    pms: PmsClient, broker: Broker, store: Store, interval: float, stop: asyncio.Event
+    practices: Practices, broker: Broker, store: Store, interval: float, stop: asyncio.Event
 ) -> None:
-    """Reconcile every ``interval`` seconds until ``stop`` is set; an error waits one interval.
+    """Reconcile every practice every ``interval`` seconds until ``stop`` is set.
 
     Nothing here may end the loop but ``stop``: a PMS or broker outage is
-    exactly when catching up matters afterwards.
+    exactly when catching up matters afterwards; one practice's failure
+    waits one interval and never skips another practice.
     """
     if interval <= 0:
         raise ValueError("the reconcile interval must be positive")
     while not stop.is_set():
-        try:
-            await reconcile_once(pms, broker, store)
-        except Exception as exc:  # logged and retried: the loop must outlive every outage
-            log.error("reconcile.failed", error=f"{type(exc).__name__}: {exc}")
+        for practice in practices:
+            try:
+                await reconcile_once(practice.pms, broker, store, practice=practice.name)
+            except Exception as exc:  # logged and retried: the loop must outlive every outage
+                log.error("reconcile.failed", practice=practice.name, error=f"{type(exc).__name__}: {exc}")
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

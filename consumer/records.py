@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from consumer.messages import CommandResult, Outcome, Source, StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, CommandResult, Outcome, Source, StateLogRecord
 from consumer.store.base import AppointmentRecord, WorkflowRecord
 from statemachines.appointment import Snapshot, Transition
 
@@ -52,9 +52,10 @@ def _parse_time(value: str) -> datetime:
 
 @dataclass(frozen=True)
 class Origin:
-    """Who caused a change: stamped on every state-log record it produces."""
+    """Who caused a change, in which practice: stamped on every state-log record it produces."""
 
     source: Source
+    practice: str = DEFAULT_PRACTICE
     command_id: str | None = None
     webhook_id: str | None = None
     workflow_id: str | None = None
@@ -62,6 +63,7 @@ class Origin:
 
     def log(self, transition: Transition) -> StateLogRecord:
         return StateLogRecord(
+            practice=self.practice,
             appointment_id=transition.appointment_id,
             machine=transition.machine,  # type: ignore[arg-type]
             from_state=transition.from_state,
@@ -94,13 +96,14 @@ class Decision:
 
 def new_record(
     previous: AppointmentRecord | None, state: str, patient_id: int | None,
-    upstream: dict[str, Any] | None,
+    upstream: dict[str, Any] | None, *, practice: str,
 ) -> AppointmentRecord:
     """The record to write, carrying the version read (the store checks and bumps it)."""
     base_data = previous.data if previous else {}
     data = dict(upstream) if upstream is not None else dict(base_data)
     updated_at = (upstream or {}).get("updated_at") or (previous.upstream_updated_at if previous else None)
     return AppointmentRecord(
+        practice=practice,
         appointment_id=(previous.appointment_id if previous else int(data["id"])),
         state=state,
         patient_id=patient_id,
@@ -117,6 +120,7 @@ def result_for(
     return CommandResult(
         command_id=command.command_id,
         type=command.type,
+        practice=command.practice,
         appointment_id=command.appointment_id,
         outcome=outcome,
         reasons=reasons or {},

@@ -13,18 +13,18 @@ import base64
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 from aiohttp import web
 
-from consumer import metrics
 from consumer.broker import Broker
 from consumer.logs import configure, get_logger
-from consumer.pms.client import PmsClient
+from consumer.practices import Practices, PracticesError, load_configs
 from consumer.reconciler import run_reconciler
 from consumer.settings import Settings
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
+from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, STORE_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -46,23 +46,19 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             broker = Broker(settings.amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
             started.push_async_callback(broker.close)
             await broker.connect()
-            pms = PmsClient(
-                settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
-                concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
-                on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
-                on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
-            )
-            started.push_async_callback(pms.close)
-            workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+            practices = app[PRACTICES_KEY]
+            started.push_async_callback(practices.close)
+            workflows = WorkflowRunner(
+                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
             await workflows.resume_unfinished()
             stop = asyncio.Event()
             background = [asyncio.create_task(workflows.watch(stop))]
             if settings.reconcile_interval > 0:
                 background.append(asyncio.create_task(
-                    run_reconciler(pms, broker, store, settings.reconcile_interval, stop)))
+                    run_reconciler(practices, broker, store, settings.reconcile_interval, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
-                broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+                broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay,
             )
@@ -71,7 +67,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
-                     pms=settings.pms_url, store=settings.store.split("@")[-1])
+                     practices=[p.name for p in practices], store=settings.store.split("@")[-1])
             yield
             log.info("shutting down")
             stop.set()
@@ -96,7 +92,17 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, settings.http_host, settings.http_port)
         await site.start()
-        await _wait_for_signal()
+        await _wait_for_signal(lambda: _reload_practices(app[PRACTICES_KEY], settings))
+
+
+async def _reload_practices(practices: Practices, settings: Settings) -> None:
+    """SIGHUP: read the practices file (and token files) again; a bad file changes nothing."""
+    try:
+        changed = await practices.reload(load_configs(settings))
+    except PracticesError as exc:
+        log.error("practices not reloaded: the running configuration stays", error=str(exc))
+        return
+    log.info("practices reloaded", changed=changed)
 
 
 async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
@@ -114,9 +120,19 @@ async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -
     return settings.model_copy(update={"pms_url": sandbox.url, "webhook_secrets": secrets})
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_hangup: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Until SIGTERM / SIGINT; each SIGHUP runs ``on_hangup`` (one at a time, in order)."""
     stop = asyncio.Event()
+    hangups: asyncio.Queue[None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    loop.add_signal_handler(signal.SIGHUP, hangups.put_nowait, None)
+    stopping = asyncio.create_task(stop.wait())
+    while not stop.is_set():
+        hangup = asyncio.create_task(hangups.get())
+        await asyncio.wait({stopping, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if hangup.done():
+            await on_hangup()
+        else:
+            hangup.cancel()

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.messages import COMMAND, StateLogRecord
+from consumer.practices import Practices, client_factory, load_configs
 from consumer.settings import Settings
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, iter_history, open_store
 
@@ -37,6 +38,15 @@ async def opened_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 @contextlib.asynccontextmanager
+async def opened_practices(settings: Settings) -> AsyncIterator[Practices]:
+    practices = Practices(load_configs(settings), client_factory(settings))
+    try:
+        yield practices
+    finally:
+        await practices.close()
+
+
+@contextlib.asynccontextmanager
 async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
     broker = Broker(settings.amqp_url, partitions=settings.partitions)
     await broker.connect()
@@ -51,6 +61,7 @@ def command_from_args(args: argparse.Namespace) -> Any:
         "type": args.type,
         "command_id": args.command_id or str(uuid.uuid4()),
         "appointment_id": args.appointment,
+        "practice": args.practice,
     }
     if args.type in ("set_patient", "reassign"):
         fields["patient_id"] = args.patient
@@ -76,14 +87,15 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         try:
             await broker.publish_inbound(
-                body, appointment_id=command.appointment_id, message_id=command.command_id,
+                body, practice=command.practice, appointment_id=command.appointment_id,
+                message_id=command.command_id,
                 reply_to=reply_queue.name if reply_queue else None, correlation_id=command.command_id,
             )
         except PublishFailed as exc:
             print(f"appt send: not published: {exc}", file=sys.stderr)
             return EXIT_FAILED
         print(json.dumps({"published": command.command_id, "type": command.type,
-                          "appointment_id": command.appointment_id}))
+                          "practice": command.practice, "appointment_id": command.appointment_id}))
         if reply_queue is None:
             return EXIT_OK
         return await _await_result(reply_queue, command.command_id, args.wait)
@@ -105,10 +117,12 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
     return EXIT_TIMEOUT
 
 
-async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
+async def history(
+    settings: Settings, appointment_id: int, *, practice: str, as_json: bool, follow: bool
+) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
     if not follow:
-        await _print_stored(settings, appointment_id, printer, after=0)
+        await _print_stored(settings, appointment_id, practice, printer, after=0)
         if not printer.printed and not as_json:
             print(f"no records for appointment {appointment_id}", file=sys.stderr)
         return EXIT_OK
@@ -117,29 +131,31 @@ async def history(settings: Settings, appointment_id: int, *, as_json: bool, fol
         channel = await broker.channel()
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(EVENTS_EXCHANGE, routing_key="state.#")
-        after = await _print_stored(settings, appointment_id, printer, after=0)
+        after = await _print_stored(settings, appointment_id, practice, printer, after=0)
         async with queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
                 record = StateLogRecord.model_validate_json(message.body)
-                if _names(record, appointment_id) and (record.seq or 0) > after:
+                if _names(record, appointment_id, practice) and (record.seq or 0) > after:
                     printer.print(record)
                     after = max(after, record.seq or 0)
     return EXIT_OK
 
 
-async def _print_stored(settings: Settings, appointment_id: int, printer: RecordPrinter, *, after: int) -> int:
+async def _print_stored(
+    settings: Settings, appointment_id: int, practice: str, printer: RecordPrinter, *, after: int
+) -> int:
     """Print the stored records after ``after``; return the last seq printed."""
     async with opened_store(settings) as store:
-        async for record in iter_history(store, appointment_id, after_seq=after):
+        async for record in iter_history(store, appointment_id, practice=practice, after_seq=after):
             printer.print(record)
             after = record.seq or after
     return after
 
 
-def _names(record: StateLogRecord, appointment_id: int) -> bool:
+def _names(record: StateLogRecord, appointment_id: int, practice: str) -> bool:
     related = (record.detail.get("replacement_id"), record.detail.get("original_id"))
-    return record.appointment_id == appointment_id or appointment_id in related
+    return record.practice == practice and (record.appointment_id == appointment_id or appointment_id in related)
 
 
 class RecordPrinter:
@@ -186,7 +202,7 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
     now = datetime.now(timezone.utc)
     for w in workflows:
         age = (now - w.created_at).total_seconds() if w.created_at else 0.0
-        row = {"workflow_id": w.workflow_id, "appointment_id": w.appointment_id,
+        row = {"workflow_id": w.workflow_id, "practice": w.practice, "appointment_id": w.appointment_id,
                "new_patient_id": w.new_patient_id, "replacement_id": w.replacement_id,
                "state": w.state, "age_s": round(age, 1), "attempts": w.attempts,
                "last_error": w.last_error}
@@ -203,13 +219,13 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
-    from consumer.pms.client import PmsClient
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
     async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+        async with opened_practices(settings) as practices:
+            runner = WorkflowRunner(
+                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
             workflow = await store.get_workflow(workflow_id)
             if workflow is None:
                 print(f"appt sagas retry: no workflow {workflow_id}", file=sys.stderr)
@@ -229,11 +245,12 @@ async def sagas_retry(settings: Settings, workflow_id: str) -> int:
 
 
 async def reconcile(settings: Settings, *, since: str | None) -> int:
-    from consumer.pms.client import PmsClient
+    """Every practice, one after the other; one line per practice."""
     from consumer.reconciler import reconcile_once
 
     async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            count = await reconcile_once(pms, broker, store, since=since)
-    print(json.dumps({"published": count}))
+        async with opened_practices(settings) as practices:
+            for practice in practices:
+                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since)
+                print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK

@@ -39,9 +39,9 @@ from consumer.messages import (
     StateLogRecord,
 )
 from consumer.observed import observe
-from consumer.pms.client import PmsClient
 from consumer.pms.errors import RateLimited, Unavailable
-from consumer.records import Decision, Origin
+from consumer.practices import UNKNOWN_PRACTICE, Practices
+from consumer.records import Decision, Origin, result_for
 from consumer.store.base import (
     Commit,
     InboxEntry,
@@ -134,7 +134,7 @@ class Worker:
         *,
         broker: Broker,
         store: Store,
-        pms: PmsClient,
+        practices: Practices,
         reassign: ReassignHandler,
         partitions: list[int],
         max_deliveries: int = 5,
@@ -143,7 +143,7 @@ class Worker:
     ) -> None:
         self._broker = broker
         self._store = store
-        self._pms = pms
+        self._practices = practices
         self._reassign = reassign
         self._partitions = partitions
         self._max_deliveries = max_deliveries
@@ -174,7 +174,8 @@ class Worker:
             kind = inbound.type
             # Every log line written while handling this message carries its ids.
             with structlog.contextvars.bound_contextvars(
-                message_id=message_key(inbound), appointment_id=inbound.appointment_id,
+                message_id=message_key(inbound), practice=inbound.practice,
+                appointment_id=inbound.appointment_id,
                 correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
             ):
                 outcome = await self._process(message, inbound)
@@ -185,8 +186,10 @@ class Worker:
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
         key = message_key(inbound)
+        if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
+            raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
         try:
-            entry = await self._store.inbox_get(key)
+            entry = await self._store.inbox_get(key, inbound.practice)
             if entry is None:
                 try:
                     decision, logs = await self._decide_and_commit(key, inbound)
@@ -215,29 +218,34 @@ class Worker:
         ):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
-                    await self._raise_if_processed(key)  # the conflict may have been this very message
+                    # the conflict may have been this very message
+                    await self._raise_if_processed(key, inbound.practice)
                 decision = await self._decide(inbound)
                 result = decision.result.model_dump(mode="json") if decision.result else None
                 logs = await self._store.commit(Commit(
                     appointment=decision.record,
                     workflow=decision.workflow,
                     logs=decision.logs,
-                    inbox=InboxEntry(key, result),
+                    inbox=InboxEntry(key, result, inbound.practice),
                 ))
         return decision, logs
 
-    async def _raise_if_processed(self, key: str) -> None:
-        entry = await self._store.inbox_get(key)
+    async def _raise_if_processed(self, key: str, practice: str) -> None:
+        entry = await self._store.inbox_get(key, practice)
         if entry is not None:
             raise AlreadyProcessed(entry)
 
     async def _decide(self, inbound: Any) -> Decision:
+        if inbound.practice not in self._practices:
+            return Decision(result=result_for(inbound, "rejected", reasons=UNKNOWN_PRACTICE))
+        pms = self._practices.get(inbound.practice).pms
         if isinstance(inbound, ObservedEvent):
-            return await observe(inbound, self._pms, self._store)
+            return await observe(inbound, pms, self._store)
         if isinstance(inbound, Reassign):
             return await self._reassign(inbound)
-        origin = Origin("command", command_id=inbound.command_id, correlation_id=inbound.correlation_id)
-        return await execute(inbound, self._pms, self._store, origin)
+        origin = Origin("command", practice=inbound.practice, command_id=inbound.command_id,
+                        correlation_id=inbound.correlation_id)
+        return await execute(inbound, pms, self._store, origin)
 
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
@@ -264,13 +272,14 @@ class Worker:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
         if result is not None:
             log.info("command result", command_id=result.command_id, type=result.type,
-                     appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
+                     practice=result.practice, appointment_id=result.appointment_id,
+                     outcome=result.outcome, reasons=result.reasons)
 
     async def _republish(
         self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry
     ) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
-        logs = await records_of(self._store, inbound.appointment_id, key)
+        logs = await records_of(self._store, inbound.appointment_id, key, inbound.practice)
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 

@@ -24,9 +24,10 @@ from consumer.broker import Broker, PublishFailed
 from consumer.commands import STATUS_REASON, execute
 from consumer.failpoints import failpoint
 from consumer.logs import get_logger
-from consumer.messages import Reassign, SetPatient, StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
+from consumer.practices import Practices
 from consumer.records import (
     Decision,
     Origin,
@@ -70,17 +71,21 @@ class WorkflowBusy(Exception):
     """Another runner moved this workflow on (seen as a version conflict)."""
 
 
-def workflow_id_for(command_id: str) -> str:
-    """Deterministic, so a redelivered command finds its workflow instead of starting another."""
-    return f"reassign-{command_id}"
+def workflow_id_for(command: Reassign) -> str:
+    """Deterministic, so a redelivered command finds its workflow instead of starting another.
+
+    Command ids are unique per practice only, so another practice's id names its practice."""
+    if command.practice == DEFAULT_PRACTICE:
+        return f"reassign-{command.command_id}"
+    return f"reassign-{command.practice}.{command.command_id}"
 
 
 class WorkflowRunner:
     def __init__(
-        self, *, pms: PmsClient, store: Store, broker: Broker, deadline: float = 300.0,
+        self, *, practices: Practices, store: Store, broker: Broker, deadline: float = 300.0,
         compensation_attempts: int = 3, compensation_backoff: float = 0.5,
     ) -> None:
-        self._pms = pms
+        self._practices = practices
         self._store = store
         self._broker = broker
         self._deadline = deadline
@@ -89,11 +94,14 @@ class WorkflowRunner:
         self._alerted: set[str] = set()
         self._unpublished: set[str] = set()  # workflows with a record whose publish failed
 
+    def _pms(self, practice: str) -> PmsClient:
+        return self._practices.get(practice).pms
+
     # ---- entry points -------------------------------------------------------
 
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
-        workflow = await self._store.get_workflow(workflow_id_for(command.command_id))
+        workflow = await self._store.get_workflow(workflow_id_for(command))
         redelivered = workflow is not None
         if workflow is None:
             started = await self._start(command)
@@ -105,7 +113,8 @@ class WorkflowRunner:
         if redelivered or workflow.workflow_id in self._unpublished:
             # A crash (or a broker failure) may have come between a step's commit and its publish.
             self._unpublished.discard(workflow.workflow_id)
-            decision.republish = await records_of(self._store, command.appointment_id, command.command_id)
+            decision.republish = await records_of(
+                self._store, command.appointment_id, command.command_id, command.practice)
         return decision
 
     async def resume_unfinished(self) -> int:
@@ -132,8 +141,9 @@ class WorkflowRunner:
     async def requeue(self, workflow: WorkflowRecord) -> None:
         """Publish the workflow's command again, to be driven by whoever consumes its partition."""
         command = Reassign(command_id=workflow.command_id, appointment_id=workflow.appointment_id,
-                           patient_id=workflow.new_patient_id, correlation_id=workflow.correlation_id)
-        await self._broker.publish_inbound(command.model_dump_json().encode(),
+                           practice=workflow.practice, patient_id=workflow.new_patient_id,
+                           correlation_id=workflow.correlation_id)
+        await self._broker.publish_inbound(command.model_dump_json().encode(), practice=command.practice,
                                            appointment_id=command.appointment_id, message_id=command.command_id)
         log.info("workflow handed back to the pipeline", workflow_id=workflow.workflow_id, state=workflow.state)
 
@@ -182,7 +192,8 @@ class WorkflowRunner:
     async def _start(self, command: Reassign) -> WorkflowRecord | Decision:
         """Decide whether a workflow is needed at all; if so, persist it before any remote call."""
         try:
-            original = (await self._pms.get_appointment(command.appointment_id)).model_dump(mode="json")
+            pms = self._pms(command.practice)
+            original = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
         except NotFound:
             return Decision(result=result_for(command, "rejected",
                                               reasons={"appointment_id": ["not found in the PMS"]}))
@@ -193,12 +204,13 @@ class WorkflowRunner:
         if original.get("state") not in CANCELLABLE:
             reasons = {"state": [f"{STATUS_REASON} {original.get('state')}"]}
             return Decision(result=result_for(command, "rejected", reasons=reasons, appointment=original))
-        active = await self._store.active_workflow(command.appointment_id)
+        active = await self._store.active_workflow(command.appointment_id, command.practice)
         if active is not None:
             reasons = {"appointment_id": [f"a reassignment is already running ({active.workflow_id})"]}
             return Decision(result=result_for(command, "rejected", reasons=reasons))
         workflow = WorkflowRecord(
-            workflow_id=workflow_id_for(command.command_id),
+            practice=command.practice,
+            workflow_id=workflow_id_for(command),
             appointment_id=command.appointment_id,
             new_patient_id=command.patient_id,
             state=REQUESTED,
@@ -207,7 +219,7 @@ class WorkflowRunner:
             data={"original": {k: original.get(k) for k in COPIED_FIELDS}},
         )
         start = StateLogRecord(
-            appointment_id=command.appointment_id, machine="reassignment", from_state=None,
+            practice=command.practice, appointment_id=command.appointment_id, machine="reassignment", from_state=None,
             to_state=REQUESTED, trigger="reassign", source="workflow", command_id=command.command_id,
             workflow_id=workflow.workflow_id, correlation_id=command.correlation_id,
             detail={"workflow_id": workflow.workflow_id, "original_id": command.appointment_id,
@@ -219,9 +231,11 @@ class WorkflowRunner:
     async def _plain_set_patient(self, command: Reassign) -> Decision:
         """No patient yet: the PMS allows setting one, so no workflow is needed."""
         set_patient = SetPatient(command_id=command.command_id, appointment_id=command.appointment_id,
-                                 patient_id=command.patient_id, correlation_id=command.correlation_id)
-        origin = Origin("command", command_id=command.command_id, correlation_id=command.correlation_id)
-        decision = await execute(set_patient, self._pms, self._store, origin)
+                                 practice=command.practice, patient_id=command.patient_id,
+                                 correlation_id=command.correlation_id)
+        origin = Origin("command", practice=command.practice, command_id=command.command_id,
+                        correlation_id=command.correlation_id)
+        decision = await execute(set_patient, self._pms(command.practice), self._store, origin)
         if decision.result is not None:
             decision.result = decision.result.model_copy(update={"type": "reassign"})
         return decision
@@ -247,9 +261,10 @@ class WorkflowRunner:
         # Look for a replacement booked before a crash first: once booked, it must be recorded
         # (and undone by compensation if need be), whatever the original has become since.
         found = await self._find_replacement(workflow)
+        pms = self._pms(workflow.practice)
         if found is None:
             try:
-                original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                original = (await pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
             except NotFound:
                 return await self._record(workflow, lambda saga: saga.cancel_failed("original was deleted"))
             if original.get("state") not in CANCELLABLE:
@@ -260,7 +275,7 @@ class WorkflowRunner:
                 )
             failpoint("before_create_replacement")
             try:
-                created = await self._pms.create_appointment(self._replacement_fields(workflow))
+                created = await pms.create_appointment(self._replacement_fields(workflow))
                 found = created.model_dump(mode="json")
                 failpoint("after_create_replacement")
             except Unavailable:
@@ -293,7 +308,7 @@ class WorkflowRunner:
     async def _find_replacement(self, workflow: WorkflowRecord) -> dict[str, Any] | None:
         """The live appointment carrying this workflow's link marker, if one was booked."""
         original = workflow.data.get("original", {})
-        candidates = await self._pms.list_appointments(
+        candidates = await self._pms(workflow.practice).list_appointments(
             after=original.get("start_time"), before=original.get("finish_time"),
             practitioner_id=original.get("practitioner_id"),
         )
@@ -308,16 +323,17 @@ class WorkflowRunner:
         assert workflow.replacement_id is not None
         note = original_cancel_note(workflow.replacement_id, workflow.workflow_id)
         upstream: dict[str, Any] | None = None  # the last read of the original, adopted whatever happens
+        pms = self._pms(workflow.practice)
         try:
-            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
+            reason_id = await pms.cancellation_reason_id(CANCEL_REASON)
             for attempt in (1, 2):
-                upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                upstream = (await pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
                 if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
                     return await self._original_done(workflow, None, upstream, None)
                 write = self._plan_cancel(workflow, upstream, reason_id, note)
                 failpoint("before_cancel_original")
                 try:
-                    answer = await self._pms.update_appointment(workflow.appointment_id, write.fields)
+                    answer = await pms.update_appointment(workflow.appointment_id, write.fields)
                     failpoint("after_cancel_original")
                 except Rejected as rejected:
                     if attempt == 1 and any(STATUS_REASON in r for rs in rejected.params.values() for r in rs):
@@ -332,7 +348,7 @@ class WorkflowRunner:
             # The PUT may have been applied before its answer was lost: compensating then would
             # leave the slot with no live appointment. Read again (a failing read propagates, and
             # the step is retried later); only an original still standing is compensated for.
-            upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+            upstream = (await pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
             if upstream.get("state") == "Cancelled":
                 return await self._original_done(workflow, None, upstream, None)
             reason = f"PMS kept failing to cancel the original: {exc}"
@@ -382,10 +398,10 @@ class WorkflowRunner:
         """
         origin = self._origin(workflow)
         for _ in range(3):
-            stored = await self._store.get_appointment(appointment_id)
+            stored = await self._store.get_appointment(appointment_id, workflow.practice)
             with bound(snapshot_from_record(stored), appointment_id) as appt:
                 transitions = observe(appt)
-                record = new_record(stored, appt.state, appt.patient_id, upstream)
+                record = new_record(stored, appt.state, appt.patient_id, upstream, practice=workflow.practice)
             try:
                 return await self._record(workflow, outcome, appointment=record,
                                           extra_logs=origin.logs(transitions))
@@ -401,7 +417,7 @@ class WorkflowRunner:
         for attempt in range(1, self._compensation_attempts + 1):
             try:
                 failpoint("before_remove_replacement")
-                await self._delete_or_cancel(replacement_id)
+                await self._delete_or_cancel(self._pms(workflow.practice), replacement_id)
                 failpoint("after_remove_replacement")
                 return await self._record(workflow, lambda saga: saga.replacement_removed())
             except (PmsError, LookupError) as exc:
@@ -414,18 +430,19 @@ class WorkflowRunner:
         reason = f"could not remove replacement {replacement_id}: {error}"
         return await self._record(workflow, lambda saga: saga.compensation_error(reason))
 
-    async def _delete_or_cancel(self, replacement_id: int) -> None:
+    @staticmethod
+    async def _delete_or_cancel(pms: PmsClient, replacement_id: int) -> None:
         """Delete the replacement; where the PMS refuses a delete, cancel it instead."""
         try:
-            await self._pms.delete_appointment(replacement_id)
+            await pms.delete_appointment(replacement_id)
         except NotFound:
             return  # already gone (deleted before a crash)
         except Rejected:
-            current = await self._pms.get_appointment(replacement_id)
+            current = await pms.get_appointment(replacement_id)
             if current.state == "Cancelled":
                 return
-            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
-            await self._pms.update_appointment(replacement_id, {
+            reason_id = await pms.cancellation_reason_id(CANCEL_REASON)
+            await pms.update_appointment(replacement_id, {
                 "state": "Cancelled", "appointment_cancellation_reason_id": reason_id,
                 "notes": f"{CANCEL_REASON}: reassignment compensated",
             })
@@ -439,7 +456,8 @@ class WorkflowRunner:
         )
 
     def _origin(self, workflow: WorkflowRecord) -> Origin:
-        return Origin("workflow", command_id=workflow.command_id, workflow_id=workflow.workflow_id,
+        return Origin("workflow", practice=workflow.practice, command_id=workflow.command_id,
+                      workflow_id=workflow.workflow_id,
                       correlation_id=workflow.correlation_id)
 
     async def _record(
@@ -488,7 +506,8 @@ class WorkflowRunner:
         if workflow.state == "completed":
             replacement = None
             if workflow.replacement_id is not None:
-                replacement = (await self._pms.get_appointment(workflow.replacement_id)).model_dump(mode="json")
+                pms = self._pms(workflow.practice)
+                replacement = (await pms.get_appointment(workflow.replacement_id)).model_dump(mode="json")
             return result_for(command, "succeeded", appointment=replacement, workflow_id=workflow.workflow_id)
         cancel_error = workflow.data.get("cancel_error") or workflow.last_error
         reasons = {"original": [cancel_error or "the original could not be cancelled"]}

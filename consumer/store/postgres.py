@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from consumer.messages import StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
@@ -95,38 +95,45 @@ class PostgresStore:
             written = [await _append_log(conn, record) for record in commit.logs]
             if commit.inbox is not None:
                 await conn.execute(
-                    "INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
+                    "INSERT INTO inbox (practice, message_id, result, processed_at)"
+                    " VALUES ($1, $2, $3, now())",
+                    commit.inbox.practice,
                     commit.inbox.message_id,
                     None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
                 )
         return written
 
-    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None:
+    async def get_appointment(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> AppointmentRecord | None:
         row = await self._fetchrow(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE appointment_id = $1",
-            appointment_id,
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
+            " WHERE practice = $1 AND appointment_id = $2",
+            practice, appointment_id,
         )
         return None if row is None else schema.appointment_from_row(row)
 
-    async def inbox_get(self, message_id: str) -> InboxEntry | None:
+    async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None:
         row = await self._fetchrow(
-            "SELECT message_id, result FROM inbox WHERE message_id = $1", message_id
+            "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
+            practice, message_id,
         )
         return None if row is None else schema.inbox_from_row(row)
 
     async def history(
-        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+        self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
         """``seq`` comes from a sequence, so two commits that touch no common row may
         become visible out of ``seq`` order. Commits writing one appointment's record
         queue on its row, so that appointment's history pages in order."""
         rows = await self._fetch(
-            f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-            " WHERE (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
+            f"SELECT {schema.LOG_COLUMNS} FROM state_log WHERE practice = $4"
+            " AND (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
             " ORDER BY seq LIMIT $3",
             appointment_id,
             after_seq,
             limit,
+            practice,
         )
         return [schema.log_from_row(row) for row in rows]
 
@@ -137,11 +144,13 @@ class PostgresStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+    async def active_workflow(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> WorkflowRecord | None:
         row = await self._fetchrow(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
-            f" WHERE appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
-            appointment_id,
+            f" WHERE practice = $2 AND appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
+            appointment_id, practice,
         )
         return None if row is None else schema.workflow_from_row(row)
 
@@ -224,18 +233,20 @@ async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord
         record.version + 1,
         record.upstream_updated_at,
         schema.dumps(record.data),
+        record.practice,
     )
     if record.version == 0:
         await conn.execute(
             "INSERT INTO appointments (appointment_id, state, patient_id, version,"
-            " upstream_updated_at, data, updated_at) VALUES ($1, $2, $3, $4, $5, $6, now())",
+            " upstream_updated_at, data, practice, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
             *args,
         )
         return
     status = await conn.execute(
         "UPDATE appointments SET state = $2, patient_id = $3, version = $4,"
         " upstream_updated_at = $5, data = $6, updated_at = now()"
-        " WHERE appointment_id = $1 AND version = $7",
+        " WHERE practice = $7 AND appointment_id = $1 AND version = $8",
         *args,
         record.version,
     )
@@ -258,14 +269,15 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
         record.attempts,
         record.version + 1,
         schema.dumps(record.data),
+        record.practice,
     )
     if record.version == 0:
         created_at: datetime | None = schema.utc(record.created_at) if record.created_at else None
         await conn.execute(
             "INSERT INTO workflows (workflow_id, appointment_id, new_patient_id, state,"
             " command_id, correlation_id, replacement_id, last_error, attempts, version, data,"
-            " created_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, COALESCE($12, now()), now())",
+            " practice, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, COALESCE($13, now()), now())",
             *args,
             created_at,
         )
@@ -273,8 +285,8 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
     status = await conn.execute(
         "UPDATE workflows SET appointment_id = $2, new_patient_id = $3, state = $4,"
         " command_id = $5, correlation_id = $6, replacement_id = $7, last_error = $8,"
-        " attempts = $9, version = $10, data = $11, updated_at = now()"
-        " WHERE workflow_id = $1 AND version = $12",
+        " attempts = $9, version = $10, data = $11, practice = $12, updated_at = now()"
+        " WHERE workflow_id = $1 AND version = $13",
         *args,
         record.version,
     )
@@ -284,7 +296,7 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
 
 async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
     seq = await conn.fetchval(
-        schema.insert_log_sql([f"${n}" for n in range(1, 14)]) + " RETURNING seq",
+        schema.insert_log_sql([f"${n}" for n in range(1, schema.LOG_VALUE_COUNT + 1)]) + " RETURNING seq",
         *schema.log_values(record, schema.utc(record.time)),
     )
     return record.model_copy(update={"seq": seq})

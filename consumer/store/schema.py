@@ -79,6 +79,48 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
+    # 2: practices. Appointment ids (and partners' message ids) are unique only inside a
+    # practice, so every keyed table gains ``practice``; what existed is the default's.
+    # SQLite can't change a primary key in place: those tables are rebuilt.
+    [
+        """CREATE TABLE appointments_v2 (
+            practice TEXT NOT NULL DEFAULT 'default',
+            appointment_id INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            patient_id INTEGER,
+            version INTEGER NOT NULL,
+            upstream_updated_at TEXT,
+            data TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (practice, appointment_id)
+        )""",
+        """INSERT INTO appointments_v2 (practice, appointment_id, state, patient_id, version,
+            upstream_updated_at, data, updated_at)
+            SELECT 'default', appointment_id, state, patient_id, version, upstream_updated_at, data,
+            updated_at FROM appointments""",
+        "DROP TABLE appointments",
+        "ALTER TABLE appointments_v2 RENAME TO appointments",
+        """CREATE TABLE inbox_v2 (
+            practice TEXT NOT NULL DEFAULT 'default',
+            message_id TEXT NOT NULL,
+            result TEXT,
+            processed_at TEXT NOT NULL,
+            PRIMARY KEY (practice, message_id)
+        )""",
+        """INSERT INTO inbox_v2 (practice, message_id, result, processed_at)
+            SELECT 'default', message_id, result, processed_at FROM inbox""",
+        "DROP TABLE inbox",
+        "ALTER TABLE inbox_v2 RENAME TO inbox",
+        "ALTER TABLE state_log ADD COLUMN practice TEXT NOT NULL DEFAULT 'default'",
+        "DROP INDEX state_log_appointment",
+        "DROP INDEX state_log_related",
+        "CREATE INDEX state_log_appointment ON state_log (practice, appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (practice, related_appointment_id, seq)",
+        "ALTER TABLE workflows ADD COLUMN practice TEXT NOT NULL DEFAULT 'default'",
+        "DROP INDEX workflows_one_unfinished",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+    ],
 ]
 
 POSTGRES_MIGRATIONS: list[list[str]] = [
@@ -135,6 +177,24 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name text PRIMARY KEY, value text NOT NULL)",
     ],
+    # 2: practices (see the SQLite twin).
+    [
+        "ALTER TABLE appointments ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "ALTER TABLE appointments DROP CONSTRAINT appointments_pkey",
+        "ALTER TABLE appointments ADD PRIMARY KEY (practice, appointment_id)",
+        "ALTER TABLE inbox ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "ALTER TABLE inbox DROP CONSTRAINT inbox_pkey",
+        "ALTER TABLE inbox ADD PRIMARY KEY (practice, message_id)",
+        "ALTER TABLE state_log ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "DROP INDEX state_log_appointment",
+        "DROP INDEX state_log_related",
+        "CREATE INDEX state_log_appointment ON state_log (practice, appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (practice, related_appointment_id, seq)",
+        "ALTER TABLE workflows ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "DROP INDEX workflows_one_unfinished",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+    ],
 ]
 
 class Row(Protocol):
@@ -143,13 +203,13 @@ class Row(Protocol):
     def __getitem__(self, key: str) -> Any: ...
 
 
-APPOINTMENT_COLUMNS = "appointment_id, state, patient_id, version, upstream_updated_at, data"
+APPOINTMENT_COLUMNS = "practice, appointment_id, state, patient_id, version, upstream_updated_at, data"
 WORKFLOW_COLUMNS = (
-    "workflow_id, appointment_id, new_patient_id, state, command_id, correlation_id,"
+    "practice, workflow_id, appointment_id, new_patient_id, state, command_id, correlation_id,"
     " replacement_id, last_error, attempts, version, created_at, updated_at, data"
 )
 LOG_COLUMNS = (
-    "seq, time, appointment_id, machine, from_state, to_state, trigger, source,"
+    "seq, time, practice, appointment_id, machine, from_state, to_state, trigger, source,"
     " command_id, webhook_id, workflow_id, correlation_id, detail"
 )
 
@@ -193,9 +253,12 @@ def related_appointment_id(record: StateLogRecord) -> int | None:
 
 
 INSERT_LOG_COLUMNS = (
-    "time, appointment_id, related_appointment_id, machine, from_state, to_state, trigger, source,"
+    "time, practice, appointment_id, related_appointment_id, machine, from_state, to_state, trigger, source,"
     " command_id, webhook_id, workflow_id, correlation_id, detail"
 )
+
+
+LOG_VALUE_COUNT = INSERT_LOG_COLUMNS.count(",") + 1
 
 
 def insert_log_sql(placeholders: list[str]) -> str:
@@ -206,7 +269,7 @@ def insert_log_sql(placeholders: list[str]) -> str:
 def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
     """Values in ``INSERT_LOG_COLUMNS`` order; ``time`` already in the driver's form."""
     return (
-        time, record.appointment_id, related_appointment_id(record), record.machine,
+        time, record.practice, record.appointment_id, related_appointment_id(record), record.machine,
         record.from_state, record.to_state, record.trigger, record.source, record.command_id,
         record.webhook_id, record.workflow_id, record.correlation_id, dumps(record.detail),
     )
@@ -214,6 +277,7 @@ def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
 
 def appointment_from_row(row: Row) -> AppointmentRecord:
     return AppointmentRecord(
+        practice=row["practice"],
         appointment_id=row["appointment_id"],
         state=row["state"],
         patient_id=row["patient_id"],
@@ -225,6 +289,7 @@ def appointment_from_row(row: Row) -> AppointmentRecord:
 
 def workflow_from_row(row: Row) -> WorkflowRecord:
     return WorkflowRecord(
+        practice=row["practice"],
         workflow_id=row["workflow_id"],
         appointment_id=row["appointment_id"],
         new_patient_id=row["new_patient_id"],
@@ -245,6 +310,7 @@ def log_from_row(row: Row) -> StateLogRecord:
     return StateLogRecord(
         seq=row["seq"],
         time=parse_time(row["time"]),
+        practice=row["practice"],
         appointment_id=row["appointment_id"],
         machine=row["machine"],
         from_state=row["from_state"],
@@ -260,4 +326,4 @@ def log_from_row(row: Row) -> StateLogRecord:
 
 
 def inbox_from_row(row: Row) -> InboxEntry:
-    return InboxEntry(message_id=row["message_id"], result=loads(row["result"]))
+    return InboxEntry(message_id=row["message_id"], result=loads(row["result"]), practice=row["practice"])

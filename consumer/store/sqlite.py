@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any, TypeVar
 
-from consumer.messages import StateLogRecord, utcnow
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord, utcnow
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
@@ -84,27 +84,31 @@ class SqliteStore:
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         return await self._in_transaction(partial(_commit, commit=commit))
 
-    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None:
+    async def get_appointment(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> AppointmentRecord | None:
         row = await self._fetchone(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE appointment_id = ?",
-            (appointment_id,),
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
+            " WHERE practice = ? AND appointment_id = ?",
+            (practice, appointment_id),
         )
         return None if row is None else schema.appointment_from_row(row)
 
-    async def inbox_get(self, message_id: str) -> InboxEntry | None:
+    async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None:
         row = await self._fetchone(
-            "SELECT message_id, result FROM inbox WHERE message_id = ?", (message_id,)
+            "SELECT practice, message_id, result FROM inbox WHERE practice = ? AND message_id = ?",
+            (practice, message_id),
         )
         return None if row is None else schema.inbox_from_row(row)
 
     async def history(
-        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+        self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
         rows = await self._fetchall(
-            f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-            " WHERE (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
+            f"SELECT {schema.LOG_COLUMNS} FROM state_log WHERE practice = ?"
+            " AND (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
             " ORDER BY seq LIMIT ?",
-            (appointment_id, appointment_id, after_seq, limit),
+            (practice, appointment_id, appointment_id, after_seq, limit),
         )
         return [schema.log_from_row(row) for row in rows]
 
@@ -115,11 +119,13 @@ class SqliteStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+    async def active_workflow(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> WorkflowRecord | None:
         row = await self._fetchone(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
-            f" WHERE appointment_id = ? AND state NOT IN {schema.TERMINAL_SQL}",
-            (appointment_id,),
+            f" WHERE practice = ? AND appointment_id = ? AND state NOT IN {schema.TERMINAL_SQL}",
+            (practice, appointment_id),
         )
         return None if row is None else schema.workflow_from_row(row)
 
@@ -213,8 +219,8 @@ def _commit(db: Connection, commit: Commit) -> list[StateLogRecord]:
     written = [_append_log(db, record) for record in commit.logs]
     if commit.inbox is not None:
         db.execute(
-            "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, ?)",
-            (commit.inbox.message_id, _json_or_null(commit.inbox.result), _now()),
+            "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)",
+            (commit.inbox.practice, commit.inbox.message_id, _json_or_null(commit.inbox.result), _now()),
         )
     return written
 
@@ -244,19 +250,20 @@ def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
         record.upstream_updated_at,
         schema.dumps(record.data),
         _now(),
+        record.practice,
         record.appointment_id,
     )
     if record.version == 0:
         db.execute(
             "INSERT INTO appointments (state, patient_id, version, upstream_updated_at, data,"
-            " updated_at, appointment_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " updated_at, practice, appointment_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
         return
     cursor = db.execute(
         "UPDATE appointments SET state = ?, patient_id = ?, version = ?,"
         " upstream_updated_at = ?, data = ?, updated_at = ?"
-        " WHERE appointment_id = ? AND version = ?",
+        " WHERE practice = ? AND appointment_id = ? AND version = ?",
         (*values, record.version),
     )
     if cursor.rowcount != 1:
@@ -268,6 +275,7 @@ def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
 def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
     now = _now()
     values = (
+        record.practice,
         record.appointment_id,
         record.new_patient_id,
         record.state,
@@ -284,14 +292,14 @@ def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
     if record.version == 0:
         created_at = schema.sqlite_time(record.created_at) if record.created_at else now
         db.execute(
-            "INSERT INTO workflows (appointment_id, new_patient_id, state, command_id,"
+            "INSERT INTO workflows (practice, appointment_id, new_patient_id, state, command_id,"
             " correlation_id, replacement_id, last_error, attempts, version, updated_at, data,"
-            " workflow_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " workflow_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*values, created_at),
         )
         return
     cursor = db.execute(
-        "UPDATE workflows SET appointment_id = ?, new_patient_id = ?, state = ?, command_id = ?,"
+        "UPDATE workflows SET practice = ?, appointment_id = ?, new_patient_id = ?, state = ?, command_id = ?,"
         " correlation_id = ?, replacement_id = ?, last_error = ?, attempts = ?, version = ?,"
         " updated_at = ?, data = ? WHERE workflow_id = ? AND version = ?",
         (*values, record.version),
@@ -302,7 +310,7 @@ def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
 
 def _append_log(db: Connection, record: StateLogRecord) -> StateLogRecord:
     cursor = db.execute(
-        schema.insert_log_sql(["?"] * 13), schema.log_values(record, schema.sqlite_time(record.time))
+        schema.insert_log_sql(["?"] * schema.LOG_VALUE_COUNT), schema.log_values(record, schema.sqlite_time(record.time))
     )
     return record.model_copy(update={"seq": cursor.lastrowid})
 

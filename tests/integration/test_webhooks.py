@@ -402,7 +402,7 @@ async def test_the_current_record_is_served(service: Service) -> None:
     await committed_history(service.store, 11)
     status, body = await service.get("/appointments/11")
     assert status == 200
-    assert body == {"appointment_id": 11, "state": "Completed", "patient_id": 7, "version": 5,
+    assert body == {"practice": "default", "appointment_id": 11, "state": "Completed", "patient_id": 7, "version": 5,
                     "upstream_updated_at": "2030-01-01T09:04:00Z"}
 
 
