@@ -448,3 +448,98 @@ async def test_sqlite_in_memory_works() -> None:
         assert await store.get_appointment(1) == appointment(version=1)
     finally:
         await store.close()
+
+
+# ---- practices: appointment and message ids are unique only inside a practice ----
+
+
+async def test_the_same_appointment_id_in_two_practices_is_two_records(store: Store) -> None:
+    north = replace(appointment(900, state="Confirmed"), practice="north")
+    south = replace(appointment(900, state="Pending"), practice="south")
+    await store.commit(Commit(appointment=north, logs=[log(900, "Confirmed", practice="north")]))
+    await store.commit(Commit(appointment=south, logs=[log(900, "Pending", practice="south")]))
+
+    assert await store.get_appointment(900, "north") == replace(north, version=1)
+    assert await store.get_appointment(900, "south") == replace(south, version=1)
+    assert await store.get_appointment(900) is None  # the default practice has no 900
+    assert [r.to_state for r in await store.history(900, practice="north")] == ["Confirmed"]
+    assert [r.practice for r in await store.history(900, practice="south")] == ["south"]
+    with pytest.raises(StaleVersion):  # versions are per (practice, id)
+        await store.commit(Commit(appointment=replace(north, state="Cancelled", version=0)))
+
+
+async def test_the_inbox_and_unfinished_workflows_are_per_practice(store: Store) -> None:
+    await store.commit(Commit(inbox=InboxEntry("c-1", {"outcome": "north"}, practice="north")))
+    await store.commit(Commit(inbox=InboxEntry("c-1", {"outcome": "south"}, practice="south")))
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(inbox=InboxEntry("c-1", None, practice="north")))
+    assert await store.inbox_get("c-1", "south") == InboxEntry("c-1", {"outcome": "south"}, "south")
+    assert await store.inbox_get("c-1") is None
+
+    await store.commit(Commit(workflow=replace(workflow("wf-n", 5), practice="north")))
+    await store.commit(Commit(workflow=replace(workflow("wf-s", 5), practice="south")))
+    active = await store.active_workflow(5, "south")
+    assert active is not None and (active.workflow_id, active.practice) == ("wf-s", "south")
+    assert await store.active_workflow(5) is None
+
+
+V1_ROWS = [
+    "INSERT INTO appointments VALUES (42, 'Confirmed', 7, 3, '2030-01-01T09:00:00Z', '{}', '2030-01-01')",
+    "INSERT INTO inbox VALUES ('c-old', NULL, '2030-01-01')",
+    "INSERT INTO state_log (time, appointment_id, machine, to_state, trigger, source, detail)"
+    " VALUES ('2030-01-01T00:00:00.000000+00:00', 42, 'appointment', 'Confirmed', 'confirm', 'command', '{}')",
+]
+
+
+async def _assert_v1_data_is_the_default_practices(store: Store) -> None:
+    record = await store.get_appointment(42)
+    assert record is not None and (record.practice, record.state, record.version) == ("default", "Confirmed", 3)
+    assert await store.inbox_get("c-old") == InboxEntry("c-old", None, "default")
+    assert [(r.practice, r.to_state) for r in await store.history(42)] == [("default", "Confirmed")]
+    await store.commit(Commit(appointment=replace(appointment(42), practice="north")))  # 42 is free there
+
+
+async def test_a_sqlite_store_from_before_practices_keeps_its_data_as_the_default_practice(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from consumer.store import schema
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for statement in schema.SQLITE_MIGRATIONS[0] + V1_ROWS:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (1, '2030-01-01')")
+    db.commit()
+    db.close()
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        await _assert_v1_data_is_the_default_practices(store)
+    finally:
+        await store.close()
+
+
+async def test_a_postgres_store_from_before_practices_keeps_its_data_as_the_default_practice() -> None:
+    from consumer.store import schema
+
+    name = f"test_store_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+        await conn.execute(f"SET search_path = {name}")
+        await conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)")
+        for statement in schema.POSTGRES_MIGRATIONS[0] + V1_ROWS:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_version VALUES (1, now())")
+        store = PostgresStore(PG_URL, schema=name)
+        await store.open()
+        try:
+            await _assert_v1_data_is_the_default_practices(store)
+        finally:
+            await store.close()
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        await conn.close()
