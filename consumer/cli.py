@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8700)
 
+    practices = verbs.add_parser(
+        "practices", help="each practice's status, budget and waiting messages (asks the running service)")
+    practices.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+
     verbs.add_parser("schema", help="print the message contract as JSON Schema")
 
     reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
@@ -136,6 +140,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         if args.sagas_verb == "retry":
             return await tools.sagas_retry(settings, args.workflow_id)
         return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
+    if args.verb == "practices":
+        return await tools.practices(settings, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
     raise AssertionError(args.verb)

@@ -59,6 +59,18 @@ STUCK_WORKFLOWS = Gauge(
     "Workflows parked in compensation_failed or past their deadline: page someone.",
     registry=REGISTRY,
 )
+PRACTICE_STATUS = Gauge(
+    "appt_practice_status",
+    "1 for each practice's current status (ok, budget_spent, token_refused, unreachable), 0 for the others.",
+    ["practice", "status"],
+    registry=REGISTRY,
+)
+PARKED = Gauge(
+    "appt_parked_messages",
+    "Messages parked per practice while it can't be served (refreshed every 5 s).",
+    ["practice"],
+    registry=REGISTRY,
+)
 WEBHOOKS = Counter(
     "appt_webhook_verifications_total",
     "Webhook requests by verification result.",

@@ -15,8 +15,9 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -27,6 +28,9 @@ from consumer.settings import Settings
 from consumer.signing import secret_key
 
 UNKNOWN_PRACTICE = {"practice": ["unknown practice"]}
+
+Status = Literal["ok", "budget_spent", "token_refused", "unreachable"]
+STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 class PracticesError(Exception):
@@ -116,12 +120,56 @@ def client_factory(settings: Settings) -> ClientFactory:
 
 @dataclass
 class Practice:
-    """A practice as served now: its configuration, its token and the PMS client holding it."""
+    """A practice as served now: its configuration, its token, the PMS client holding it,
+    and whether it can be served (see consumer/waiting.py)."""
 
     name: str
     config: PracticeConfig
     token: str
     pms: PmsClient
+    status: Status = "ok"
+    retry_at: float | None = None
+    """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe);
+    None while it waits for a reload (a refused token)."""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        self._report()
+
+    @property
+    def waiting(self) -> bool:
+        return self.status != "ok"
+
+    def wait(self, status: Status, retry_at: float | None, reason: str) -> bool:
+        """Start (or go on) waiting; True when the practice was being served until now."""
+        started = not self.waiting
+        self.status, self.retry_at, self.reason = status, retry_at, reason
+        self._report()
+        return started
+
+    def resume(self) -> None:
+        self.status, self.retry_at, self.reason = "ok", None, ""
+        self._report()
+
+    def _report(self) -> None:
+        for status in STATUSES:
+            metrics.PRACTICE_STATUS.labels(self.name, status).set(1 if status == self.status else 0)
+
+
+def describe(practice: Practice, parked: int) -> dict[str, Any]:
+    """One practice as `appt practices` and ``GET /practices`` show it."""
+    return {
+        "practice": practice.name,
+        "status": practice.status,
+        "retry_at": _iso(practice.retry_at),
+        "reason": practice.reason or None,
+        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"])},
+        "waiting_messages": parked,
+    }
+
+
+def _iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat()
 
 
 class Practices:
@@ -164,7 +212,11 @@ class Practices:
             else:
                 fresh[name] = self._practice(name, config, tokens[name])
                 changed.append(name)
-        changed += [name for name in old if name not in configs]
+        for name in old:
+            if name not in configs:
+                changed.append(name)
+                for status in STATUSES:
+                    metrics.PRACTICE_STATUS.remove(name, status)
         self._practices = fresh
         for name, practice in old.items():
             if fresh.get(name) is not practice:

@@ -25,6 +25,7 @@ from consumer.reconciler import run_reconciler
 from consumer.settings import Settings
 from consumer.store.base import open_store
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, STORE_KEY, create_app
+from consumer.waiting import Resumer
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -53,6 +54,8 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await workflows.resume_unfinished()
             stop = asyncio.Event()
             background = [asyncio.create_task(workflows.watch(stop))]
+            background.append(asyncio.create_task(
+                Resumer(practices=practices, store=store, broker=broker).run(stop)))
             if settings.reconcile_interval > 0:
                 background.append(asyncio.create_task(
                     run_reconciler(practices, broker, store, settings.reconcile_interval, stop)))

@@ -244,6 +244,32 @@ async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     return EXIT_OK if workflow.state in TERMINAL_WORKFLOW_STATES else EXIT_FAILED
 
 
+async def practices(settings: Settings, *, as_json: bool) -> int:
+    """The running service's view (statuses and budgets live in the process that serves)."""
+    import aiohttp
+
+    url = f"http://{settings.http_host}:{settings.http_port}/practices"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as answer:
+                answer.raise_for_status()
+                rows = (await answer.json())["practices"]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"appt practices: the service at {url} did not answer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for row in rows:
+        if as_json:
+            print(json.dumps(row))
+            continue
+        budget = row["budget"]
+        print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
+              f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
+              f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+              + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+              + (f"  ({row['reason']})" if row["reason"] else ""))
+    return EXIT_OK
+
+
 async def reconcile(settings: Settings, *, since: str | None) -> int:
     """Every practice, one after the other; one line per practice."""
     from consumer.reconciler import reconcile_once

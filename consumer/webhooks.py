@@ -28,6 +28,7 @@ from consumer.practices import (
     Practices,
     UnknownPractice,
     client_factory,
+    describe,
     load_configs,
 )
 from consumer.settings import Settings
@@ -79,6 +80,7 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
+    app.router.add_get("/practices", list_practices)
     for prefix in ("", "/practices/{practice}"):
         app.router.add_get(prefix + r"/appointments/{id:\d+}", get_appointment)
         app.router.add_get(prefix + r"/appointments/{id:\d+}/history", get_history)
@@ -213,9 +215,22 @@ async def readyz(request: web.Request) -> web.Response:
     store_ok = await _store_answers(request.app[STORE_KEY])
     checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down"}
     ready = broker_ok and store_ok
+    # A waiting practice is named but leaves the process ready: the others are being served.
+    waiting = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
     return web.json_response(
-        {"status": "ready" if ready else "not ready", **checks}, status=200 if ready else 503
+        {"status": "ready" if ready else "not ready", **checks, "waiting_practices": waiting},
+        status=200 if ready else 503,
     )
+
+
+async def list_practices(request: web.Request) -> web.Response:
+    """Each practice's status, budget and parked messages (what `appt practices` prints).
+
+    Open like /readyz and /metrics: it names practices, never an appointment or a token.
+    """
+    parked = await request.app[STORE_KEY].parked_counts()
+    return web.json_response(
+        {"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
 
 
 async def render_metrics(request: web.Request) -> web.Response:

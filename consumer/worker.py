@@ -39,12 +39,14 @@ from consumer.messages import (
     StateLogRecord,
 )
 from consumer.observed import observe
-from consumer.pms.errors import RateLimited, Unavailable
+from consumer.pms.errors import Unavailable
 from consumer.practices import UNKNOWN_PRACTICE, Practices
 from consumer.records import Decision, Origin, result_for
+from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 from consumer.store.base import (
     Commit,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     Store,
     StoreUnavailable,
@@ -53,7 +55,7 @@ from consumer.store.base import (
 
 log = get_logger(__name__)
 
-TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
+TRANSIENT = (Unavailable, StoreUnavailable, StaleVersion, PublishFailed)
 ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
 
 
@@ -140,6 +142,7 @@ class Worker:
         max_deliveries: int = 5,
         retry_delay: float = 1.0,
         attempts: int = 3,
+        probe_interval: float = 5.0,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -149,6 +152,7 @@ class Worker:
         self._max_deliveries = max_deliveries
         self._retry_delay = retry_delay
         self._attempts = attempts
+        self._probe_interval = probe_interval  # how soon an unreachable PMS is tried again
         self._serializer = KeyedSerializer()
         self._stopping = False
 
@@ -188,7 +192,10 @@ class Worker:
         key = message_key(inbound)
         if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
             raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
+        parked = _parked_seq(message)
         try:
+            if inbound.practice in self._practices and (held := await self._hold(message, inbound, parked)):
+                return held
             entry = await self._store.inbox_get(key, inbound.practice)
             if entry is None:
                 try:
@@ -197,16 +204,76 @@ class Worker:
                     entry = done.entry
             if entry is not None:
                 await self._republish(message, key, inbound, entry)
-                await _settle(message.ack())
+                await self._done(message, parked)
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
+            await self._done(message, parked)
+        except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
+            return await self._wait(message, inbound, parked, exc)
         except TRANSIENT as exc:
             return await self._retry_later(message, key, exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
             log.exception("unexpected error", message_id=key)
             return await self._retry_later(message, key, exc)
-        await _settle(message.ack())
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
+
+    async def _hold(self, message: AbstractIncomingMessage, inbound: Any, parked: int | None) -> str | None:
+        """Park (or keep parked) a message that must wait; None when it may be processed now.
+
+        A command waits while its practice does, or while an older message of its
+        appointment is parked (it must not overtake it). A handed-back message goes
+        only when it is its appointment's oldest. Observed events need no PMS call to
+        be applied, so they never wait on the practice.
+        """
+        practice = self._practices.get(inbound.practice)
+        head = await self._store.parked_head(inbound.practice, inbound.appointment_id)
+        if parked is not None:
+            if head is None or head > parked:  # handed back twice: it was processed already
+                await _settle(message.ack())
+                return "duplicate"
+            if head == parked and not practice.waiting:
+                return None
+            await self._store.keep_parked(parked)
+        elif isinstance(inbound, ObservedEvent) or (head is None and not practice.waiting):
+            return None
+        else:
+            await self._park(message, inbound, practice.reason or "behind an older parked message")
+        await _settle(message.ack())
+        return "parked"
+
+    async def _wait(
+        self, message: AbstractIncomingMessage, inbound: Any, parked: int | None, error: BaseException
+    ) -> str:
+        """The PMS can't serve this practice now: park the message (acked), and the practice waits."""
+        reason = f"{type(error).__name__}: {error}"
+        status, retry_at = waiting_status(error, probe_interval=self._probe_interval)
+        if inbound.practice in self._practices:
+            practice = self._practices.get(inbound.practice)
+            if practice.wait(status, retry_at, reason):
+                log.error("practice waiting: its commands are parked until it can be served",
+                          practice=practice.name, status=status, retry_at=retry_at, error=reason)
+        try:
+            if parked is None:
+                await self._park(message, inbound, reason)
+            else:
+                await self._store.keep_parked(parked)
+        except StoreUnavailable as exc:
+            return await self._retry_later(message, message_key(inbound), exc)
+        await _settle(message.ack())
+        return "parked"
+
+    async def _park(self, message: AbstractIncomingMessage, inbound: Any, reason: str) -> None:
+        await self._store.park(ParkedMessage(
+            practice=inbound.practice, appointment_id=inbound.appointment_id,
+            message_id=message_key(inbound), body=message.body, reason=reason[:500],
+            reply_to=message.reply_to, correlation_id=message.correlation_id,
+        ))
+
+    async def _done(self, message: AbstractIncomingMessage, parked: int | None) -> None:
+        """Processed: a parked message is forgotten (only now: a crash before redelivers it), then acked."""
+        if parked is not None:
+            await self._store.unpark(parked)
+        await _settle(message.ack())
 
     async def _decide_and_commit(self, key: str, inbound: Any) -> tuple[Decision, list[StateLogRecord]]:
         async for attempt in AsyncRetrying(
@@ -304,8 +371,19 @@ class Worker:
             await _settle(message.nack(requeue=True))  # try again later rather than lose it
             return "retried"
         metrics.DEAD_LETTERED.labels(reason_class).inc()
+        if (parked := _parked_seq(message)) is not None:
+            try:
+                await self._store.unpark(parked)
+            except StoreUnavailable:  # handed back again later: the dead letter may then repeat
+                log.warning("dead-lettered message still parked", seq=parked)
         await _settle(message.ack())
         return "dead_lettered"
+
+
+def _parked_seq(message: AbstractIncomingMessage) -> int | None:
+    """The store's seq of a handed-back parked message (a live message has none)."""
+    value = (message.headers or {}).get(PARKED_SEQ_HEADER)
+    return value if isinstance(value, int) else None
 
 
 async def _settle(action: Awaitable[None]) -> None:

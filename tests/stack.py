@@ -21,6 +21,7 @@ from consumer.messages import DEFAULT_PRACTICE
 from consumer.pms.client import PmsClient
 from consumer.practices import PracticeConfig, Practices
 from consumer.store.base import Store, open_store
+from consumer.waiting import Resumer
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 from tests.helpers import eventually
@@ -80,7 +81,8 @@ async def running_stack(
     amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
     max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
-    practices: dict[str, PracticeConfig] | None = None,
+    practices: dict[str, PracticeConfig] | None = None, max_retry_after: float = 60.0,
+    probe_interval: float = 0.2,
 ) -> AsyncIterator[Stack]:
     """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token."""
     store = open_store(store_url)
@@ -91,7 +93,7 @@ async def running_stack(
         practices or {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token="sandbox-token")},
         lambda config, token: PmsClient(
             config.pms_url, token, timeout=pms_timeout, retry_attempts=pms_retry_attempts,
-            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency),
+            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency, max_retry_after=max_retry_after),
     )
     observer = Observer()
     connection = await aio_pika.connect_robust(amqp_url)
@@ -106,11 +108,16 @@ async def running_stack(
                                compensation_backoff=compensation_backoff)
     worker = Worker(broker=broker, store=store, practices=registry, reassign=workflows.reassign,
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
-                    retry_delay=retry_delay)
+                    retry_delay=retry_delay, probe_interval=probe_interval)
     await worker.start()
+    stop = asyncio.Event()
+    resumer = asyncio.create_task(
+        Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
     try:
         yield Stack(broker, store, registry, worker, workflows, observer)
     finally:
+        stop.set()
+        await resumer
         await worker.stop(timeout=5)
         await connection.close()
         await registry.close()

@@ -94,6 +94,7 @@ class Pacer:
 
     def __init__(self, low_water: int, clock: Callable[[], float] = time.time) -> None:
         self.low_water = low_water
+        self.limit: int | None = None
         self.remaining: int | None = None
         self.reset_at: float | None = None
         self._clock = clock
@@ -104,6 +105,8 @@ class Pacer:
         reset = _header_float(headers, "x-ratelimit-reset")
         if remaining is not None and reset is not None:
             self.remaining, self.reset_at = int(remaining), reset
+            limit = _header_float(headers, "x-ratelimit-limit")
+            self.limit = int(limit) if limit is not None else self.limit
 
     def reserve(self, max_wait: float) -> float:
         """Seconds to wait before the next request; ``RateLimited`` if over ``max_wait``."""
@@ -168,6 +171,10 @@ class PmsClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def budget(self) -> dict[str, float | None]:
+        """The hourly budget as the PMS last reported it (all None before the first answer)."""
+        return {"limit": self._pacer.limit, "remaining": self._pacer.remaining, "reset": self._pacer.reset_at}
 
     # ---- API ----------------------------------------------------------------
 

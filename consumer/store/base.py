@@ -74,6 +74,24 @@ class InboxEntry:
 
 
 @dataclass(frozen=True)
+class ParkedMessage:
+    """An inbound message of a practice that can't be served now, kept in order until it can.
+
+    ``seq`` (assigned by the store) is the order messages are handed back in;
+    an appointment's later messages wait behind its oldest parked one.
+    """
+
+    practice: str
+    appointment_id: int
+    message_id: str
+    body: bytes
+    reason: str
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    seq: int = 0
+
+
+@dataclass(frozen=True)
 class Commit:
     """Everything one decision writes, atomically.
 
@@ -132,6 +150,27 @@ class Store(Protocol):
     ) -> list[WorkflowRecord]: ...
 
     async def get_watermark(self, name: str) -> str | None: ...
+
+    # Parked messages of practices that can't be served now (see consumer/waiting.py).
+
+    async def park(self, message: ParkedMessage) -> None:
+        """Keep a message until its practice can be served; the same id twice is kept once."""
+
+    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
+        """The seq of this appointment's oldest parked message, if any."""
+
+    async def unpark(self, seq: int) -> None:
+        """Forget a parked message: it was processed."""
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        """Up to ``limit`` of the practice's parked messages not handed back since
+        ``not_since``, oldest first, marked as handed back now (in one transaction)."""
+
+    async def keep_parked(self, seq: int) -> None:
+        """A handed-back message that must wait again: hand it back at the next chance."""
+
+    async def parked_counts(self) -> dict[str, int]:
+        """Parked messages per practice."""
 
     async def set_watermark(self, name: str, value: str) -> None: ...
 

@@ -25,6 +25,7 @@ from consumer.store.base import (
     AppointmentRecord,
     Commit,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -179,6 +180,46 @@ class PostgresStore:
                 name,
                 value,
             )
+
+    async def park(self, message: ParkedMessage) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
+                " correlation_id, reason, parked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now())"
+                " ON CONFLICT (practice, message_id) DO NOTHING",
+                message.practice, message.appointment_id, message.message_id, message.body,
+                message.reply_to, message.correlation_id, message.reason,
+            )
+
+    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
+        async with self._connection() as conn:
+            head = await conn.fetchval(
+                "SELECT MIN(seq) FROM parked WHERE practice = $1 AND appointment_id = $2",
+                practice, appointment_id,
+            )
+        return None if head is None else int(head)
+
+    async def unpark(self, seq: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM parked WHERE seq = $1", seq)
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        rows = await self._fetch(
+            "UPDATE parked SET handed_back_at = now() WHERE seq IN ("
+            " SELECT seq FROM parked WHERE practice = $1 AND (handed_back_at IS NULL OR handed_back_at < $2)"
+            " ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {schema.PARKED_COLUMNS}",
+            practice, schema.utc(not_since), limit,
+        )
+        return sorted((schema.parked_from_row(row) for row in rows), key=lambda m: m.seq)
+
+    async def keep_parked(self, seq: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = $1", seq)
+
+    async def parked_counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice")
+        return {row["practice"]: int(row["n"]) for row in rows}
 
     async def _migrate(self) -> None:
         """Under an advisory lock, so processes starting together migrate one at a time

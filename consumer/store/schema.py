@@ -18,6 +18,7 @@ from consumer.store.base import (
     TERMINAL_WORKFLOW_STATES,
     AppointmentRecord,
     InboxEntry,
+    ParkedMessage,
     WorkflowRecord,
 )
 
@@ -121,6 +122,23 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
+    # 3: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
+    [
+        """CREATE TABLE parked (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            practice TEXT NOT NULL,
+            appointment_id INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            body BLOB NOT NULL,
+            reply_to TEXT,
+            correlation_id TEXT,
+            reason TEXT NOT NULL,
+            parked_at TEXT NOT NULL,
+            handed_back_at TEXT,
+            UNIQUE (practice, message_id)
+        )""",
+        "CREATE INDEX parked_appointment ON parked (practice, appointment_id, seq)",
+    ],
 ]
 
 POSTGRES_MIGRATIONS: list[list[str]] = [
@@ -194,6 +212,23 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         "DROP INDEX workflows_one_unfinished",
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+    ],
+    # 3: parked messages (see the SQLite twin).
+    [
+        """CREATE TABLE parked (
+            seq bigserial PRIMARY KEY,
+            practice text NOT NULL,
+            appointment_id bigint NOT NULL,
+            message_id text NOT NULL,
+            body bytea NOT NULL,
+            reply_to text,
+            correlation_id text,
+            reason text NOT NULL,
+            parked_at timestamptz NOT NULL,
+            handed_back_at timestamptz,
+            UNIQUE (practice, message_id)
+        )""",
+        "CREATE INDEX parked_appointment ON parked (practice, appointment_id, seq)",
     ],
 ]
 
@@ -322,6 +357,19 @@ def log_from_row(row: Row) -> StateLogRecord:
         workflow_id=row["workflow_id"],
         correlation_id=row["correlation_id"],
         detail=loads(row["detail"]),
+    )
+
+
+PARKED_COLUMNS = (
+    "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, reason"
+)
+
+
+def parked_from_row(row: Row) -> ParkedMessage:
+    return ParkedMessage(
+        seq=row["seq"], practice=row["practice"], appointment_id=row["appointment_id"],
+        message_id=row["message_id"], body=bytes(row["body"]),
+        reply_to=row["reply_to"], correlation_id=row["correlation_id"], reason=row["reason"],
     )
 
 

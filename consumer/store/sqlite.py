@@ -19,6 +19,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -28,6 +29,7 @@ from consumer.store.base import (
     AppointmentRecord,
     Commit,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -159,6 +161,49 @@ class SqliteStore:
             )
 
         await self._in_transaction(write)
+
+    async def park(self, message: ParkedMessage) -> None:
+        def write(db: Connection) -> None:
+            db.execute(
+                "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
+                " correlation_id, reason, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (practice, message_id) DO NOTHING",
+                (message.practice, message.appointment_id, message.message_id, message.body,
+                 message.reply_to, message.correlation_id, message.reason, _now()),
+            )
+
+        await self._in_transaction(write)
+
+    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
+        row = await self._fetchone(
+            "SELECT MIN(seq) AS head FROM parked WHERE practice = ? AND appointment_id = ?",
+            (practice, appointment_id),
+        )
+        return None if row is None or row["head"] is None else int(row["head"])
+
+    async def unpark(self, seq: int) -> None:
+        await self._in_transaction(lambda db: db.execute("DELETE FROM parked WHERE seq = ?", (seq,)))
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        def take(db: Connection) -> list[ParkedMessage]:
+            rows = db.execute(
+                f"SELECT {schema.PARKED_COLUMNS} FROM parked WHERE practice = ?"
+                " AND (handed_back_at IS NULL OR handed_back_at < ?) ORDER BY seq LIMIT ?",
+                (practice, schema.sqlite_time(not_since), limit),
+            ).fetchall()
+            db.executemany("UPDATE parked SET handed_back_at = ? WHERE seq = ?",
+                           [(_now(), row["seq"]) for row in rows])
+            return [schema.parked_from_row(row) for row in rows]
+
+        return await self._in_transaction(take)
+
+    async def keep_parked(self, seq: int) -> None:
+        await self._in_transaction(
+            lambda db: db.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = ?", (seq,)))
+
+    async def parked_counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice", ())
+        return {row["practice"]: int(row["n"]) for row in rows}
 
     async def _in_transaction(self, work: Callable[[Connection], T]) -> T:
         return await self._run(partial(_transaction, work))
