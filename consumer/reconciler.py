@@ -10,6 +10,7 @@ and the worker's inbox drops the repeat.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime, timedelta
 
 from consumer.broker import Broker
@@ -25,6 +26,8 @@ EPOCH = "1970-01-01T00:00:00Z"
 # the watermark but committed after the last poll would otherwise be missed
 # forever. What the overlap finds again has the same message id: deduped.
 DEFAULT_OVERLAP = timedelta(seconds=2)
+# Polling never spends the last tenth of a practice's hourly budget: that is kept for commands.
+COMMAND_RESERVE = 0.1
 
 log = get_logger(__name__)
 
@@ -69,6 +72,7 @@ async def reconcile_once(
     since: str | None = None,
     overlap: timedelta = DEFAULT_OVERLAP,
     page_size: int = 100,
+    reserve: float = COMMAND_RESERVE,
 ) -> int:
     """Publish every appointment changed after the watermark; return how many were published.
 
@@ -78,11 +82,19 @@ async def reconcile_once(
     (``PublishFailed``) leaves it at the last whole page, and the next run
     republishes from there under the same ids. ``since`` (``appt reconcile
     --since``) starts from that time instead of the stored watermark.
+
+    Polling stops for this run once the practice's remaining budget is down to
+    ``reserve`` (a share of its hourly limit): the rest of the hour is kept for
+    commands, and the next run goes on from the watermark.
     """
     watermark_name = watermark_for(practice)
     start = since or await store.get_watermark(watermark_name) or EPOCH
     cursor, watermark, published = _query_from(start, overlap), start, 0
     while True:
+        if _in_reserve(pms, reserve):
+            log.info("reconcile.deferred", practice=practice, reason="the rest of the budget is kept for commands",
+                     budget=pms.budget())
+            break
         page = await pms.changed_after(cursor, per_page=page_size)
         for appointment in page:
             event = event_for(appointment, practice)
@@ -102,6 +114,14 @@ async def reconcile_once(
     return published
 
 
+def _in_reserve(pms: PmsClient, reserve: float) -> bool:
+    budget = pms.budget()
+    limit, remaining, reset = budget["limit"], budget["remaining"], budget["reset"]
+    if limit is None or remaining is None or reset is None or time.time() >= reset:
+        return False  # nothing known, or a new hour since the last answer
+    return remaining <= limit * reserve
+
+
 async def run_reconciler(
     practices: Practices, broker: Broker, store: Store, interval: float, stop: asyncio.Event
 ) -> None:
@@ -115,6 +135,8 @@ async def run_reconciler(
         raise ValueError("the reconcile interval must be positive")
     while not stop.is_set():
         for practice in practices:
+            if practice.waiting:  # its resumer tries it again; polling would only spend or fail
+                continue
             try:
                 await reconcile_once(practice.pms, broker, store, practice=practice.name)
             except Exception as exc:  # logged and retried: the loop must outlive every outage

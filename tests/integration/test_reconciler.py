@@ -193,3 +193,18 @@ async def test_the_loop_outlives_pms_and_broker_failures_and_stops_on_request(
     stop.set()
     await asyncio.wait_for(loop, timeout=2)
     assert await published_ids(amqp_url)
+
+
+async def test_polling_leaves_the_budget_reserve_to_commands(
+    sandbox: RunningSandbox, pms: PmsClient, broker: Broker, store: Store
+) -> None:
+    seed(sandbox, 2)
+    sandbox.state.set_rate_limit(10)
+    await pms.get_appointment(900000000)  # the client learns the budget: 9 of 10 left
+    calls = sandbox.state.call_count(LIST_ROUTE)
+
+    assert await reconcile_once(pms, broker, store, overlap=NO_OVERLAP, reserve=0.9) == 0
+    assert sandbox.state.call_count(LIST_ROUTE) == calls  # not one request spent
+    assert await store.get_watermark(WATERMARK) is None
+
+    assert await reconcile_once(pms, broker, store, overlap=NO_OVERLAP, reserve=0.5) == 2
