@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | practices | diagram | sandbox | schema | reconcile.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an

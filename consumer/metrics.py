@@ -65,12 +65,6 @@ PRACTICE_STATUS = Gauge(
     ["practice", "status"],
     registry=REGISTRY,
 )
-PARKED = Gauge(
-    "appt_parked_messages",
-    "Messages parked per practice while it can't be served (refreshed every 5 s).",
-    ["practice"],
-    registry=REGISTRY,
-)
 WEBHOOKS = Counter(
     "appt_webhook_verifications_total",
     "Webhook requests by verification result.",
