@@ -219,7 +219,8 @@ async def publish_commands(broker: Broker, commands: list[dict[str, Any]]) -> No
     for start in range(0, len(commands), 64):
         await asyncio.gather(*(
             broker.publish_inbound(
-                json.dumps(c).encode(), appointment_id=c["appointment_id"], message_id=c["command_id"])
+                json.dumps(c).encode(), practice=c.get("practice", DEFAULT_PRACTICE),
+                appointment_id=c["appointment_id"], message_id=c["command_id"])
             for c in commands[start:start + 64]
         ))
 
@@ -242,15 +243,19 @@ class Pipeline:
 @contextlib.asynccontextmanager
 async def running_pipeline(
     amqp_url: str, store_url: str, pms_url: str, *, prefetch: int, pms_concurrency: int,
-    partitions: int = 4,
+    partitions: int = 4, practice_urls: dict[str, str] | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started."""
+    """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started.
+
+    ``practice_urls`` (name -> PMS URL) serves those practices instead of one default on ``pms_url``.
+    """
     store = open_store(store_url)
     await store.open()
     broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
+    urls = practice_urls or {DEFAULT_PRACTICE: pms_url}
     practices = Practices(
-        {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token=SANDBOX_TOKEN)},
+        {name: PracticeConfig(pms_url=url, token=SANDBOX_TOKEN) for name, url in urls.items()},
         lambda config, token: PmsClient(config.pms_url, token, timeout=30.0, concurrency=pms_concurrency),
     )
     workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
@@ -258,7 +263,7 @@ async def running_pipeline(
                     partitions=list(range(partitions)), retry_delay=0.1)
     results = await bind_results(broker)
     try:
-        yield Pipeline(broker, store, practices.get(DEFAULT_PRACTICE).pms, worker, results)
+        yield Pipeline(broker, store, practices.get(next(iter(urls))).pms, worker, results)
     finally:
         await worker.stop(timeout=5)
         await practices.close()
