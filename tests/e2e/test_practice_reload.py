@@ -65,6 +65,10 @@ async def test_a_refused_token_waits_and_sighup_with_the_fixed_file_drains_it_in
         assert listed.returncode == 0, listed.stderr
         row = json.loads(listed.stdout)
         assert (row["practice"], row["status"], row["waiting_messages"]) == ("north", "token_refused", 3)
+        table = subprocess.run([str(APPT), "practices"], capture_output=True, text=True, timeout=30,
+                               env={**os.environ, **env})
+        print(table.stdout)
+        assert table.stdout.split()[:4] == ["north", "token_refused", "waiting", "3"]
         assert "practice waiting" in service.log_text()
 
         write_practices(practices_file, sandbox.url, "sandbox-token")

@@ -122,3 +122,26 @@ async def test_a_refused_token_makes_its_practice_wait_while_the_other_flows_and
 
 async def _parked(stack: Stack, practice: str, count: int) -> Any:
     return (await stack.store.parked_counts()).get(practice) == count
+
+
+async def test_a_spent_budget_makes_only_its_practice_wait_and_it_finishes_after_the_reset(
+    amqp_url: str, sqlite_url: str, two_sandboxes: dict[str, RunningSandbox], tmp_path: Path
+) -> None:
+    north, south = two_sandboxes["north"], two_sandboxes["south"]
+    settings = practices_settings(tmp_path, two_sandboxes, {"north": "north-token", "south": "south-token"})
+    north_ids, south_ids = seed(north, 6), seed(south, 6)
+    north.state.set_rate_limit(6, window=3.0)  # 3 commands' worth, then blocked until the window turns
+    async with running_stack(amqp_url, sqlite_url, north.url, practices=load_configs(settings),
+                             max_retry_after=0.5) as stack:
+        north_sent = [await stack.send({"type": "confirm", "practice": "north", "appointment_id": i})
+                      for i in north_ids]
+        south_sent = [await stack.send({"type": "confirm", "practice": "south", "appointment_id": i})
+                      for i in south_ids]
+
+        for command_id in south_sent:
+            assert (await stack.result(command_id))["outcome"] == "succeeded"
+        for command_id in north_sent:
+            assert (await stack.result(command_id, timeout=60))["outcome"] == "succeeded"
+        assert all(north.state.get(i)["state"] == "Confirmed" for i in north_ids)
+        assert stack.observer.dead == []
+        assert await stack.store.parked_counts() == {}
