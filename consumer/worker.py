@@ -225,6 +225,8 @@ class Worker:
         only when it is its appointment's oldest. Observed events need no PMS call to
         be applied, so they never wait on the practice.
         """
+        if parked is None and isinstance(inbound, ObservedEvent):
+            return None
         practice = self._practices.get(inbound.practice)
         head = await self._store.parked_head(inbound.practice, inbound.appointment_id)
         if parked is not None:
@@ -234,7 +236,7 @@ class Worker:
             if head == parked and not practice.waiting:
                 return None
             await self._store.keep_parked(parked)
-        elif isinstance(inbound, ObservedEvent) or (head is None and not practice.waiting):
+        elif head is None and not practice.waiting:
             return None
         else:
             await self._park(message, inbound, practice.reason or "behind an older parked message")
