@@ -42,7 +42,6 @@ from consumer.observed import observe
 from consumer.pms.errors import Unavailable
 from consumer.practices import UNKNOWN_PRACTICE, Practices
 from consumer.records import Decision, Origin, result_for
-from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 from consumer.store.base import (
     Commit,
     InboxEntry,
@@ -52,6 +51,7 @@ from consumer.store.base import (
     StoreUnavailable,
     records_of,
 )
+from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 
 log = get_logger(__name__)
 
@@ -230,11 +230,11 @@ class Worker:
         practice = self._practices.get(inbound.practice)
         head = await self._store.parked_head(inbound.practice, inbound.appointment_id)
         if parked is not None:
-            if head is None or head > parked:  # handed back twice: it was processed already
+            if head is None or head[0] > parked:  # handed back twice: it was processed already
                 await _settle(message.ack())
                 return "duplicate"
-            if head == parked and not practice.waiting:
-                return None
+            if head == (parked, message_key(inbound)) and not practice.waiting:
+                return None  # its turn (and the header names this very message: it may unpark it)
             await self._store.keep_parked(parked)
         elif head is None and not practice.waiting:
             return None

@@ -156,8 +156,8 @@ class Store(Protocol):
     async def park(self, message: ParkedMessage) -> None:
         """Keep a message until its practice can be served; the same id twice is kept once."""
 
-    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
-        """The seq of this appointment's oldest parked message, if any."""
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
+        """The seq and message id of this appointment's oldest parked message, if any."""
 
     async def unpark(self, seq: int) -> None:
         """Forget a parked message: it was processed."""

@@ -191,13 +191,12 @@ class PostgresStore:
                 message.reply_to, message.correlation_id, message.reason,
             )
 
-    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
-        async with self._connection() as conn:
-            head = await conn.fetchval(
-                "SELECT MIN(seq) FROM parked WHERE practice = $1 AND appointment_id = $2",
-                practice, appointment_id,
-            )
-        return None if head is None else int(head)
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
+        row = await self._fetchrow(
+            "SELECT seq, message_id FROM parked WHERE practice = $1 AND appointment_id = $2 ORDER BY seq LIMIT 1",
+            practice, appointment_id,
+        )
+        return None if row is None else (int(row["seq"]), str(row["message_id"]))
 
     async def unpark(self, seq: int) -> None:
         async with self._connection() as conn:

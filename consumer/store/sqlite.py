@@ -174,12 +174,12 @@ class SqliteStore:
 
         await self._in_transaction(write)
 
-    async def parked_head(self, practice: str, appointment_id: int) -> int | None:
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
         row = await self._fetchone(
-            "SELECT MIN(seq) AS head FROM parked WHERE practice = ? AND appointment_id = ?",
+            "SELECT seq, message_id FROM parked WHERE practice = ? AND appointment_id = ? ORDER BY seq LIMIT 1",
             (practice, appointment_id),
         )
-        return None if row is None or row["head"] is None else int(row["head"])
+        return None if row is None else (int(row["seq"]), str(row["message_id"]))
 
     async def unpark(self, seq: int) -> None:
         await self._in_transaction(lambda db: db.execute("DELETE FROM parked WHERE seq = ?", (seq,)))

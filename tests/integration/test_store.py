@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from consumer.store import (
     AppointmentRecord,
     Commit,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     Store,
     StoreUnavailable,
@@ -543,3 +544,40 @@ async def test_a_postgres_store_from_before_practices_keeps_its_data_as_the_defa
     finally:
         await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
         await conn.close()
+
+
+# ---- parked messages of a practice that can't be served now ----
+
+
+def parked(message_id: str, appointment_id: int = 1, practice: str = "north") -> ParkedMessage:
+    return ParkedMessage(practice=practice, appointment_id=appointment_id, message_id=message_id,
+                         body=f'{{"id": "{message_id}"}}'.encode(), reason="Unauthorised: 401",
+                         reply_to="amq.rabbitmq.reply-to", correlation_id=f"corr-{message_id}")
+
+
+async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_kept_again(store: Store) -> None:
+    for message_id, appointment_id in (("a", 1), ("b", 2), ("c", 1)):
+        await store.park(parked(message_id, appointment_id))
+    await store.park(parked("a", 1))  # a redelivery parks nothing twice
+    await store.park(parked("z", 1, practice="south"))
+
+    assert await store.parked_counts() == {"north": 3, "south": 1}
+    first = await store.parked_head("north", 1)
+    assert first is not None and first[1] == "a"
+    assert await store.parked_head("north", 3) is None
+
+    now = datetime.now(timezone.utc)
+    handed = await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10)
+    assert [(m.message_id, m.appointment_id) for m in handed] == [("a", 1), ("b", 2), ("c", 1)]
+    assert handed[0] == replace(parked("a", 1), seq=first[0])  # every field round-trips
+    assert await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10) == []
+    assert [m.message_id for m in await store.hand_back("north", not_since=now + timedelta(seconds=1),
+                                                        limit=2)] == ["a", "b"]  # long ago: again
+
+    await store.keep_parked(handed[2].seq)
+    assert [m.message_id for m in await store.hand_back("north", not_since=now - timedelta(seconds=60),
+                                                        limit=10)] == ["c"]
+    await store.unpark(first[0])
+    second = await store.parked_head("north", 1)
+    assert second is not None and second[1] == "c"
+    assert await store.parked_counts() == {"north": 2, "south": 1}
