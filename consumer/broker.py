@@ -34,6 +34,10 @@ EVENTS_EXCHANGE = "appointments.events"
 DEAD_EXCHANGE = "appointments.dead"
 DEAD_QUEUE = "appointments.dead"
 REASON_HEADER = "x-appt-reason"
+REASON_CLASS_HEADER = "x-appt-reason-class"
+DELIVERIES_HEADER = "x-appt-deliveries"
+ROUTING_KEY_HEADER = "x-appt-routing-key"
+REPLAY_HEADER = "x-appt-replay"
 
 Handler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
@@ -60,6 +64,7 @@ class Broker:
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._consume_channel: AbstractChannel | None = None
+        self._dead_channel: AbstractChannel | None = None
         # Strong references: aio-pika's robust objects are restored only while referenced.
         self._queues: dict[str, AbstractQueue] = {}
         self._consumer_tags: dict[str, str] = {}
@@ -171,6 +176,12 @@ class Broker:
         )
         await self._publish(INBOUND_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
+    async def publish_raw_inbound(
+        self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties
+    ) -> None:
+        """A message exactly as given (``appt dead replay`` puts a dead letter back)."""
+        await self._publish(INBOUND_EXCHANGE, body, routing_key, properties)
+
     async def publish_event(self, routing_key: str, body: bytes, *, message_id: str) -> None:
         """Not mandatory: a topic nobody observes yet is normal; the store keeps the history."""
         properties = json_properties(message_id=message_id)
@@ -185,16 +196,20 @@ class Broker:
         await self._publish("", body, reply_to, properties, mandatory=False)
 
     async def publish_dead(
-        self, message: AbstractIncomingMessage, reason: str
+        self, message: AbstractIncomingMessage, reason: str, *, reason_class: str, deliveries: int
     ) -> None:
-        """Dead-letter with our own reason in the headers, keeping the original body."""
+        """Dead-letter with our own reason in the headers, keeping the original body and the
+        properties a replay and the ``failed`` result need (``reply_to``, ``correlation_id``)."""
         headers = dict(message.headers or {})
         headers[REASON_HEADER] = reason[:1000]
-        headers["x-appt-routing-key"] = message.routing_key or ""
+        headers[REASON_CLASS_HEADER] = reason_class
+        headers[DELIVERIES_HEADER] = deliveries
+        headers[ROUTING_KEY_HEADER] = message.routing_key or ""
         properties = aiormq.spec.Basic.Properties(
             content_type=message.content_type,
             message_id=message.message_id,
             correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
             headers=headers,
             delivery_mode=PERSISTENT,
         )
@@ -209,6 +224,15 @@ class Broker:
             queue = await self._consume_channel.get_queue(name, ensure=True)
             self._queues[name] = queue
             self._consumer_tags[name] = await queue.consume(handler)
+
+    async def consume_dead(self, handler: Handler, *, prefetch: int = 16) -> None:
+        """Take ``appointments.dead`` into the store (see consumer.deadletters)."""
+        assert self._connection is not None
+        self._dead_channel = await self._connection.channel(publisher_confirms=False)
+        await self._dead_channel.set_qos(prefetch_count=prefetch)
+        queue = await self._dead_channel.get_queue(DEAD_QUEUE, ensure=True)
+        self._queues[DEAD_QUEUE] = queue
+        self._consumer_tags[DEAD_QUEUE] = await queue.consume(handler)
 
     async def stop_consuming(self) -> None:
         for name, tag in list(self._consumer_tags.items()):

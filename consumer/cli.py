@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | practices | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | dead | practices | diagram | sandbox | schema | reconcile.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "retry", help="compensate a parked workflow again; hand an unfinished one back to the pipeline")
     retry.add_argument("workflow_id")
 
+    _add_dead(verbs)
+
     diagram = verbs.add_parser("diagram", help="print a machine as a Mermaid state diagram")
     diagram.add_argument("machine", choices=["appointment", "reassignment"])
 
@@ -73,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
     reconcile.add_argument("--since", help="ISO time to start from instead of the stored watermark")
     return parser
+
+
+def _add_dead(verbs: Any) -> None:
+    dead = verbs.add_parser("dead", help="dead letters: list, show, replay or purge them")
+    actions = dead.add_subparsers(dest="dead_verb", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="dead letters in arrival order, and a count by reason class")
+    show = actions.add_parser("show", help="one dead letter's body and headers")
+    show.add_argument("id", type=int)
+    replay = actions.add_parser("replay", help="put dead letters back through the pipeline")
+    purge = actions.add_parser("purge", help="discard dead letters (asks first)")
+    purge.add_argument("--yes", action="store_true", help="do not ask")
+    for action in (replay, purge):
+        action.add_argument("ids", type=int, nargs="*", metavar="ID")
+        action.add_argument("--all", action="store_true", help="every dead letter the filters match")
+    for action in (listing, replay, purge):
+        action.add_argument("--reason", help="reason contains TEXT (case-insensitive)")
+        action.add_argument("--type", help="command or event type, e.g. confirm, appointment.updated")
+        action.add_argument("--practice", help="the practice the message names")
+    for action in (listing, show, replay, purge):
+        action.add_argument("--json", action="store_true")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +166,27 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tools.practices(settings, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
+    if args.verb == "dead":
+        return await _dead(args, settings)
     raise AssertionError(args.verb)
+
+
+async def _dead(args: argparse.Namespace, settings: Settings) -> int:
+    from consumer import dead_tools
+    from consumer.store.base import DeadLetterQuery
+
+    if args.dead_verb == "show":
+        return await dead_tools.dead_show(settings, args.id, as_json=args.json)
+    ids = tuple(getattr(args, "ids", None) or ()) or None
+    if args.dead_verb != "list" and (ids is None) == (not args.all):
+        print(f"appt dead {args.dead_verb}: name dead letters by ID or use --all (not both)", file=sys.stderr)
+        return EXIT_USAGE
+    query = DeadLetterQuery(ids=ids, reason=args.reason, type=args.type, practice=args.practice)
+    if args.dead_verb == "list":
+        return await dead_tools.dead_list(settings, query, as_json=args.json)
+    if args.dead_verb == "replay":
+        return await dead_tools.dead_replay(settings, query, as_json=args.json)
+    return await dead_tools.dead_purge(settings, query, yes=args.yes, as_json=args.json)
 
 
 if __name__ == "__main__":

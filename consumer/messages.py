@@ -178,10 +178,20 @@ class CommandResult(BaseModel):
     appointment: dict[str, Any] | None = None
     workflow_id: str | None = None
     correlation_id: str | None = None
+    deliveries: int | None = None
+    """Set on a dead letter's ``failed`` result: how many times the message was delivered."""
+    replay: int = 0
+    """0 for the command as sent; N for its Nth replay by ``appt dead replay``, whose
+    result supersedes the earlier ones of the same ``command_id``."""
     time: datetime = Field(default_factory=utcnow)
 
     def routing_key(self) -> str:
         return f"result.{self.type}.{self.outcome}"
+
+    def message_id(self) -> str:
+        """The AMQP message id observers de-duplicate on: a replay's result is a new message."""
+        suffix = f"-replay-{self.replay}" if self.replay else ""
+        return f"result-{self.command_id}{suffix}"
 
 
 def json_schemas() -> dict[str, Any]:

@@ -47,6 +47,18 @@ DEAD_LETTERED = Counter(
     ["reason"],
     registry=REGISTRY,
 )
+DEAD_LETTERS = Gauge(
+    "appt_dead_letters",
+    "Dead letters kept now (not replayed or purged), by reason class (refreshed every 5 s):"
+    " see `appt dead list`.",
+    ["reason_class"],
+    registry=REGISTRY,
+)
+DEAD_UNREADABLE = Counter(
+    "appt_dead_letters_unreadable_total",
+    "Dead letters naming neither an event nor a command's id, type and appointment: no result was sent.",
+    registry=REGISTRY,
+)
 WORKFLOWS = Gauge(
     "appt_workflows",
     "Unfinished reassignment workflows by state (refreshed every 5 s); outcomes are in"

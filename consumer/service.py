@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from consumer.broker import Broker
+from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
 from consumer.practices import Practices, PracticesError, load_configs
 from consumer.reconciler import run_reconciler
@@ -52,10 +53,11 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             workflows = WorkflowRunner(
                 practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
             await workflows.resume_unfinished()
+            dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
-            background = [asyncio.create_task(workflows.watch(stop))]
-            background.append(asyncio.create_task(
-                Resumer(practices=practices, store=store, broker=broker).run(stop)))
+            background = [asyncio.create_task(workflows.watch(stop)),
+                          asyncio.create_task(dead_letters.watch(stop)),
+                          asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
             if settings.reconcile_interval > 0:
                 background.append(asyncio.create_task(
                     run_reconciler(practices, broker, store, settings.reconcile_interval, stop)))
@@ -65,8 +67,9 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay,
             )
-            started.push_async_callback(worker.stop)  # first to run on the way out
+            started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
             await worker.start()
+            await dead_letters.start()
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",

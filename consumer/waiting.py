@@ -25,11 +25,11 @@ import asyncio
 import time
 from datetime import datetime, timedelta, timezone
 
-from consumer.broker import Broker, PublishFailed
+from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
 from consumer.logs import get_logger
 from consumer.pms.errors import RateLimited, Unauthorised, Unavailable
 from consumer.practices import Practice, Practices, Status
-from consumer.store.base import Store
+from consumer.store.base import ParkedMessage, Store
 
 log = get_logger(__name__)
 
@@ -88,7 +88,7 @@ class Resumer:
                 await self._broker.publish_inbound(
                     message.body, practice=message.practice, appointment_id=message.appointment_id,
                     message_id=message.message_id, reply_to=message.reply_to,
-                    correlation_id=message.correlation_id, headers={PARKED_SEQ_HEADER: message.seq},
+                    correlation_id=message.correlation_id, headers=_headers(message),
                 )
             except PublishFailed:
                 for left in messages[index:]:
@@ -97,6 +97,14 @@ class Resumer:
         if messages:
             log.info("parked messages handed back", practice=practice, count=len(messages))
         return len(messages)
+
+
+def _headers(message: ParkedMessage) -> dict[str, int]:
+    """Its place in the park, and a replay's number (its own inbox key depends on it)."""
+    headers = {PARKED_SEQ_HEADER: message.seq}
+    if message.replay:
+        headers[REPLAY_HEADER] = message.replay
+    return headers
 
 
 def _try_again(practice: Practice) -> bool:

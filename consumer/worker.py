@@ -27,7 +27,7 @@ from tenacity import (
 )
 
 from consumer import metrics
-from consumer.broker import Broker, PublishFailed
+from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
 from consumer.messages import (
@@ -87,7 +87,43 @@ def parse(body: bytes) -> Any:
 
 def message_key(inbound: Any) -> str:
     """The idempotency key: the command id or the webhook / reconcile event id."""
-    return inbound.event_id if isinstance(inbound, ObservedEvent) else inbound.command_id
+    return inbound.event_id if isinstance(inbound, ObservedEvent) else command_key(inbound.command_id)
+
+
+def command_key(command_id: str) -> str:
+    """A command's inbox key (also written by the dead-letter collector, for its ``failed`` result)."""
+    return command_id
+
+
+def replay_number(message: AbstractIncomingMessage) -> int:
+    """N when `appt dead replay` put this message back for the Nth time, else 0."""
+    value = (message.headers or {}).get(REPLAY_HEADER)
+    return value if type(value) is int and value > 0 else 0
+
+
+def replay_key(key: str, replay: int) -> str:
+    """A replay's own inbox key: it must not be taken for a duplicate of its own failure,
+    while a second copy of the same replay (a replay tool killed and run again) must be."""
+    return f"{key}#replay-{replay}" if replay else key
+
+
+def deliveries_of(message: AbstractIncomingMessage) -> int:
+    """This delivery's number (quorum queues count redeliveries in ``x-delivery-count``)."""
+    count = (message.headers or {}).get("x-delivery-count")
+    return (count if isinstance(count, int) else 0) + 1
+
+
+def result_publishes(
+    broker: Broker, result: CommandResult, *, reply_to: str | None, correlation_id: str | None
+) -> list[Awaitable[None]]:
+    """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one."""
+    body = result.model_dump_json().encode()
+    publishes: list[Awaitable[None]] = [
+        broker.publish_event(result.routing_key(), body, message_id=result.message_id())]
+    if reply_to:
+        publishes.append(broker.publish_reply(
+            reply_to, body, correlation_id=correlation_id or result.correlation_id))
+    return publishes
 
 
 class KeyedSerializer:
@@ -184,32 +220,33 @@ class Worker:
             ):
                 outcome = await self._process(message, inbound)
         except InvalidMessage as exc:
-            outcome = await self._dead_letter(message, str(exc), "invalid")
+            outcome = await self._dead_letter(message, str(exc), "invalid", deliveries_of(message))
         metrics.MESSAGES.labels(kind, outcome).inc()
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
-        key = message_key(inbound)
+        replay = replay_number(message)
+        key = replay_key(message_key(inbound), replay)
         if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
             raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
         parked = _parked_seq(message)
         try:
-            if inbound.practice in self._practices and (held := await self._hold(message, inbound, parked)):
+            if inbound.practice in self._practices and (held := await self._hold(message, inbound, key, parked)):
                 return held
             entry = await self._store.inbox_get(key, inbound.practice)
             if entry is None:
                 try:
-                    decision, logs = await self._decide_and_commit(key, inbound)
+                    decision, logs = await self._decide_and_commit(key, inbound, replay)
                 except AlreadyProcessed as done:  # the same id, delivered twice at once
                     entry = done.entry
             if entry is not None:
-                await self._republish(message, key, inbound, entry)
+                await self._republish(message, message_key(inbound), inbound, entry)
                 await self._done(message, parked)
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
             await self._done(message, parked)
         except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
-            return await self._wait(message, inbound, parked, exc)
+            return await self._wait(message, inbound, key, parked, exc)
         except TRANSIENT as exc:
             return await self._retry_later(message, key, exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
@@ -217,7 +254,9 @@ class Worker:
             return await self._retry_later(message, key, exc)
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
-    async def _hold(self, message: AbstractIncomingMessage, inbound: Any, parked: int | None) -> str | None:
+    async def _hold(
+        self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None
+    ) -> str | None:
         """Park (or keep parked) a message that must wait; None when it may be processed now.
 
         A command waits while its practice does, or while an older message of its
@@ -233,18 +272,18 @@ class Worker:
             if head is None or head[0] > parked:  # handed back twice: it was processed already
                 await _settle(message.ack())
                 return "duplicate"
-            if head == (parked, message_key(inbound)) and not practice.waiting:
+            if head == (parked, key) and not practice.waiting:
                 return None  # its turn (and the header names this very message: it may unpark it)
             await self._store.keep_parked(parked)
         elif head is None and not practice.waiting:
             return None
         else:
-            await self._park(message, inbound, practice.reason or "behind an older parked message")
+            await self._park(message, inbound, key, practice.reason or "behind an older parked message")
         await _settle(message.ack())
         return "parked"
 
     async def _wait(
-        self, message: AbstractIncomingMessage, inbound: Any, parked: int | None, error: BaseException
+        self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None, error: BaseException
     ) -> str:
         """The PMS can't serve this practice now: park the message (acked), and the practice waits."""
         reason = f"{type(error).__name__}: {error}"
@@ -256,19 +295,20 @@ class Worker:
                           practice=practice.name, status=status, retry_at=retry_at, error=reason)
         try:
             if parked is None:
-                await self._park(message, inbound, reason)
+                await self._park(message, inbound, key, reason)
             else:
                 await self._store.keep_parked(parked)
         except StoreUnavailable as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, key, exc)
         await _settle(message.ack())
         return "parked"
 
-    async def _park(self, message: AbstractIncomingMessage, inbound: Any, reason: str) -> None:
+    async def _park(self, message: AbstractIncomingMessage, inbound: Any, key: str, reason: str) -> None:
+        """``key`` is the inbox key (a replay's own), so a replay parks and comes back as a replay."""
         await self._store.park(ParkedMessage(
             practice=inbound.practice, appointment_id=inbound.appointment_id,
-            message_id=message_key(inbound), body=message.body, reason=reason[:500],
-            reply_to=message.reply_to, correlation_id=message.correlation_id,
+            message_id=key, body=message.body, reason=reason[:500],
+            reply_to=message.reply_to, correlation_id=message.correlation_id, replay=replay_number(message),
         ))
 
     async def _done(self, message: AbstractIncomingMessage, parked: int | None) -> None:
@@ -277,7 +317,9 @@ class Worker:
             await self._store.unpark(parked)
         await _settle(message.ack())
 
-    async def _decide_and_commit(self, key: str, inbound: Any) -> tuple[Decision, list[StateLogRecord]]:
+    async def _decide_and_commit(
+        self, key: str, inbound: Any, replay: int
+    ) -> tuple[Decision, list[StateLogRecord]]:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
@@ -290,12 +332,15 @@ class Worker:
                     # the conflict may have been this very message
                     await self._raise_if_processed(key, inbound.practice)
                 decision = await self._decide(inbound)
+                if replay and decision.result:
+                    decision.result = decision.result.model_copy(update={"replay": replay})
                 result = decision.result.model_dump(mode="json") if decision.result else None
                 logs = await self._store.commit(Commit(
                     appointment=decision.record,
                     workflow=decision.workflow,
                     logs=decision.logs,
                     inbox=InboxEntry(key, result, inbound.practice),
+                    latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
                 ))
         return decision, logs
 
@@ -319,19 +364,15 @@ class Worker:
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
     ) -> None:
-        publishes = [
+        publishes: list[Awaitable[None]] = [
             self._broker.publish_event(
                 record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
             )
             for record in logs
         ]
         if result is not None:
-            body = result.model_dump_json().encode()
-            publishes.append(self._broker.publish_event(
-                result.routing_key(), body, message_id=f"result-{result.command_id}"))
-            if message.reply_to:
-                publishes.append(self._broker.publish_reply(
-                    message.reply_to, body, correlation_id=message.correlation_id or result.correlation_id))
+            publishes += result_publishes(
+                self._broker, result, reply_to=message.reply_to, correlation_id=message.correlation_id)
         # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
         outcomes = await asyncio.gather(*publishes, return_exceptions=True)
         for outcome in outcomes:
@@ -353,11 +394,11 @@ class Worker:
         await self._publish(message, logs, result)
 
     async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
-        count = (message.headers or {}).get("x-delivery-count")  # set by quorum queues on redelivery
-        deliveries = (count if isinstance(count, int) else 0) + 1
+        deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
         if deliveries >= self._max_deliveries:
-            return await self._dead_letter(message, f"gave up after {deliveries} deliveries: {reason}", "exhausted")
+            return await self._dead_letter(
+                message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
         log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
         metrics.RETRIES.labels("redelivery").inc()
         if not self._stopping:
@@ -365,10 +406,13 @@ class Worker:
         await _settle(message.nack(requeue=True))
         return "retried"
 
-    async def _dead_letter(self, message: AbstractIncomingMessage, reason: str, reason_class: str) -> str:
+    async def _dead_letter(
+        self, message: AbstractIncomingMessage, reason: str, reason_class: str, deliveries: int
+    ) -> str:
+        """Into appointments.dead; the dead-letter collector keeps it and answers its command."""
         log.error("dead-lettered", message_id=message.message_id, reason=reason[:500])
         try:
-            await self._broker.publish_dead(message, reason)
+            await self._broker.publish_dead(message, reason, reason_class=reason_class, deliveries=deliveries)
         except PublishFailed:
             await _settle(message.nack(requeue=True))  # try again later rather than lose it
             return "retried"

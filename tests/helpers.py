@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+APPT = Path(sys.executable).parent / "appt"
 
 
 def free_port() -> int:
@@ -28,3 +34,22 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {check}")
         await asyncio.sleep(interval)
+
+
+@dataclass(frozen=True)
+class Ran:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_appt(env: dict[str, str], *args: str, stdin: str = "", timeout: float = 60.0) -> Ran:
+    """`appt ARGS` as a child process with ``env`` over this one's (async: the test's event loop
+    may be running the sandbox or a stack the command talks to)."""
+    process = await asyncio.create_subprocess_exec(
+        str(APPT), *args, env={**os.environ, **env}, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), timeout)
+    assert process.returncode is not None
+    return Ran(process.returncode, stdout.decode(), stderr.decode())

@@ -16,7 +16,8 @@ from typing import Any
 
 import aio_pika
 
-from consumer.broker import DEAD_QUEUE, EVENTS_EXCHANGE, Broker
+from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, Broker
+from consumer.deadletters import DeadLetterCollector
 from consumer.messages import DEFAULT_PRACTICE
 from consumer.pms.client import PmsClient
 from consumer.practices import PracticeConfig, Practices
@@ -29,7 +30,8 @@ from tests.helpers import eventually
 
 @dataclass
 class Observer:
-    """Everything published to appointments.events, and everything dead-lettered."""
+    """Everything published to appointments.events, and everything dead-lettered
+    (a copy from appointments.dead's fanout exchange)."""
 
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
     result_counts: dict[str, int] = field(default_factory=dict)
@@ -102,7 +104,9 @@ async def running_stack(
     events = await channel.declare_queue("test.observer.events", durable=True)
     await events.bind(EVENTS_EXCHANGE, routing_key="#")
     await events.consume(observer.on_event)
-    dead = await channel.get_queue(DEAD_QUEUE)
+    # Our own copy of each dead letter: appointments.dead itself is the collector's intake.
+    dead = await channel.declare_queue("test.observer.dead", durable=True)
+    await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
     workflows = WorkflowRunner(practices=registry, store=store, broker=broker,
                                compensation_backoff=compensation_backoff)
@@ -110,6 +114,7 @@ async def running_stack(
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
                     retry_delay=retry_delay, probe_interval=probe_interval)
     await worker.start()
+    await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
     stop = asyncio.Event()
     resumer = asyncio.create_task(
         Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))

@@ -7,7 +7,10 @@ SQLite default runs without asyncpg installed.
 from consumer.store.base import (
     TERMINAL_WORKFLOW_STATES,
     AppointmentRecord,
+    Collected,
     Commit,
+    DeadLetter,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     StaleVersion,
@@ -20,7 +23,10 @@ from consumer.store.base import (
 __all__ = [
     "TERMINAL_WORKFLOW_STATES",
     "AppointmentRecord",
+    "Collected",
     "Commit",
+    "DeadLetter",
+    "DeadLetterQuery",
     "InboxEntry",
     "ParkedMessage",
     "StaleVersion",

@@ -88,7 +88,64 @@ class ParkedMessage:
     reason: str
     reply_to: str | None = None
     correlation_id: str | None = None
+    replay: int = 0
+    """N for the Nth `appt dead replay` of a message (handed back with that header again)."""
     seq: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message dead-lettered to ``appointments.dead``, kept by the store so an operator can
+    list, replay or purge it (a queue can't be listed without taking messages off it).
+
+    ``key`` identifies the dead letter across redeliveries of it (the command or event id
+    when the body names one, else the AMQP message id or the body's digest, plus ``#replay-N``
+    for a replay's death), so collecting it twice stores it once. ``dead_id`` is the store's
+    order of arrival, the id operators type. ``status``: ``dead`` until replayed or purged.
+    """
+
+    key: str
+    reason: str
+    reason_class: str
+    deliveries: int
+    body: bytes
+    routing_key: str = ""
+    replay: int = 0
+    command_id: str | None = None
+    type: str | None = None
+    appointment_id: int | None = None
+    practice: str | None = None
+    message_id: str | None = None
+    correlation_id: str | None = None
+    reply_to: str | None = None
+    headers: dict[str, Any] = field(default_factory=dict)
+    status: str = "dead"
+    dead_id: int = 0
+    dead_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetterQuery:
+    """Which dead letters an operator means: by id, or by what they are (all filters AND)."""
+
+    ids: tuple[int, ...] | None = None
+    reason: str | None = None
+    """A case-insensitive substring of the reason."""
+    type: str | None = None
+    practice: str | None = None
+    status: str | None = "dead"
+    """None: whatever their status (replayed and purged ones are kept for the record)."""
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What ``add_dead_letter`` found or wrote."""
+
+    letter: DeadLetter
+    """As stored (the first copy, if this one was a repeat)."""
+    new: bool
+    answer: InboxEntry | None
+    """The inbox entry of the answer's id as it now stands: what to publish."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +161,9 @@ class Commit:
     workflow: WorkflowRecord | None = None
     logs: list[StateLogRecord] = field(default_factory=list)
     inbox: InboxEntry | None = None
+    latest: InboxEntry | None = None
+    """A replay's result, written over the entry of the id it replays (inserted or
+    replaced), so a later duplicate of the original gets the newest result."""
 
 
 TERMINAL_WORKFLOW_STATES = frozenset({"completed", "compensated", "rejected"})
@@ -171,6 +231,22 @@ class Store(Protocol):
 
     async def parked_counts(self) -> dict[str, int]:
         """Parked messages per practice."""
+
+    async def add_dead_letter(
+        self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
+    ) -> Collected:
+        """Keep ``letter`` unless its key is known, in one transaction with ``answer``, its
+        inbox entry (also kept only if that id has none). A new letter also writes ``latest``
+        (see ``Commit.latest``)."""
+
+    async def dead_letters(self, query: DeadLetterQuery) -> list[DeadLetter]:
+        """In arrival order (``dead_id``)."""
+
+    async def settle_dead_letter(self, dead_id: int, status: str) -> bool:
+        """Mark a ``dead`` letter ``replayed`` or ``purged``; False if it was not ``dead``."""
+
+    async def count_dead_letters(self) -> dict[str, int]:
+        """Letters still ``dead``, by reason class."""
 
     async def set_watermark(self, name: str, value: str) -> None: ...
 

@@ -19,11 +19,14 @@ from typing import Any
 
 import asyncpg
 
-from consumer.messages import DEFAULT_PRACTICE, StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord, utcnow
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
+    Collected,
     Commit,
+    DeadLetter,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     StaleVersion,
@@ -102,6 +105,8 @@ class PostgresStore:
                     commit.inbox.message_id,
                     None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
                 )
+            if commit.latest is not None:
+                await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
         return written
 
     async def get_appointment(
@@ -185,10 +190,10 @@ class PostgresStore:
         async with self._connection() as conn:
             await conn.execute(
                 "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
-                " correlation_id, reason, parked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, now())"
+                " correlation_id, replay, reason, parked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())"
                 " ON CONFLICT (practice, message_id) DO NOTHING",
                 message.practice, message.appointment_id, message.message_id, message.body,
-                message.reply_to, message.correlation_id, message.reason,
+                message.reply_to, message.correlation_id, message.replay, message.reason,
             )
 
     async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
@@ -219,6 +224,39 @@ class PostgresStore:
     async def parked_counts(self) -> dict[str, int]:
         rows = await self._fetch("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice")
         return {row["practice"]: int(row["n"]) for row in rows}
+
+    async def add_dead_letter(
+        self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
+    ) -> Collected:
+        async with self._connection() as conn, conn.transaction():
+            status = await conn.execute(
+                schema.numbered(schema.INSERT_DEAD_SQL), *schema.dead_values(letter, utcnow()))
+            new = status.endswith(" 1")
+            if answer is not None:
+                await _write_inbox(conn, schema.INSERT_INBOX_IF_ABSENT_SQL, answer)
+            if new and latest is not None:
+                await _write_inbox(conn, schema.UPSERT_INBOX_SQL, latest)
+            row = await conn.fetchrow(
+                f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = $1", letter.key)
+            entry = None
+            if answer is not None:
+                found = await conn.fetchrow(
+                    "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
+                    answer.practice, answer.message_id)
+                entry = schema.inbox_from_row(found)
+        return Collected(schema.dead_letter_from_row(row), new, entry)
+
+    async def dead_letters(self, query: DeadLetterQuery) -> list[DeadLetter]:
+        sql, params = schema.dead_letters_sql(query)
+        return [schema.dead_letter_from_row(row) for row in await self._fetch(schema.numbered(sql), *params)]
+
+    async def settle_dead_letter(self, dead_id: int, status: str) -> bool:
+        async with self._connection() as conn:
+            done = await conn.execute(schema.numbered(schema.SETTLE_DEAD_SQL), status, utcnow(), dead_id)
+        return str(done).endswith(" 1")
+
+    async def count_dead_letters(self) -> dict[str, int]:
+        return {row["reason_class"]: row["n"] for row in await self._fetch(schema.COUNT_DEAD_SQL)}
 
     async def _migrate(self) -> None:
         """Under an advisory lock, so processes starting together migrate one at a time
@@ -340,3 +378,8 @@ async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> State
         *schema.log_values(record, schema.utc(record.time)),
     )
     return record.model_copy(update={"seq": seq})
+
+
+async def _write_inbox(conn: asyncpg.Connection, sql: str, entry: InboxEntry) -> None:
+    result = None if entry.result is None else schema.dumps(entry.result)
+    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, result, utcnow())

@@ -17,6 +17,8 @@ from consumer.messages import StateLogRecord
 from consumer.store.base import (
     TERMINAL_WORKFLOW_STATES,
     AppointmentRecord,
+    DeadLetter,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     WorkflowRecord,
@@ -80,7 +82,31 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ],
-    # 2: practices. Appointment ids (and partners' message ids) are unique only inside a
+    [
+        """CREATE TABLE dead_letters (
+            dead_id INTEGER PRIMARY KEY AUTOINCREMENT,
+            dead_key TEXT NOT NULL UNIQUE,
+            status TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            reason_class TEXT NOT NULL,
+            deliveries INTEGER NOT NULL,
+            replay INTEGER NOT NULL,
+            command_id TEXT,
+            type TEXT,
+            appointment_id INTEGER,
+            practice TEXT,
+            routing_key TEXT NOT NULL,
+            message_id TEXT,
+            correlation_id TEXT,
+            reply_to TEXT,
+            headers TEXT NOT NULL,
+            body BLOB NOT NULL,
+            dead_at TEXT NOT NULL,
+            settled_at TEXT
+        )""",
+        "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
+    ],
+    # 3: practices. Appointment ids (and partners' message ids) are unique only inside a
     # practice, so every keyed table gains ``practice``; what existed is the default's.
     # SQLite can't change a primary key in place: those tables are rebuilt.
     [
@@ -122,7 +148,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 3: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
+    # 4: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
     [
         """CREATE TABLE parked (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -132,6 +158,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             body BLOB NOT NULL,
             reply_to TEXT,
             correlation_id TEXT,
+            replay INTEGER NOT NULL,
             reason TEXT NOT NULL,
             parked_at TEXT NOT NULL,
             handed_back_at TEXT,
@@ -195,7 +222,31 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE TABLE watermarks (name text PRIMARY KEY, value text NOT NULL)",
     ],
-    # 2: practices (see the SQLite twin).
+    [
+        """CREATE TABLE dead_letters (
+            dead_id bigserial PRIMARY KEY,
+            dead_key text NOT NULL UNIQUE,
+            status text NOT NULL,
+            reason text NOT NULL,
+            reason_class text NOT NULL,
+            deliveries integer NOT NULL,
+            replay integer NOT NULL,
+            command_id text,
+            type text,
+            appointment_id bigint,
+            practice text,
+            routing_key text NOT NULL,
+            message_id text,
+            correlation_id text,
+            reply_to text,
+            headers jsonb NOT NULL,
+            body bytea NOT NULL,
+            dead_at timestamptz NOT NULL,
+            settled_at timestamptz
+        )""",
+        "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
+    ],
+    # 3: practices (see the SQLite twin).
     [
         "ALTER TABLE appointments ADD COLUMN practice text NOT NULL DEFAULT 'default'",
         "ALTER TABLE appointments DROP CONSTRAINT appointments_pkey",
@@ -213,7 +264,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 3: parked messages (see the SQLite twin).
+    # 4: parked messages (see the SQLite twin).
     [
         """CREATE TABLE parked (
             seq bigserial PRIMARY KEY,
@@ -223,6 +274,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
             body bytea NOT NULL,
             reply_to text,
             correlation_id text,
+            replay integer NOT NULL,
             reason text NOT NULL,
             parked_at timestamptz NOT NULL,
             handed_back_at timestamptz,
@@ -361,7 +413,7 @@ def log_from_row(row: Row) -> StateLogRecord:
 
 
 PARKED_COLUMNS = (
-    "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, reason"
+    "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, replay, reason"
 )
 
 
@@ -369,9 +421,94 @@ def parked_from_row(row: Row) -> ParkedMessage:
     return ParkedMessage(
         seq=row["seq"], practice=row["practice"], appointment_id=row["appointment_id"],
         message_id=row["message_id"], body=bytes(row["body"]),
-        reply_to=row["reply_to"], correlation_id=row["correlation_id"], reason=row["reason"],
+        reply_to=row["reply_to"], correlation_id=row["correlation_id"], replay=row["replay"],
+        reason=row["reason"],
     )
 
 
 def inbox_from_row(row: Row) -> InboxEntry:
     return InboxEntry(message_id=row["message_id"], result=loads(row["result"]), practice=row["practice"])
+
+
+DEAD_COLUMNS = (
+    "dead_id, dead_key, status, reason, reason_class, deliveries, replay, command_id, type,"
+    " appointment_id, practice, routing_key, message_id, correlation_id, reply_to, headers, body, dead_at"
+)
+INSERT_DEAD_SQL = (
+    "INSERT INTO dead_letters (dead_key, status, reason, reason_class, deliveries, replay, command_id,"
+    " type, appointment_id, practice, routing_key, message_id, correlation_id, reply_to, headers, body,"
+    " dead_at) VALUES (?, 'dead', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (dead_key) DO NOTHING"
+)
+INSERT_INBOX_IF_ABSENT_SQL = (
+    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (practice, message_id) DO NOTHING"
+)
+UPSERT_INBOX_SQL = (
+    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (practice, message_id) DO UPDATE SET result = excluded.result, processed_at = excluded.processed_at"
+)
+SETTLE_DEAD_SQL = "UPDATE dead_letters SET status = ?, settled_at = ? WHERE dead_id = ? AND status = 'dead'"
+COUNT_DEAD_SQL = "SELECT reason_class, count(*) AS n FROM dead_letters WHERE status = 'dead' GROUP BY reason_class"
+
+
+def dead_values(letter: DeadLetter, dead_at: Any) -> tuple[Any, ...]:
+    """Values for ``INSERT_DEAD_SQL``; ``dead_at`` already in the driver's form."""
+    return (
+        letter.key, letter.reason, letter.reason_class, letter.deliveries, letter.replay,
+        letter.command_id, letter.type, letter.appointment_id, letter.practice, letter.routing_key,
+        letter.message_id, letter.correlation_id, letter.reply_to, dumps(letter.headers), letter.body,
+        dead_at,
+    )
+
+
+def dead_letters_sql(query: DeadLetterQuery) -> tuple[str, list[Any]]:
+    """The SELECT for a query, with ``?`` placeholders, in arrival order."""
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if query.status is not None:
+        where.append("status = ?")
+        params.append(query.status)
+    if query.ids is not None:
+        where.append(f"dead_id IN ({', '.join('?' for _ in query.ids) or 'NULL'})")
+        params.extend(query.ids)
+    if query.reason is not None:
+        where.append("lower(reason) LIKE ? ESCAPE '!'")
+        literal = query.reason.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")
+        params.append(f"%{literal}%")
+    if query.type is not None:
+        where.append("type = ?")
+        params.append(query.type)
+    if query.practice is not None:
+        where.append("practice = ?")
+        params.append(query.practice)
+    return f"SELECT {DEAD_COLUMNS} FROM dead_letters WHERE {' AND '.join(where)} ORDER BY dead_id", params
+
+
+def numbered(sql: str) -> str:
+    """``?`` placeholders as PostgreSQL's ``$1, $2 ...`` (the SQL here has no literal ``?``)."""
+    parts = sql.split("?")
+    return "".join(part + (f"${n}" if n < len(parts) else "") for n, part in enumerate(parts, start=1))
+
+
+def dead_letter_from_row(row: Row) -> DeadLetter:
+    return DeadLetter(
+        dead_id=row["dead_id"],
+        key=row["dead_key"],
+        status=row["status"],
+        reason=row["reason"],
+        reason_class=row["reason_class"],
+        deliveries=row["deliveries"],
+        replay=row["replay"],
+        command_id=row["command_id"],
+        type=row["type"],
+        appointment_id=row["appointment_id"],
+        practice=row["practice"],
+        routing_key=row["routing_key"],
+        message_id=row["message_id"],
+        correlation_id=row["correlation_id"],
+        reply_to=row["reply_to"],
+        headers=loads(row["headers"]),
+        body=bytes(row["body"]),
+        dead_at=parse_time(row["dead_at"]),
+    )

@@ -27,7 +27,10 @@ from consumer.messages import DEFAULT_PRACTICE, StateLogRecord, utcnow
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
+    Collected,
     Commit,
+    DeadLetter,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     StaleVersion,
@@ -166,10 +169,10 @@ class SqliteStore:
         def write(db: Connection) -> None:
             db.execute(
                 "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
-                " correlation_id, reason, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " correlation_id, replay, reason, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (practice, message_id) DO NOTHING",
                 (message.practice, message.appointment_id, message.message_id, message.body,
-                 message.reply_to, message.correlation_id, message.reason, _now()),
+                 message.reply_to, message.correlation_id, message.replay, message.reason, _now()),
             )
 
         await self._in_transaction(write)
@@ -204,6 +207,24 @@ class SqliteStore:
     async def parked_counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice", ())
         return {row["practice"]: int(row["n"]) for row in rows}
+
+    async def add_dead_letter(
+        self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
+    ) -> Collected:
+        return await self._in_transaction(partial(_add_dead_letter, letter=letter, answer=answer, latest=latest))
+
+    async def dead_letters(self, query: DeadLetterQuery) -> list[DeadLetter]:
+        sql, params = schema.dead_letters_sql(query)
+        return [schema.dead_letter_from_row(row) for row in await self._fetchall(sql, params)]
+
+    async def settle_dead_letter(self, dead_id: int, status: str) -> bool:
+        def write(db: Connection) -> bool:
+            return db.execute(schema.SETTLE_DEAD_SQL, (status, _now(), dead_id)).rowcount == 1
+
+        return await self._in_transaction(write)
+
+    async def count_dead_letters(self) -> dict[str, int]:
+        return {row["reason_class"]: row["n"] for row in await self._fetchall(schema.COUNT_DEAD_SQL, ())}
 
     async def _in_transaction(self, work: Callable[[Connection], T]) -> T:
         return await self._run(partial(_transaction, work))
@@ -267,7 +288,34 @@ def _commit(db: Connection, commit: Commit) -> list[StateLogRecord]:
             "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)",
             (commit.inbox.practice, commit.inbox.message_id, _json_or_null(commit.inbox.result), _now()),
         )
+    if commit.latest is not None:
+        _write_inbox(db, schema.UPSERT_INBOX_SQL, commit.latest)
     return written
+
+
+def _add_dead_letter(
+    db: Connection, letter: DeadLetter, answer: InboxEntry | None, latest: InboxEntry | None
+) -> Collected:
+    new = db.execute(schema.INSERT_DEAD_SQL, schema.dead_values(letter, _now())).rowcount == 1
+    if answer is not None:
+        _write_inbox(db, schema.INSERT_INBOX_IF_ABSENT_SQL, answer)
+    if new and latest is not None:
+        _write_inbox(db, schema.UPSERT_INBOX_SQL, latest)
+    row = db.execute(
+        f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = ?", (letter.key,)
+    ).fetchone()
+    entry = None
+    if answer is not None:
+        found = db.execute(
+            "SELECT practice, message_id, result FROM inbox WHERE practice = ? AND message_id = ?",
+            (answer.practice, answer.message_id),
+        ).fetchone()
+        entry = schema.inbox_from_row(found)
+    return Collected(schema.dead_letter_from_row(row), new, entry)
+
+
+def _write_inbox(db: Connection, sql: str, entry: InboxEntry) -> None:
+    db.execute(sql, (entry.practice, entry.message_id, _json_or_null(entry.result), _now()))
 
 
 def _apply_migrations(db: Connection) -> None:

@@ -22,7 +22,7 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from consumer.broker import DEAD_QUEUE, EVENTS_EXCHANGE, REASON_HEADER, Broker, PublishFailed
+from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, REASON_HEADER, Broker, PublishFailed
 from consumer.messages import DEFAULT_PRACTICE
 from consumer.store.base import Store
 
@@ -140,7 +140,7 @@ class Collector:
 
 @contextlib.asynccontextmanager
 async def collecting(amqp_url: str) -> AsyncIterator[Collector]:
-    """Bind a durable queue to appointments.events and read the dead queue, for the block's life.
+    """Bind durable queues to appointments.events and appointments.dead, for the block's life.
 
     Durable and robust, so it outlives a killed service and a broker restart.
     """
@@ -154,7 +154,9 @@ async def collecting(amqp_url: str) -> AsyncIterator[Collector]:
         events = await channel.declare_queue("chaos.events", durable=True)
         await events.bind(EVENTS_EXCHANGE, routing_key="#")
         await events.consume(collector.on_event)
-        dead = await channel.get_queue(DEAD_QUEUE)
+        # A copy of each dead letter: appointments.dead itself is the service's collector's intake.
+        dead = await channel.declare_queue("chaos.dead", durable=True)
+        await dead.bind(DEAD_EXCHANGE)
         await dead.consume(collector.on_dead)
         yield collector
     finally:

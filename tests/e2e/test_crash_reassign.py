@@ -26,7 +26,7 @@ import aio_pika
 import pytest
 
 from consumer.broker import EVENTS_EXCHANGE, Broker
-from consumer.failpoints import FAILPOINTS
+from consumer.failpoints import SAGA_FAILPOINTS
 from consumer.messages import Reassign
 from consumer.store.base import open_store
 from consumer.workflows import workflow_id_for
@@ -139,7 +139,7 @@ async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exa
     await broker.connect()  # declares the topology, so commands can be published before the service runs
     trials: list[Trial] = []
     try:
-        for name in sorted(FAILPOINTS):
+        for name in sorted(SAGA_FAILPOINTS):
             trial = Trial(len(trials), name, refuse_cancel=name in COMPENSATION_FAILPOINTS)
             trials.append(trial)
             await service.start(APPT_FAILPOINTS=name).wait_ready()

@@ -23,6 +23,8 @@ from consumer.store import (
     TERMINAL_WORKFLOW_STATES,
     AppointmentRecord,
     Commit,
+    DeadLetter,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     StaleVersion,
@@ -581,3 +583,59 @@ async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_k
     second = await store.parked_head("north", 1)
     assert second is not None and second[1] == "c"
     assert await store.parked_counts() == {"north": 2, "south": 1}
+
+
+def dead(key: str, **fields: Any) -> DeadLetter:
+    values: dict[str, Any] = {"reason": "invalid message: boom", "reason_class": "invalid", "deliveries": 1,
+                              "body": b'{"command_id": "' + key.encode() + b'"}', **fields}
+    return DeadLetter(key=key, **values)
+
+
+async def test_a_dead_letter_is_kept_once_with_its_answer_and_listed_in_arrival_order(store: Store) -> None:
+    failed = {"outcome": "failed", "command_id": "c-1"}
+    first = await store.add_dead_letter(
+        dead("command:c-1", headers={"x-appt-reason": "boom", "n": 1}, body=b"\xff\x00 not utf-8"),
+        InboxEntry("c-1", failed))
+    again = await store.add_dead_letter(dead("command:c-1", reason="later"), InboxEntry("c-1", {"other": 1}))
+    await store.add_dead_letter(dead("message:m-2", reason_class="exhausted", type="confirm", practice="p1"))
+    await store.add_dead_letter(dead("message:m-3", reason="Gave up 50%_done"))
+
+    assert first.new and not again.new
+    assert again.letter == first.letter and again.letter.reason == "invalid message: boom"
+    assert first.letter.body == b"\xff\x00 not utf-8" and first.letter.headers == {"x-appt-reason": "boom", "n": 1}
+    assert again.answer == InboxEntry("c-1", failed)  # the first answer stands
+    listed = await store.dead_letters(DeadLetterQuery())
+    assert [d.key for d in listed] == ["command:c-1", "message:m-2", "message:m-3"]
+    assert [d.dead_id for d in listed] == sorted(d.dead_id for d in listed)
+    assert await store.dead_letters(DeadLetterQuery()) == listed  # reading changes nothing
+    assert await store.count_dead_letters() == {"invalid": 2, "exhausted": 1}
+
+    by_filters = [
+        DeadLetterQuery(reason="50%_"), DeadLetterQuery(reason="50%x"), DeadLetterQuery(type="confirm"),
+        DeadLetterQuery(practice="p1"), DeadLetterQuery(ids=(listed[0].dead_id, listed[2].dead_id)),
+    ]
+    assert [[d.key for d in await store.dead_letters(q)] for q in by_filters] == [
+        ["message:m-3"], [], ["message:m-2"], ["message:m-2"], ["command:c-1", "message:m-3"]]
+
+
+async def test_a_dead_letter_is_settled_once_and_stays_on_record(store: Store) -> None:
+    letter = (await store.add_dead_letter(dead("event:e-1"))).letter
+
+    assert await store.settle_dead_letter(letter.dead_id, "replayed")
+    assert not await store.settle_dead_letter(letter.dead_id, "purged")
+    assert await store.dead_letters(DeadLetterQuery()) == []
+    assert await store.count_dead_letters() == {}
+    kept = await store.dead_letters(DeadLetterQuery(ids=(letter.dead_id,), status=None))
+    assert [d.status for d in kept] == ["replayed"]
+    assert not (await store.add_dead_letter(dead("event:e-1"))).new  # collected again: not revived
+    assert await store.dead_letters(DeadLetterQuery()) == []
+
+
+async def test_a_replay_result_supersedes_the_original_entry(store: Store) -> None:
+    await store.add_dead_letter(dead("command:c-9"), InboxEntry("c-9", {"outcome": "failed"}))
+    await store.commit(Commit(inbox=InboxEntry("c-9#replay-1", {"outcome": "succeeded"}),
+                              latest=InboxEntry("c-9", {"outcome": "succeeded"})))
+
+    assert await store.inbox_get("c-9") == InboxEntry("c-9", {"outcome": "succeeded"})
+    with pytest.raises(StaleVersion):  # a second copy of the same replay is a duplicate
+        await store.commit(Commit(inbox=InboxEntry("c-9#replay-1", {"outcome": "succeeded"})))
