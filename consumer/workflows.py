@@ -71,13 +71,13 @@ class WorkflowBusy(Exception):
     """Another runner moved this workflow on (seen as a version conflict)."""
 
 
-def workflow_id_for(command: Reassign) -> str:
+def workflow_id_for(command_id: str, practice: str = DEFAULT_PRACTICE) -> str:
     """Deterministic, so a redelivered command finds its workflow instead of starting another.
 
     Command ids are unique per practice only, so another practice's id names its practice."""
-    if command.practice == DEFAULT_PRACTICE:
-        return f"reassign-{command.command_id}"
-    return f"reassign-{command.practice}.{command.command_id}"
+    if practice == DEFAULT_PRACTICE:
+        return f"reassign-{command_id}"
+    return f"reassign-{practice}.{command_id}"
 
 
 class WorkflowRunner:
@@ -101,7 +101,7 @@ class WorkflowRunner:
 
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
-        workflow = await self._store.get_workflow(workflow_id_for(command))
+        workflow = await self._store.get_workflow(workflow_id_for(command.command_id, command.practice))
         redelivered = workflow is not None
         if workflow is None:
             started = await self._start(command)
@@ -210,7 +210,7 @@ class WorkflowRunner:
             return Decision(result=result_for(command, "rejected", reasons=reasons))
         workflow = WorkflowRecord(
             practice=command.practice,
-            workflow_id=workflow_id_for(command),
+            workflow_id=workflow_id_for(command.command_id, command.practice),
             appointment_id=command.appointment_id,
             new_patient_id=command.patient_id,
             state=REQUESTED,
