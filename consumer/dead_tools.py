@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import sys
 from collections import Counter
 from typing import Any
@@ -66,9 +67,10 @@ async def dead_list(settings: Settings, query: DeadLetterQuery, *, as_json: bool
         letters = await store.dead_letters(query)
     waiting = await _waiting_in_queue(settings)
     by_class = dict(Counter(letter.reason_class for letter in letters))
+    by_reason = Counter(reason_group(letter.reason) for letter in letters)
     if as_json:
-        print(json.dumps({"dead_letters": [summary(letter) for letter in letters],
-                          "by_reason_class": by_class, "waiting_in_queue": waiting}))
+        print(json.dumps({"dead_letters": [summary(letter) for letter in letters], "by_reason_class": by_class,
+                          "by_reason": dict(by_reason.most_common()), "waiting_in_queue": waiting}))
         return EXIT_OK
     if letters:
         print(f"{'ID':>6}  {'DEAD AT (UTC)':<19}  {'TYPE':<25}  {'PRACTICE':<10}  {'APPOINTMENT':>12}  "
@@ -79,6 +81,8 @@ async def dead_list(settings: Settings, query: DeadLetterQuery, *, as_json: bool
               f"{letter.appointment_id or '-':>12}  {letter.deliveries:>5}  {letter.replay:>6}  "
               f"{letter.command_id or letter.message_id or '-':<36}  {_one_line(letter.reason, 100)}")
     print(f"{len(letters)} dead letter(s)" + "".join(f"; {n} {c}" for c, n in sorted(by_class.items())))
+    for group, count in by_reason.most_common():
+        print(f"{count:>6}  {group}")
     if waiting:
         print(f"{waiting} more waiting in {DEAD_QUEUE}: listed once `appt serve` has collected them",
               file=sys.stderr)
@@ -166,6 +170,11 @@ def _confirmed(letters: list[DeadLetter]) -> bool:
 def _report(row: dict[str, Any], as_json: bool) -> None:
     print(json.dumps(row) if as_json else " ".join(f"{k}={v}" for k, v in row.items() if v is not None),
           flush=True)
+
+
+def reason_group(reason: str) -> str:
+    """Reasons alike but for their numbers (ids, counts, statuses) count as one."""
+    return _one_line(re.sub(r"\d+", "N", reason), 90)
 
 
 def _one_line(text: str, width: int) -> str:

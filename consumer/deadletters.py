@@ -33,6 +33,7 @@ from consumer.broker import (
 from consumer.failpoints import failpoint
 from consumer.logs import get_logger
 from consumer.messages import COMMAND_TYPES, DEFAULT_PRACTICE, MAX_ID, CommandResult
+from consumer.periodic import every
 from consumer.store.base import (
     DeadLetter,
     InboxEntry,
@@ -104,15 +105,7 @@ class DeadLetterCollector:
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
         """Keep the ``appt_dead_letters`` gauge at what the store holds (`appt dead` changes it)."""
-        while not stop.is_set():
-            try:
-                await self.refresh_metrics()
-            except Exception:  # the watcher must outlive a store hiccup
-                log.exception("dead-letter watch failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+        await every(interval, stop, self.refresh_metrics, "dead-letter watch")
 
     async def refresh_metrics(self) -> None:
         counts = await self._store.count_dead_letters()
@@ -133,6 +126,10 @@ class DeadLetterCollector:
                     attempt += 1
                     log.warning("dead letter not collected yet, retrying", error=str(exc), attempt=attempt)
                     await asyncio.sleep(min(30.0, self._retry_delay * attempt))
+                except Exception:  # a bug: never lose the letter, never stop the collector
+                    log.exception("dead letter could not be collected; left unacked until the next start",
+                                  message_id=message.message_id)
+                    return
             try:
                 await message.ack()
             except ChannelInvalidStateError:  # reconnected meanwhile: redelivered, and kept once

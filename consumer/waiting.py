@@ -27,6 +27,7 @@ from datetime import datetime, timedelta, timezone
 
 from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
 from consumer.logs import get_logger
+from consumer.periodic import every
 from consumer.pms.errors import RateLimited, Unauthorised, Unavailable
 from consumer.practices import Practice, Practices, Status
 from consumer.store.base import ParkedMessage, Store
@@ -62,25 +63,16 @@ class Resumer:
         self._batch = batch
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.resume_once()
-            except Exception as exc:  # the loop must outlive a store or broker outage
-                log.warning("resumer failed; trying again", error=f"{type(exc).__name__}: {exc}")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self._interval)
-            except TimeoutError:
-                pass
+        """Until ``stop``; a store or broker outage is tried again at the next tick."""
+        await every(self._interval, stop, self.resume_once, "resumer")
 
-    async def resume_once(self) -> int:
-        handed = 0
+    async def resume_once(self) -> None:
         for practice in self._practices:
             if practice.waiting and not _try_again(practice):
                 continue
-            handed += await self._hand_back(practice.name)
-        return handed
+            await self._hand_back(practice.name)
 
-    async def _hand_back(self, practice: str) -> int:
+    async def _hand_back(self, practice: str) -> None:
         not_since = datetime.now(timezone.utc) - timedelta(seconds=self._republish_after)
         messages = await self._store.hand_back(practice, not_since=not_since, limit=self._batch)
         for index, message in enumerate(messages):
@@ -96,7 +88,6 @@ class Resumer:
                 raise
         if messages:
             log.info("parked messages handed back", practice=practice, count=len(messages))
-        return len(messages)
 
 
 def _headers(message: ParkedMessage) -> dict[str, int]:

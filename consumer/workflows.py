@@ -23,6 +23,7 @@ from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.commands import STATUS_REASON, execute
 from consumer.failpoints import failpoint
+from consumer.periodic import every
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
@@ -163,15 +164,7 @@ class WorkflowRunner:
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
         """Refresh the workflow gauges and raise the alarm once per stuck workflow."""
-        while not stop.is_set():
-            try:
-                await self.refresh_metrics()
-            except Exception:  # the watcher must outlive a store hiccup
-                log.exception("workflow watch failed")
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
+        await every(interval, stop, self.refresh_metrics, "workflow watch")
 
     async def refresh_metrics(self) -> None:
         workflows = await self._store.list_workflows(unfinished=True)  # finished ones only grow
