@@ -129,7 +129,7 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
             letter["deliveries"]) == ("doomed", "edit_notes", 701, "exhausted", 2)
     assert before["by_reason_class"] == {"exhausted": 1} and before["waiting_in_queue"] == 0
     assert before["by_reason"] == {
-        "gave up after N deliveries: Unavailable: PUT /vN/appointments/{id}: N injected failure (N)": 1}
+        "gave up after N deliveries: PmsError: PUT /vN/appointments/{id}: N injected failure (N)": 1}
     gauge = DeadLetterCollector(broker=stack.broker, store=stack.store)
     await gauge.refresh_metrics()
     assert metrics.REGISTRY.get_sample_value("appt_dead_letters", {"reason_class": "exhausted"}) == 1

@@ -340,7 +340,7 @@ async def test_healthz_and_readyz_when_all_is_up(service: Service) -> None:
     assert await service.get("/healthz", token=None) == (200, {"status": "ok"})
     status, body = await service.get("/readyz", token=None)
     assert status == 200
-    assert body == {"status": "ready", "broker": "ok", "store": "ok"}
+    assert body == {"status": "ready", "broker": "ok", "store": "ok", "waiting_practices": []}
 
 
 async def test_readyz_is_503_naming_the_broker_when_it_is_gone(service: Service) -> None:
