@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox = verbs.add_parser("sandbox", help="run the PMS emulator")
     sandbox.add_argument("--host", default="127.0.0.1")
     sandbox.add_argument("--port", type=int, default=8700)
+    sandbox.add_argument("--token", default="sandbox-token",
+                         help="the one bearer token accepted (default: sandbox-token); "
+                              "POST /_sandbox/token changes it at run time, as a revoked or expired token")
+    sandbox.add_argument("--updated-after", choices=["ignored", "honoured"], default="ignored",
+                         help="whether the list honours updated_after (unconfirmed on the live PMS; default: ignored)")
+    sandbox.add_argument("--delete", choices=["cancel", "remove"], default="cancel",
+                         help="what DELETE does (unconfirmed on the live PMS; default: cancel)")
 
     practices = verbs.add_parser(
         "practices", help="each practice's status, budget and waiting messages (asks the running service)")
@@ -72,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     verbs.add_parser("schema", help="print the message contract as JSON Schema")
 
-    reconcile = verbs.add_parser("reconcile", help="catch up from the PMS now (polls updated_after)")
-    reconcile.add_argument("--since", help="ISO time to start from instead of the stored watermark")
+    reconcile = verbs.add_parser(
+        "reconcile", help="catch up from the PMS now (reads every polling window once, cancelled rows included)")
+    reconcile.add_argument("--since", help="ISO time: republish every row changed after it, whatever is stored")
     return parser
 
 
@@ -112,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb == "sandbox":
         from consumer.sandbox import serve_sandbox
 
-        return _run(serve_sandbox(args.host, args.port))
+        return _run(serve_sandbox(args.host, args.port, token=args.token,
+                                  updated_after_honoured=args.updated_after == "honoured",
+                                  delete_mode=args.delete))
     try:
         settings = load_settings()
     except SettingsError as exc:

@@ -48,12 +48,15 @@ def names_other_status(rejected: Rejected) -> bool:
 
 
 async def cancellation_reason_id(pms: PmsClient, reason: str) -> int:
-    """Map the command's reason text to the PMS's reason id (refused if unknown)."""
+    """Map the command's reason text to the PMS's reason id (refused if unknown or archived)."""
     try:
         return await pms.cancellation_reason_id(reason)
     except LookupError:
-        names = ", ".join(repr(item.reason) for item in await pms.cancellation_reasons())
-        raise Refused({"reason": [f"is not a known cancellation reason (known: {names})"]}) from None
+        archived = any(item.archived and item.reason.casefold() == reason.casefold()
+                       for item in await pms.cancellation_reasons())
+        names = ", ".join(repr(item.reason) for item in await pms.live_cancellation_reasons())
+        problem = "is archived" if archived else "is not a known cancellation reason"
+        raise Refused({"reason": [f"{problem} (live reasons: {names})"]}) from None
 
 
 async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Write:

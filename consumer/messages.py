@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_ID = 2**63 - 1  # ids are stored as BIGINT: a larger one is invalid input, not a transient failure
@@ -121,13 +121,23 @@ COMMAND: TypeAdapter[Any] = TypeAdapter(Command)
 
 
 class WebhookPayload(BaseModel):
-    """What the PMS posts (Standard Webhooks envelope)."""
+    """What the PMS posts. The live PMS's shape is not documented, so two are accepted:
+    ``{"type", "timestamp", "data": {"appointment": {...}}}`` (Standard Webhooks style) and
+    ``{"event", "object", "data": {...the appointment...}}``."""
 
     model_config = ConfigDict(extra="allow")
 
     type: EventType
     timestamp: datetime | None = None
     data: dict[str, Any]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _event_envelope(cls, value: Any) -> Any:
+        """The ``event`` envelope names its type ``event``."""
+        if isinstance(value, dict) and "type" not in value and "event" in value:
+            return {**value, "type": value["event"]}
+        return value
 
     def appointment(self) -> dict[str, Any]:
         inner = self.data.get("appointment", self.data)

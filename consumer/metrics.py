@@ -83,6 +83,19 @@ WEBHOOKS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+RECONCILE_REQUESTS = Counter(
+    "appt_reconcile_requests_total",
+    "PMS requests spent by polling, by window (bounded by APPT_RECONCILE_BUDGET_SHARE of the hourly budget).",
+    ["window"],
+    registry=REGISTRY,
+)
+WEBHOOK_MISSED = Counter(
+    "appt_webhook_missed_changes_total",
+    "Changes polling found that no webhook had delivered in time: rising means the PMS switched"
+    " the webhook subscription off.",
+    ["practice"],
+    registry=REGISTRY,
+)
 
 
 def render() -> bytes:

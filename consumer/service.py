@@ -14,6 +14,7 @@ import contextlib
 import os
 import signal
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
@@ -21,12 +22,13 @@ from aiohttp import web
 from consumer.broker import Broker
 from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
-from consumer.practices import Practices, PracticesError, load_configs
-from consumer.reconciler import run_reconciler
+from consumer.practices import Practice, Practices, PracticesError, load_configs
+from consumer.reconciler import Reconciler, run_reconciler
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, STORE_KEY, create_app
 from consumer.waiting import Resumer
+from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SILENCE_KEY, STORE_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -58,9 +60,19 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             background = [asyncio.create_task(workflows.watch(stop)),
                           asyncio.create_task(dead_letters.watch(stop)),
                           asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
+            silence = WebhookSilence()
             if settings.reconcile_interval > 0:
+                def reconciler_for(practice: Practice) -> Reconciler:
+                    return Reconciler(
+                        practice.pms, broker, store, practice=practice.name,
+                        horizon_days=settings.reconcile_horizon_days,
+                        budget_share=settings.reconcile_budget_share,
+                        use_updated_after=settings.reconcile_updated_after, silence=silence,
+                        silence_grace=timedelta(seconds=settings.webhook_silence_grace),
+                    )
+
                 background.append(asyncio.create_task(
-                    run_reconciler(practices, broker, store, settings.reconcile_interval, stop)))
+                    run_reconciler(practices, reconciler_for, settings.reconcile_interval, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
                 broker=broker, store=store, practices=practices, reassign=workflows.reassign,
@@ -72,6 +84,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await dead_letters.start()
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
+            app[SILENCE_KEY] = silence
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
                      practices=[p.name for p in practices], store=settings.store.split("@")[-1])
             yield

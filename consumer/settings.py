@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1, le=100)
     retry_delay: float = Field(1.0, ge=0)
     reconcile_interval: float = Field(60.0, ge=0)
+    reconcile_horizon_days: int = Field(30, ge=1, le=366)
+    reconcile_budget_share: float = Field(0.10, gt=0, le=1)
+    reconcile_updated_after: bool = False
+    webhook_silence_grace: float = Field(120.0, gt=0)
     workflow_deadline: float = Field(300.0, gt=0)
 
     @field_validator("webhook_secrets", mode="before")

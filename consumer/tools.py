@@ -277,6 +277,7 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
     async with opened_store(settings) as store, connected_broker(settings) as broker:
         async with opened_practices(settings) as practices:
             for practice in practices:
-                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since)
+                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
+                                             horizon_days=settings.reconcile_horizon_days)
                 print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK

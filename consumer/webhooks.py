@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +33,7 @@ from consumer.practices import (
     load_configs,
 )
 from consumer.settings import Settings
+from consumer.silence import WebhookSilence
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -45,6 +47,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 PRACTICES_KEY = web.AppKey("practices", Practices)
+SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DENTALLY_SIGNATURE = "X-Dentally-Signature"
@@ -216,11 +219,12 @@ async def readyz(request: web.Request) -> web.Response:
     checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down"}
     ready = broker_ok and store_ok
     # A waiting practice is named but leaves the process ready: the others are being served.
-    waiting = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
-    return web.json_response(
-        {"status": "ready" if ready else "not ready", **checks, "waiting_practices": waiting},
-        status=200 if ready else 503,
-    )
+    body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks,
+                            "waiting_practices": [p.name for p in request.app[PRACTICES_KEY] if p.waiting]}
+    silence = request.app.get(SILENCE_KEY)
+    if silence is not None:
+        body["webhooks"] = silence.report(datetime.now(timezone.utc))
+    return web.json_response(body, status=200 if ready else 503)
 
 
 async def list_practices(request: web.Request) -> web.Response:

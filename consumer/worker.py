@@ -44,6 +44,7 @@ from consumer.practices import UNKNOWN_PRACTICE, Practices
 from consumer.records import Decision, Origin, result_for
 from consumer.store.base import (
     Commit,
+    DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
     StaleVersion,
@@ -105,6 +106,11 @@ def replay_key(key: str, replay: int) -> str:
     """A replay's own inbox key: it must not be taken for a duplicate of its own failure,
     while a second copy of the same replay (a replay tool killed and run again) must be."""
     return f"{key}#replay-{replay}" if replay else key
+
+
+def dead_letter_key(inbound_kind: str, ident: str, replay: int) -> str:
+    """The store's key of a dead letter: ``command:<id>`` or ``event:<id>``, per replay."""
+    return replay_key(f"{inbound_kind}:{ident}", replay)
 
 
 def deliveries_of(message: AbstractIncomingMessage) -> int:
@@ -225,12 +231,13 @@ class Worker:
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
-        replay = replay_number(message)
-        key = replay_key(message_key(inbound), replay)
+        key = message_key(inbound)
         if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
             raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
         parked = _parked_seq(message)
         try:
+            replay = await self._replay_of(message, inbound)
+            key = replay_key(key, replay)
             if inbound.practice in self._practices and (held := await self._hold(message, inbound, key, parked)):
                 return held
             entry = await self._store.inbox_get(key, inbound.practice)
@@ -248,7 +255,7 @@ class Worker:
         except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
             return await self._wait(message, inbound, key, parked, exc)
         except TRANSIENT as exc:
-            return await self._retry_later(message, key, exc)
+            return await self._retry_later(message, message_key(inbound), exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
             log.exception("unexpected error", message_id=key)
             return await self._retry_later(message, key, exc)
@@ -316,6 +323,20 @@ class Worker:
         if parked is not None:
             await self._store.unpark(parked)
         await _settle(message.ack())
+
+    async def _replay_of(self, message: AbstractIncomingMessage, inbound: Any) -> int:
+        """The replay number `appt dead replay` gave this message, if what it replays was
+        dead-lettered: the header alone can't make a publisher's command run twice."""
+        replay = replay_number(message)
+        if not replay:
+            return 0
+        kind, ident = ("event", inbound.event_id) if isinstance(inbound, ObservedEvent) else (
+            "command", inbound.command_id)
+        replayed = DeadLetterQuery(key=dead_letter_key(kind, ident, replay - 1), status=None)
+        if await self._store.dead_letters(replayed):
+            return replay
+        log.warning("replay header on a message that was never dead-lettered: processed as sent", replay=replay)
+        return 0
 
     async def _decide_and_commit(
         self, key: str, inbound: Any, replay: int

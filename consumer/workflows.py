@@ -295,14 +295,17 @@ class WorkflowRunner:
             patient_id=workflow.new_patient_id,
             notes=replacement_note(workflow.appointment_id, workflow.workflow_id),
             metadata=link_marker(workflow.workflow_id, workflow.appointment_id),
+            booked_via_api=True,
         )
         return fields
 
     async def _find_replacement(self, workflow: WorkflowRecord) -> dict[str, Any] | None:
         """The live appointment carrying this workflow's link marker, if one was booked."""
         original = workflow.data.get("original", {})
+        # The replacement starts when the original does: the PMS's [after, before) start-time
+        # window around it. Cancelled rows stay hidden (a DELETE that cancels leaves no live one).
         candidates = await self._pms(workflow.practice).list_appointments(
-            after=original.get("start_time"), before=original.get("finish_time"),
+            after=original["start_time"], before=original["finish_time"],
             practitioner_id=original.get("practitioner_id"),
         )
         marker = link_marker(workflow.workflow_id, workflow.appointment_id)

@@ -8,6 +8,7 @@ import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,12 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {timeout} s: {check}")
         await asyncio.sleep(interval)
+
+
+def starts_in(days: float) -> dict[str, str]:
+    """A 30-minute slot at 09:00 UTC ``days`` from today: inside the reconciler's windows."""
+    start = datetime.now(timezone.utc).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=days)
+    return {"start_time": start.isoformat(), "finish_time": (start + timedelta(minutes=30)).isoformat()}
 
 
 @dataclass(frozen=True)

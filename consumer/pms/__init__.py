@@ -3,6 +3,7 @@
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import (
     NotFound,
+    Misconfigured,
     PmsError,
     RateLimited,
     Rejected,
@@ -14,6 +15,7 @@ from consumer.pms.models import CancellationReason, PmsAppointment
 
 __all__ = [
     "CancellationReason",
+    "Misconfigured",
     "NotFound",
     "PmsAppointment",
     "PmsClient",

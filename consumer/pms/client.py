@@ -41,6 +41,7 @@ from tenacity import (
 from tenacity.wait import wait_random_exponential
 
 from consumer.pms.errors import (
+    Misconfigured,
     NotFound,
     PmsError,
     RateLimited,
@@ -56,6 +57,9 @@ GET_ROUTE = "GET /v1/appointments/{id}"
 UPDATE_ROUTE = "PUT /v1/appointments/{id}"
 DELETE_ROUTE = "DELETE /v1/appointments/{id}"
 REASONS_ROUTE = "GET /v1/appointment_cancellation_reasons"
+
+MAX_PER_PAGE = 100  # the live PMS answers a larger per_page with 25 rows, silently
+DEFAULT_HOURLY_LIMIT = 3600
 
 OnResponse = Callable[[str, str, int], None]
 OnRetry = Callable[[str, str, BaseException], None]
@@ -94,7 +98,7 @@ class Pacer:
 
     def __init__(self, low_water: int, clock: Callable[[], float] = time.time) -> None:
         self.low_water = low_water
-        self.limit: int | None = None
+        self.limit = DEFAULT_HOURLY_LIMIT  # the budget per clock hour, as the PMS last said
         self.remaining: int | None = None
         self.reset_at: float | None = None
         self._clock = clock
@@ -105,8 +109,9 @@ class Pacer:
         reset = _header_float(headers, "x-ratelimit-reset")
         if remaining is not None and reset is not None:
             self.remaining, self.reset_at = int(remaining), reset
-            limit = _header_float(headers, "x-ratelimit-limit")
-            self.limit = int(limit) if limit is not None else self.limit
+        limit = _header_float(headers, "x-ratelimit-limit")
+        if limit is not None:
+            self.limit = int(limit)
 
     def reserve(self, max_wait: float) -> float:
         """Seconds to wait before the next request; ``RateLimited`` if over ``max_wait``."""
@@ -173,7 +178,7 @@ class PmsClient:
             self._session = None
 
     def budget(self) -> dict[str, float | None]:
-        """The hourly budget as the PMS last reported it (all None before the first answer)."""
+        """The hourly budget as the PMS last reported it (remaining and reset None before its first answer)."""
         return {"limit": self._pacer.limit, "remaining": self._pacer.remaining, "reset": self._pacer.reset_at}
 
     # ---- API ----------------------------------------------------------------
@@ -182,39 +187,44 @@ class PmsClient:
         body = await self._retried("GET", GET_ROUTE, f"/appointments/{appointment_id}")
         return _appointment(body)
 
+    @property
+    def hourly_limit(self) -> int:
+        """The token's requests per clock hour (``x-ratelimit-limit``; 3,600 until an answer said)."""
+        return self._pacer.limit
+
     async def list_appointments(
         self,
         *,
-        after: str | None = None,
-        before: str | None = None,
+        after: str,
+        before: str,
+        cancelled: bool = False,
         updated_after: str | None = None,
         patient_id: int | None = None,
         practitioner_id: int | None = None,
-        per_page: int = 100,
+        per_page: int = MAX_PER_PAGE,
     ) -> list[PmsAppointment]:
-        """Every page of the query, in the PMS's order."""
-        given = {"after": after, "before": before, "updated_after": updated_after,
-                 "patient_id": patient_id, "practitioner_id": practitioner_id, "per_page": per_page}
+        """Every appointment starting in [after, before), in the PMS's order.
+
+        The window is required by the PMS; ``cancelled`` asks for Cancelled and
+        Did not attend rows too (hidden otherwise). Pages are read until a short
+        one: ``total_pages`` is not trusted, and a ``per_page`` over 100 would be
+        answered with 25 rows, so it is refused here.
+        """
+        if not 0 < per_page <= MAX_PER_PAGE:
+            raise ValueError(f"per_page must be in 1..{MAX_PER_PAGE}")
+        given = {"after": after, "before": before, "cancelled": "true" if cancelled else None,
+                 "updated_after": updated_after, "patient_id": patient_id,
+                 "practitioner_id": practitioner_id, "per_page": per_page}
         params = {name: str(value) for name, value in given.items() if value is not None}
         found: list[PmsAppointment] = []
         page = 1
         while True:
             body = await self._retried("GET", LIST_ROUTE, "/appointments", params={**params, "page": str(page)})
-            found.extend(_parse(PmsAppointment, item) for item in body["appointments"])
-            if page >= int(body.get("meta", {}).get("total_pages", 1)):
+            rows = body["appointments"]
+            found.extend(_parse(PmsAppointment, item) for item in rows)
+            if len(rows) < per_page:
                 return found
             page += 1
-
-    async def changed_after(self, updated_after: str, *, per_page: int = 100) -> list[PmsAppointment]:
-        """The first page of changes strictly after a time, oldest first (the PMS's order).
-
-        For a poller that walks forward page by page: following page numbers
-        over a list that changes while it is read can skip an item (a change
-        moves a row to the end and shifts the rest back), a cursor can't.
-        """
-        params = {"updated_after": updated_after, "per_page": str(per_page), "page": "1"}
-        body = await self._retried("GET", LIST_ROUTE, "/appointments", params=params)
-        return [_parse(PmsAppointment, item) for item in body["appointments"]]
 
     async def create_appointment(self, fields: dict[str, Any]) -> PmsAppointment:
         """One attempt only: see the module docstring."""
@@ -237,12 +247,17 @@ class PmsClient:
             self._reasons = [_parse(CancellationReason, r) for r in body["appointment_cancellation_reasons"]]
         return self._reasons
 
+    async def live_cancellation_reasons(self) -> list[CancellationReason]:
+        """The reasons a new cancellation may use (archived ones are refused by the PMS)."""
+        return [known for known in await self.cancellation_reasons() if not known.archived]
+
     async def cancellation_reason_id(self, reason: str) -> int:
-        """The id of a reason by its text (e.g. "Booked in error"); ``LookupError`` if absent."""
-        for known in await self.cancellation_reasons():
+        """The id of a live reason by its text (e.g. "Booked in error"); ``LookupError`` if
+        absent or archived."""
+        for known in await self.live_cancellation_reasons():
             if known.reason.casefold() == reason.casefold():
                 return known.id
-        raise LookupError(f"the PMS has no cancellation reason {reason!r}")
+        raise LookupError(f"the PMS has no live cancellation reason {reason!r}")
 
     # ---- transport ----------------------------------------------------------
 
@@ -325,9 +340,12 @@ def _error(status: int, headers: Headers, body: Any, route: str) -> PmsError:
         return Rejected(message, dict(error.get("params") or {}), body=body)
     if status == 404:
         return NotFound(message, status=status, body=body)
-    if status == 429 or (status == 403 and error.get("type") == "rate_limit_error"):
+    if status == 429 or (status == 403 and error.get("type") == "invalid_access_error"
+                         and "rate limit" in str(error.get("message", "")).lower()):
         wait = retry_after_seconds(headers, time.time())
         return RateLimited(message, status=status, retry_after=wait if wait is not None else 1.0, body=body)
+    if status == 403 and "User-Agent" in str(body):
+        return Misconfigured(f"{route}: 403 the PMS refuses this User-Agent: {body}", status=status, body=body)
     if status in (401, 403):
         return Unauthorised(message, status=status, body=body)
     if status >= 500:

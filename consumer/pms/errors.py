@@ -47,11 +47,15 @@ class NotFound(PmsError):
 
 
 class Unauthorised(PmsError):
-    """401, or a 403 that is not the rate-limit block: fix the token or User-Agent."""
+    """401 (a token expired after two weeks unused, or revoked), or another 403: fix the token."""
+
+
+class Misconfigured(PmsError):
+    """403 "make sure your request has an acceptable User-Agent header": fix the deployment."""
 
 
 class RateLimited(PmsError):
-    """429, or the 403 "temporarily blocked" of a spent hourly budget.
+    """429, or the 403 ``invalid_access_error`` "Rate limit exceeded" of a spent hourly budget.
 
     ``retry_after`` is how long (seconds) the PMS asked us to stay away.
     """

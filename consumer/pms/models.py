@@ -35,6 +35,7 @@ class PmsAppointment(BaseModel):
     did_not_attend_at: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
+    booked_via_api: bool | None = None
     version: int | None = None  # the sandbox's change counter; absent on the real PMS
 
 
@@ -43,3 +44,5 @@ class CancellationReason(BaseModel):
 
     id: int
     reason: str
+    reason_type: str | None = None
+    archived: bool = False  # listed, but refused for new cancellations

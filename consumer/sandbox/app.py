@@ -11,24 +11,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime, time as clock_time, timedelta
 from typing import Any
 
 from aiohttp import web
 
 from consumer.sandbox import rules
-from consumer.sandbox.state import Budget, Fault, Missing, Refused, SandboxState
+from consumer.sandbox.state import Budget, DeleteMode, Fault, Missing, Refused, SandboxState
 
 log = logging.getLogger(__name__)
 
 STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
 HANG_SECONDS = 60.0
 DEFAULT_PER_PAGE = 25
-MAX_PER_PAGE = 100
+MAX_PER_PAGE = 100  # over it, the live PMS silently answers DEFAULT_PER_PAGE rows
+USER_AGENT_REFUSAL = (
+    "Request forbidden by administrative rules. "
+    "Please make sure your request has an acceptable User-Agent header."
+)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -63,8 +68,7 @@ def _rate_headers(budget: Budget) -> dict[str, str]:
 
 
 def _blocked(headers: dict[str, str]) -> web.Response:
-    body = {"error": {"type": "rate_limit_error",
-                      "message": "temporarily blocked: the hourly request limit is spent"}}
+    body = {"error": {"type": "invalid_access_error", "message": "Rate limit exceeded"}}
     return web.json_response(body, status=403, headers=headers)
 
 
@@ -72,7 +76,7 @@ def _fault_response(fault: Fault, budget: Budget) -> web.Response:
     headers = _rate_headers(budget)
     if fault.status == 403:
         reset = time.time() + fault.retry_after if fault.retry_after is not None else budget.reset
-        headers.update({"x-ratelimit-remaining": "0", "x-ratelimit-reset": f"{reset:.3f}"})
+        headers.update({"x-ratelimit-remaining": "0", "x-ratelimit-reset": str(math.ceil(reset))})
         return _blocked(headers)
     if fault.retry_after is not None:
         headers["Retry-After"] = f"{fault.retry_after:g}"
@@ -82,8 +86,6 @@ def _fault_response(fault: Fault, budget: Budget) -> web.Response:
 
 
 def _authorise(request: web.Request, state: SandboxState) -> str:
-    if not request.headers.get("User-Agent"):
-        raise ApiError(403, "forbidden", "A User-Agent header is required")
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or token != state.token:
         raise ApiError(401, "unauthorized", "Invalid or missing access token")
@@ -97,6 +99,9 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     state = request.app[STATE]
     route = _route_name(request)
     state.record_call(route)
+    if not request.headers.get("User-Agent"):
+        # Refused in front of the API (a firewall rule): plain text, not the API's JSON error.
+        return web.Response(status=403, text=USER_AGENT_REFUSAL)
     try:
         token = _authorise(request, state)
     except ApiError as exc:
@@ -193,24 +198,42 @@ def _int_param(query: Any, name: str, reasons: rules.Reasons, default: int | Non
     return value
 
 
+def _window(query: Any, reasons: rules.Reasons) -> tuple[datetime | None, datetime | None]:
+    """The start-time window: ``after`` and ``before``, or ``on`` (one local day); required."""
+    if "on" in query and not ("after" in query or "before" in query):
+        try:
+            day = date.fromisoformat(query["on"])
+        except ValueError:
+            reasons["on"] = [rules.INVALID]
+            return None, None
+        start = datetime.combine(day, clock_time(), rules.PRACTICE_TZ)
+        return start, datetime.combine(day + timedelta(days=1), clock_time(), rules.PRACTICE_TZ)
+    for name in ("after", "before"):
+        if name not in query:
+            reasons[name] = [rules.BLANK]
+    return _time_param(query, "after", reasons), _time_param(query, "before", reasons)
+
+
+def _per_page(query: Any, reasons: rules.Reasons) -> int:
+    per_page = _int_param(query, "per_page", reasons, DEFAULT_PER_PAGE) or DEFAULT_PER_PAGE
+    return per_page if per_page <= MAX_PER_PAGE else DEFAULT_PER_PAGE
+
+
 async def list_appointments(request: web.Request) -> web.Response:
+    """Unknown parameters are ignored, as the live PMS does: a filter it lacks filters nothing."""
     query = request.query
     reasons: rules.Reasons = {}
-    if "updated_after" not in query:
-        for name in ("after", "before"):
-            if name not in query:
-                reasons[name] = [rules.BLANK]
-    after = _time_param(query, "after", reasons)
-    before = _time_param(query, "before", reasons)
+    after, before = _window(query, reasons)
     updated_after = _time_param(query, "updated_after", reasons)
     patient_id = _int_param(query, "patient_id", reasons)
     practitioner_id = _int_param(query, "practitioner_id", reasons)
     page = _int_param(query, "page", reasons, 1) or 1
-    per_page = min(_int_param(query, "per_page", reasons, DEFAULT_PER_PAGE) or 1, MAX_PER_PAGE)
+    per_page = _per_page(query, reasons)
     if reasons:
         raise _rejected(reasons, "request")
     found = request.app[STATE].query(after=after, before=before, updated_after=updated_after,
-                                      patient_id=patient_id, practitioner_id=practitioner_id)
+                                      patient_id=patient_id, practitioner_id=practitioner_id,
+                                      include_cancelled=query.get("cancelled") == "true")
     total_pages = max(1, -(-len(found) // per_page))
     body = {
         "appointments": found[(page - 1) * per_page: page * per_page],
@@ -221,7 +244,7 @@ async def list_appointments(request: web.Request) -> web.Response:
 
 
 async def cancellation_reasons(request: web.Request) -> web.Response:
-    reasons = [{"id": i, "reason": text} for i, text in rules.CANCELLATION_REASONS.items()]
+    reasons = [{"id": i, **fields} for i, fields in rules.CANCELLATION_REASONS.items()]
     return web.json_response({"appointment_cancellation_reasons": reasons})
 
 
@@ -270,6 +293,10 @@ KNOBS: dict[str, Callable[[SandboxState, dict[str, Any]], Any]] = {
     "refuse_deletes": lambda s, b: s.refuse_deletes(bool(b["enabled"])),
     "refuse_cancel": lambda s, b: s.refuse_cancel(int(b["appointment_id"])),
     "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"]), b.get("window")),
+    "spend_elsewhere": lambda s, b: s.spend_elsewhere(int(b["count"]), time.time()),
+    "token": lambda s, b: s.set_token(str(b["token"])),
+    "updated_after": lambda s, b: s.honour_updated_after(bool(b["honoured"])),
+    "delete_mode": lambda s, b: s.set_delete_mode(str(b["mode"])),
     "reset": lambda s, b: s.reset(),
 }
 
@@ -320,14 +347,16 @@ class RunningSandbox:
 
 @contextlib.asynccontextmanager
 async def running_sandbox(
-    *, host: str = "127.0.0.1", port: int = 0, token: str = "sandbox-token", rate_limit: int = 3600
+    *, host: str = "127.0.0.1", port: int = 0, token: str = "sandbox-token", rate_limit: int = 3600,
+    updated_after_honoured: bool = False, delete_mode: DeleteMode = "cancel",
 ) -> AsyncIterator[RunningSandbox]:
     """Serve a fresh sandbox for the duration of the block (``port=0``: any free port).
 
     Handlers are cancelled when their client goes away, so a hung request
     (``timeout_next``) does not hold up shutdown for its full minute.
     """
-    state = SandboxState(token=token, rate_limit=rate_limit)
+    state = SandboxState(token=token, rate_limit=rate_limit,
+                         updated_after_honoured=updated_after_honoured, delete_mode=delete_mode)
     runner = web.AppRunner(make_app(state), handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -339,8 +368,13 @@ async def running_sandbox(
         await runner.cleanup()
 
 
-async def serve_sandbox(host: str, port: int, *, token: str = "sandbox-token") -> None:
+async def serve_sandbox(
+    host: str, port: int, *, token: str = "sandbox-token", updated_after_honoured: bool = False,
+    delete_mode: DeleteMode = "cancel",
+) -> None:
     """Run the sandbox until cancelled (``appt sandbox``)."""
-    async with running_sandbox(host=host, port=port, token=token) as sandbox:
-        log.info("PMS sandbox listening on %s (token %r)", sandbox.url, sandbox.state.token)
+    async with running_sandbox(host=host, port=port, token=token, updated_after_honoured=updated_after_honoured,
+                               delete_mode=delete_mode) as sandbox:
+        log.info("PMS sandbox listening on %s (token %r, updated_after %s, DELETE %ss)", sandbox.url,
+                 sandbox.state.token, "honoured" if updated_after_honoured else "ignored", delete_mode)
         await asyncio.Event().wait()

@@ -7,8 +7,9 @@ tests, so they are constants, never built ad hoc elsewhere.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
+from zoneinfo import ZoneInfo
 
 PENDING = "Pending"
 CONFIRMED = "Confirmed"
@@ -34,12 +35,21 @@ UNDELETABLE_STATES = frozenset({ARRIVED, IN_SURGERY, COMPLETED})
 # The cancellation reason travels with a move to Cancelled, so it is allowed too.
 LOCKED_WRITABLE = frozenset({"state", "notes", "appointment_cancellation_reason_id"})
 
-CANCELLATION_REASONS: dict[int, str] = {
-    1: "Booked in error",
-    2: "Patient cancelled",
-    3: "Practice cancelled",
-    4: "Other",
+# The live PMS lists each reason with a type, and keeps retired ones as "archived"
+# (listed, but refused for new cancellations).
+CANCELLATION_REASONS: dict[int, dict[str, Any]] = {
+    1: {"reason": "Booked in error", "reason_type": "Practice", "archived": False},
+    2: {"reason": "Patient cancelled", "reason_type": "Patient", "archived": False},
+    3: {"reason": "Practice cancelled", "reason_type": "Practice", "archived": False},
+    4: {"reason": "Other", "reason_type": "Other", "archived": False},
+    5: {"reason": "Snow", "reason_type": "Practice", "archived": True},
 }
+HIDDEN_UNLESS_CANCELLED = frozenset({"Cancelled", "Did not attend"})
+# The practice's local time zone: the live PMS answers times with its offset and milliseconds.
+PRACTICE_TZ = ZoneInfo("Europe/London")
+MAX_METADATA_PAIRS = 3
+MAX_METADATA_KEY = 40
+MAX_METADATA_VALUE = 500
 
 CANT_CHANGE_PATIENTS = "can not change patients"
 SAME_REQUEST_AS_PATIENT = "can not be updated in the same request as patient_id"
@@ -48,6 +58,10 @@ INVALID = "is invalid"
 NOT_PERMITTED = "is not a permitted attribute"
 NOT_IN_LIST = "is not included in the list"
 FINISH_BEFORE_START = "must be after start_time"
+ARCHIVED = "is archived"
+TOO_MANY_PAIRS = f"can have at most {MAX_METADATA_PAIRS} key/value pairs"
+KEY_TOO_LONG = f"keys can be at most {MAX_METADATA_KEY} characters"
+VALUE_TOO_LONG = f"values can be at most {MAX_METADATA_VALUE} characters"
 
 
 def status_message(state: str) -> str:
@@ -84,10 +98,14 @@ def parse_time(value: Any) -> datetime | None:
 
 
 def format_time(value: datetime) -> str:
-    text = value.astimezone(timezone.utc).isoformat(
-        timespec="microseconds" if value.microsecond else "seconds"
-    )
-    return text.replace("+00:00", "Z")
+    """As the live PMS writes times: the practice's local offset, milliseconds (``...02.776+01:00``)."""
+    return value.astimezone(PRACTICE_TZ).isoformat(timespec="milliseconds")
+
+
+def next_millisecond(now: datetime, last: datetime) -> datetime:
+    """``now`` to the millisecond, but strictly after ``last``: stamps must never tie or go back."""
+    now = now.replace(microsecond=now.microsecond // 1000 * 1000)
+    return max(now, last + timedelta(milliseconds=1))
 
 
 _TYPE_CHECKS: dict[str, Any] = {
@@ -101,6 +119,7 @@ _TYPE_CHECKS: dict[str, Any] = {
     "notes": lambda v: v is None or isinstance(v, str),
     "metadata": lambda v: v is None or isinstance(v, dict),
     "appointment_cancellation_reason_id": lambda v: v is None or _is_int(v),
+    "booked_via_api": lambda v: isinstance(v, bool),
 }
 WRITABLE_FIELDS = frozenset(_TYPE_CHECKS)
 
@@ -119,6 +138,15 @@ def _add(reasons: Reasons, field: str, reason: str) -> None:
     reasons.setdefault(field, []).append(reason)
 
 
+def _metadata_reasons(metadata: dict[str, Any], reasons: Reasons) -> None:
+    if len(metadata) > MAX_METADATA_PAIRS:
+        _add(reasons, "metadata", TOO_MANY_PAIRS)
+    if any(len(str(key)) > MAX_METADATA_KEY for key in metadata):
+        _add(reasons, "metadata", KEY_TOO_LONG)
+    if any(len(str(value)) > MAX_METADATA_VALUE for value in metadata.values()):
+        _add(reasons, "metadata", VALUE_TOO_LONG)
+
+
 def _shape_reasons(fields: dict[str, Any]) -> Reasons:
     """Unknown fields, wrong types, and a state the PMS does not know."""
     reasons: Reasons = {}
@@ -129,6 +157,8 @@ def _shape_reasons(fields: dict[str, Any]) -> Reasons:
             _add(reasons, key, INVALID)
         elif key == "state" and value not in STATES:
             _add(reasons, key, NOT_IN_LIST)
+        elif key == "metadata" and value:
+            _metadata_reasons(value, reasons)
     return reasons
 
 
@@ -146,6 +176,8 @@ def _cancellation_reasons(merged: dict[str, Any], reasons: Reasons) -> None:
         _add(reasons, "appointment_cancellation_reason_id", BLANK)
     elif reason_id not in CANCELLATION_REASONS:
         _add(reasons, "appointment_cancellation_reason_id", INVALID)
+    elif CANCELLATION_REASONS[reason_id]["archived"]:
+        _add(reasons, "appointment_cancellation_reason_id", ARCHIVED)
 
 
 def _time_order(merged: dict[str, Any], reasons: Reasons) -> None:

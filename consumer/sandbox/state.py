@@ -12,7 +12,7 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, Literal
 
 from consumer.sandbox import rules
 from consumer.sandbox.webhooks_out import Delivery, WebhookSender
@@ -57,10 +57,20 @@ class Budget:
     blocked: bool
 
 
+DeleteMode = Literal["cancel", "remove"]
+DELETE_MODES: tuple[DeleteMode, ...] = ("cancel", "remove")
+
+
 class SandboxState:
-    def __init__(self, *, token: str = "sandbox-token", rate_limit: int = 3600) -> None:
-        self.token = token
-        self._default_rate_limit = rate_limit
+    """``updated_after_honoured`` and ``delete_mode`` are the live behaviours nobody has
+    confirmed: by default ``updated_after`` is ignored like any unknown parameter and a
+    DELETE cancels (both as reported by integrators); tests run the other way too."""
+
+    def __init__(
+        self, *, token: str = "sandbox-token", rate_limit: int = 3600,
+        updated_after_honoured: bool = False, delete_mode: DeleteMode = "cancel",
+    ) -> None:
+        self._defaults = (token, rate_limit, updated_after_honoured, delete_mode)
         self.webhooks = WebhookSender()
         self.reset()
 
@@ -93,7 +103,7 @@ class SandboxState:
         self._usage: dict[tuple[str, int], int] = {}
         self.calls: list[str] = []
         self.latency = 0.0
-        self.rate_limit = self._default_rate_limit
+        self.token, self.rate_limit, self.updated_after_honoured, self.delete_mode = self._defaults
         self.budget_window: float = HOUR
         self.refusing_deletes = False
         self.refusing_cancel: set[int] = set()
@@ -138,6 +148,23 @@ class SandboxState:
         self.rate_limit = budget
         if window is not None:
             self.budget_window = window
+
+    def set_token(self, token: str) -> None:
+        """Accept only ``token`` from now on: the old one gets 401, as an expired or revoked token."""
+        self.token = token
+
+    def honour_updated_after(self, honoured: bool) -> None:
+        self.updated_after_honoured = honoured
+
+    def set_delete_mode(self, mode: str) -> None:
+        if mode not in DELETE_MODES:
+            raise ValueError(f"delete mode must be one of {DELETE_MODES}")
+        self.delete_mode = "cancel" if mode == "cancel" else "remove"
+
+    def spend_elsewhere(self, count: int, now: float) -> None:
+        """Requests made with the same token by the practice's other integrations."""
+        for _ in range(count):
+            self.spend_budget(self.token, now)
 
     def refuse_deletes(self, enabled: bool) -> None:
         self.refusing_deletes = enabled
@@ -247,10 +274,16 @@ class SandboxState:
         updated_after: datetime | None,
         patient_id: int | None,
         practitioner_id: int | None,
+        include_cancelled: bool = False,
     ) -> list[dict[str, Any]]:
-        """Appointments starting in [after, before), changed strictly after ``updated_after``."""
+        """Appointments starting in [after, before), changed strictly after ``updated_after``
+        (when honoured), Cancelled and Did not attend ones only if asked for."""
+        if not self.updated_after_honoured:
+            updated_after = None
         found = []
         for appointment in self._appointments.values():
+            if appointment["state"] in rules.HIDDEN_UNLESS_CANCELLED and not include_cancelled:
+                continue
             start = rules.parse_time(appointment["start_time"])
             if after is not None and (start is None or start < after):
                 continue
@@ -265,7 +298,7 @@ class SandboxState:
                 continue
             found.append(dict(appointment))
         order = "updated_at" if updated_after is not None else "start_time"
-        return sorted(found, key=lambda a: (str(a[order]), a["id"]))
+        return sorted(found, key=lambda a: (rules.parse_time(a[order]) or self._last_stamp, a["id"]))
 
     def create(self, fields: dict[str, Any]) -> dict[str, Any]:
         reasons = rules.check_create(fields)
@@ -291,10 +324,17 @@ class SandboxState:
         return dict(appointment)
 
     def delete(self, appointment_id: int) -> None:
+        """Remove the appointment, or (``delete_mode`` "cancel") move it to Cancelled."""
         self._run_behind_back(appointment_id, "DELETE")
         appointment = self._require(appointment_id)
-        if self.refusing_deletes or appointment["state"] in rules.UNDELETABLE_STATES:
-            raise Refused({"base": [rules.delete_refused_message(appointment["state"])]})
+        state = appointment["state"]
+        if self.refusing_deletes or state in rules.UNDELETABLE_STATES:
+            raise Refused({"base": [rules.delete_refused_message(state)]})
+        if self.delete_mode == "cancel":
+            if state != rules.CANCELLED and rules.CANCELLED not in rules.LEGAL_MOVES[state]:
+                raise Refused({"base": [rules.delete_refused_message(state)]})
+            self._apply(appointment, {"state": rules.CANCELLED})
+            return
         del self._appointments[appointment_id]
         self._behind_back.pop(appointment_id, None)
         self.webhooks.emit("appointment.deleted", dict(appointment))
@@ -312,8 +352,8 @@ class SandboxState:
         return self._next_id - 1
 
     def _stamp(self) -> str:
-        """Strictly increasing times, so ``updated_after`` polling never misses a change."""
-        now = max(datetime.now(timezone.utc), self._last_stamp + timedelta(microseconds=1))
+        """Strictly increasing times (to the millisecond, as the live PMS stamps them)."""
+        now = rules.next_millisecond(datetime.now(timezone.utc), self._last_stamp)
         self._last_stamp = now
         return rules.format_time(now)
 
@@ -332,6 +372,13 @@ class SandboxState:
             "notes": None,
             "metadata": {},
             "appointment_cancellation_reason_id": None,
+            # Fields the live PMS also answers with; the service must carry them, not need them.
+            "booked_via_api": False,
+            "practitioner_site_id": str(uuid.uuid5(uuid.NAMESPACE_URL, "sandbox-site")),
+            "user_id": None,
+            "room_id": None,
+            "patient_name": None,
+            "treatment_description": None,
         }
         for state in rules.STATES:
             appointment[rules.stamp_field(state)] = None

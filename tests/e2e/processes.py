@@ -162,10 +162,11 @@ class SandboxProcess(AppProcess):
     Its knobs are driven over HTTP (``/_sandbox/...``), as by any other process.
     """
 
-    def __init__(self, log_dir: Path, port: int | None = None, name: str = "sandbox") -> None:
+    def __init__(self, log_dir: Path, port: int | None = None, name: str = "sandbox", *options: str) -> None:
+        """``options``: more ``appt sandbox`` flags, e.g. ``"--delete", "remove"``."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["sandbox", "--port", str(self.port)], {}, log_dir, name,
+        super().__init__(["sandbox", "--port", str(self.port), *options], {}, log_dir, name,
                          f"{self.url}/_sandbox/appointments")
 
     async def knob(self, name: str, **body: Any) -> Any:

@@ -28,6 +28,7 @@ import pytest
 from consumer.broker import EVENTS_EXCHANGE, Broker
 from consumer.failpoints import SAGA_FAILPOINTS
 from consumer.messages import Reassign
+from consumer.reconciler import parse_time
 from consumer.store.base import open_store
 from consumer.workflows import workflow_id_for
 from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env
@@ -193,7 +194,8 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
         workflow = workflows[trial.command_id]
         state = workflow.state if workflow else None
         result = results.received.get(trial.command_id)
-        in_slot = [a for a in live if a["start_time"] == trial.start_time and a["practitioner_id"] == PRACTITIONER]
+        in_slot = [a for a in live if parse_time(a["start_time"]) == parse_time(trial.start_time)
+                   and a["practitioner_id"] == PRACTITIONER]
         original_live = any(a["id"] == trial.original_id for a in live)
         replacements = [a for a in live if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id]
         problems = []

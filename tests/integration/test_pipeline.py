@@ -64,6 +64,8 @@ async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, 
         {"type": "set_patient", "appointment_id": 202, "patient_id": 1014}))
     unknown_reason = await stack.result(await stack.send(
         {"type": "cancel", "appointment_id": 202, "reason": "Bored"}))
+    archived_reason = await stack.result(await stack.send(
+        {"type": "cancel", "appointment_id": 202, "reason": "Snow"}))
     missing = await stack.result(await stack.send({"type": "confirm", "appointment_id": 999}))
 
     assert confirm["outcome"] == "rejected"
@@ -72,6 +74,9 @@ async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, 
     assert set_patient["reasons"]["patient_id"] == ["can not change patients"]
     assert "reassign" in set_patient["reasons"]["hint"][0]
     assert unknown_reason["outcome"] == "rejected" and "Patient cancelled" in unknown_reason["reasons"]["reason"][0]
+    assert archived_reason["outcome"] == "rejected"
+    [archived] = archived_reason["reasons"]["reason"]
+    assert archived.startswith("is archived (live reasons: 'Booked in error',") and "Snow" not in archived.split("(")[1]
     assert missing["reasons"] == {"appointment_id": ["not found in the PMS"]}
     assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
 
@@ -242,6 +247,7 @@ async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion
     seed(sandbox, 951)
     assert (await stack.result(await stack.send({"type": "confirm", "appointment_id": 951})))["outcome"] \
         == "succeeded"
+    sandbox.state.set_delete_mode("remove")  # a PMS whose DELETE removes (the default cancels)
     sandbox.state.delete(951)  # the deleted webhook is lost: nobody subscribed
 
     result = await stack.result(await stack.send(

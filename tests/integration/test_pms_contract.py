@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from consumer.pms import (
+    Misconfigured,
     NotFound,
     PmsClient,
     RateLimited,
@@ -19,7 +21,8 @@ from consumer.pms import (
     Unavailable,
 )
 from consumer.pms.client import Pacer
-from consumer.sandbox import RunningSandbox
+from consumer.reconciler import parse_time
+from consumer.sandbox import RunningSandbox, running_sandbox
 from tests.integration.pms_fixtures import (  # noqa: F401  (client, sandbox: fixtures)
     FINISH,
     START,
@@ -41,7 +44,8 @@ async def test_create_then_get_returns_the_typed_appointment(client: PmsClient) 
     assert created.id >= 900_000_000
     assert fetched.state == "Pending"
     assert fetched.patient_id == 1013
-    assert fetched.start_time == START and fetched.finish_time == FINISH
+    assert fetched.start_time is not None and fetched.finish_time is not None
+    assert (parse_time(fetched.start_time), parse_time(fetched.finish_time)) == (parse_time(START), parse_time(FINISH))
     assert fetched.duration == 30
     assert fetched.pending_at is not None and fetched.confirmed_at is None
 
@@ -67,26 +71,75 @@ async def test_cancel_with_a_reason_looked_up_by_text(client: PmsClient, sandbox
 async def test_cancellation_reasons_are_fetched_once(client: PmsClient, sandbox: RunningSandbox) -> None:
     first = await client.cancellation_reasons()
     second = await client.cancellation_reasons()
-    assert [(r.id, r.reason) for r in first] == [
-        (1, "Booked in error"), (2, "Patient cancelled"), (3, "Practice cancelled"), (4, "Other"),
+    assert [(r.id, r.reason, r.archived) for r in first] == [
+        (1, "Booked in error", False), (2, "Patient cancelled", False), (3, "Practice cancelled", False),
+        (4, "Other", False), (5, "Snow", True),
     ]
     assert second == first
+    assert [r.reason for r in await client.live_cancellation_reasons()] == [
+        "Booked in error", "Patient cancelled", "Practice cancelled", "Other"]
+    with pytest.raises(LookupError):
+        await client.cancellation_reason_id("Snow")  # archived: not for new cancellations
     assert sandbox.state.call_count("GET /v1/appointment_cancellation_reasons") == 1
 
 
-async def test_delete_removes_the_appointment(client: PmsClient) -> None:
+# ---- the unconfirmed live behaviours, both ways ---------------------------------
+
+MODES = [
+    pytest.param((honoured, delete_mode), id=f"updated_after-{'honoured' if honoured else 'ignored'}-delete-{delete_mode}")
+    for honoured in (True, False) for delete_mode in ("cancel", "remove")
+]
+WINDOW = {"after": "2030-01-01T00:00:00Z", "before": "2030-02-01T00:00:00Z"}
+
+
+@pytest.fixture(params=MODES)
+async def moded(request: pytest.FixtureRequest) -> AsyncIterator[tuple[RunningSandbox, PmsClient]]:
+    """A sandbox in one combination of the unconfirmed behaviours, with a client."""
+    honoured, delete_mode = request.param
+    async with running_sandbox(port=0, updated_after_honoured=honoured, delete_mode=delete_mode) as running:
+        async with fast_client(running) as pms:
+            yield running, pms
+
+
+async def test_delete_leaves_no_live_appointment_either_way(moded: tuple[RunningSandbox, PmsClient]) -> None:
+    sandbox, client = moded
     created = await client.create_appointment(slot())
     await client.delete_appointment(created.id)
-    with pytest.raises(NotFound) as caught:
-        await client.get_appointment(created.id)
-    assert caught.value.status == 404
+    if sandbox.state.delete_mode == "remove":
+        with pytest.raises(NotFound) as caught:
+            await client.get_appointment(created.id)
+        assert caught.value.status == 404
+    else:
+        assert (await client.get_appointment(created.id)).state == "Cancelled"
+    assert await client.list_appointments(**WINDOW) == []
 
 
-async def test_list_follows_every_page(client: PmsClient, sandbox: RunningSandbox) -> None:
-    sandbox.state.seed([slot(id=100 + i, patient_id=1) for i in range(7)])
-    found = await client.list_appointments(after="2030-01-01T00:00:00Z", before="2030-02-01T00:00:00Z", per_page=3)
-    assert sorted(a.id for a in found) == list(range(100, 107))
-    assert sandbox.state.call_count("GET /v1/appointments") == 3
+async def test_list_reads_every_page_until_a_short_one(moded: tuple[RunningSandbox, PmsClient]) -> None:
+    sandbox, client = moded
+    sandbox.state.seed([slot(id=100 + i, patient_id=1) for i in range(6)])
+    found = await client.list_appointments(**WINDOW, per_page=3)
+    assert sorted(a.id for a in found) == list(range(100, 106))
+    assert sandbox.state.call_count("GET /v1/appointments") == 3  # 3, 3, then an empty page
+    with pytest.raises(ValueError):
+        await client.list_appointments(**WINDOW, per_page=500)  # the PMS would answer 25 rows
+
+
+async def test_list_shows_cancelled_rows_only_when_asked(moded: tuple[RunningSandbox, PmsClient]) -> None:
+    sandbox, client = moded
+    sandbox.state.seed([slot(id=1), slot(id=2, state="Cancelled"), slot(id=3, state="Did not attend")])
+    assert [a.id for a in await client.list_appointments(**WINDOW)] == [1]
+    assert [a.id for a in await client.list_appointments(**WINDOW, cancelled=True)] == [1, 2, 3]
+
+
+async def test_updated_after_narrows_the_list_only_where_honoured(moded: tuple[RunningSandbox, PmsClient]) -> None:
+    sandbox, client = moded
+    sandbox.state.seed([slot(id=1), slot(id=2), slot(id=3)])
+    watermark = sandbox.state.get(3)["updated_at"]  # type: ignore[index]
+    sandbox.state.change_now(1, {"notes": "rang the patient"})
+    changed = await client.list_appointments(**WINDOW, updated_after=watermark)
+    later = [a.id for a in changed if a.updated_at and parse_time(a.updated_at) > parse_time(watermark)]
+    assert later == [1]
+    assert len(changed) == (1 if sandbox.state.updated_after_honoured else 3)
 
 
 async def test_list_filters_by_window_patient_and_practitioner(client: PmsClient, sandbox: RunningSandbox) -> None:
@@ -96,19 +149,19 @@ async def test_list_filters_by_window_patient_and_practitioner(client: PmsClient
         slot(id=3, patient_id=10, practitioner_id=2),
         slot(id=4, patient_id=10, start_time="2031-01-01T09:00:00Z", finish_time="2031-01-01T09:30:00Z"),
     ])
-    after, before = "2030-01-01T00:00:00Z", "2030-02-01T00:00:00Z"
-    by_patient = await client.list_appointments(after=after, before=before, patient_id=10)
-    by_both = await client.list_appointments(after=after, before=before, patient_id=10, practitioner_id=2)
+    by_patient = await client.list_appointments(**WINDOW, patient_id=10)
+    by_both = await client.list_appointments(**WINDOW, patient_id=10, practitioner_id=2)
     assert sorted(a.id for a in by_patient) == [1, 3]
     assert [a.id for a in by_both] == [3]
 
 
-async def test_updated_after_returns_only_later_changes(client: PmsClient, sandbox: RunningSandbox) -> None:
-    sandbox.state.seed([slot(id=1), slot(id=2), slot(id=3)])
-    watermark = sandbox.state.get(3)["updated_at"]  # type: ignore[index]
-    sandbox.state.change_now(1, {"notes": "rang the patient"})
-    changed = await client.list_appointments(updated_after=watermark)
-    assert [(a.id, a.notes) for a in changed] == [(1, "rang the patient")]
+async def test_offset_times_and_unknown_fields_are_carried(client: PmsClient, sandbox: RunningSandbox) -> None:
+    # The PMS grows fields over time; one the client doesn't know must not break it.
+    sandbox.state.seed([slot(id=7, start_time="2030-07-01T08:00:00Z", finish_time="2030-07-01T08:30:00Z",
+                             new_live_field={"nested": True})])
+    fetched = await client.get_appointment(7)
+    assert fetched.start_time == "2030-07-01T09:00:00.000+01:00"
+    assert fetched.model_dump()["new_live_field"] == {"nested": True}
 
 
 # ---- typed failures -----------------------------------------------------------
@@ -145,6 +198,22 @@ async def test_a_wrong_token_is_unauthorised_and_not_retried(sandbox: RunningSan
     assert sandbox.state.call_count("GET /v1/appointments/{id}") == 1
 
 
+async def test_an_expired_or_revoked_token_is_unauthorised(client: PmsClient, sandbox: RunningSandbox) -> None:
+    await client.cancellation_reasons()
+    sandbox.state.set_token("reissued")
+    with pytest.raises(Unauthorised) as caught:
+        await client.get_appointment(1)
+    assert caught.value.status == 401
+
+
+async def test_a_refused_user_agent_is_a_configuration_error(sandbox: RunningSandbox) -> None:
+    async with fast_client(sandbox, user_agent="") as pms:
+        with pytest.raises(Misconfigured) as caught:
+            await pms.get_appointment(1)
+    assert caught.value.status == 403 and "User-Agent" in str(caught.value)
+    assert sandbox.state.call_count("GET /v1/appointments/{id}") == 1
+
+
 async def test_rejected_names_the_current_status() -> None:
     rejected = Rejected("x", {"patient_id": ["can not change patients"], "state": [STATUS_CONFIRMED]})
     assert rejected.current_status() == "Confirmed"
@@ -172,7 +241,7 @@ async def test_put_and_delete_are_retried(client: PmsClient, sandbox: RunningSan
     await client.delete_appointment(created.id)
     assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 2
     assert sandbox.state.call_count("DELETE /v1/appointments/{id}") == 2
-    assert sandbox.state.get(created.id) is None
+    assert sandbox.state.get(created.id)["state"] == "Cancelled"  # type: ignore[index]
 
 
 async def test_retries_give_up_after_the_configured_attempts(client: PmsClient, sandbox: RunningSandbox) -> None:

@@ -13,6 +13,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from consumer.sandbox import RunningSandbox
+from consumer.sandbox.rules import parse_time
 from consumer.sandbox.webhooks_out import MAX_CONSECUTIVE_FAILURES, make_message
 from tests.integration.pms_fixtures import (  # noqa: F401  (http, receiver, sandbox: fixtures)
     AUTH,
@@ -123,15 +124,19 @@ async def test_allowed_writes_are_applied(
     status, body = await put(http, sandbox, write)
     assert status == 200
     for key, value in write.items():
-        assert body["appointment"][key] == value
+        answered = body["appointment"][key]
+        if key.endswith("_time"):
+            assert parse_time(answered) == parse_time(value)  # the same instant, in local time
+        else:
+            assert answered == value
 
 
 async def test_duration_follows_the_times(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
     seed(sandbox)
     _, body = await put(http, sandbox, {"duration": 45})
-    assert body["appointment"]["finish_time"] == "2030-01-07T09:45:00Z"
+    assert body["appointment"]["finish_time"] == "2030-01-07T09:45:00.000+00:00"  # London, winter
     _, body = await put(http, sandbox, {"finish_time": "2030-01-07T11:00:00+01:00"})
-    assert (body["appointment"]["finish_time"], body["appointment"]["duration"]) == ("2030-01-07T10:00:00Z", 60)
+    assert (body["appointment"]["finish_time"], body["appointment"]["duration"]) == ("2030-01-07T10:00:00.000+00:00", 60)
 
 
 @pytest.mark.parametrize(("path", "stamp"), [
@@ -196,6 +201,7 @@ async def test_delete_is_refused_once_the_patient_is_in(
 async def test_delete_answers_204_unless_deletes_are_refused(
     http: aiohttp.ClientSession, sandbox: RunningSandbox
 ) -> None:
+    sandbox.state.set_delete_mode("remove")
     sandbox.state.seed([slot(id=1), slot(id=2)])
     sandbox.state.refuse_deletes(True)
     status, body, _ = await call(http, sandbox, "DELETE", "/v1/appointments/1")
@@ -203,6 +209,18 @@ async def test_delete_answers_204_unless_deletes_are_refused(
     sandbox.state.refuse_deletes(False)
     status, _, _ = await call(http, sandbox, "DELETE", "/v1/appointments/2")
     assert status == 204 and sandbox.state.get(2) is None
+
+
+async def test_by_default_delete_cancels_as_reported_of_the_live_pms(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    seed(sandbox, state="Confirmed")
+    status, _, _ = await call(http, sandbox, "DELETE", f"/v1/appointments/{ID}")
+    cancelled = sandbox.state.get(ID)
+    assert status == 204
+    assert cancelled is not None and cancelled["state"] == "Cancelled" and cancelled["cancelled_at"]
+    status, _, _ = await call(http, sandbox, "DELETE", f"/v1/appointments/{ID}")
+    assert status == 204  # cancelling a cancelled one again changes nothing
 
 
 async def test_refuse_cancel_makes_a_cancel_fail_for_good(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
@@ -218,9 +236,22 @@ async def test_refuse_cancel_makes_a_cancel_fail_for_good(http: aiohttp.ClientSe
 async def test_auth_and_user_agent_are_required(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
     status, body, _ = await call(http, sandbox, "GET", "/v1/appointments/1", headers={"User-Agent": "t"})
     assert status == 401 and body["error"]["type"] == "unauthorized"
-    status, body, _ = await call(http, sandbox, "GET", "/v1/appointments/1",
-                                 headers={"Authorization": AUTH["Authorization"]}, skip_auto_headers=["User-Agent"])
-    assert status == 403 and body["error"]["type"] == "forbidden"
+    async with http.get(sandbox.url + "/v1/appointments/1", headers={"Authorization": AUTH["Authorization"]},
+                        skip_auto_headers=["User-Agent"]) as resp:
+        assert resp.status == 403
+        assert "make sure your request has an acceptable User-Agent header" in await resp.text()
+
+
+async def test_a_changed_token_turns_the_old_one_away_with_401(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    status, body, _ = await call(http, sandbox, "POST", "/_sandbox/token", {"token": "rotated"})
+    assert (status, body["ok"]) == (200, True)
+    status, _, _ = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons")
+    assert status == 401
+    status, _, _ = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons",
+                              headers={"Authorization": "Bearer rotated", "User-Agent": "t"})
+    assert status == 200
 
 
 async def test_unknown_appointment_is_404(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
@@ -229,25 +260,103 @@ async def test_unknown_appointment_is_404(http: aiohttp.ClientSession, sandbox: 
         assert status == 404 and body["error"]["type"] == "not_found"
 
 
-async def test_listing_needs_a_window_unless_polling_by_updated_after(
+async def test_listing_needs_a_window_even_with_updated_after(
     http: aiohttp.ClientSession, sandbox: RunningSandbox
 ) -> None:
-    status, body, _ = await call(http, sandbox, "GET", "/v1/appointments")
-    assert status == 422
-    assert body["error"]["params"] == {"after": ["can't be blank"], "before": ["can't be blank"]}
-    status, _, _ = await call(http, sandbox, "GET", "/v1/appointments?updated_after=2020-01-01T00:00:00Z")
+    for query in ("", "?updated_after=2020-01-01T00:00:00Z"):
+        status, body, _ = await call(http, sandbox, "GET", f"/v1/appointments{query}")
+        assert status == 422
+        assert body["error"]["params"] == {"after": ["can't be blank"], "before": ["can't be blank"]}
+    sandbox.state.seed([slot(id=1), slot(id=2, start_time="2030-01-08T09:00:00Z", finish_time="2030-01-08T09:30:00Z")])
+    _, body, _ = await call(http, sandbox, "GET", "/v1/appointments?on=2030-01-08")
+    assert [a["id"] for a in body["appointments"]] == [2]
+
+
+WINDOW = "after=2030-01-01T00:00:00Z&before=2030-02-01T00:00:00Z"
+
+
+async def test_cancelled_and_did_not_attend_rows_are_hidden_unless_asked_for(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    sandbox.state.seed([slot(id=1), slot(id=2, state="Cancelled"), slot(id=3, state="Did not attend"),
+                        slot(id=4, state="Confirmed")])
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}")
+    assert [a["id"] for a in body["appointments"]] == [1, 4]
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}&cancelled=true")
+    assert [a["id"] for a in body["appointments"]] == [1, 2, 3, 4]
+
+
+async def test_unknown_query_parameters_filter_nothing(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
+    sandbox.state.seed([slot(id=1, state="Confirmed"), slot(id=2)])
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}&state=Confirmed&sort=-id")
+    assert [a["id"] for a in body["appointments"]] == [1, 2]
+
+
+@pytest.mark.parametrize("honoured", [True, False], ids=["updated_after-honoured", "updated_after-ignored"])
+async def test_updated_after_is_honoured_or_ignored_as_set(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox, honoured: bool
+) -> None:
+    status, _, _ = await call(http, sandbox, "POST", "/_sandbox/updated_after", {"honoured": honoured})
     assert status == 200
+    sandbox.state.seed([slot(id=1), slot(id=2)])
+    watermark = sandbox.state.get(2)["updated_at"]  # type: ignore[index]
+    sandbox.state.change_now(1, {"notes": "later"})
+    _, body, _ = await call(http, sandbox, "GET", "/v1/appointments",
+                            params={"after": "2030-01-01T00:00:00Z", "before": "2030-02-01T00:00:00Z",
+                                    "updated_after": watermark})
+    assert [a["id"] for a in body["appointments"]] == ([1] if honoured else [1, 2])
+
+
+async def test_the_live_fields_and_time_format_are_answered(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
+    _, body, _ = await call(http, sandbox, "POST", "/v1/appointments",
+                            {"appointment": slot(start_time="2030-07-01T09:00:00Z", finish_time="2030-07-01T09:30:00Z",
+                                                 booked_via_api=True)})
+    appointment = body["appointment"]
+    assert appointment["start_time"] == "2030-07-01T10:00:00.000+01:00"  # London, summer
+    assert appointment["updated_at"][-6:] in ("+00:00", "+01:00") and appointment["updated_at"][-10] == "."
+    assert appointment["booked_via_api"] is True
+    assert len(appointment["practitioner_site_id"]) == 36
+    for name in ("user_id", "room_id", "patient_name", "treatment_description"):
+        assert name in appointment
+
+
+@pytest.mark.parametrize(("metadata", "reason"), [
+    ({"a": 1, "b": 2, "c": 3, "d": 4}, "can have at most 3 key/value pairs"),
+    ({"k" * 41: 1}, "keys can be at most 40 characters"),
+    ({"k": "v" * 501}, "values can be at most 500 characters"),
+])
+async def test_metadata_over_the_limits_is_refused(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox, metadata: dict[str, Any], reason: str
+) -> None:
+    status, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": slot(metadata=metadata)})
+    assert (status, body["error"]["params"]) == (422, {"metadata": [reason]})
+    status, _, _ = await call(http, sandbox, "POST", "/v1/appointments",
+                              {"appointment": slot(metadata={"a": 1, "b": "x" * 500, "k" * 40: 3})})
+    assert status == 201
+
+
+async def test_cancellation_reasons_carry_type_and_archived_and_archived_ones_are_refused(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    _, body, _ = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons")
+    reasons = body["appointment_cancellation_reasons"]
+    assert all(set(r) == {"id", "reason", "reason_type", "archived"} for r in reasons)
+    archived = next(r["id"] for r in reasons if r["archived"])
+    seed(sandbox)
+    status, body = await put(http, sandbox, {"state": "Cancelled", "appointment_cancellation_reason_id": archived})
+    assert (status, body) == (422, rejection({"appointment_cancellation_reason_id": ["is archived"]}))
 
 
 async def test_listing_pages_default_to_25_and_cap_at_100(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
     sandbox.state.seed([slot(id=i) for i in range(1, 131)])
-    window = "after=2030-01-01T00:00:00Z&before=2030-02-01T00:00:00Z"
-    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{window}")
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}")
     assert len(body["appointments"]) == 25
     assert body["meta"] == {"total": 130, "current_page": 1, "total_pages": 6, "per_page": 25}
-    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{window}&per_page=500&page=2")
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}&per_page=100&page=2")
     assert [a["id"] for a in body["appointments"]] == list(range(101, 131))
     assert body["meta"] == {"total": 130, "current_page": 2, "total_pages": 2, "per_page": 100}
+    _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}&per_page=500")
+    assert len(body["appointments"]) == 25  # over 100: silently the default
 
 
 async def test_rate_limit_headers_and_the_hourly_block(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
@@ -262,8 +371,18 @@ async def test_rate_limit_headers_and_the_hourly_block(http: aiohttp.ClientSessi
         remaining.append(headers["x-ratelimit-remaining"])
     status, body, headers = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons")
     assert remaining == ["1", "0"]
-    assert status == 403 and body["error"]["type"] == "rate_limit_error"
-    assert "temporarily blocked" in body["error"]["message"]
+    assert (status, body) == (403, {"error": {"type": "invalid_access_error", "message": "Rate limit exceeded"}})
+    assert headers["x-ratelimit-remaining"] == "0"
+    assert int(headers["x-ratelimit-reset"]) == next_hour
+
+
+async def test_the_budget_is_shared_with_the_practices_other_integrations(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    sandbox.state.set_rate_limit(10)
+    status, _, _ = await call(http, sandbox, "POST", "/_sandbox/spend_elsewhere", {"count": 9})
+    assert status == 200
+    _, _, headers = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons")
     assert headers["x-ratelimit-remaining"] == "0"
 
 
@@ -293,6 +412,7 @@ def verified(attempt: tuple[dict[str, str], bytes]) -> Any:
 async def test_every_change_is_sent_signed_and_in_order(
     http: aiohttp.ClientSession, sandbox: RunningSandbox, receiver: Receiver
 ) -> None:
+    sandbox.state.set_delete_mode("remove")
     sandbox.state.subscribe(receiver.url, SECRET)
     _, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": slot()})
     new_id = body["appointment"]["id"]

@@ -171,3 +171,15 @@ def test_link_marker_and_notes_point_both_ways() -> None:
     cancel_note = original_cancel_note(REPLACEMENT, WORKFLOW)
     assert str(REPLACEMENT) in cancel_note and WORKFLOW in cancel_note
     assert CANCEL_REASON == "Booked in error"
+
+
+def test_the_link_marker_fits_the_pms_metadata_limits_for_the_longest_command_id() -> None:
+    from consumer.messages import Reassign
+    from consumer.sandbox.rules import MAX_METADATA_KEY, MAX_METADATA_PAIRS, MAX_METADATA_VALUE
+    from consumer.workflows import workflow_id_for
+
+    longest = "c" * Reassign.model_json_schema()["properties"]["command_id"]["maxLength"]
+    marker = link_marker(workflow_id_for(longest), 2**63 - 1)
+    assert len(marker) <= MAX_METADATA_PAIRS
+    assert all(len(key) <= MAX_METADATA_KEY for key in marker)
+    assert all(len(str(value)) <= MAX_METADATA_VALUE for value in marker.values())
