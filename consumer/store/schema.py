@@ -8,6 +8,7 @@ can be brought forward from whatever version it is at.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -27,6 +28,36 @@ from consumer.store.base import (
 # The SQL twin of TERMINAL_WORKFLOW_STATES, for queries; the migrations spell
 # the same list out literally because an applied migration must never change.
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """A table the pruner shortens: rows older than a cutoff go, oldest first, unless ``keep`` holds.
+
+    ``keep`` is SQL over the table's row naming what is still needed whatever
+    its age; both backends run it as written, so one rule serves both.
+    """
+
+    table: str
+    time_column: str
+    keep: str = "1 = 0"
+
+
+# In the order the pruner visits them: expired history leases go first, so a
+# lease still present when the state log is pruned is a live one.
+PRUNABLE: dict[str, Prunable] = {rule.table: rule for rule in (
+    Prunable("history_reads", "read_at"),
+    Prunable("inbox", "processed_at"),
+    Prunable("workflows", "updated_at", keep=f"state NOT IN {TERMINAL_SQL}"),
+    Prunable("state_log", "time", keep=(
+        # the records of a workflow still running (its redelivery re-publishes them) ...
+        "EXISTS (SELECT 1 FROM workflows w WHERE w.workflow_id = state_log.workflow_id"
+        f" AND w.state NOT IN {TERMINAL_SQL})"
+        # ... and of an appointment whose history someone is paging through
+        " OR EXISTS (SELECT 1 FROM history_reads h"
+        " WHERE h.appointment_id IN (state_log.appointment_id, state_log.related_appointment_id))"
+    )),
+)}
 
 SQLITE_MIGRATIONS: list[list[str]] = [
     [
@@ -106,7 +137,18 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
     ],
-    # 3: practices. Appointment ids (and partners' message ids) are unique only inside a
+    [
+        # Retention (issue 22): each pruned table is read oldest-first by its time column,
+        # and history readers leave a lease so the records they page through stay put.
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",
+        "CREATE INDEX workflows_updated_at ON workflows (updated_at)",
+        "CREATE INDEX state_log_time ON state_log (time)",
+        """CREATE TABLE history_reads (
+            appointment_id INTEGER PRIMARY KEY,
+            read_at TEXT NOT NULL
+        )""",
+    ],
+    # 4: practices. Appointment ids (and partners' message ids) are unique only inside a
     # practice, so every keyed table gains ``practice``; what existed is the default's.
     # SQLite can't change a primary key in place: those tables are rebuilt.
     [
@@ -138,6 +180,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             SELECT 'default', message_id, result, processed_at FROM inbox""",
         "DROP TABLE inbox",
         "ALTER TABLE inbox_v2 RENAME TO inbox",
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",  # migration 3's, lost with the old table
         "ALTER TABLE state_log ADD COLUMN practice TEXT NOT NULL DEFAULT 'default'",
         "DROP INDEX state_log_appointment",
         "DROP INDEX state_log_related",
@@ -148,7 +191,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 4: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
+    # 5: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
     [
         """CREATE TABLE parked (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -246,7 +289,16 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
     ],
-    # 3: practices (see the SQLite twin).
+    [
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",
+        "CREATE INDEX workflows_updated_at ON workflows (updated_at)",
+        "CREATE INDEX state_log_time ON state_log (time)",
+        """CREATE TABLE history_reads (
+            appointment_id bigint PRIMARY KEY,
+            read_at timestamptz NOT NULL
+        )""",
+    ],
+    # 4: practices (see the SQLite twin).
     [
         "ALTER TABLE appointments ADD COLUMN practice text NOT NULL DEFAULT 'default'",
         "ALTER TABLE appointments DROP CONSTRAINT appointments_pkey",
@@ -264,7 +316,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 4: parked messages (see the SQLite twin).
+    # 5: parked messages (see the SQLite twin).
     [
         """CREATE TABLE parked (
             seq bigserial PRIMARY KEY,
@@ -283,6 +335,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         "CREATE INDEX parked_appointment ON parked (practice, appointment_id, seq)",
     ],
 ]
+
 
 class Row(Protocol):
     """A result row by column name: asyncpg's Record and sqlite3.Row both qualify."""
