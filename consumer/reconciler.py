@@ -198,7 +198,7 @@ class Reconciler:
 
     async def _publish(self, row: PmsAppointment) -> None:
         event = event_for(row, self._practice)
-        await self._broker.publish_inbound(
+        await self._broker.publish_observed(
             event.model_dump_json().encode(), practice=self._practice, appointment_id=row.id,
             message_id=event.event_id,
         )

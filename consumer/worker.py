@@ -10,6 +10,7 @@ redelivery, and the inbox makes a redelivery harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -27,16 +28,17 @@ from tenacity import (
 )
 
 from consumer import metrics
-from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
+from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
 from consumer.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     INBOUND,
-    MAX_MESSAGE_BYTES,
     CommandResult,
     ObservedEvent,
     Reassign,
     StateLogRecord,
+    routing_key_names,
 )
 from consumer.observed import observe
 from consumer.pms.errors import Unavailable
@@ -57,6 +59,10 @@ from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 log = get_logger(__name__)
 
 TRANSIENT = (Unavailable, StoreUnavailable, StaleVersion, PublishFailed)
+# Replies may not be sent into the service's own queues (the partitions, the dead letters).
+RESERVED_QUEUE_PREFIX = "appointments."
+# How long /readyz reports a handler that failed in an unforeseen way.
+FAILING_WINDOW = 60.0
 ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
 
 
@@ -72,28 +78,40 @@ class InvalidMessage(Exception):
     """The message can never be processed: dead-letter it with this reason."""
 
 
-def parse(body: bytes) -> Any:
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+def parse(body: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: deeply nested arrays/objects; left uncaught it killed the task unsettled.
-        raise InvalidMessage(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and an integer of more than 4,300 digits;
+        # RecursionError deep nesting. Either, left uncaught, left the message unsettled.
+        raise InvalidMessage(f"not JSON: {str(exc)[:200]}") from None
     try:
         return INBOUND.validate_python(data)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"invalid message: {exc}") from None
 
 
+def sender_id(inbound: Any) -> str:
+    """The id the sender gave: the command id, or the webhook / reconcile event id."""
+    return str(inbound.event_id if isinstance(inbound, ObservedEvent) else inbound.command_id)
+
+
 def message_key(inbound: Any) -> str:
-    """The idempotency key: the command id or the webhook / reconcile event id."""
-    return inbound.event_id if isinstance(inbound, ObservedEvent) else command_key(inbound.command_id)
+    """The idempotency key, namespaced by kind and source (``command:``, ``webhook:``, ``reconcile:``).
+
+    One shared space let a command squat the id of a webhook yet to come, which
+    was then dropped as a duplicate.
+    """
+    if isinstance(inbound, ObservedEvent):
+        return f"{inbound.source}:{inbound.event_id}"
+    return command_key(inbound.command_id)
 
 
 def command_key(command_id: str) -> str:
     """A command's inbox key (also written by the dead-letter collector, for its ``failed`` result)."""
-    return command_id
+    return f"command:{command_id}"
 
 
 def replay_number(message: AbstractIncomingMessage) -> int:
@@ -126,10 +144,28 @@ def result_publishes(
     body = result.model_dump_json().encode()
     publishes: list[Awaitable[None]] = [
         broker.publish_event(result.routing_key(), body, message_id=result.message_id())]
-    if reply_to:
+    if reply_to := reply_queue(reply_to):
         publishes.append(broker.publish_reply(
             reply_to, body, correlation_id=correlation_id or result.correlation_id))
     return publishes
+
+
+def check_trusted(inbound: Any, exchange: str) -> None:
+    """Observed events are the PMS's truth: only the service itself may publish them.
+
+    Partners can write to appointments.inbound only (see the README's
+    security model), so an event arriving through it is a forgery or a bug.
+    """
+    if isinstance(inbound, ObservedEvent) and exchange != OBSERVED_EXCHANGE:
+        raise InvalidMessage(f"an observed event must come through {OBSERVED_EXCHANGE}, not {exchange!r}")
+
+
+def reply_queue(reply_to: str | None) -> str | None:
+    """Where to send the reply: the caller's queue, never one of the service's own."""
+    if reply_to and reply_to.startswith(RESERVED_QUEUE_PREFIX):
+        log.warning("reply_to names a queue of the service; no reply sent", reply_to=reply_to)
+        return None
+    return reply_to or None
 
 
 class KeyedSerializer:
@@ -185,6 +221,7 @@ class Worker:
         retry_delay: float = 1.0,
         attempts: int = 3,
         probe_interval: float = 5.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -195,8 +232,16 @@ class Worker:
         self._retry_delay = retry_delay
         self._attempts = attempts
         self._probe_interval = probe_interval  # how soon an unreachable PMS is tried again
+        self._max_message_bytes = max_message_bytes
         self._serializer = KeyedSerializer()
         self._stopping = False
+        self._last_unforeseen: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        """True for a while after a handler failed in a way no branch foresaw (see ``_handle``)."""
+        last = self._last_unforeseen
+        return last is not None and time.monotonic() - last < FAILING_WINDOW
 
     async def start(self) -> None:
         await self._broker.consume(self._partitions, self._on_message)
@@ -213,10 +258,24 @@ class Worker:
         self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """Every delivery is settled, whatever its bytes: a message left unsettled holds its
+        prefetch slot and, with its siblings, stops the partition."""
+        try:
+            await self._handle_delivery(message)
+        except Exception:
+            self._last_unforeseen = time.monotonic()
+            metrics.MESSAGES.labels("unknown", "unforeseen").inc()
+            log.exception("unforeseen failure handling a message; the broker dead-letters it",
+                          message_id=message.message_id)
+            with contextlib.suppress(Exception):  # the queue's dead-letter exchange takes it
+                await _settle(message.nack(requeue=False))
+
+    async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         kind = "invalid"
         try:
-            inbound = parse(message.body)
+            inbound = parse(message.body, self._max_message_bytes)
+            check_trusted(inbound, message.exchange or "")
             kind = inbound.type
             # Every log line written while handling this message carries its ids.
             with structlog.contextvars.bound_contextvars(
@@ -231,6 +290,8 @@ class Worker:
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
+        if not routing_key_names(message.routing_key or "", inbound.appointment_id):
+            return await self._misrouted(message, inbound)
         key = message_key(inbound)
         if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
             raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
@@ -247,7 +308,7 @@ class Worker:
                 except AlreadyProcessed as done:  # the same id, delivered twice at once
                     entry = done.entry
             if entry is not None:
-                await self._republish(message, message_key(inbound), inbound, entry)
+                await self._republish(message, inbound, entry)
                 await self._done(message, parked)
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
@@ -257,8 +318,9 @@ class Worker:
         except TRANSIENT as exc:
             return await self._retry_later(message, message_key(inbound), exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
-            log.exception("unexpected error", message_id=key)
-            return await self._retry_later(message, key, exc)
+            self._last_unforeseen = time.monotonic()
+            log.exception("unexpected error", message_id=message_key(inbound))
+            return await self._retry_later(message, message_key(inbound), exc)
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
     async def _hold(
@@ -365,6 +427,22 @@ class Worker:
                 ))
         return decision, logs
 
+    async def _misrouted(self, message: AbstractIncomingMessage, inbound: Any) -> str:
+        """A routing key naming another appointment: ordering is per key, so it is never applied.
+
+        A command gets a ``rejected`` result (no inbox entry: the same command
+        id on the right key is still applied); an event is dead-lettered.
+        """
+        reason = f"the routing key does not name appointment {inbound.appointment_id}"
+        if isinstance(inbound, ObservedEvent):
+            return await self._dead_letter(message, reason, "invalid", deliveries_of(message))
+        try:
+            await self._publish(message, [], result_for(inbound, "rejected", reasons={"routing_key": [reason]}))
+        except PublishFailed as exc:
+            return await self._retry_later(message, message_key(inbound), exc)
+        await _settle(message.ack())
+        return "rejected"
+
     async def _raise_if_processed(self, key: str, practice: str) -> None:
         entry = await self._store.inbox_get(key, practice)
         if entry is not None:
@@ -407,10 +485,10 @@ class Worker:
                      outcome=result.outcome, reasons=result.reasons)
 
     async def _republish(
-        self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry
+        self, message: AbstractIncomingMessage, inbound: Any, entry: InboxEntry
     ) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
-        logs = await records_of(self._store, inbound.appointment_id, key, inbound.practice)
+        logs = await records_of(self._store, inbound.appointment_id, sender_id(inbound), inbound.practice)
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 

@@ -29,6 +29,13 @@ from consumer.store.base import (
 # the same list out literally because an applied migration must never change.
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
 
+# Inbox keys became ``<kind>:<sender's id>`` (worker.message_key). Rows written before
+# carry the bare id: a command's row has a result, an observed event's has none, and
+# the reconciler's ids already began with "reconcile:". Valid SQL in both dialects.
+INBOX_NAMESPACES = """UPDATE inbox SET message_id = CASE
+        WHEN result IS NOT NULL THEN 'command:'
+        WHEN message_id LIKE 'reconcile:%' THEN 'reconcile:'
+        ELSE 'webhook:' END || message_id"""
 
 @dataclass(frozen=True)
 class Prunable:
@@ -148,7 +155,8 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             read_at TEXT NOT NULL
         )""",
     ],
-    # 4: practices. Appointment ids (and partners' message ids) are unique only inside a
+    [INBOX_NAMESPACES],
+    # 5: practices. Appointment ids (and partners' message ids) are unique only inside a
     # practice, so every keyed table gains ``practice``; what existed is the default's.
     # SQLite can't change a primary key in place: those tables are rebuilt.
     [
@@ -191,7 +199,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 5: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
+    # 6: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
     [
         """CREATE TABLE parked (
             seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -298,7 +306,8 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
             read_at timestamptz NOT NULL
         )""",
     ],
-    # 4: practices (see the SQLite twin).
+    [INBOX_NAMESPACES],
+    # 5: practices (see the SQLite twin).
     [
         "ALTER TABLE appointments ADD COLUMN practice text NOT NULL DEFAULT 'default'",
         "ALTER TABLE appointments DROP CONSTRAINT appointments_pkey",
@@ -316,7 +325,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
             WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
     ],
-    # 5: parked messages (see the SQLite twin).
+    # 6: parked messages (see the SQLite twin).
     [
         """CREATE TABLE parked (
             seq bigserial PRIMARY KEY,
