@@ -150,7 +150,7 @@ async def _post(url: str, body: bytes, secret: str) -> int:
 
 async def test_a_webhook_is_verified_with_its_own_practices_secrets_only(two: Practices) -> None:
     body = json.dumps({"type": "appointment.created", "data": {"appointment": {
-        "id": 5, "state": "Pending", "patient_id": 7, "updated_at": "2030-01-01T00:00:00Z"}}}).encode()
+        "id": 5, "state": "Pending", "patient_id": 7, "updated_at": "2026-01-01T00:00:00Z"}}}).encode()
 
     assert await _post(f"{two.url}/webhooks/pms/south", body, SECRETS["north"]) == 401
     assert await _post(f"{two.url}/webhooks/pms", body, SECRETS["north"]) == 404  # no default practice

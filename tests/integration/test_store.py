@@ -129,7 +129,7 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
         await old.open()
         for entry in (InboxEntry("c-1", {"outcome": "succeeded"}), InboxEntry("msg_1"),
                       InboxEntry("reconcile:5:2026-01-01T00:00:00Z")):
-            await old.commit(Commit(inbox=entry))
+            await _insert_v1_inbox(old, entry)  # as that version wrote them (no practice column yet)
         await old.close()
     upgraded = new_store()
     await upgraded.open()
@@ -137,6 +137,19 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
     assert await upgraded.inbox_get("webhook:msg_1") == InboxEntry("webhook:msg_1")
     assert await upgraded.inbox_get("reconcile:reconcile:5:2026-01-01T00:00:00Z") is not None
     assert await upgraded.inbox_get("c-1") is None
+
+
+async def _insert_v1_inbox(store: Store, entry: InboxEntry) -> None:
+    result = None if entry.result is None else schema.dumps(entry.result)
+    if isinstance(store, SqliteStore):
+        await store._run(lambda db: db.execute(  # noqa: SLF001 (the version-1 table, by hand)
+            "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, '2026-01-01')",
+            (entry.message_id, result)))
+        return
+    assert isinstance(store, PostgresStore)
+    async with store._connection() as conn:  # noqa: SLF001
+        await conn.execute("INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
+                           entry.message_id, result)
 
 
 async def test_commit_round_trips_every_field(store: Store) -> None:
@@ -519,7 +532,7 @@ V1_ROWS = [
 async def _assert_v1_data_is_the_default_practices(store: Store) -> None:
     record = await store.get_appointment(42)
     assert record is not None and (record.practice, record.state, record.version) == ("default", "Confirmed", 3)
-    assert await store.inbox_get("c-old") == InboxEntry("c-old", None, "default")
+    assert await store.inbox_get("webhook:c-old") == InboxEntry("webhook:c-old", None, "default")  # namespaced
     assert [(r.practice, r.to_state) for r in await store.history(42)] == [("default", "Confirmed")]
     await store.commit(Commit(appointment=replace(appointment(42), practice="north")))  # 42 is free there
 
