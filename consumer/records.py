@@ -63,6 +63,16 @@ def is_not_newer(candidate: str | None, stored: str | None) -> bool:
     return new <= old
 
 
+def is_older(candidate: str | None, stored: str | None) -> bool:
+    """True when ``candidate`` is strictly older than what is stored (adopting it would go back);
+    trusted stored times only, as for ``is_not_newer``."""
+    old = _comparable(stored)
+    new = _comparable(candidate)
+    if old is None or new is None or old > utcnow() + MAX_CLOCK_SKEW:
+        return False
+    return new < old
+
+
 def _comparable(value: str | None) -> datetime | None:
     try:
         moment = parse_time(value) if isinstance(value, str) else None

@@ -316,11 +316,11 @@ class Worker:
         except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
             return await self._wait(message, inbound, key, parked, exc)
         except TRANSIENT as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
             self._last_unforeseen = time.monotonic()
             log.exception("unexpected error", message_id=message_key(inbound))
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
     async def _hold(
@@ -368,7 +368,7 @@ class Worker:
             else:
                 await self._store.keep_parked(parked)
         except StoreUnavailable as exc:
-            return await self._retry_later(message, key, exc)
+            return await self._retry_later(message, key, exc, inbound)
         await _settle(message.ack())
         return "parked"
 
@@ -439,7 +439,7 @@ class Worker:
         try:
             await self._publish(message, [], result_for(inbound, "rejected", reasons={"routing_key": [reason]}))
         except PublishFailed as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, None)  # nothing of a saga ran
         await _settle(message.ack())
         return "rejected"
 
@@ -492,10 +492,17 @@ class Worker:
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 
-    async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
+    async def _retry_later(
+        self, message: AbstractIncomingMessage, key: str, exc: BaseException, inbound: Any
+    ) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
         if deliveries >= self._max_deliveries:
+            if await self._left_to_its_workflow(inbound):
+                log.warning("reassign left to its workflow's deadline, not dead-lettered", message_id=key,
+                            delivery=deliveries, error=reason)
+                await _settle(message.ack())
+                return "deferred"
             return await self._dead_letter(
                 message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
         log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
@@ -504,6 +511,22 @@ class Worker:
             await asyncio.sleep(self._retry_delay * deliveries)
         await _settle(message.nack(requeue=True))
         return "retried"
+
+    async def _left_to_its_workflow(self, inbound: Any) -> bool:
+        """A reassign whose saga has started is never given up for a transient failure.
+
+        Its state and deadline are in the store, and the workflow watcher hands it back to the
+        pipeline once overdue, so the running service drives it to its end and answers it then.
+        Dead-lettering it instead would answer it ``failed`` while its saga goes on.
+        """
+        if not isinstance(inbound, Reassign):
+            return False
+        try:
+            workflow = await self._store.active_workflow(inbound.appointment_id)
+        except StoreUnavailable:
+            return False  # can't tell: the dead letter keeps it, and answers it
+        return workflow is not None and workflow.command_id == inbound.command_id \
+            and workflow.state != "compensation_failed"
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, reason_class: str, deliveries: int

@@ -83,10 +83,11 @@ async def running_stack(
     amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
     max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
-    practices: dict[str, PracticeConfig] | None = None, max_retry_after: float = 60.0,
-    probe_interval: float = 0.2,
+    practices: dict[str, PracticeConfig] | None = None, pms_max_retry_after: float = 60.0,
+    probe_interval: float = 0.2, workflow_deadline: float = 300.0, watch_interval: float | None = None,
 ) -> AsyncIterator[Stack]:
-    """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token."""
+    """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token;
+    ``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does."""
     store = open_store(store_url)
     await store.open()
     broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
@@ -95,7 +96,7 @@ async def running_stack(
         practices or {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token="sandbox-token")},
         lambda config, token: PmsClient(
             config.pms_url, token, timeout=pms_timeout, retry_attempts=pms_retry_attempts,
-            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency, max_retry_after=max_retry_after),
+            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency, max_retry_after=pms_max_retry_after),
     )
     observer = Observer()
     connection = await aio_pika.connect_robust(amqp_url)
@@ -109,7 +110,7 @@ async def running_stack(
     await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
     workflows = WorkflowRunner(practices=registry, store=store, broker=broker,
-                               compensation_backoff=compensation_backoff)
+                               compensation_backoff=compensation_backoff, deadline=workflow_deadline)
     worker = Worker(broker=broker, store=store, practices=registry, reassign=workflows.reassign,
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
                     retry_delay=retry_delay, probe_interval=probe_interval)
@@ -118,11 +119,14 @@ async def running_stack(
     stop = asyncio.Event()
     resumer = asyncio.create_task(
         Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
+    watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
     try:
         yield Stack(broker, store, registry, worker, workflows, observer)
     finally:
         stop.set()
         await resumer
+        if watcher is not None:
+            await watcher
         await worker.stop(timeout=5)
         await connection.close()
         await registry.close()

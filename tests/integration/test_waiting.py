@@ -41,7 +41,7 @@ async def test_a_spent_budget_costs_latency_never_a_command(
     """The issue's case: 40 confirms queued with 24 requests of budget left (2 requests each)."""
     ids = seed(sandbox, 40)
     sandbox.state.set_rate_limit(24, window=4.0)
-    async with running_stack(amqp_url, sqlite_url, sandbox.url, max_retry_after=0.5) as stack:
+    async with running_stack(amqp_url, sqlite_url, sandbox.url, pms_max_retry_after=0.5) as stack:
         sent = [await stack.send({"type": "confirm", "appointment_id": i}) for i in ids]
         results = [await stack.result(c, timeout=60) for c in sent]
 
@@ -132,7 +132,7 @@ async def test_a_spent_budget_makes_only_its_practice_wait_and_it_finishes_after
     north_ids, south_ids = seed(north, 6), seed(south, 6)
     north.state.set_rate_limit(6, window=3.0)  # 3 commands' worth, then blocked until the window turns
     async with running_stack(amqp_url, sqlite_url, north.url, practices=load_configs(settings),
-                             max_retry_after=0.5) as stack:
+                             pms_max_retry_after=0.5) as stack:
         north_sent = [await stack.send({"type": "confirm", "practice": "north", "appointment_id": i})
                       for i in north_ids]
         south_sent = [await stack.send({"type": "confirm", "practice": "south", "appointment_id": i})
