@@ -27,6 +27,7 @@ from aio_pika.exceptions import (
     PublishError,
 )
 
+from consumer import tracing
 from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
 
 INBOUND_EXCHANGE = "appointments.inbound"
@@ -160,10 +161,11 @@ class Broker:
             async with asyncio.timeout(self._publish_timeout):
                 channel = cast(aiormq.Channel, await self._publish_channel.get_underlay_channel())
                 # A nack, or a return (mandatory + on_return_raises), raises here.
-                await channel.basic_publish(
-                    body, exchange=exchange, routing_key=routing_key, properties=properties,
-                    mandatory=mandatory, wait=False,
-                )
+                with tracing.publish_span(exchange, routing_key, properties):
+                    await channel.basic_publish(
+                        body, exchange=exchange, routing_key=routing_key, properties=properties,
+                        mandatory=mandatory, wait=False,
+                    )
         except (AMQPError, ChannelInvalidStateError, PublishError, DeliveryError, TimeoutError,
                 ConnectionError) as exc:  # ChannelInvalidStateError: mid-reconnect
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc

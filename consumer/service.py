@@ -9,16 +9,18 @@ messages finish first.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import os
 import signal
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
 from aiohttp import web
 
+from consumer import metrics, tracing
 from consumer.broker import Broker
 from consumer.deadletters import DeadLetterCollector
 from consumer.http import listen, make_runner
@@ -26,7 +28,7 @@ from consumer.logs import configure, get_logger
 from consumer.practices import Practice, Practices, PracticesError, load_configs
 from consumer.reconciler import Reconciler, run_reconciler
 from consumer.retention import run_pruner
-from consumer.settings import Settings
+from consumer.settings import Settings, default_store, default_store_path
 from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
 from consumer.waiting import Resumer
@@ -36,7 +38,13 @@ from consumer.workflows import WorkflowRunner
 
 log = get_logger(__name__)
 
-SANDBOX_PORT = 8700
+# The webhook secret of the demo (`appt serve --with-sandbox` without APPT_WEBHOOK_SECRETS): fixed and
+# documented, so the README's signed curl works against it. Never use it in front of a real PMS.
+DEMO_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+class PortTaken(OSError):
+    """A port `appt serve` needs is in use: found before anything starts."""
 
 
 def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
@@ -107,7 +115,16 @@ async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
 
 async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
     configure(settings.log_format, settings.log_level)
+    # Before anything starts: a taken port found after the worker consumed and the reconciler
+    # published would leave work half-done behind a failed start.
+    check_ports_free(settings.http_host, {"APPT_HTTP_PORT": settings.http_port,
+                                          **({"APPT_SANDBOX_PORT": settings.sandbox_port} if with_sandbox else {})})
+    if settings.store == default_store():  # our default place is ours to make; a configured path is not
+        default_store_path().parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
+        if tracing.configure():
+            stack.callback(tracing.shutdown)
+            log.info("tracing on", exporter=os.environ.get("OTEL_TRACES_EXPORTER", "otlp"))
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
@@ -116,6 +133,8 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         stack.push_async_callback(runner.cleanup)
         listener = await listen(runner, settings)
         stack.callback(listener.close)  # stop accepting before the runner shuts connections
+        if with_sandbox:
+            print_demo_banner(settings)
         await _wait_for_signal(lambda: _reload_practices(app[PRACTICES_KEY], settings))
 
 
@@ -129,19 +148,51 @@ async def _reload_practices(practices: Practices, settings: Settings) -> None:
     log.info("practices reloaded", changed=changed)
 
 
+def check_ports_free(host: str, ports: dict[str, int]) -> None:
+    """Bind each port once (as aiohttp will, SO_REUSEADDR) and let go; ``PortTaken`` names the setting."""
+    for setting, port in ports.items():
+        if port == 0:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise PortTaken(f"{host}:{port} is taken ({exc.strerror}): stop what uses it, "
+                                f"or set {setting} to another port") from None
+
+
 async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
     """The demo upstream: the sandbox in-process, posting its webhooks to this service."""
     from consumer.sandbox import running_sandbox
 
-    sandbox = await stack.enter_async_context(running_sandbox(port=SANDBOX_PORT, token=settings.pms_token))
-    secrets = settings.webhook_secrets or [
-        "whsec_" + base64.b64encode(os.urandom(24)).decode()
-    ]
+    sandbox = await stack.enter_async_context(
+        running_sandbox(host=settings.http_host, port=settings.sandbox_port, token=settings.pms_token))
+    secrets = settings.webhook_secrets or [DEMO_WEBHOOK_SECRET]
     sandbox.state.subscribe(
         f"http://{settings.http_host}:{settings.http_port}/webhooks/pms", secrets[0]
     )
     log.info("sandbox running", url=sandbox.url)
     return settings.model_copy(update={"pms_url": sandbox.url, "webhook_secrets": secrets})
+
+
+def print_demo_banner(settings: Settings) -> None:
+    """What a newcomer needs to try the demo, once it is ready: where, what store, what secret, a first step."""
+    url = f"http://{settings.http_host}:{settings.http_port}"
+    secret = settings.webhook_secrets[0]
+    whose = "the documented demo default; set APPT_WEBHOOK_SECRETS to choose" \
+        if secret == DEMO_WEBHOOK_SECRET else "from APPT_WEBHOOK_SECRETS"
+    appt = sys.argv[0] if sys.argv[0].endswith("appt") else "appt"
+    print("\n".join([
+        "appt serve --with-sandbox: ready",
+        f"  service  {url}  (POST /webhooks/pms, GET /readyz, GET /metrics)",
+        f"  sandbox  {settings.pms_url}  (the PMS API under /v1, token {settings.pms_token!r}; "
+        f"knobs POST /_sandbox/<knob>)",
+        f"  store    {settings.store.split('@')[-1]}",
+        f"  secret   {secret}  ({whose})",
+        f"  try      curl -s -XPOST {settings.pms_url}/_sandbox/seed -d '{{\"fixture\": \"seed\"}}' && "
+        f"{appt} send confirm --appointment 757579675 --wait 10",
+    ]), file=sys.stderr, flush=True)
 
 
 async def _wait_for_signal(on_hangup: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,6 +32,7 @@ from consumer.practices import (
     describe,
     load_configs,
 )
+from consumer.openapi import openapi_document
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.signing import (
@@ -57,6 +58,7 @@ READY_PING_TIMEOUT = 2.0
 MAX_HISTORY_PAGE = 1000
 
 Resources = Callable[[web.Application], AsyncIterator[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = get_logger(__name__)
 ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webhook counts here
@@ -75,7 +77,7 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
                       hint="set APPT_WEBHOOK_SECRETS (or the practice's webhook_secrets); "
                            "its webhooks are refused until then")
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
-    app = web.Application(client_max_size=settings.max_message_bytes + 1)
+    app = web.Application(client_max_size=settings.max_message_bytes + 1, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
     app[PRACTICES_KEY] = practices
     app.cleanup_ctx.append(resources)
@@ -85,6 +87,7 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
     app.router.add_get("/practices", list_practices)
+    app.router.add_get("/openapi.json", render_openapi)
     # [0-9], not \d: \d matches every script's digits, and "७५७" would alias "757".
     for prefix in ("", "/practices/{practice}"):
         app.router.add_get(prefix + r"/appointments/{id:[0-9]+}", get_appointment)
@@ -100,6 +103,21 @@ def _practice(request: web.Request) -> Practice:
     except UnknownPractice:
         raise web.HTTPNotFound(text=json.dumps({"error": "unknown practice"}),
                                content_type="application/json") from None
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method) answer JSON like ours do.
+
+    A client (or the OpenAPI document) then meets one error shape on every path.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": (exc.reason or "error").lower()}, status=exc.status, headers=allow)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -254,6 +272,10 @@ async def list_practices(request: web.Request) -> web.Response:
 
 async def render_metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def render_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app.router))
 
 
 def _unauthorized(request: web.Request) -> web.Response | None:

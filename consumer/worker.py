@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from consumer import metrics
+from consumer import metrics, tracing
 from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
@@ -255,7 +255,7 @@ class Worker:
         log.info("worker stopped", drained=drained, in_flight=self._serializer.in_flight)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
+        self._serializer.submit(message.routing_key or "", lambda: tracing.processing(message, self._handle(message)))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every delivery is settled, whatever its bytes: a message left unsettled holds its

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -60,3 +61,31 @@ async def run_appt(env: dict[str, str], *args: str, stdin: str = "", timeout: fl
     stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), timeout)
     assert process.returncode is not None
     return Ran(process.returncode, stdout.decode(), stderr.decode())
+
+
+class RabbitNode:
+    """A throwaway RabbitMQ node of the test's own (``scripts/rabbitmq-node``), never the shared broker.
+
+    Its own node name, ports, data directory and cookie, so a test may stop, restart or kill it.
+    """
+
+    SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rabbitmq-node"
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self._run("start", str(self.directory), str(self.port), str(free_port()), self.name, timeout=180)
+
+    def ctl(self, *args: str) -> None:
+        """``rabbitmqctl`` against this node only (``stop_app``, ``start_app`` ...)."""
+        self._run("ctl", str(self.directory), *args, timeout=120)
+
+    def stop(self) -> None:
+        self._run("stop", str(self.directory), timeout=120)
+
+    def _run(self, *args: str, timeout: float) -> None:
+        subprocess.run([str(self.SCRIPT), *args], check=True, capture_output=True, timeout=timeout)

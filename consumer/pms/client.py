@@ -40,6 +40,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_random_exponential
 
+from consumer import tracing
 from consumer.pms.errors import (
     Misconfigured,
     NotFound,
@@ -269,7 +270,8 @@ class PmsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, trace_configs=tracing.client_trace_configs())
         return self._session
 
     async def _retried(

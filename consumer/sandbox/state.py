@@ -116,6 +116,17 @@ class SandboxState:
         self.webhooks.drop = False
         self.webhooks.retry_delay = 1.0
 
+    def clear_faults(self) -> None:
+        """Every injected fault off (failures, hangs, latency, dropped webhooks, refusals); data kept.
+
+        So an operator can watch a stuck workflow recover without ``reset``, which wipes everything.
+        """
+        self._faults.clear()
+        self.latency = 0.0
+        self.refusing_deletes = False
+        self.refusing_cancel.clear()
+        self.webhooks.drop = False
+
     def fail_next(self, route: str, count: int, status: int, retry_after: float | None = None) -> None:
         """The next ``count`` requests to ``route`` ("*" for any) answer ``status``.
 

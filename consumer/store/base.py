@@ -24,6 +24,10 @@ class StoreUnavailable(Exception):
     """The store could not be reached (transient: retry)."""
 
 
+class NoStore(StoreUnavailable):
+    """A store opened read-only does not exist (APPT_STORE points elsewhere than the service's)."""
+
+
 @dataclass(frozen=True)
 class AppointmentRecord:
     """What the service believes about one appointment.
@@ -299,12 +303,16 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers)."""
+def open_store(url: str, *, create: bool = True) -> Store:
+    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers).
+
+    ``create=False`` (the read-only verbs) refuses a SQLite file that does not exist yet: reading
+    a store in the wrong place must say so, not make an empty one and report "no records".
+    """
     if url.startswith("sqlite://"):
         from consumer.store.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:", create=create)
     if url.startswith(("postgresql://", "postgres://")):
         from consumer.store.postgres import PostgresStore
 

@@ -15,6 +15,7 @@ the file queue on ``busy_timeout`` instead of failing half-way through.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,7 @@ from consumer.store.base import (
     DeadLetter,
     DeadLetterQuery,
     InboxEntry,
+    NoStore,
     ParkedMessage,
     StaleVersion,
     StoreUnavailable,
@@ -46,8 +48,9 @@ Connection = sqlite3.Connection
 
 
 class SqliteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000, create: bool = True) -> None:
         self._path = path
+        self._create = create
         self._busy_timeout_ms = busy_timeout_ms
         self._db: Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
@@ -63,6 +66,8 @@ class SqliteStore:
 
     def _connect(self) -> Connection:
         """Runs on the store's thread, the only one that ever touches the connection."""
+        if not self._create and self._path != ":memory:" and not os.path.exists(self._path):
+            raise NoStore(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
         try:
             # isolation_level=None: the driver must not open transactions of its own.
             db = sqlite3.connect(self._path, isolation_level=None)

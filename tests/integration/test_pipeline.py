@@ -238,7 +238,7 @@ async def test_appt_send_waits_for_the_result_and_exits_by_outcome(
     assert refused.returncode == 1
     assert "The appointment can not be updated as the current status is: Cancelled" in refused.stdout
     assert unusable.returncode == 2
-    assert "patient_id" in unusable.stderr
+    assert "set_patient needs --patient" in unusable.stderr
 
 
 async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion(
