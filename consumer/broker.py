@@ -28,6 +28,7 @@ from aio_pika.exceptions import (
 )
 
 from consumer import tracing
+from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
 
 INBOUND_EXCHANGE = "appointments.inbound"
 # Observed events (webhooks, reconciler) enter here, never through the partners' exchange:
@@ -175,6 +176,7 @@ class Broker:
         *,
         appointment_id: int,
         message_id: str,
+        practice: str = DEFAULT_PRACTICE,
         reply_to: str | None = None,
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
@@ -182,12 +184,14 @@ class Broker:
         properties = json_properties(
             message_id=message_id, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
         )
-        await self._publish(INBOUND_EXCHANGE, body, str(appointment_id), properties)
+        await self._publish(INBOUND_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
-    async def publish_observed(self, body: bytes, *, appointment_id: int, message_id: str) -> None:
+    async def publish_observed(
+        self, body: bytes, *, appointment_id: int, message_id: str, practice: str = DEFAULT_PRACTICE
+    ) -> None:
         """An observed event (webhook or reconciler), on the exchange only the service may write."""
         properties = json_properties(message_id=message_id)
-        await self._publish(OBSERVED_EXCHANGE, body, str(appointment_id), properties)
+        await self._publish(OBSERVED_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
     async def publish_raw_inbound(
         self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties, *, observed: bool = False,

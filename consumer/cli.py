@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | asyncapi | reconcile | prune.
+"""`appt`: serve | send | history | sagas | dead | practices | diagram | sandbox | schema | asyncapi | reconcile | prune.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("type", choices=["confirm", "cancel", "set_patient", "reassign", "edit_notes"],
                       help="what to do (below)")
     send.add_argument("--appointment", type=int, required=True, metavar="ID", help="the PMS appointment id")
+    send.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     send.add_argument("--patient", type=int, metavar="ID", help="the patient, for set_patient and reassign")
     send.add_argument("--reason", help="the cancellation reason, for cancel")
     send.add_argument("--notes", help="the new notes, for edit_notes")
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     history = verb("history", "an appointment's state log, in order",
                    f"{STORE_READER}; --follow also reads APPT_AMQP_URL.\n\n{EXIT_CODES}")
     history.add_argument("appointment", type=int, metavar="ID", help="the PMS appointment id")
+    history.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     history.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     history.add_argument("--follow", action="store_true", help="then tail new records live")
 
@@ -152,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox.add_argument("--delete", choices=["cancel", "remove"], default="cancel",
                          help="what DELETE does (unconfirmed on the live PMS)")
 
+    practices = verb("practices", "each practice's status, budget and waiting messages (asks the running service)",
+                     "exit code 0, or 1 when the service does not answer.")
+    practices.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     verb("schema", "print the message contract as JSON Schema", "exit code 0.")
     verb("asyncapi", "print the AMQP contract as an AsyncAPI 3.0 document (JSON)", "exit code 0.")
 
@@ -267,11 +272,15 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "serve":
         from aio_pika.exceptions import AMQPError
 
+        from consumer.practices import PracticesError
         from consumer.service import serve
         from consumer.store.base import StoreUnavailable
 
         try:
             await serve(settings, with_sandbox=args.with_sandbox)
+        except PracticesError as exc:
+            print(f"appt: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         except (AMQPError, StoreUnavailable, OSError) as exc:  # a dependency down, a port taken
             reason = str(exc)
             for url in (settings.amqp_url, settings.store):  # a driver may quote its URL back
@@ -281,11 +290,14 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "send":
         return await tools.send(settings, args)
     if args.verb == "history":
-        return await tools.history(settings, args.appointment, as_json=args.json, follow=args.follow)
+        return await tools.history(settings, args.appointment, practice=args.practice,
+                                   as_json=args.json, follow=args.follow)
     if args.verb == "sagas":
         if args.sagas_verb == "retry":
             return await tools.sagas_retry(settings, args.workflow_id)
         return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
+    if args.verb == "practices":
+        return await tools.practices(settings, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
     if args.verb == "prune":

@@ -88,8 +88,19 @@ def routing_key_names(routing_key: str, appointment_id: int) -> bool:
     """
     return routing_key.rpartition(".")[2] == str(appointment_id)
 
+DEFAULT_PRACTICE = "default"
+PRACTICE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# No dots: the inbound routing key is ``<practice>.<appointment_id>``. Path-safe for the HTTP routes.
+PracticeName = Annotated[str, Field(pattern=PRACTICE_PATTERN)]
+
 Source = Literal["webhook", "command", "workflow", "reconcile"]
 Outcome = Literal["succeeded", "rejected", "failed"]
+
+
+def inbound_routing_key(practice: str, appointment_id: int) -> str:
+    """``<practice>.<appointment_id>``; the default practice keeps the bare id it always had,
+    so its messages hash to the partitions they always did (order holds across an upgrade)."""
+    return str(appointment_id) if practice == DEFAULT_PRACTICE else f"{practice}.{appointment_id}"
 
 
 def utcnow() -> datetime:
@@ -103,6 +114,7 @@ class _Strict(BaseModel):
 class _Command(_Strict):
     command_id: MessageId
     appointment_id: Id
+    practice: PracticeName = DEFAULT_PRACTICE
     correlation_id: ShortStr | None = None
 
 
@@ -154,6 +166,7 @@ class ObservedEvent(_Strict):
     event_id: MessageId
     source: Literal["webhook", "reconcile"]
     appointment: dict[str, Any]
+    practice: PracticeName = DEFAULT_PRACTICE
     received_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("appointment")
@@ -245,6 +258,7 @@ class StateLogRecord(BaseModel):
 
     seq: int | None = None
     time: datetime = Field(default_factory=utcnow)
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     machine: Literal["appointment", "reassignment"]
     from_state: str | None
@@ -268,6 +282,7 @@ class CommandResult(BaseModel):
 
     command_id: str
     type: str
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     outcome: Outcome
     reasons: dict[str, list[str]] = Field(default_factory=dict)

@@ -39,9 +39,11 @@ class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     broker: Literal["ok", "down"]
     store: Literal["ok", "down"]
+    waiting_practices: list[str] = []
 
 
 class AppointmentView(BaseModel):
+    practice: str
     appointment_id: int
     state: str
     patient_id: int | None
@@ -73,6 +75,18 @@ ID_PARAMETER = {
 }
 
 
+PRACTICE_PARAMETER = {
+    "name": "practice", "in": "path", "required": True, "description": "The practice (APPT_PRACTICES_FILE).",
+    "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
+}
+
+
+class PracticesView(BaseModel):
+    """Each practice's status, budget and waiting messages (what `appt practices` prints)."""
+
+    practices: list[dict[str, Any]]
+
+
 def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description,
             "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
@@ -92,7 +106,7 @@ def _query(name: str, low: int, high: int, default: int) -> dict[str, Any]:
             "schema": {"type": "integer", "minimum": low, "maximum": high, "default": default}}
 
 
-RECEIVE_WEBHOOK = {
+RECEIVE_WEBHOOK: dict[str, Any] = {
     "operationId": "receiveWebhook",
     "summary": "A PMS appointment event: verified, validated, queued, then answered.",
     "description": (
@@ -114,6 +128,12 @@ RECEIVE_WEBHOOK = {
         "413": _error("Body over APPT_WEBHOOK_MAX_BODY."),
         "503": _error("RabbitMQ down or did not confirm: retry."),
     },
+}
+RECEIVE_PRACTICE_WEBHOOK = {
+    **RECEIVE_WEBHOOK, "operationId": "receivePracticeWebhook",
+    "summary": "A practice's PMS appointment event, verified with that practice's secrets only.",
+    "parameters": [PRACTICE_PARAMETER, *RECEIVE_WEBHOOK["parameters"]],
+    "responses": {**RECEIVE_WEBHOOK["responses"], "404": _error("Unknown practice.")},
 }
 UNAUTHORIZED = _error("Missing or wrong bearer token.")
 NO_TOKEN = _error("APPT_API_TOKEN not configured: the read API stays shut.")
@@ -155,6 +175,21 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         },
     },
 }
+OPERATIONS.update({
+    ("POST", "/webhooks/pms/{practice}"): RECEIVE_PRACTICE_WEBHOOK,
+    ("GET", "/practices"): {
+        "operationId": "listPractices", "summary": "Each practice's status, budget and waiting messages.",
+        "responses": {"200": _json(PracticesView, "The practices.")},
+    },
+    ("GET", "/practices/{practice}/appointments/{id}"): {
+        **OPERATIONS[("GET", "/appointments/{id}")], "operationId": "getPracticeAppointment",
+        "parameters": [PRACTICE_PARAMETER, ID_PARAMETER],
+    },
+    ("GET", "/practices/{practice}/appointments/{id}/history"): {
+        **OPERATIONS[("GET", "/appointments/{id}/history")], "operationId": "getPracticeHistory",
+        "parameters": [PRACTICE_PARAMETER, *OPERATIONS[("GET", "/appointments/{id}/history")]["parameters"]],
+    },
+})
 
 
 # Served, deliberately left out: the operator console's HTML pages and form posts

@@ -14,8 +14,9 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 
 from aiohttp import web
 
@@ -25,13 +26,14 @@ from consumer.console import add_console
 from consumer.deadletters import DeadLetterCollector
 from consumer.http import listen, make_runner
 from consumer.logs import configure, get_logger
-from consumer.pms.client import PmsClient
+from consumer.practices import Practice, Practices, PracticesError, load_configs
 from consumer.reconciler import Reconciler, run_reconciler
 from consumer.retention import run_pruner
 from consumer.settings import Settings, default_store, default_store_path
 from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
+from consumer.waiting import Resumer
+from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -59,34 +61,34 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             broker = Broker(settings.amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
             started.push_async_callback(broker.close)
             await broker.connect()
-            pms = PmsClient(
-                settings.pms_url, settings.pms_token, timeout=settings.pms_timeout,
-                concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
-                on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
-                on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
-            )
-            started.push_async_callback(pms.close)
-            workflows = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+            practices = app[PRACTICES_KEY]
+            started.push_async_callback(practices.close)
+            workflows = WorkflowRunner(
+                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
             await workflows.resume_unfinished()
             dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
             background = [asyncio.create_task(workflows.watch(stop)),
-                          asyncio.create_task(dead_letters.watch(stop))]
+                          asyncio.create_task(dead_letters.watch(stop)),
+                          asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
             silence = WebhookSilence()
             if settings.reconcile_interval > 0:
-                reconciler = Reconciler(
-                    pms, broker, store, horizon_days=settings.reconcile_horizon_days,
-                    budget_share=settings.reconcile_budget_share,
-                    use_updated_after=settings.reconcile_updated_after, silence=silence,
-                    silence_grace=timedelta(seconds=settings.webhook_silence_grace),
-                )
+                def reconciler_for(practice: Practice) -> Reconciler:
+                    return Reconciler(
+                        practice.pms, broker, store, practice=practice.name,
+                        horizon_days=settings.reconcile_horizon_days,
+                        budget_share=settings.reconcile_budget_share,
+                        use_updated_after=settings.reconcile_updated_after, silence=silence,
+                        silence_grace=timedelta(seconds=settings.webhook_silence_grace),
+                    )
+
                 background.append(asyncio.create_task(
-                    run_reconciler(reconciler, settings.reconcile_interval, stop)))
+                    run_reconciler(practices, reconciler_for, settings.reconcile_interval, stop)))
             if settings.prune_interval > 0:
                 background.append(asyncio.create_task(run_pruner(store, settings, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
-                broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+                broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay, max_message_bytes=settings.max_message_bytes,
             )
@@ -98,7 +100,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             app[SILENCE_KEY] = silence
             app[WORKER_FAILING_KEY] = lambda: worker.failing
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
-                     pms=settings.pms_url, store=settings.store.split("@")[-1])
+                     practices=[p.name for p in practices], store=settings.store.split("@")[-1])
             yield
             log.info("shutting down")
             stop.set()
@@ -135,7 +137,17 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         stack.callback(listener.close)  # stop accepting before the runner shuts connections
         if with_sandbox:
             print_demo_banner(settings)
-        await _wait_for_signal()
+        await _wait_for_signal(lambda: _reload_practices(app[PRACTICES_KEY], settings))
+
+
+async def _reload_practices(practices: Practices, settings: Settings) -> None:
+    """SIGHUP: read the practices file (and token files) again; a bad file changes nothing."""
+    try:
+        changed = await practices.reload(load_configs(settings))
+    except PracticesError as exc:
+        log.error("practices not reloaded: the running configuration stays", error=str(exc))
+        return
+    log.info("practices reloaded", changed=changed)
 
 
 def check_ports_free(host: str, ports: dict[str, int]) -> None:
@@ -185,9 +197,19 @@ def print_demo_banner(settings: Settings) -> None:
     ]), file=sys.stderr, flush=True)
 
 
-async def _wait_for_signal() -> None:
+async def _wait_for_signal(on_hangup: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Until SIGTERM / SIGINT; each SIGHUP runs ``on_hangup`` (one at a time, in order)."""
     stop = asyncio.Event()
+    hangups: asyncio.Queue[None] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    loop.add_signal_handler(signal.SIGHUP, hangups.put_nowait, None)
+    stopping = asyncio.create_task(stop.wait())
+    while not stop.is_set():
+        hangup = asyncio.create_task(hangups.get())
+        await asyncio.wait({stopping, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        if hangup.done():
+            await on_hangup()
+        else:
+            hangup.cancel()

@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     store: str = Field(default_factory=default_store)
+    practices_file: str | None = None
     pms_url: str = "http://127.0.0.1:8700"
     pms_token: str = "sandbox-token"
     pms_timeout: float = Field(10.0, gt=0)

@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError
 from consumer.messages import COMMAND, StateLogRecord
+from consumer.practices import Practices, client_factory, load_configs
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import PmsError
 from consumer.settings import Settings
@@ -66,6 +67,15 @@ async def opened_store(settings: Settings, *, create: bool = False) -> AsyncIter
 
 
 @contextlib.asynccontextmanager
+async def opened_practices(settings: Settings) -> AsyncIterator[Practices]:
+    practices = Practices(load_configs(settings), client_factory(settings))
+    try:
+        yield practices
+    finally:
+        await practices.close()
+
+
+@contextlib.asynccontextmanager
 async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
     broker = Broker(settings.amqp_url, partitions=settings.partitions)
     try:
@@ -104,6 +114,7 @@ def command_from_args(args: argparse.Namespace) -> Any:
         "command_id": args.command_id or str(uuid.uuid4()),
         "appointment_id": args.appointment,
         **{field: given[field] for field in needed},
+        "practice": args.practice,
     }
     try:
         return COMMAND.validate_python(fields)
@@ -122,13 +133,14 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         try:
             await broker.publish_inbound(
-                body, appointment_id=command.appointment_id, message_id=command.command_id,
+                body, practice=command.practice, appointment_id=command.appointment_id,
+                message_id=command.command_id,
                 reply_to=reply_queue.name if reply_queue else None, correlation_id=command.command_id,
             )
         except PublishFailed as exc:
             raise CliError(f"not published: {exc}") from None
         print(json.dumps({"published": command.command_id, "type": command.type,
-                          "appointment_id": command.appointment_id}))
+                          "practice": command.practice, "appointment_id": command.appointment_id}))
         if reply_queue is None:
             return EXIT_OK
         return await _await_result(reply_queue, command.command_id, args.wait)
@@ -150,11 +162,13 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
                    EXIT_TIMEOUT)
 
 
-async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
+async def history(
+    settings: Settings, appointment_id: int, *, practice: str, as_json: bool, follow: bool
+) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
     name_store(settings)
     if not follow:
-        await _print_stored(settings, appointment_id, printer, after=0)
+        await _print_stored(settings, appointment_id, practice, printer, after=0)
         if not printer.printed and not as_json:
             print(f"no records for appointment {appointment_id}", file=sys.stderr)
         return EXIT_OK
@@ -163,29 +177,31 @@ async def history(settings: Settings, appointment_id: int, *, as_json: bool, fol
         channel = await broker.channel()
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(EVENTS_EXCHANGE, routing_key="state.#")
-        after = await _print_stored(settings, appointment_id, printer, after=0)
+        after = await _print_stored(settings, appointment_id, practice, printer, after=0)
         async with queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
                 record = StateLogRecord.model_validate_json(message.body)
-                if _names(record, appointment_id) and (record.seq or 0) > after:
+                if _names(record, appointment_id, practice) and (record.seq or 0) > after:
                     printer.print(record)
                     after = max(after, record.seq or 0)
     return EXIT_OK
 
 
-async def _print_stored(settings: Settings, appointment_id: int, printer: RecordPrinter, *, after: int) -> int:
+async def _print_stored(
+    settings: Settings, appointment_id: int, practice: str, printer: RecordPrinter, *, after: int
+) -> int:
     """Print the stored records after ``after``; return the last seq printed."""
     async with opened_store(settings) as store:
-        async for record in iter_history(store, appointment_id, after_seq=after):
+        async for record in iter_history(store, appointment_id, practice=practice, after_seq=after):
             printer.print(record)
             after = record.seq or after
     return after
 
 
-def _names(record: StateLogRecord, appointment_id: int) -> bool:
+def _names(record: StateLogRecord, appointment_id: int, practice: str) -> bool:
     related = (record.detail.get("replacement_id"), record.detail.get("original_id"))
-    return record.appointment_id == appointment_id or appointment_id in related
+    return record.practice == practice and (record.appointment_id == appointment_id or appointment_id in related)
 
 
 class RecordPrinter:
@@ -233,7 +249,7 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
     now = datetime.now(timezone.utc)
     for w in workflows:
         age = (now - w.created_at).total_seconds() if w.created_at else 0.0
-        row = {"workflow_id": w.workflow_id, "appointment_id": w.appointment_id,
+        row = {"workflow_id": w.workflow_id, "practice": w.practice, "appointment_id": w.appointment_id,
                "new_patient_id": w.new_patient_id, "replacement_id": w.replacement_id,
                "state": w.state, "age_s": round(age, 1), "attempts": w.attempts,
                "last_error": w.last_error}
@@ -250,9 +266,10 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
-    async with opened_store(settings) as store, connected_broker(settings) as broker, connected_pms(settings) as pms:
+    async with opened_store(settings) as store, connected_broker(settings) as broker, \
+            opened_practices(settings) as practices:
         try:
-            outcome = await retry_saga(settings, store, broker, pms, workflow_id)
+            outcome = await retry_saga(settings, store, broker, practices, workflow_id)
         except LookupError:
             raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
                            "(appt sagas lists them)", EXIT_USAGE) from None
@@ -280,7 +297,7 @@ class SagaRetry:
 
 
 async def retry_saga(
-    settings: Settings, store: Store, broker: Broker, pms: PmsClient, workflow_id: str
+    settings: Settings, store: Store, broker: Broker, practices: Practices, workflow_id: str
 ) -> SagaRetry:
     """Compensate a parked workflow again, or hand an unfinished one back; LookupError if unknown."""
     from consumer.workflows import WorkflowRunner
@@ -291,23 +308,51 @@ async def retry_saga(
         raise LookupError(f"no workflow {workflow_id}")
     if workflow.state in TERMINAL_WORKFLOW_STATES:
         return SagaRetry(workflow, "already finished")
-    runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+    runner = WorkflowRunner(practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
     if workflow.state != COMPENSATION_FAILED:
         await runner.requeue(workflow)
         return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
     return SagaRetry(await runner.retry(workflow_id))
 
 
+async def practices(settings: Settings, *, as_json: bool) -> int:
+    """The running service's view (statuses and budgets live in the process that serves)."""
+    import aiohttp
+
+    url = f"http://{settings.http_host}:{settings.http_port}/practices"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as answer:
+                answer.raise_for_status()
+                rows = (await answer.json())["practices"]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"appt practices: the service at {url} did not answer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for row in rows:
+        if as_json:
+            print(json.dumps(row))
+            continue
+        budget = row["budget"]
+        print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
+              f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
+              f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+              + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+              + (f"  ({row['reason']})" if row["reason"] else ""))
+    return EXIT_OK
+
+
 async def reconcile(settings: Settings, *, since: str | None) -> int:
+    """Every practice, one after the other; one line per practice."""
     from consumer.reconciler import reconcile_once
 
     if since is not None:
         check_time(since, "--since")
     async with opened_store(settings, create=True) as store, connected_broker(settings) as broker:
-        async with connected_pms(settings) as pms:
-            count = await reconcile_once(pms, broker, store, since=since,
-                                         horizon_days=settings.reconcile_horizon_days)
-    print(json.dumps({"published": count}))
+        async with opened_practices(settings) as practices:
+            for practice in practices:
+                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
+                                             horizon_days=settings.reconcile_horizon_days)
+                print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK
 
 

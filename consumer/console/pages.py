@@ -14,11 +14,10 @@ from consumer.broker import PublishFailed
 from consumer.console import auth
 from consumer.dead_tools import detail, reason_group, replay_letter
 from consumer.messages import StateLogRecord
-from consumer.pms.client import PmsClient
 from consumer.pms.errors import PmsError
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, DeadLetterQuery, Store, WorkflowRecord, iter_history
 from consumer.tools import retry_saga
-from consumer.webhooks import BROKER_KEY, SETTINGS_KEY, STORE_KEY
+from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SETTINGS_KEY, STORE_KEY
 from consumer.workflows import is_stuck, workflow_id_for
 from statemachines.diagram import graph
 
@@ -129,16 +128,16 @@ async def workflow(request: web.Request) -> dict[str, Any]:
 
 
 async def retry_workflow(request: web.Request) -> web.StreamResponse:
-    """`appt sagas retry` from a button; a PMS still failing is said on the page, as the CLI says it."""
+    """`appt sagas retry` from a button, through the running service's practices (PMS clients)."""
     workflow_id = request.match_info["workflow_id"]
     settings = request.config_dict[SETTINGS_KEY]
     try:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            outcome = await retry_saga(settings, _store(request), request.config_dict[BROKER_KEY], pms, workflow_id)
+        outcome = await retry_saga(settings, _store(request), request.config_dict[BROKER_KEY],
+                                   request.config_dict[PRACTICES_KEY], workflow_id)
     except LookupError as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
     except PmsError as exc:
-        message = f"not retried: PMS at {settings.pms_url}: {exc}"
+        message = f"not retried: the PMS answered: {exc}"
     else:
         message = outcome.note or f"retried: now {outcome.workflow.state}"
     raise web.HTTPSeeOther(request.app.router["workflow"].url_for(workflow_id=workflow_id)

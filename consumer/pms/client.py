@@ -178,6 +178,10 @@ class PmsClient:
             await self._session.close()
             self._session = None
 
+    def budget(self) -> dict[str, float | None]:
+        """The hourly budget as the PMS last reported it (remaining and reset None before its first answer)."""
+        return {"limit": self._pacer.limit, "remaining": self._pacer.remaining, "reset": self._pacer.reset_at}
+
     # ---- API ----------------------------------------------------------------
 
     async def get_appointment(self, appointment_id: int) -> PmsAppointment:

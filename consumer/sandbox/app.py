@@ -61,7 +61,7 @@ def _rate_headers(budget: Budget) -> dict[str, str]:
     return {
         "x-ratelimit-limit": str(budget.limit),
         "x-ratelimit-remaining": str(budget.remaining),
-        "x-ratelimit-reset": str(budget.reset),
+        "x-ratelimit-reset": str(int(budget.reset)) if budget.reset == int(budget.reset) else f"{budget.reset:.3f}",
     }
 
 
@@ -290,7 +290,7 @@ KNOBS: dict[str, Callable[[SandboxState, dict[str, Any]], Any]] = {
     "seed": _seed,
     "refuse_deletes": lambda s, b: s.refuse_deletes(bool(b["enabled"])),
     "refuse_cancel": lambda s, b: s.refuse_cancel(int(b["appointment_id"])),
-    "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"])),
+    "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"]), b.get("window")),
     "clear_faults": lambda s, b: s.clear_faults(),
     "spend_elsewhere": lambda s, b: s.spend_elsewhere(int(b["count"]), time.time()),
     "token": lambda s, b: s.set_token(str(b["token"])),
