@@ -15,6 +15,7 @@ from consumer.console import auth
 from consumer.dead_tools import detail, reason_group, replay_letter
 from consumer.messages import StateLogRecord
 from consumer.pms.errors import PmsError
+from consumer.practices import describe
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, DeadLetterQuery, Store, WorkflowRecord, iter_history
 from consumer.tools import retry_saga
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SETTINGS_KEY, STORE_KEY
@@ -66,7 +67,9 @@ async def overview(request: web.Request) -> dict[str, Any]:
     store = _store(request)
     unfinished = await store.list_workflows(unfinished=True)  # parked ones included
     letters = await store.dead_letters(DeadLetterQuery())
+    parked = await store.parked_counts()
     return {
+        "practices": [describe(p, parked.get(p.name, 0)) for p in request.config_dict[PRACTICES_KEY]],
         "in_flight": [w for w in unfinished if w.state != "compensation_failed"],
         "stuck": [w for w in unfinished if _stuck(request, w)],
         "by_reason": Counter(reason_group(letter.reason) for letter in letters).most_common(),

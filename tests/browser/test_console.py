@@ -178,6 +178,13 @@ async def test_a_state_record_reaches_the_live_tail_within_two_seconds(console: 
     await expect(row).to_be_visible(timeout=2000)
     assert time.monotonic() - sent < 2.0
     await expect(row.locator("time")).to_have_attribute("title", UTC_TITLE)  # local time shown, UTC on hover
+    await page.reload()  # the practice's budget, as the PMS reported it answering that command
+    practice = page.get_by_role("region", name="Practices").get_by_role("row").nth(1)
+    await expect(practice).to_contain_text("serving")
+    assert float(await practice.get_by_role("meter").get_attribute("value") or -1) > 0
+    await expect(page.get_by_role("status")).to_have_text("Live: new records appear at the top.")
+    await console.send({"type": "edit_notes", "appointment_id": 7101, "notes": "bring x-rays"})
+    await expect(page.locator("#tail li", has_text="appointment 7101")).to_be_visible()  # after the reload: new
     await console.screenshot(page, "console-overview.png")
 
 
@@ -238,8 +245,9 @@ async def test_retrying_a_parked_saga_from_the_ui_compensates_it(console: Consol
 
 async def test_replaying_a_dead_letter_from_the_ui_applies_it(console: Console) -> None:
     await console.seed(7401, days=6)
-    # Every PUT the command gets fails: 3 tries per delivery (the worker's), 2 deliveries, then it's dead.
-    await console.sandbox.knob("fail", route="PUT /v1/appointments/{id}", count=3 * 2, status=500)
+    # An answer the service can't act on (400) never succeeds as it is: dead after its 2 deliveries.
+    # (A PMS that is down would make the practice wait instead.)
+    await console.sandbox.knob("fail", route="PUT /v1/appointments/{id}", count=10_000, status=400)
     command_id = await console.send({"type": "confirm", "appointment_id": 7401})
     page = await console.logged_in()
 
@@ -249,6 +257,9 @@ async def test_replaying_a_dead_letter_from_the_ui_applies_it(console: Console) 
 
     await eventually(listed, timeout=20, interval=0.3)
     await expect(page.get_by_role("heading", level=2).filter(has_text="gave up after N deliveries")).to_be_visible()
+    await console.sandbox.knob("reset")  # the operator fixed the cause (the sandbox forgets everything)
+    await console.sandbox.knob("rate_limit", budget=1_000_000)
+    await console.seed(7401, days=6)
     await page.get_by_role("row", name=command_id).get_by_role("checkbox").check()
     await page.get_by_role("button", name="Replay selected…").click()
     await expect(page.get_by_role("heading", name="Replay 1 dead letter(s)?")).to_be_visible()
