@@ -53,6 +53,7 @@ from consumer.store.base import (
 
 log = get_logger(__name__)
 
+STORE_PROBE_INTERVAL = 1.0  # seconds between pings while the store is down
 TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
 ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
 
@@ -187,6 +188,7 @@ class Worker:
         self._attempts = attempts
         self._serializer = KeyedSerializer()
         self._stopping = False
+        self._store_probe = asyncio.Lock()  # one prober for all messages waiting on the store
 
     async def start(self) -> None:
         await self._broker.consume(self._partitions, self._on_message)
@@ -315,6 +317,8 @@ class Worker:
     async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, StoreUnavailable):
+            return await self._requeue_when_store_answers(message, key, reason)
         if deliveries >= self._max_deliveries:
             return await self._dead_letter(
                 message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
@@ -322,6 +326,22 @@ class Worker:
         metrics.RETRIES.labels("redelivery").inc()
         if not self._stopping:
             await asyncio.sleep(self._retry_delay * deliveries)
+        await _settle(message.nack(requeue=True))
+        return "retried"
+
+    async def _requeue_when_store_answers(self, message: AbstractIncomingMessage, key: str, reason: str) -> str:
+        """The store is down (a PostgreSQL restart, a full disk): no fault of the message, so it
+        is never dead-lettered for it. It keeps its prefetch slot until the store answers again,
+        then goes back to the queue: the partition waits instead of spinning through deliveries."""
+        log.error("store unavailable, message held until it answers", message_id=key, error=reason)
+        metrics.RETRIES.labels("store").inc()
+        async with self._store_probe:
+            while not self._stopping:
+                try:
+                    await self._store.ping()
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(STORE_PROBE_INTERVAL)
         await _settle(message.nack(requeue=True))
         return "retried"
 

@@ -75,10 +75,13 @@ async def running_stack(
     amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
     max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
+    broker_addresses: str | None = None,
 ) -> AsyncIterator[Stack]:
+    """``broker_addresses``: the service's ``APPT_AMQP_URL`` when it is not ``amqp_url`` (an address
+    list); the test's observer always uses ``amqp_url``."""
     store = open_store(store_url)
     await store.open()
-    broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
+    broker = Broker(broker_addresses or amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
     pms = PmsClient(pms_url, "sandbox-token", timeout=pms_timeout, retry_attempts=pms_retry_attempts,
                     backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency)
