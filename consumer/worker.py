@@ -335,6 +335,8 @@ class Worker:
         then goes back to the queue: the partition waits instead of spinning through deliveries."""
         log.error("store unavailable, message held until it answers", message_id=key, error=reason)
         metrics.RETRIES.labels("store").inc()
+        if not self._stopping:  # never straight back, even if a ping answers (a write may still fail)
+            await asyncio.sleep(STORE_PROBE_INTERVAL)
         async with self._store_probe:
             while not self._stopping:
                 try:

@@ -15,6 +15,7 @@ the file queue on ``busy_timeout`` instead of failing half-way through.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,9 @@ from consumer.store.base import (
     WorkflowRecord,
 )
 
+# Below this much free space on the file's disk the store reports itself unavailable: a commit
+# there fails with "database or disk is full", while a read (SELECT 1) still answers.
+MIN_FREE_BYTES = 1024 * 1024
 _UNIQUE_ERRORS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 T = TypeVar("T")
@@ -82,7 +86,11 @@ class SqliteStore:
         await asyncio.to_thread(thread.shutdown, wait=True)
 
     async def ping(self) -> None:
+        """Answers reads, and has room for a commit: a full disk is a store that is down."""
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        disk = os.statvfs(os.path.dirname(os.path.abspath(self._path)))
+        if disk.f_bavail * disk.f_frsize < MIN_FREE_BYTES:
+            raise StoreUnavailable(f"disk full: {disk.f_bavail * disk.f_frsize} bytes free for {self._path}")
 
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         return await self._in_transaction(partial(_commit, commit=commit))
