@@ -41,7 +41,7 @@ from consumer.store.base import (
     Store,
     StoreUnavailable,
 )
-from consumer.worker import command_key, replay_key, result_publishes
+from consumer.worker import command_key, dead_letter_key, replay_key, result_publishes
 
 log = get_logger(__name__)
 
@@ -55,13 +55,13 @@ def letter_from(message: AbstractIncomingMessage) -> DeadLetter:
     named = _named_in(message.body)
     replay = headers.get(REPLAY_HEADER)
     replay = replay if type(replay) is int and replay > 0 else 0
-    stem = named.get("key") or (
-        f"message:{message.message_id}" if message.message_id
-        else f"sha256:{hashlib.sha256(message.body).hexdigest()}"
+    kind, ident = named.get("key") or (
+        ("message", message.message_id) if message.message_id
+        else ("sha256", hashlib.sha256(message.body).hexdigest())
     )
     reason, reason_class = _reason(headers)
     return DeadLetter(
-        key=replay_key(stem, replay),
+        key=dead_letter_key(kind, ident, replay),
         reason=reason,
         reason_class=reason_class,
         deliveries=_deliveries(headers),
@@ -180,11 +180,11 @@ def _named_in(body: bytes) -> dict[str, Any]:
     kind = data.get("type")
     command_id = data.get("command_id")
     if kind in COMMAND_TYPES and isinstance(command_id, str) and 0 < len(command_id) <= 200:
-        named.update(key=f"command:{command_id}", command_id=command_id, type=kind,
+        named.update(key=("command", command_id), command_id=command_id, type=kind,
                      appointment_id=_id(data.get("appointment_id")))
     elif kind in EVENT_TYPES and isinstance(data.get("event_id"), str):
         appointment = data.get("appointment")
-        named.update(key=f"event:{data['event_id']}", type=kind,
+        named.update(key=("event", data["event_id"]), type=kind,
                      appointment_id=_id(appointment.get("id") if isinstance(appointment, dict) else None))
     return named
 

@@ -44,6 +44,7 @@ from consumer.pms.errors import RateLimited, Unavailable
 from consumer.records import Decision, Origin
 from consumer.store.base import (
     Commit,
+    DeadLetterQuery,
     InboxEntry,
     StaleVersion,
     Store,
@@ -104,6 +105,11 @@ def replay_key(key: str, replay: int) -> str:
     """A replay's own inbox key: it must not be taken for a duplicate of its own failure,
     while a second copy of the same replay (a replay tool killed and run again) must be."""
     return f"{key}#replay-{replay}" if replay else key
+
+
+def dead_letter_key(inbound_kind: str, ident: str, replay: int) -> str:
+    """The store's key of a dead letter: ``command:<id>`` or ``event:<id>``, per replay."""
+    return replay_key(f"{inbound_kind}:{ident}", replay)
 
 
 def deliveries_of(message: AbstractIncomingMessage) -> int:
@@ -222,9 +228,9 @@ class Worker:
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
-        replay = replay_number(message)
-        key = replay_key(message_key(inbound), replay)
         try:
+            replay = await self._replay_of(message, inbound)
+            key = replay_key(message_key(inbound), replay)
             entry = await self._store.inbox_get(key)
             if entry is None:
                 try:
@@ -237,12 +243,26 @@ class Worker:
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
         except TRANSIENT as exc:
-            return await self._retry_later(message, key, exc)
+            return await self._retry_later(message, message_key(inbound), exc)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
-            log.exception("unexpected error", message_id=key)
-            return await self._retry_later(message, key, exc)
+            log.exception("unexpected error", message_id=message_key(inbound))
+            return await self._retry_later(message, message_key(inbound), exc)
         await _settle(message.ack())
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
+
+    async def _replay_of(self, message: AbstractIncomingMessage, inbound: Any) -> int:
+        """The replay number `appt dead replay` gave this message, if what it replays was
+        dead-lettered: the header alone can't make a publisher's command run twice."""
+        replay = replay_number(message)
+        if not replay:
+            return 0
+        kind, ident = ("event", inbound.event_id) if isinstance(inbound, ObservedEvent) else (
+            "command", inbound.command_id)
+        replayed = DeadLetterQuery(key=dead_letter_key(kind, ident, replay - 1), status=None)
+        if await self._store.dead_letters(replayed):
+            return replay
+        log.warning("replay header on a message that was never dead-lettered: processed as sent", replay=replay)
+        return 0
 
     async def _decide_and_commit(
         self, key: str, inbound: Any, replay: int

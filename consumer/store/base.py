@@ -104,6 +104,7 @@ class DeadLetterQuery:
     """Which dead letters an operator means: by id, or by what they are (all filters AND)."""
 
     ids: tuple[int, ...] | None = None
+    key: str | None = None
     reason: str | None = None
     """A case-insensitive substring of the reason."""
     type: str | None = None

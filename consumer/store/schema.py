@@ -355,6 +355,9 @@ def dead_letters_sql(query: DeadLetterQuery) -> tuple[str, list[Any]]:
     if query.ids is not None:
         where.append(f"dead_id IN ({', '.join('?' for _ in query.ids) or 'NULL'})")
         params.extend(query.ids)
+    if query.key is not None:
+        where.append("dead_key = ?")
+        params.append(query.key)
     if query.reason is not None:
         where.append("lower(reason) LIKE ? ESCAPE '!'")
         literal = query.reason.lower().replace("!", "!!").replace("%", "!%").replace("_", "!_")

@@ -150,6 +150,24 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
     assert stack.observer.results["doomed"] == result
 
 
+async def test_a_replay_header_on_a_command_never_dead_lettered_does_not_run_it_twice(
+    stack: Stack, sandbox: Any, amqp_url: str
+) -> None:
+    seed(sandbox, 801)
+    done = await stack.result(await stack.send({"command_id": "once", "type": "edit_notes",
+                                                "appointment_id": 801, "notes": "first"}))
+    reads = sandbox.state.call_count(GET)
+    forged = {"command_id": "once", "type": "edit_notes", "appointment_id": 801, "notes": "forged"}
+    async with await aio_pika.connect(amqp_url) as connection:
+        exchange = await (await connection.channel()).get_exchange(INBOUND_EXCHANGE)
+        await exchange.publish(aio_pika.Message(json.dumps(forged).encode(), message_id="once",
+                                                headers={"x-appt-replay": 1}), routing_key="801")
+
+    await eventually(lambda: stack.observer.result_counts.get("once") == 2)
+    assert stack.observer.results["once"] == done  # answered as the duplicate it is
+    assert (sandbox.state.call_count(GET), sandbox.state.get(801)["notes"]) == (reads, "first")
+
+
 async def test_a_message_rabbitmq_dead_lettered_itself_is_kept_and_answered(stack: Stack, amqp_url: str) -> None:
     """The partitions' delivery limit is a backstop (a worker dying on a message each time):
     such a dead letter carries RabbitMQ's ``x-death``, not our reason."""

@@ -480,9 +480,10 @@ async def test_a_dead_letter_is_kept_once_with_its_answer_and_listed_in_arrival_
     by_filters = [
         DeadLetterQuery(reason="50%_"), DeadLetterQuery(reason="50%x"), DeadLetterQuery(type="confirm"),
         DeadLetterQuery(practice="p1"), DeadLetterQuery(ids=(listed[0].dead_id, listed[2].dead_id)),
+        DeadLetterQuery(key="message:m-2"),
     ]
     assert [[d.key for d in await store.dead_letters(q)] for q in by_filters] == [
-        ["message:m-3"], [], ["message:m-2"], ["message:m-2"], ["command:c-1", "message:m-3"]]
+        ["message:m-3"], [], ["message:m-2"], ["message:m-2"], ["command:c-1", "message:m-3"], ["message:m-2"]]
 
 
 async def test_a_dead_letter_is_settled_once_and_stays_on_record(store: Store) -> None:
