@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -386,5 +386,5 @@ async def _settle(action: Awaitable[None]) -> None:
     """Ack/nack; after a reconnect the delivery is gone and the broker redelivers it."""
     try:
         await action
-    except ChannelInvalidStateError:
+    except (ChannelInvalidStateError, AMQPError):  # AMQPError: the connection died under the ack
         log.warning("could not settle a message from a closed channel; it will be redelivered")
