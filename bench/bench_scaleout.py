@@ -20,11 +20,8 @@ import os
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-
-import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -37,31 +34,17 @@ from bench.common import (  # noqa: E402
     result_line,
     sandbox_process,
     seed_sandbox,
+    throwaway_schema,
     throwaway_vhost,
 )
 from consumer.broker import Broker  # noqa: E402
 from tests.e2e.processes import ServiceProcess, service_env  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
-PG_URL = os.environ.get("APPT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 FIRST_ID = 10_000
 SPLITS = {1: ["all"], 2: ["0,1", "2,3"]}
 READY_TIMEOUT = 30.0
 TIMEOUT = 180.0
-
-
-@contextlib.asynccontextmanager
-async def throwaway_schema() -> AsyncIterator[str]:
-    """A store URL on a PostgreSQL schema of this run's own, dropped afterwards."""
-    schema = f"appt_bench_{uuid.uuid4().hex[:10]}"
-    try:
-        yield f"{PG_URL}?schema={schema}"
-    finally:
-        connection = await asyncpg.connect(PG_URL)
-        try:
-            await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-        finally:
-            await connection.close()
 
 
 @contextlib.asynccontextmanager

@@ -23,6 +23,7 @@ from typing import Any
 
 import aio_pika
 import aiohttp
+import asyncpg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -35,6 +36,7 @@ from consumer.worker import Worker  # noqa: E402
 from consumer.workflows import WorkflowRunner  # noqa: E402
 
 RABBIT = "127.0.0.1:5672"
+PG_URL = os.environ.get("APPT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 SANDBOX_TOKEN = "sandbox-token"
 SERVERS = Path(__file__).resolve().parent / "servers.py"
 READY_TIMEOUT = 30.0
@@ -294,6 +296,20 @@ async def purge_partitions(amqp_url: str, partitions: int = 4) -> None:
 def log_to_file(path: Path) -> None:
     """Log as ``appt serve`` does (JSON lines, INFO) but into a file: the cost stays, the noise goes."""
     configure("json", "INFO", stream=open(path, "a"))  # noqa: SIM115 (open for the whole run)
+
+
+@contextlib.asynccontextmanager
+async def throwaway_schema() -> AsyncIterator[str]:
+    """A store URL on a PostgreSQL schema of this run's own, dropped afterwards."""
+    schema = f"appt_bench_{uuid.uuid4().hex[:10]}"
+    try:
+        yield f"{PG_URL}?schema={schema}"
+    finally:
+        connection = await asyncpg.connect(PG_URL)
+        try:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await connection.close()
 
 
 def sqlite_url(directory: str, name: str) -> str:

@@ -1,4 +1,4 @@
-"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile.
+"""`appt`: serve | send | history | sagas | dead | diagram | sandbox | schema | reconcile | prune.
 
 Each verb is a thin shell over the library: parse arguments, load settings
 (errors name the APPT_* variable), run one coroutine, map the outcome to an
@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="what DELETE does (unconfirmed on the live PMS; default: cancel)")
 
     verbs.add_parser("schema", help="print the message contract as JSON Schema")
+
+    prune = verbs.add_parser(
+        "prune", help="delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)")
+    prune.add_argument("--dry-run", action="store_true", help="only count what would go, per table")
 
     reconcile = verbs.add_parser(
         "reconcile", help="catch up from the PMS now (reads every polling window once, cancelled rows included)")
@@ -163,6 +167,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return await tools.sagas(settings, stuck=args.stuck, as_json=args.json)
     if args.verb == "reconcile":
         return await tools.reconcile(settings, since=args.since)
+    if args.verb == "prune":
+        return await tools.prune(settings, dry_run=args.dry_run)
     if args.verb == "dead":
         return await _dead(args, settings)
     raise AssertionError(args.verb)

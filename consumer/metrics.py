@@ -91,6 +91,20 @@ WEBHOOK_MISSED = Counter(
     registry=REGISTRY,
 )
 
+PRUNED = Counter(
+    "appt_pruned_rows_total",
+    "Rows deleted by the retention pruner, by table.",
+    ["table"],
+    registry=REGISTRY,
+)
+OLDEST_ROW = Gauge(
+    "appt_oldest_row_age_seconds",
+    "Age of the oldest row kept, by table, after each prune pass: it levels off at the"
+    " table's retention (0 when empty).",
+    ["table"],
+    registry=REGISTRY,
+)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

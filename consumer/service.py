@@ -2,7 +2,7 @@
 
 Resources live in the aiohttp app's cleanup context, so start-up and shutdown
 happen in one place and in order: open store, connect broker, resume
-unfinished workflows, consume; on SIGTERM the reverse, letting in-flight
+unfinished workflows, consume (and prune in the background); on SIGTERM the reverse, letting in-flight
 messages finish first.
 """
 
@@ -24,6 +24,7 @@ from consumer.deadletters import DeadLetterCollector
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
 from consumer.reconciler import Reconciler, run_reconciler
+from consumer.retention import run_pruner
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
@@ -72,6 +73,8 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 )
                 background.append(asyncio.create_task(
                     run_reconciler(reconciler, settings.reconcile_interval, stop)))
+            if settings.prune_interval > 0:
+                background.append(asyncio.create_task(run_pruner(store, settings, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
                 broker=broker, store=store, pms=pms, reassign=workflows.reassign,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "APPT_"
+DAY = 86_400.0
 
 
 class SettingsError(Exception):
@@ -48,6 +49,12 @@ class Settings(BaseSettings):
     reconcile_updated_after: bool = False
     webhook_silence_grace: float = Field(120.0, gt=0)
     workflow_deadline: float = Field(300.0, gt=0)
+    # Retention, in seconds; 0 keeps for good. Why these defaults: README "Retention".
+    inbox_retention: float = Field(7 * DAY, ge=0)
+    workflow_retention: float = Field(30 * DAY, ge=0)
+    state_log_retention: float = Field(0.0, ge=0)
+    prune_interval: float = Field(60.0, ge=0)
+    prune_batch: int = Field(500, ge=1, le=100_000)
 
     @field_validator("webhook_secrets", mode="before")
     @classmethod
@@ -62,6 +69,16 @@ class Settings(BaseSettings):
     def _known_store(cls, value: str) -> str:
         if not value.startswith(("sqlite://", "postgresql://", "postgres://")):
             raise ValueError("must be sqlite:///PATH or a postgresql:// URL")
+        return value
+
+    @field_validator("state_log_retention")
+    @classmethod
+    def _log_outlives_inbox(cls, value: float, info: ValidationInfo) -> float:
+        """A redelivery the inbox catches re-publishes its records from the log, so
+        the log must be kept at least as long as the inbox."""
+        inbox = info.data.get("inbox_retention")
+        if value and inbox is not None and (inbox == 0 or value < inbox):
+            raise ValueError(f"must be 0 (keep) or at least APPT_INBOX_RETENTION ({inbox:g})")
         return value
 
     @field_validator("worker_partitions")

@@ -238,3 +238,14 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
                                          horizon_days=settings.reconcile_horizon_days)
     print(json.dumps({"published": count}))
     return EXIT_OK
+
+
+async def prune(settings: Settings, *, dry_run: bool) -> int:
+    """One JSON line per table: what went (or, dry, would go) and the oldest row kept."""
+    from consumer.retention import prune_once, retentions
+
+    async with opened_store(settings) as store:
+        reports = await prune_once(store, retentions(settings), batch=settings.prune_batch, dry_run=dry_run)
+    for report in reports:
+        print(json.dumps({**report.as_json(), "dry_run": dry_run}))
+    return EXIT_OK

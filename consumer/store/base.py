@@ -168,7 +168,11 @@ class Store(Protocol):
         self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
         """Records naming this appointment (as ``appointment_id`` or in a workflow's detail
-        ``replacement_id``/``original_id``), in ``seq`` order."""
+        ``replacement_id``/``original_id``), in ``seq`` order.
+
+        Each call renews the appointment's read lease (``history_reads``): the
+        pruner leaves the records of an appointment read within the paging
+        grace, so a reader paging through a history never loses its middle."""
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
 
@@ -180,6 +184,22 @@ class Store(Protocol):
     ) -> list[WorkflowRecord]: ...
 
     async def get_watermark(self, name: str) -> str | None: ...
+
+    async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
+        """Delete up to ``limit`` rows of a ``schema.PRUNABLE`` table older than ``cutoff``,
+        oldest first, skipping what its rule keeps; return how many went.
+
+        One short transaction: the pruner calls it batch after batch, so the
+        worker's commits interleave instead of waiting behind one long delete."""
+
+    async def prunable(self, table: str, cutoff: datetime) -> int:
+        """How many rows ``prune`` would delete with this cutoff (for ``appt prune --dry-run``)."""
+
+    async def oldest(self, table: str) -> datetime | None:
+        """The time of the table's oldest row (the oldest one kept, after a prune)."""
+
+    async def compact(self) -> None:
+        """Give freed space back where the backend needs asking (SQLite); cheap to repeat."""
 
     async def add_dead_letter(
         self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None

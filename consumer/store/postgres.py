@@ -125,14 +125,20 @@ class PostgresStore:
         """``seq`` comes from a sequence, so two commits that touch no common row may
         become visible out of ``seq`` order. Commits writing one appointment's record
         queue on its row, so that appointment's history pages in order."""
-        rows = await self._fetch(
-            f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-            " WHERE (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
-            " ORDER BY seq LIMIT $3",
-            appointment_id,
-            after_seq,
-            limit,
-        )
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO history_reads (appointment_id, read_at) VALUES ($1, now())"
+                " ON CONFLICT (appointment_id) DO UPDATE SET read_at = excluded.read_at",
+                appointment_id,
+            )
+            rows = await conn.fetch(
+                f"SELECT {schema.LOG_COLUMNS} FROM state_log"
+                " WHERE (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
+                " ORDER BY seq LIMIT $3",
+                appointment_id,
+                after_seq,
+                limit,
+            )
         return [schema.log_from_row(row) for row in rows]
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
@@ -175,6 +181,38 @@ class PostgresStore:
                 name,
                 value,
             )
+
+    async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
+        """``SKIP LOCKED``: processes pruning together take disjoint rows, and a pruner
+        never waits on a row a worker holds, so it can't join a deadlock."""
+        rule = schema.PRUNABLE[table]
+        async with self._connection() as conn:
+            status = await conn.execute(
+                f"WITH doomed AS (SELECT ctid FROM {rule.table}"
+                f" WHERE {rule.time_column} < $1 AND NOT ({rule.keep})"
+                f" ORDER BY {rule.time_column} LIMIT $2 FOR UPDATE SKIP LOCKED)"
+                f" DELETE FROM {rule.table} WHERE ctid IN (SELECT ctid FROM doomed)",
+                schema.utc(cutoff),
+                limit,
+            )
+        return int(status.split()[-1])
+
+    async def prunable(self, table: str, cutoff: datetime) -> int:
+        rule = schema.PRUNABLE[table]
+        count = await self._fetchval(
+            f"SELECT count(*) FROM {rule.table} WHERE {rule.time_column} < $1 AND NOT ({rule.keep})",
+            schema.utc(cutoff),
+        )
+        return int(count)
+
+    async def oldest(self, table: str) -> datetime | None:
+        rule = schema.PRUNABLE[table]
+        value = await self._fetchval(f"SELECT min({rule.time_column}) FROM {rule.table}")
+        return None if value is None else schema.parse_time(value)
+
+    async def compact(self) -> None:
+        """Nothing to ask: autovacuum makes deleted rows' space reusable, so the tables
+        stop growing; a VACUUM FULL to shrink them would lock them exclusively."""
 
     async def add_dead_letter(
         self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
@@ -247,6 +285,10 @@ class PostgresStore:
     async def _fetchrow(self, sql: str, *args: Any) -> asyncpg.Record | None:
         async with self._connection() as conn:
             return await conn.fetchrow(sql, *args)
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        async with self._connection() as conn:
+            return await conn.fetchval(sql, *args)
 
     async def _fetch(self, sql: str, *args: Any) -> list[asyncpg.Record]:
         async with self._connection() as conn:

@@ -8,6 +8,7 @@ can be brought forward from whatever version it is at.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -26,6 +27,36 @@ from consumer.store.base import (
 # The SQL twin of TERMINAL_WORKFLOW_STATES, for queries; the migrations spell
 # the same list out literally because an applied migration must never change.
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
+
+
+@dataclass(frozen=True)
+class Prunable:
+    """A table the pruner shortens: rows older than a cutoff go, oldest first, unless ``keep`` holds.
+
+    ``keep`` is SQL over the table's row naming what is still needed whatever
+    its age; both backends run it as written, so one rule serves both.
+    """
+
+    table: str
+    time_column: str
+    keep: str = "1 = 0"
+
+
+# In the order the pruner visits them: expired history leases go first, so a
+# lease still present when the state log is pruned is a live one.
+PRUNABLE: dict[str, Prunable] = {rule.table: rule for rule in (
+    Prunable("history_reads", "read_at"),
+    Prunable("inbox", "processed_at"),
+    Prunable("workflows", "updated_at", keep=f"state NOT IN {TERMINAL_SQL}"),
+    Prunable("state_log", "time", keep=(
+        # the records of a workflow still running (its redelivery re-publishes them) ...
+        "EXISTS (SELECT 1 FROM workflows w WHERE w.workflow_id = state_log.workflow_id"
+        f" AND w.state NOT IN {TERMINAL_SQL})"
+        # ... and of an appointment whose history someone is paging through
+        " OR EXISTS (SELECT 1 FROM history_reads h"
+        " WHERE h.appointment_id IN (state_log.appointment_id, state_log.related_appointment_id))"
+    )),
+)}
 
 SQLITE_MIGRATIONS: list[list[str]] = [
     [
@@ -104,6 +135,17 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             settled_at TEXT
         )""",
         "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
+    ],
+    [
+        # Retention (issue 22): each pruned table is read oldest-first by its time column,
+        # and history readers leave a lease so the records they page through stay put.
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",
+        "CREATE INDEX workflows_updated_at ON workflows (updated_at)",
+        "CREATE INDEX state_log_time ON state_log (time)",
+        """CREATE TABLE history_reads (
+            appointment_id INTEGER PRIMARY KEY,
+            read_at TEXT NOT NULL
+        )""",
     ],
 ]
 
@@ -185,7 +227,17 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
         "CREATE INDEX dead_letters_status ON dead_letters (status, dead_id)",
     ],
+    [
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",
+        "CREATE INDEX workflows_updated_at ON workflows (updated_at)",
+        "CREATE INDEX state_log_time ON state_log (time)",
+        """CREATE TABLE history_reads (
+            appointment_id bigint PRIMARY KEY,
+            read_at timestamptz NOT NULL
+        )""",
+    ],
 ]
+
 
 class Row(Protocol):
     """A result row by column name: asyncpg's Record and sqlite3.Row both qualify."""

@@ -20,6 +20,7 @@ import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from consumer.store.base import (
 # Below this much free space on the file's disk the store reports itself unavailable: a commit
 # there fails with "database or disk is full", while a read (SELECT 1) still answers.
 MIN_FREE_BYTES = 1024 * 1024
+_AUTO_VACUUM_INCREMENTAL = 2
 _UNIQUE_ERRORS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 T = TypeVar("T")
@@ -71,6 +73,7 @@ class SqliteStore:
             # busy_timeout first: switching to WAL itself waits for other processes.
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
             db.execute("PRAGMA journal_mode = WAL")
+            _incremental_auto_vacuum(db)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {self._path}: {exc}") from exc
         return db
@@ -111,13 +114,20 @@ class SqliteStore:
     async def history(
         self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
-        rows = await self._fetchall(
-            f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-            " WHERE (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
-            " ORDER BY seq LIMIT ?",
-            (appointment_id, appointment_id, after_seq, limit),
-        )
-        return [schema.log_from_row(row) for row in rows]
+        def read(db: Connection) -> list[sqlite3.Row]:
+            db.execute(
+                "INSERT INTO history_reads (appointment_id, read_at) VALUES (?, ?)"
+                " ON CONFLICT (appointment_id) DO UPDATE SET read_at = excluded.read_at",
+                (appointment_id, _now()),
+            )
+            return db.execute(
+                f"SELECT {schema.LOG_COLUMNS} FROM state_log"
+                " WHERE (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
+                " ORDER BY seq LIMIT ?",
+                (appointment_id, appointment_id, after_seq, limit),
+            ).fetchall()
+
+        return [schema.log_from_row(row) for row in await self._in_transaction(read)]
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None:
         row = await self._fetchone(
@@ -164,6 +174,46 @@ class SqliteStore:
             )
 
         await self._in_transaction(write)
+
+    async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
+        rule = schema.PRUNABLE[table]
+
+        def delete(db: Connection) -> int:
+            cursor = db.execute(
+                f"DELETE FROM {rule.table} WHERE rowid IN (SELECT rowid FROM {rule.table}"
+                f" WHERE {rule.time_column} < ? AND NOT ({rule.keep})"
+                f" ORDER BY {rule.time_column} LIMIT ?)",
+                (schema.sqlite_time(cutoff), limit),
+            )
+            return cursor.rowcount
+
+        return await self._in_transaction(delete)
+
+    async def prunable(self, table: str, cutoff: datetime) -> int:
+        rule = schema.PRUNABLE[table]
+        row = await self._fetchone(
+            f"SELECT count(*) FROM {rule.table} WHERE {rule.time_column} < ? AND NOT ({rule.keep})",
+            (schema.sqlite_time(cutoff),),
+        )
+        return int(row[0]) if row is not None else 0
+
+    async def oldest(self, table: str) -> datetime | None:
+        rule = schema.PRUNABLE[table]
+        row = await self._fetchone(f"SELECT min({rule.time_column}) FROM {rule.table}", ())
+        return None if row is None or row[0] is None else schema.parse_time(row[0])
+
+    async def compact(self) -> None:
+        """Hand the pages pruning freed back to the file system, and empty the WAL.
+
+        Without this the file never shrinks, and the WAL keeps the size of its
+        largest burst (a checkpoint reuses it, only TRUNCATE shrinks it)."""
+
+        def shrink(db: Connection) -> None:
+            # executescript steps it to the end: execute() frees one page per step, so one page.
+            db.executescript("PRAGMA incremental_vacuum")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+
+        await self._run(shrink)
 
     async def add_dead_letter(
         self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
@@ -220,6 +270,15 @@ def _store_errors() -> Iterator[None]:
     except sqlite3.OperationalError as exc:
         # Locked past busy_timeout, disk full, unreadable file: all transient.
         raise StoreUnavailable(str(exc)) from exc
+
+
+def _incremental_auto_vacuum(db: Connection) -> None:
+    """Pages freed by deletes can then be given back (``compact``). The mode takes
+    effect on a file made without it only through one full VACUUM (once, at open)."""
+    row = db.execute("PRAGMA auto_vacuum").fetchone()
+    if row is not None and row[0] != _AUTO_VACUUM_INCREMENTAL:
+        db.execute("PRAGMA auto_vacuum = INCREMENTAL")
+        db.execute("VACUUM")
 
 
 def _transaction(work: Callable[[Connection], T], db: Connection) -> T:

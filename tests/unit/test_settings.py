@@ -31,6 +31,9 @@ def test_secrets_are_a_comma_or_space_separated_list(monkeypatch: pytest.MonkeyP
         ("APPT_STORE", "mysql://db"),
         ("APPT_PREFETCH", "0"),
         ("APPT_WORKER_PARTITIONS", "9-3"),
+        ("APPT_INBOX_RETENTION", "-1"),
+        ("APPT_STATE_LOG_RETENTION", "3600"),  # shorter than the inbox's 7 days
+        ("APPT_PRUNE_BATCH", "0"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
@@ -51,3 +54,13 @@ def test_the_cli_stops_with_a_one_line_reason_and_exit_code(
     monkeypatch.setenv("APPT_HTTP_PORT", "eighty")
     assert main(["sagas"]) == EXIT_CONFIG
     assert "APPT_HTTP_PORT" in capsys.readouterr().err
+
+
+def test_the_state_log_may_be_bounded_but_never_below_the_inbox(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A redelivery the inbox catches re-publishes its records from the log."""
+    monkeypatch.setenv("APPT_INBOX_RETENTION", "86400")
+    monkeypatch.setenv("APPT_STATE_LOG_RETENTION", "86400")
+    assert load_settings().state_log_retention == 86400
+    monkeypatch.setenv("APPT_INBOX_RETENTION", "0")  # an inbox kept for good needs its log kept too
+    with pytest.raises(SettingsError, match="APPT_STATE_LOG_RETENTION"):
+        load_settings()
