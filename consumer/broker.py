@@ -31,6 +31,10 @@ from aio_pika.exceptions import (
 from aio_pika.robust_connection import RobustConnection
 
 INBOUND_EXCHANGE = "appointments.inbound"
+# Observed events (webhooks, reconciler) enter here, never through the partners' exchange:
+# bound into appointments.inbound, so they share its partitions and per-appointment order,
+# while a delivery still names the exchange it was published to (see worker.trusted).
+OBSERVED_EXCHANGE = "appointments.observed"
 EVENTS_EXCHANGE = "appointments.events"
 DEAD_EXCHANGE = "appointments.dead"
 DEAD_QUEUE = "appointments.dead"
@@ -135,6 +139,10 @@ class Broker:
         inbound = await channel.declare_exchange(
             INBOUND_EXCHANGE, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
         )
+        observed = await channel.declare_exchange(
+            OBSERVED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        await inbound.bind(observed)
         await channel.declare_exchange(
             EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -221,11 +229,17 @@ class Broker:
         )
         await self._publish(INBOUND_EXCHANGE, body, str(appointment_id), properties)
 
+    async def publish_observed(self, body: bytes, *, appointment_id: int, message_id: str) -> None:
+        """An observed event (webhook or reconciler), on the exchange only the service may write."""
+        properties = json_properties(message_id=message_id)
+        await self._publish(OBSERVED_EXCHANGE, body, str(appointment_id), properties)
+
     async def publish_raw_inbound(
-        self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties
+        self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties, *, observed: bool = False,
     ) -> None:
-        """A message exactly as given (``appt dead replay`` puts a dead letter back)."""
-        await self._publish(INBOUND_EXCHANGE, body, routing_key, properties)
+        """A message exactly as given (``appt dead replay`` puts a dead letter back); an observed
+        event through appointments.observed, the only way the worker takes one."""
+        await self._publish(OBSERVED_EXCHANGE if observed else INBOUND_EXCHANGE, body, routing_key, properties)
 
     async def publish_event(self, routing_key: str, body: bytes, *, message_id: str) -> None:
         """Not mandatory: a topic nobody observes yet is normal; the store keeps the history."""

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from consumer.logs import configure
-from consumer.settings import Settings, SettingsError, load_settings
+from consumer.settings import Settings, SettingsError, load_settings, redact_url
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CONFIG = 0, 1, 2, 3
 
@@ -154,7 +154,10 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         try:
             await serve(settings, with_sandbox=args.with_sandbox)
         except (AMQPError, StoreUnavailable, OSError) as exc:  # a dependency down, a port taken
-            print(f"appt serve: could not start: {type(exc).__name__}: {exc}", file=sys.stderr)
+            reason = str(exc)
+            for url in (settings.amqp_url, settings.store):  # a driver may quote its URL back
+                reason = reason.replace(url, redact_url(url))
+            print(f"appt serve: could not start: {type(exc).__name__}: {reason}", file=sys.stderr)
             return EXIT_FAILED
         return EXIT_OK
     if args.verb == "send":

@@ -152,7 +152,8 @@ async def _publish_replay(broker: Broker, letter: DeadLetter) -> None:
     headers[REPLAY_HEADER] = letter.replay + 1
     properties = json_properties(message_id=letter.message_id, reply_to=letter.reply_to,
                                  correlation_id=letter.correlation_id, headers=headers)
-    await broker.publish_raw_inbound(letter.body, letter.routing_key, properties)
+    await broker.publish_raw_inbound(letter.body, letter.routing_key, properties,
+                                     observed=(letter.type or "").startswith("appointment."))
 
 
 def _missing(query: DeadLetterQuery, letters: list[DeadLetter]) -> list[int]:

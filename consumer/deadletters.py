@@ -32,7 +32,7 @@ from consumer.broker import (
 )
 from consumer.failpoints import failpoint
 from consumer.logs import get_logger
-from consumer.messages import COMMAND_TYPES, MAX_ID, CommandResult
+from consumer.messages import COMMAND_TYPES, MAX_ID, MAX_ID_BYTES, MAX_SHORTSTR_BYTES, CommandResult, fits_bytes
 from consumer.periodic import every
 from consumer.store.base import (
     DeadLetter,
@@ -175,11 +175,12 @@ def _named_in(body: bytes) -> dict[str, Any]:
         return {}
     named: dict[str, Any] = {}
     for field in ("practice", "correlation_id"):
-        if isinstance(data.get(field), str):
+        # Both end up in AMQP properties of the failed result: 255 bytes at most.
+        if isinstance(data.get(field), str) and fits_bytes(data[field], MAX_SHORTSTR_BYTES):
             named[field] = data[field]
     kind = data.get("type")
     command_id = data.get("command_id")
-    if kind in COMMAND_TYPES and isinstance(command_id, str) and 0 < len(command_id) <= 200:
+    if kind in COMMAND_TYPES and isinstance(command_id, str) and command_id and fits_bytes(command_id, MAX_ID_BYTES):
         named.update(key=("command", command_id), command_id=command_id, type=kind,
                      appointment_id=_id(data.get("appointment_id")))
     elif kind in EVENT_TYPES and isinstance(data.get("event_id"), str):

@@ -19,6 +19,7 @@ SAGA_FAILPOINTS = frozenset({
     "before_cancel_original",
     "after_cancel_original",
     "after_record_cancelled",
+    "after_move_replacement",
     "before_remove_replacement",
     "after_remove_replacement",
 })

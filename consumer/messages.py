@@ -7,15 +7,86 @@ typo in a client is an error, not a silently ignored field.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-MAX_MESSAGE_BYTES = 64 * 1024
+# The default of APPT_MAX_MESSAGE_BYTES: a webhook body and an inbound message alike.
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024
 MAX_ID = 2**63 - 1  # ids are stored as BIGINT: a larger one is invalid input, not a transient failure
+# Our message ids are these ids with a short prefix (``result-<command_id>``), and AMQP's
+# shortstr properties (message_id, correlation_id, reply_to) hold 255 bytes at most.
+MAX_ID_BYTES = 200
+MAX_SHORTSTR_BYTES = 255
+# How far ahead of our clock an upstream ``updated_at`` may be before it is a lie, not a skew.
+MAX_CLOCK_SKEW = timedelta(minutes=5)
 
-Id = Annotated[int, Field(gt=0, le=MAX_ID)]
+# Strict: "500060", 500060.0 and true are not ids (pydantic's lax mode would take them).
+Id = Annotated[int, Field(strict=True, gt=0, le=MAX_ID)]
+
+
+def fits_bytes(value: str, limit: int) -> bool:
+    """Whether ``value`` is at most ``limit`` bytes in UTF-8 (AMQP counts bytes, not characters)."""
+    return len(value.encode()) <= limit
+
+
+def _within_bytes(limit: int) -> AfterValidator:
+    """A length limit in UTF-8 bytes, for fields that become AMQP properties."""
+
+    def check(value: str) -> str:
+        if not fits_bytes(value, limit):
+            raise ValueError(f"must be at most {limit} bytes in UTF-8")
+        return value
+
+    return AfterValidator(check)
+
+
+# max_length (characters) puts the limit in the JSON Schema; the byte check is the binding one.
+MessageId = Annotated[str, Field(min_length=1, max_length=MAX_ID_BYTES), _within_bytes(MAX_ID_BYTES)]
+ShortStr = Annotated[str, Field(max_length=MAX_SHORTSTR_BYTES), _within_bytes(MAX_SHORTSTR_BYTES)]
+
+
+def is_positive_id(value: object) -> bool:
+    """An id as the PMS sends it: a JSON integer (not a bool) in the 64-bit range."""
+    return type(value) is int and 0 < value <= MAX_ID
+
+
+def parse_time(value: str) -> datetime:
+    """An ISO 8601 time (``Z`` allowed); raises ValueError when unparsable."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def check_upstream_time(value: object, now: datetime | None = None) -> None:
+    """An upstream ``updated_at`` orders events: a bad one would win every comparison or break them.
+
+    Refused: not a string, unparsable, without a zone (incomparable with the
+    others) or later than now plus ``MAX_CLOCK_SKEW`` (it would make every
+    genuine later event look stale).
+    """
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ValueError("updated_at must be an ISO 8601 string")
+    try:
+        moment = parse_time(value)
+    except ValueError:
+        raise ValueError("updated_at must be an ISO 8601 time") from None
+    if moment.tzinfo is None:
+        raise ValueError("updated_at must carry a time zone")
+    if moment > (now or utcnow()) + MAX_CLOCK_SKEW:
+        raise ValueError(f"updated_at is more than {MAX_CLOCK_SKEW} in the future")
+
+
+def routing_key_names(routing_key: str, appointment_id: int) -> bool:
+    """Whether a delivery's routing key names the body's appointment.
+
+    Ordering is per routing key, so a key naming another appointment would
+    order this one's messages with a stranger's. ``<id>`` and
+    ``<scope>.<id>`` (a practice-qualified key) are both accepted: the last
+    dot-separated part must be the id, spelled canonically.
+    """
+    return routing_key.rpartition(".")[2] == str(appointment_id)
 
 Source = Literal["webhook", "command", "workflow", "reconcile"]
 Outcome = Literal["succeeded", "rejected", "failed"]
@@ -30,9 +101,9 @@ class _Strict(BaseModel):
 
 
 class _Command(_Strict):
-    command_id: Annotated[str, Field(min_length=1, max_length=200)]
+    command_id: MessageId
     appointment_id: Id
-    correlation_id: str | None = None
+    correlation_id: ShortStr | None = None
 
 
 class Confirm(_Command):
@@ -80,7 +151,7 @@ class ObservedEvent(_Strict):
     """
 
     type: EventType
-    event_id: Annotated[str, Field(min_length=1, max_length=200)]
+    event_id: MessageId
     source: Literal["webhook", "reconcile"]
     appointment: dict[str, Any]
     received_at: datetime = Field(default_factory=utcnow)
@@ -88,10 +159,13 @@ class ObservedEvent(_Strict):
     @field_validator("appointment")
     @classmethod
     def _has_an_id(cls, appointment: dict[str, Any]) -> dict[str, Any]:
-        """The id keys the ordering, the record and the log: an event without one can never apply."""
-        appointment_id = appointment.get("id")
-        if type(appointment_id) is not int or not 0 < appointment_id <= MAX_ID:
-            raise ValueError(f"appointment.id must be a positive 64-bit integer, got {appointment_id!r}")
+        """The id keys the ordering, the record and the log: an event without one can never apply.
+
+        ``updated_at`` decides which of two events is newer, so it is checked too.
+        """
+        if not is_positive_id(appointment.get("id")):
+            raise ValueError("appointment.id must be a positive 64-bit integer")
+        check_upstream_time(appointment.get("updated_at"))
         return appointment
 
     @property
@@ -128,8 +202,8 @@ class WebhookPayload(BaseModel):
 
     def appointment(self) -> dict[str, Any]:
         inner = self.data.get("appointment", self.data)
-        if not isinstance(inner, dict) or not isinstance(inner.get("id"), int):
-            raise ValueError("data.appointment.id (an integer) is required")
+        if not isinstance(inner, dict) or not is_positive_id(inner.get("id")):
+            raise ValueError("data.appointment.id (a positive 64-bit integer) is required")
         return inner
 
 

@@ -190,7 +190,7 @@ class Reconciler:
 
     async def _publish(self, row: PmsAppointment) -> None:
         event = event_for(row)
-        await self._broker.publish_inbound(
+        await self._broker.publish_observed(
             event.model_dump_json().encode(), appointment_id=row.id, message_id=event.event_id,
         )
 

@@ -10,7 +10,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from consumer.messages import CommandResult, Outcome, Source, StateLogRecord
+from consumer.messages import (
+    MAX_CLOCK_SKEW,
+    CommandResult,
+    Outcome,
+    Source,
+    StateLogRecord,
+    parse_time,
+    utcnow,
+)
 from consumer.store.base import AppointmentRecord, WorkflowRecord
 from statemachines.appointment import Snapshot, Transition
 
@@ -40,14 +48,36 @@ def snapshot_from_record(record: AppointmentRecord | None) -> Snapshot | None:
 
 
 def is_not_newer(candidate: str | None, stored: str | None) -> bool:
-    """True when ``candidate`` is no newer than what is stored (a stale or repeated event)."""
-    if candidate is None or stored is None:
+    """True when ``candidate`` is no newer than what is stored (a stale or repeated event).
+
+    Never raises, and never trusts a stored time that can't be compared (no
+    zone, unparsable) or lies in the future: such a value, written before
+    events' times were checked (messages.check_upstream_time), would
+    otherwise make every genuine later event look stale, for good.
+    """
+    old = _comparable(stored)
+    new = _comparable(candidate)
+    if old is None or new is None or old > utcnow() + MAX_CLOCK_SKEW:
         return False
-    return _parse_time(candidate) <= _parse_time(stored)
+    return new <= old
 
 
-def _parse_time(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+def is_older(candidate: str | None, stored: str | None) -> bool:
+    """True when ``candidate`` is strictly older than what is stored (adopting it would go back);
+    trusted stored times only, as for ``is_not_newer``."""
+    old = _comparable(stored)
+    new = _comparable(candidate)
+    if old is None or new is None or old > utcnow() + MAX_CLOCK_SKEW:
+        return False
+    return new < old
+
+
+def _comparable(value: str | None) -> datetime | None:
+    try:
+        moment = parse_time(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from aiohttp import web
 from consumer import metrics
 from consumer.broker import Broker
 from consumer.deadletters import DeadLetterCollector
+from consumer.http import listen, make_runner
 from consumer.logs import configure, get_logger
 from consumer.pms.client import PmsClient
 from consumer.reconciler import Reconciler, run_reconciler
@@ -28,7 +29,7 @@ from consumer.retention import run_pruner
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.store.base import open_store
-from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
+from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 
@@ -79,7 +80,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             worker = Worker(
                 broker=broker, store=store, pms=pms, reassign=workflows.reassign,
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
-                retry_delay=settings.retry_delay,
+                retry_delay=settings.retry_delay, max_message_bytes=settings.max_message_bytes,
             )
             started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
             await worker.start()
@@ -87,6 +88,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
             app[SILENCE_KEY] = silence
+            app[WORKER_FAILING_KEY] = lambda: worker.failing
             log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
                      pms=settings.pms_url, store=settings.store.split("@")[-1])
             yield
@@ -108,11 +110,11 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = make_runner(app, settings)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, settings.http_host, settings.http_port)
-        await site.start()
+        listener = await listen(runner, settings)
+        stack.callback(listener.close)  # stop accepting before the runner shuts connections
         await _wait_for_signal()
 
 

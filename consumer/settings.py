@@ -6,12 +6,18 @@ operator fixes the deployment instead of reading a traceback.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from consumer.messages import DEFAULT_MAX_MESSAGE_BYTES
+from consumer.signing import secret_key
+
 ENV_PREFIX = "APPT_"
+# Never echoed in an error: their values are credentials.
+SECRET_SETTINGS = frozenset({"pms_token", "webhook_secrets", "dentally_signing_secret", "api_token"})
 DAY = 86_400.0
 
 
@@ -31,11 +37,17 @@ class Settings(BaseSettings):
     pms_retry_attempts: int = Field(4, ge=1, le=20)
     webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_tolerance: int = Field(300, ge=1)
-    webhook_max_body: int = Field(256 * 1024, ge=1024)
+    # One limit for a webhook's body and an inbound message, so a 202 always means "will be
+    # applied". APPT_WEBHOOK_MAX_BODY, its earlier name, is still read.
+    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=64 * 1024 * 1024, validation_alias=AliasChoices(
+        "max_message_bytes", "APPT_MAX_MESSAGE_BYTES", "webhook_max_body", "APPT_WEBHOOK_MAX_BODY"))
     dentally_signing_secret: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
     api_token: str | None = None
+    http_idle_timeout: float = Field(15.0, gt=0)
+    http_body_timeout: float = Field(30.0, gt=0)
+    http_max_connections: int = Field(512, ge=1)
     log_format: Literal["json", "console"] = "json"
     log_level: str = "INFO"
     prefetch: int = Field(64, ge=1, le=1000)
@@ -63,6 +75,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [s for s in value.replace(",", " ").split() if s]
         return value
+
+    @field_validator("webhook_secrets")
+    @classmethod
+    def _decodable_secrets(cls, secrets: list[str]) -> list[str]:
+        """A malformed secret stops start-up here, not at the first webhook."""
+        for secret in secrets:
+            secret_key(secret)
+        return secrets
 
     @field_validator("store")
     @classmethod
@@ -116,6 +136,23 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = ENV_PREFIX + str(err["loc"][0]).upper() if err["loc"] else ENV_PREFIX
-            lines.append(f"{name}: {err['msg']} (got {err.get('input')!r})")
-        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+            field = str(err["loc"][0]).lower().removeprefix(ENV_PREFIX.lower()) if err["loc"] else ""
+            got = "" if field in SECRET_SETTINGS else f" (got {_shown(err.get('input'))})"
+            lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{got}")
+        raise SettingsError("invalid configuration: " + "; ".join(lines)) from None
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for messages an operator (or a log) sees."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    return url.replace(f":{password}@", ":***@", 1)
+
+
+def _shown(value: Any) -> str:
+    return repr(redact_url(value) if isinstance(value, str) and "://" in value else value)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
-from consumer.messages import ObservedEvent, WebhookPayload
+from consumer.messages import MAX_ID, ObservedEvent, WebhookPayload
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.signing import (
@@ -39,10 +39,11 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
+# Optional: set by `appt serve`, so /readyz can say when the worker's handler is failing.
+WORKER_FAILING_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("worker_failing")
 
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DENTALLY_SIGNATURE = "X-Dentally-Signature"
-DENTALLY_DELIVERY = "X-Dentally-Delivery"
 READY_PING_TIMEOUT = 2.0
 MAX_HISTORY_PAGE = 1000
 
@@ -59,20 +60,21 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
     failing every request.
     """
     for secret in settings.webhook_secrets:
-        secret_key(secret)
+        secret_key(secret)  # also checked by Settings; kept for settings built with model_copy
     if not settings.webhook_secrets and not settings.dentally_signing_secret:
         log.error("webhooks.no_secret_configured",
                   hint="set APPT_WEBHOOK_SECRETS; every webhook is refused until then")
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
-    app = web.Application(client_max_size=settings.webhook_max_body + 1)
+    app = web.Application(client_max_size=settings.max_message_bytes + 1)
     app[SETTINGS_KEY] = settings
     app.cleanup_ctx.append(resources)
     app.router.add_post("/webhooks/pms", receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
-    app.router.add_get(r"/appointments/{id:\d+}", get_appointment)
-    app.router.add_get(r"/appointments/{id:\d+}/history", get_history)
+    # [0-9], not \d: \d matches every script's digits, and "७५७" would alias "757".
+    app.router.add_get(r"/appointments/{id:[0-9]+}", get_appointment)
+    app.router.add_get(r"/appointments/{id:[0-9]+}/history", get_history)
     return app
 
 
@@ -86,20 +88,25 @@ def _refuse(result: str, status: int, message: str, **log_fields: Any) -> web.Re
     return _error(status, message)
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | None:
-    """The raw body, or None once it exceeds ``limit`` (without reading the rest)."""
+async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes | None:
+    """The raw body, or None once it exceeds ``limit`` (without reading the rest).
+
+    Raises TimeoutError when the whole body takes longer than ``timeout``: a
+    client trickling (or stalling) its body must not hold a connection forever.
+    """
     if request.content_length is not None and request.content_length > limit:
         return None
     chunks: list[bytes] = []
     size = 0
-    while True:
-        chunk = await request.content.read(limit + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > limit:
-            return None
+    async with asyncio.timeout(timeout):
+        while True:
+            chunk = await request.content.read(limit + 1 - size)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return None
 
 
 def _verify(settings: Settings, request: web.Request, body: bytes) -> str:
@@ -111,11 +118,9 @@ def _verify(settings: Settings, request: web.Request, body: bytes) -> str:
         and "webhook-signature" not in headers
     ):
         verify_dentally(settings.dentally_signing_secret, body, headers[DENTALLY_SIGNATURE])
-        return (
-            headers.get(DENTALLY_DELIVERY)
-            or headers.get("webhook-id")
-            or "sha256:" + hashlib.sha256(body).hexdigest()
-        )
+        # The scheme signs the body only: an id from a header could be changed at will to
+        # replay a captured body, so the id is the body's digest.
+        return "sha256:" + hashlib.sha256(body).hexdigest()
     return verify(settings.webhook_secrets, headers, body, tolerance=settings.webhook_tolerance)
 
 
@@ -136,9 +141,17 @@ def _observed_event(body: bytes, webhook_id: str) -> ObservedEvent:
 
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
-    body = await _read_body(request, settings.webhook_max_body)
+    try:
+        body = await _read_body(request, settings.max_message_bytes, settings.http_body_timeout)
+    except TimeoutError:
+        response = _refuse("body_timeout", 408, f"body not received within {settings.http_body_timeout} s")
+        await response.prepare(request)
+        await response.write_eof()
+        if request.transport is not None:  # or aiohttp lingers, reading the rest of the body for 10 s
+            request.transport.close()
+        return response
     if body is None:
-        return _refuse("too_large", 413, f"body over {settings.webhook_max_body} bytes")
+        return _refuse("too_large", 413, f"body over {settings.max_message_bytes} bytes")
     try:
         webhook_id = _verify(settings, request, body)
     except (StaleTimestamp, FutureTimestamp) as exc:
@@ -154,11 +167,12 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return _refuse("invalid", 400, str(exc), webhook_id=webhook_id)
     fields = {"webhook_id": webhook_id, "type": event.type,
               "appointment_id": event.appointment_id}
+    message = event.model_dump_json().encode()
+    if len(message) > settings.max_message_bytes:  # the envelope adds a little to the body
+        return _refuse("too_large", 413, f"message over {settings.max_message_bytes} bytes", **fields)
     try:
-        await request.app[BROKER_KEY].publish_inbound(
-            event.model_dump_json().encode(),
-            appointment_id=event.appointment_id,
-            message_id=webhook_id,
+        await request.app[BROKER_KEY].publish_observed(
+            message, appointment_id=event.appointment_id, message_id=webhook_id,
         )
     except PublishFailed as exc:
         metrics.WEBHOOKS.labels(result="unavailable").inc()
@@ -185,8 +199,10 @@ async def _store_answers(store: Store) -> bool:
 async def readyz(request: web.Request) -> web.Response:
     broker_ok = request.app[BROKER_KEY].connected
     store_ok = await _store_answers(request.app[STORE_KEY])
-    checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down"}
-    ready = broker_ok and store_ok
+    worker_failing = request.app.get(WORKER_FAILING_KEY, lambda: False)()
+    checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down",
+              "worker": "failing" if worker_failing else "ok"}
+    ready = broker_ok and store_ok and not worker_failing
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
     silence = request.app.get(SILENCE_KEY)
     if silence is not None:
@@ -220,7 +236,7 @@ def _unauthorized(request: web.Request) -> web.Response | None:
 async def get_appointment(request: web.Request) -> web.Response:
     if (refusal := _unauthorized(request)) is not None:
         return refusal
-    appointment_id = int(request.match_info["id"])
+    appointment_id = _path_id(request)
     record = await request.app[STORE_KEY].get_appointment(appointment_id)
     if record is None:
         return _error(404, f"appointment {appointment_id} unknown")
@@ -233,13 +249,27 @@ async def get_appointment(request: web.Request) -> web.Response:
     })
 
 
+def _ascii_int(raw: str) -> int | None:
+    """ASCII digits, canonically written (no sign, no leading zero), or None.
+
+    Python's int() also takes "١", "+5", " 5 " and "0005": each would alias another value.
+    """
+    if not (raw.isascii() and raw.isdigit()) or (len(raw) > 1 and raw[0] == "0") or len(raw) > 19:
+        return None
+    return int(raw)
+
+
+def _path_id(request: web.Request) -> int:
+    """The appointment id of the path; 404 for one no appointment can have."""
+    value = _ascii_int(request.match_info["id"])
+    if value is None or not 0 < value <= MAX_ID:
+        raise web.HTTPNotFound(text=json.dumps({"error": "appointment unknown"}), content_type="application/json")
+    return value
+
+
 def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name, str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
+    value = _ascii_int(request.query.get(name, str(default)))
+    if value is None or not low <= value <= high:
         raise web.HTTPBadRequest(
             text=json.dumps({"error": f"{name} must be an integer in {low}..{high}"}),
             content_type="application/json",
@@ -251,7 +281,7 @@ async def get_history(request: web.Request) -> web.Response:
     """One page of the state log; ``next_after_seq`` is null once the last page is served."""
     if (refusal := _unauthorized(request)) is not None:
         return refusal
-    appointment_id = int(request.match_info["id"])
+    appointment_id = _path_id(request)
     after_seq = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
     limit = _int_query(request, "limit", 100, 1, MAX_HISTORY_PAGE)
     store = request.app[STORE_KEY]

@@ -10,6 +10,7 @@ redelivery, and the inbox makes a redelivery harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -27,21 +28,22 @@ from tenacity import (
 )
 
 from consumer import metrics
-from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
+from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
 from consumer.messages import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     INBOUND,
-    MAX_MESSAGE_BYTES,
     CommandResult,
     ObservedEvent,
     Reassign,
     StateLogRecord,
+    routing_key_names,
 )
 from consumer.observed import observe
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import RateLimited, Unavailable
-from consumer.records import Decision, Origin
+from consumer.records import Decision, Origin, result_for
 from consumer.store.base import (
     Commit,
     DeadLetterQuery,
@@ -56,6 +58,10 @@ log = get_logger(__name__)
 
 STORE_PROBE_INTERVAL = 1.0  # seconds between pings while the store is down
 TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
+# Replies may not be sent into the service's own queues (the partitions, the dead letters).
+RESERVED_QUEUE_PREFIX = "appointments."
+# How long /readyz reports a handler that failed in an unforeseen way.
+FAILING_WINDOW = 60.0
 ReassignHandler = Callable[[Reassign], Awaitable[Decision]]
 
 
@@ -71,28 +77,40 @@ class InvalidMessage(Exception):
     """The message can never be processed: dead-letter it with this reason."""
 
 
-def parse(body: bytes) -> Any:
-    if len(body) > MAX_MESSAGE_BYTES:
-        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+def parse(body: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    if len(body) > max_bytes:
+        raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        # RecursionError: deeply nested arrays/objects; left uncaught it killed the task unsettled.
-        raise InvalidMessage(f"not JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        # ValueError covers bad UTF-8, bad JSON and an integer of more than 4,300 digits;
+        # RecursionError deep nesting. Either, left uncaught, left the message unsettled.
+        raise InvalidMessage(f"not JSON: {str(exc)[:200]}") from None
     try:
         return INBOUND.validate_python(data)
     except (ValidationError, ValueError, RecursionError) as exc:
         raise InvalidMessage(f"invalid message: {exc}") from None
 
 
+def sender_id(inbound: Any) -> str:
+    """The id the sender gave: the command id, or the webhook / reconcile event id."""
+    return str(inbound.event_id if isinstance(inbound, ObservedEvent) else inbound.command_id)
+
+
 def message_key(inbound: Any) -> str:
-    """The idempotency key: the command id or the webhook / reconcile event id."""
-    return inbound.event_id if isinstance(inbound, ObservedEvent) else command_key(inbound.command_id)
+    """The idempotency key, namespaced by kind and source (``command:``, ``webhook:``, ``reconcile:``).
+
+    One shared space let a command squat the id of a webhook yet to come, which
+    was then dropped as a duplicate.
+    """
+    if isinstance(inbound, ObservedEvent):
+        return f"{inbound.source}:{inbound.event_id}"
+    return command_key(inbound.command_id)
 
 
 def command_key(command_id: str) -> str:
     """A command's inbox key (also written by the dead-letter collector, for its ``failed`` result)."""
-    return command_id
+    return f"command:{command_id}"
 
 
 def replay_number(message: AbstractIncomingMessage) -> int:
@@ -125,10 +143,28 @@ def result_publishes(
     body = result.model_dump_json().encode()
     publishes: list[Awaitable[None]] = [
         broker.publish_event(result.routing_key(), body, message_id=result.message_id())]
-    if reply_to:
+    if reply_to := reply_queue(reply_to):
         publishes.append(broker.publish_reply(
             reply_to, body, correlation_id=correlation_id or result.correlation_id))
     return publishes
+
+
+def check_trusted(inbound: Any, exchange: str) -> None:
+    """Observed events are the PMS's truth: only the service itself may publish them.
+
+    Partners can write to appointments.inbound only (see the README's
+    security model), so an event arriving through it is a forgery or a bug.
+    """
+    if isinstance(inbound, ObservedEvent) and exchange != OBSERVED_EXCHANGE:
+        raise InvalidMessage(f"an observed event must come through {OBSERVED_EXCHANGE}, not {exchange!r}")
+
+
+def reply_queue(reply_to: str | None) -> str | None:
+    """Where to send the reply: the caller's queue, never one of the service's own."""
+    if reply_to and reply_to.startswith(RESERVED_QUEUE_PREFIX):
+        log.warning("reply_to names a queue of the service; no reply sent", reply_to=reply_to)
+        return None
+    return reply_to or None
 
 
 class KeyedSerializer:
@@ -183,6 +219,7 @@ class Worker:
         max_deliveries: int = 5,
         retry_delay: float = 1.0,
         attempts: int = 3,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._broker = broker
         self._store = store
@@ -192,9 +229,17 @@ class Worker:
         self._max_deliveries = max_deliveries
         self._retry_delay = retry_delay
         self._attempts = attempts
+        self._max_message_bytes = max_message_bytes
         self._serializer = KeyedSerializer()
         self._stopping = False
         self._store_probe = asyncio.Lock()  # one prober for all messages waiting on the store
+        self._last_unforeseen: float | None = None
+
+    @property
+    def failing(self) -> bool:
+        """True for a while after a handler failed in a way no branch foresaw (see ``_handle``)."""
+        last = self._last_unforeseen
+        return last is not None and time.monotonic() - last < FAILING_WINDOW
 
     async def start(self) -> None:
         await self._broker.consume(self._partitions, self._on_message)
@@ -211,10 +256,24 @@ class Worker:
         self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
+        """Every delivery is settled, whatever its bytes: a message left unsettled holds its
+        prefetch slot and, with its siblings, stops the partition."""
+        try:
+            await self._handle_delivery(message)
+        except Exception:
+            self._last_unforeseen = time.monotonic()
+            metrics.MESSAGES.labels("unknown", "unforeseen").inc()
+            log.exception("unforeseen failure handling a message; the broker dead-letters it",
+                          message_id=message.message_id)
+            with contextlib.suppress(Exception):  # the queue's dead-letter exchange takes it
+                await _settle(message.nack(requeue=False))
+
+    async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
         started = time.perf_counter()
         kind = "invalid"
         try:
-            inbound = parse(message.body)
+            inbound = parse(message.body, self._max_message_bytes)
+            check_trusted(inbound, message.exchange or "")
             kind = inbound.type
             # Every log line written while handling this message carries its ids.
             with structlog.contextvars.bound_contextvars(
@@ -228,6 +287,8 @@ class Worker:
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
+        if not routing_key_names(message.routing_key or "", inbound.appointment_id):
+            return await self._misrouted(message, inbound)
         try:
             replay = await self._replay_of(message, inbound)
             key = replay_key(message_key(inbound), replay)
@@ -238,15 +299,16 @@ class Worker:
                 except AlreadyProcessed as done:  # the same id, delivered twice at once
                     entry = done.entry
             if entry is not None:
-                await self._republish(message, message_key(inbound), inbound, entry)
+                await self._republish(message, inbound, entry)
                 await _settle(message.ack())
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
         except TRANSIENT as exc:
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
+            self._last_unforeseen = time.monotonic()
             log.exception("unexpected error", message_id=message_key(inbound))
-            return await self._retry_later(message, message_key(inbound), exc)
+            return await self._retry_later(message, message_key(inbound), exc, inbound)
         await _settle(message.ack())
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
@@ -290,6 +352,22 @@ class Worker:
                 ))
         return decision, logs
 
+    async def _misrouted(self, message: AbstractIncomingMessage, inbound: Any) -> str:
+        """A routing key naming another appointment: ordering is per key, so it is never applied.
+
+        A command gets a ``rejected`` result (no inbox entry: the same command
+        id on the right key is still applied); an event is dead-lettered.
+        """
+        reason = f"the routing key does not name appointment {inbound.appointment_id}"
+        if isinstance(inbound, ObservedEvent):
+            return await self._dead_letter(message, reason, "invalid", deliveries_of(message))
+        try:
+            await self._publish(message, [], result_for(inbound, "rejected", reasons={"routing_key": [reason]}))
+        except PublishFailed as exc:
+            return await self._retry_later(message, message_key(inbound), exc, None)  # nothing of a saga ran
+        await _settle(message.ack())
+        return "rejected"
+
     async def _raise_if_processed(self, key: str) -> None:
         entry = await self._store.inbox_get(key)
         if entry is not None:
@@ -327,19 +405,26 @@ class Worker:
                      appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
 
     async def _republish(
-        self, message: AbstractIncomingMessage, key: str, inbound: Any, entry: InboxEntry
+        self, message: AbstractIncomingMessage, inbound: Any, entry: InboxEntry
     ) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
-        logs = await records_of(self._store, inbound.appointment_id, key)
+        logs = await records_of(self._store, inbound.appointment_id, sender_id(inbound))
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 
-    async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException) -> str:
+    async def _retry_later(
+        self, message: AbstractIncomingMessage, key: str, exc: BaseException, inbound: Any
+    ) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, StoreUnavailable):
             return await self._requeue_when_store_answers(message, key, reason)
         if deliveries >= self._max_deliveries:
+            if await self._left_to_its_workflow(inbound):
+                log.warning("reassign left to its workflow's deadline, not dead-lettered", message_id=key,
+                            delivery=deliveries, error=reason)
+                await _settle(message.ack())
+                return "deferred"
             return await self._dead_letter(
                 message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
         log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
@@ -366,6 +451,22 @@ class Worker:
                     await asyncio.sleep(STORE_PROBE_INTERVAL)
         await _settle(message.nack(requeue=True))
         return "retried"
+
+    async def _left_to_its_workflow(self, inbound: Any) -> bool:
+        """A reassign whose saga has started is never given up for a transient failure.
+
+        Its state and deadline are in the store, and the workflow watcher hands it back to the
+        pipeline once overdue, so the running service drives it to its end and answers it then.
+        Dead-lettering it instead would answer it ``failed`` while its saga goes on.
+        """
+        if not isinstance(inbound, Reassign):
+            return False
+        try:
+            workflow = await self._store.active_workflow(inbound.appointment_id)
+        except StoreUnavailable:
+            return False  # can't tell: the dead letter keeps it, and answers it
+        return workflow is not None and workflow.command_id == inbound.command_id \
+            and workflow.state != "compensation_failed"
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, reason_class: str, deliveries: int

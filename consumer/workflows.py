@@ -21,16 +21,17 @@ from typing import Any
 
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
-from consumer.commands import STATUS_REASON, execute
+from consumer.commands import STATUS_REASON, execute, names_other_status
 from consumer.failpoints import failpoint
 from consumer.periodic import every
 from consumer.logs import get_logger
-from consumer.messages import Reassign, SetPatient, StateLogRecord
+from consumer.messages import CommandResult, Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
 from consumer.records import (
     Decision,
     Origin,
+    is_older,
     new_record,
     result_for,
     snapshot_from_pms,
@@ -40,31 +41,48 @@ from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord, rec
 from statemachines.appointment import Appointment, Refused, Transition, Write, bound
 from statemachines.reassignment import (
     CANCEL_REASON,
+    COMPLETED,
     COMPENSATION_FAILED,
+    REPLACEMENT_CREATED,
     REQUESTED,
     STATES,
     TERMINAL,
+    Slot,
     Step,
     bound_reassignment,
     link_marker,
     original_cancel_note,
     replacement_note,
+    slot_of,
 )
 
 log = get_logger(__name__)
 
 CANCELLABLE = ("Pending", "Confirmed")
+LIVE = ("Pending", "Confirmed", "Arrived", "In surgery", "Completed")
+"""States in which an appointment holds its slot (Cancelled and Did not attend free it)."""
 COPIED_FIELDS = ("practitioner_id", "start_time", "finish_time", "duration", "reason")
 
 
 def is_stuck(workflow: WorkflowRecord, *, deadline: float, now: datetime | None = None) -> bool:
     """Parked, or unfinished and untouched for longer than the deadline (deadlines live in the store)."""
-    if workflow.state == COMPENSATION_FAILED:
-        return True
-    if workflow.state in TERMINAL or workflow.updated_at is None:
+    return workflow.state == COMPENSATION_FAILED or is_overdue(workflow, deadline=deadline, now=now)
+
+
+def is_overdue(workflow: WorkflowRecord, *, deadline: float, now: datetime | None = None) -> bool:
+    """Unfinished, not parked, and untouched for longer than the deadline."""
+    if workflow.state in TERMINAL or workflow.state == COMPENSATION_FAILED or workflow.updated_at is None:
         return False
     age = ((now or datetime.now(timezone.utc)) - workflow.updated_at).total_seconds()
     return age > deadline
+
+
+class ReplacementChanged(Exception):
+    """Someone else cancelled, deleted or moved the replacement: it no longer holds the slot."""
+
+    def __init__(self, reason: str, replacement: dict[str, Any] | None) -> None:
+        super().__init__(reason)
+        self.replacement = replacement
 
 
 class WorkflowBusy(Exception):
@@ -88,6 +106,7 @@ class WorkflowRunner:
         self._compensation_attempts = compensation_attempts
         self._compensation_backoff = compensation_backoff
         self._alerted: set[str] = set()
+        self._handed_back: dict[str, datetime] = {}  # overdue workflows this process republished, and when
         self._unpublished: set[str] = set()  # workflows with a record whose publish failed
 
     # ---- entry points -------------------------------------------------------
@@ -102,7 +121,7 @@ class WorkflowRunner:
                 return started
             workflow = started
         workflow = await self._drive(workflow)
-        decision = Decision(result=await self._result(command, workflow))
+        decision = Decision(result=result_of(command, workflow))
         if redelivered or workflow.workflow_id in self._unpublished:
             # A crash (or a broker failure) may have come between a step's commit and its publish.
             self._unpublished.discard(workflow.workflow_id)
@@ -153,15 +172,24 @@ class WorkflowRunner:
         return await self._drive(workflow)
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
-        """Refresh the workflow gauges and raise the alarm once per stuck workflow."""
-        await every(interval, stop, self.refresh_metrics, "workflow watch")
+        """Keep the workflow gauges, alarms and deadlines: see ``tick``."""
+        await every(interval, stop, self.tick, "workflow watch")
 
-    async def refresh_metrics(self) -> None:
+    async def tick(self) -> None:
+        """Refresh the gauges, raise the alarm once per stuck workflow, hand back overdue ones.
+
+        An unfinished workflow untouched past its deadline (its command dead-lettered after a
+        long PMS outage or a spent budget, or lost between deliveries) is handed back to the
+        pipeline, at most once per deadline by this process: the running service drives every
+        workflow to its end, no restart needed. The pipeline keeps it to one driver (the
+        partition's single active consumer, per-appointment order, the inbox).
+        """
         workflows = await self._store.list_workflows(unfinished=True)  # finished ones only grow
+        now = datetime.now(timezone.utc)
         for state in STATES:
             if state not in TERMINAL:
                 metrics.WORKFLOWS.labels(state).set(sum(w.state == state for w in workflows))
-        stuck = [w for w in workflows if is_stuck(w, deadline=self._deadline)]
+        stuck = [w for w in workflows if is_stuck(w, deadline=self._deadline, now=now)]
         metrics.STUCK_WORKFLOWS.set(len(stuck))
         for workflow in stuck:
             if workflow.workflow_id not in self._alerted:
@@ -169,6 +197,22 @@ class WorkflowRunner:
                 log.error("workflow stuck: operator action needed (appt sagas --stuck)",
                           workflow_id=workflow.workflow_id, state=workflow.state,
                           appointment_id=workflow.appointment_id, last_error=workflow.last_error)
+        unfinished = {w.workflow_id for w in workflows}
+        self._handed_back = {k: v for k, v in self._handed_back.items() if k in unfinished}
+        for workflow in workflows:
+            if is_overdue(workflow, deadline=self._deadline, now=now):
+                await self._hand_back_overdue(workflow, now)
+
+    async def _hand_back_overdue(self, workflow: WorkflowRecord, now: datetime) -> None:
+        handed = self._handed_back.get(workflow.workflow_id)
+        if handed is not None and (now - handed).total_seconds() < self._deadline:
+            return
+        try:
+            await self.requeue(workflow)
+        except PublishFailed as exc:  # the next tick tries again
+            log.warning("overdue workflow not handed back now", workflow_id=workflow.workflow_id, error=str(exc))
+            return
+        self._handed_back[workflow.workflow_id] = now
 
     # ---- starting -----------------------------------------------------------
 
@@ -244,13 +288,16 @@ class WorkflowRunner:
             try:
                 original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
             except NotFound:
-                return await self._record(workflow, lambda saga: saga.cancel_failed("original was deleted"))
+                reason = "original was deleted by someone else before the replacement was booked"
+                return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
             if original.get("state") not in CANCELLABLE:
                 reason = f"original is {original.get('state')} before the replacement was booked"
                 return await self._record_with(
                     workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, original,
                     lambda appt: appt.reconcile(snapshot_from_pms(original)),
                 )
+            if slot_of(original) != booked_slot(workflow):
+                workflow = await self._follow_original(workflow, original)
             failpoint("before_create_replacement")
             try:
                 created = await self._pms.create_appointment(self._replacement_fields(workflow))
@@ -268,10 +315,22 @@ class WorkflowRunner:
         # The replacement gets its own record and first log entry now, not only when its webhook arrives.
         recorded = await self._record_with(
             workflow, lambda saga: saga.replacement_booked(replacement_id), replacement_id, replacement,
-            lambda appt: appt.reconcile(snapshot_from_pms(replacement)),
+            lambda appt: appt.reconcile(snapshot_from_pms(replacement)), data={"replacement": replacement},
         )
         failpoint("after_record_replacement")
         return recorded
+
+    async def _follow_original(self, workflow: WorkflowRecord, original: dict[str, Any]) -> WorkflowRecord:
+        """The original moved before anything was booked: book at its new time.
+
+        Saved before the POST, so a resumed workflow looks for its replacement where it was booked.
+        """
+        log.info("original moved before the replacement was booked", workflow_id=workflow.workflow_id,
+                 booked=str(booked_slot(workflow)), now=str(slot_of(original)))
+        copied = {k: original.get(k) for k in COPIED_FIELDS}
+        updated = dataclasses.replace(workflow, data={**workflow.data, "original": copied})
+        await self._commit(Commit(workflow=updated))
+        return dataclasses.replace(updated, version=workflow.version + 1)
 
     def _replacement_fields(self, workflow: WorkflowRecord) -> dict[str, Any]:
         original = workflow.data.get("original", {})
@@ -301,45 +360,152 @@ class WorkflowRunner:
         return None
 
     async def _cancel_original(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        """Cancel the original "Booked in error", once the replacement is known to hold its slot.
+
+        Only a failed or refused cancel is a reason to compensate. A read that fails
+        propagates: it changed nothing, so the step is retried (a redelivery, or the
+        overdue sweep), never compensated.
+        """
         assert workflow.replacement_id is not None
         note = original_cancel_note(workflow.replacement_id, workflow.workflow_id)
-        upstream: dict[str, Any] | None = None  # the last read of the original, adopted whatever happens
         try:
             reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
-            for attempt in (1, 2):
-                upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
-                if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
-                    return await self._original_done(workflow, None, upstream, None)
-                write = self._plan_cancel(workflow, upstream, reason_id, note)
-                failpoint("before_cancel_original")
-                try:
-                    answer = await self._pms.update_appointment(workflow.appointment_id, write.fields)
-                    failpoint("after_cancel_original")
-                except Rejected as rejected:
-                    if attempt == 1 and any(STATUS_REASON in r for rs in rejected.params.values() for r in rs):
-                        continue  # the state moved behind our back: read again, decide once more
-                    raise
-                return await self._original_done(workflow, upstream, answer.model_dump(mode="json"), write)
-        except Refused as refused:
-            reason = f"original can not be cancelled: {refused.reasons}"
-        except Rejected as rejected:
-            reason = f"PMS refused to cancel the original: {rejected.params}"
-        except Unavailable as exc:
-            # The PUT may have been applied before its answer was lost: compensating then would
-            # leave the slot with no live appointment. Read again (a failing read propagates, and
-            # the step is retried later); only an original still standing is compensated for.
-            upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
-            if upstream.get("state") == "Cancelled":
-                return await self._original_done(workflow, None, upstream, None)
-            reason = f"PMS kept failing to cancel the original: {exc}"
-        except (NotFound, LookupError) as exc:
+        except LookupError as exc:
             reason = f"original can not be cancelled: {exc}"
-        if upstream is None:
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
-        seen = upstream  # a name the closure can rely on being set
+        for attempt in (1, 2):
+            try:
+                upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+            except NotFound:
+                return await self._original_deleted(workflow)
+            if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
+                return await self._original_done(workflow, None, upstream, None)
+            if attempt == 1:
+                workflow = await self._replacement_holds_slot(workflow, upstream)
+                if workflow.state != REPLACEMENT_CREATED:
+                    return workflow
+            try:
+                write = self._plan_cancel(workflow, upstream, reason_id, note)
+            except Refused as refused:
+                return await self._cancel_failed(workflow, f"original can not be cancelled: {refused.reasons}",
+                                                 upstream)
+            failpoint("before_cancel_original")
+            try:
+                answer = await self._pms.update_appointment(
+                    workflow.appointment_id, write.fields,
+                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)))
+                failpoint("after_cancel_original")
+            except ReplacementChanged as changed:  # seen during the cancel's retry backoff
+                return await self._replacement_changed(workflow, str(changed), changed.replacement)
+            except Rejected as rejected:
+                if attempt == 1 and names_other_status(rejected):
+                    continue  # the state moved behind our back: read again, decide once more
+                return await self._cancel_failed(
+                    workflow, f"PMS refused to cancel the original: {rejected.params}", upstream)
+            except NotFound:
+                return await self._original_deleted(workflow)
+            except Unavailable as exc:
+                # The PUT may have been applied before its answer was lost: compensating then would
+                # leave the slot with no live appointment. Read again (a failing read propagates, and
+                # the step is retried later); only an original still standing is compensated for.
+                try:
+                    upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                except NotFound:
+                    return await self._original_deleted(workflow)
+                if upstream.get("state") == "Cancelled":
+                    return await self._original_done(workflow, None, upstream, None)
+                return await self._cancel_failed(
+                    workflow, f"PMS kept failing to cancel the original: {exc}", upstream)
+            return await self._original_done(workflow, upstream, answer.model_dump(mode="json"), write)
+        raise AssertionError("unreachable: the loop always returns")
+
+    async def _cancel_failed(self, workflow: WorkflowRecord, reason: str, upstream: dict[str, Any]) -> WorkflowRecord:
+        """The original stays: compensate, adopting the last read of it."""
         return await self._record_with(
-            workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, seen,
-            lambda appt: appt.reconcile(snapshot_from_pms(seen)),
+            workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, upstream,
+            lambda appt: appt.reconcile(snapshot_from_pms(upstream)),
+        )
+
+    async def _replacement_holds_slot(self, workflow: WorkflowRecord, original: dict[str, Any]) -> WorkflowRecord:
+        """Before the original is let go, the replacement must be live and in the original's slot.
+
+        This read is the one the result needs anyway (the replacement as it is), made before the
+        cancel instead of after it. The replacement cancelled, deleted or moved by someone else
+        ends the saga with the original kept (``replacement_changed``); the original moved by
+        someone else since the booking is followed: the replacement is moved to its new time.
+        """
+        try:
+            replacement = await self._look_at_replacement(workflow, slot_of(original))
+        except ReplacementChanged as changed:
+            return await self._replacement_changed(workflow, str(changed), changed.replacement)
+        workflow = dataclasses.replace(workflow, data={**workflow.data, "replacement": replacement})
+        if slot_of(original) == booked_slot(workflow):
+            return workflow
+        moved = replacement  # already there: moved by a run killed before it could record that
+        if slot_of(replacement) != slot_of(original):
+            try:
+                moved = await self._move_replacement(workflow, original)
+            except (Rejected, NotFound) as exc:
+                reason = (f"original was moved by someone else to {slot_of(original)} after the replacement "
+                          f"was booked, and the replacement could not follow: {exc}")
+                return await self._cancel_failed(workflow, reason, original)
+        note = (f"moved by someone else to {slot_of(original)} after the replacement was booked; "
+                "the replacement was moved with it")
+        copied = {k: original.get(k) for k in COPIED_FIELDS}
+        updated = dataclasses.replace(workflow, data=merge_data(
+            workflow.data, {"original": copied, "replacement": moved, "reasons": {"original": [note]}}))
+        await self._commit(Commit(workflow=updated))
+        return dataclasses.replace(updated, version=workflow.version + 1)
+
+    async def _look_at_replacement(self, workflow: WorkflowRecord, original: Slot) -> dict[str, Any]:
+        """The replacement as the PMS has it; ``ReplacementChanged`` unless it is live, and where it
+        was booked or where the original is now (the saga may have moved it there itself)."""
+        replacement_id = workflow.replacement_id
+        assert replacement_id is not None
+        try:
+            replacement = (await self._pms.get_appointment(replacement_id)).model_dump(mode="json")
+        except NotFound:
+            raise ReplacementChanged(f"replacement {replacement_id} was deleted by someone else before the "
+                                     "original was cancelled", None) from None
+        if replacement.get("state") not in LIVE:
+            raise ReplacementChanged(f"replacement {replacement_id} was made {replacement.get('state')} by "
+                                     "someone else before the original was cancelled", replacement)
+        if slot_of(replacement) not in (booked_slot(workflow), original):
+            raise ReplacementChanged(f"replacement {replacement_id} was moved by someone else to "
+                                     f"{slot_of(replacement)} before the original was cancelled; left there",
+                                     replacement)
+        return replacement
+
+    async def _recheck(self, workflow: WorkflowRecord, original: Slot) -> None:
+        """Before a retried cancel: the replacement may have changed during the backoff."""
+        await self._look_at_replacement(workflow, original)
+
+    async def _move_replacement(self, workflow: WorkflowRecord, original: dict[str, Any]) -> dict[str, Any]:
+        """Move the replacement to where the original is now (the saga's own booking, still Pending)."""
+        replacement_id = workflow.replacement_id
+        assert replacement_id is not None
+        fields = {k: original[k] for k in ("practitioner_id", "start_time", "finish_time") if original.get(k)}
+        log.info("replacement follows the moved original", workflow_id=workflow.workflow_id,
+                 replacement_id=replacement_id, to=str(slot_of(original)))
+        moved = (await self._pms.update_appointment(replacement_id, fields)).model_dump(mode="json")
+        failpoint("after_move_replacement")
+        return moved
+
+    async def _replacement_changed(
+        self, workflow: WorkflowRecord, reason: str, replacement: dict[str, Any] | None
+    ) -> WorkflowRecord:
+        replacement_id = workflow.replacement_id
+        assert replacement_id is not None
+        log.warning("replacement changed by someone else: original kept", workflow_id=workflow.workflow_id,
+                    replacement_id=replacement_id, reason=reason)
+        data = {"reasons": {"original": ["left as it was: not cancelled"], "replacement": [reason]}}
+        if replacement is None:
+            return await self._record_gone(workflow, lambda saga: saga.replacement_changed(reason),
+                                           replacement_id, data=data)
+        seen = replacement
+        return await self._record_with(
+            workflow, lambda saga: saga.replacement_changed(reason), replacement_id, seen,
+            lambda appt: appt.reconcile(snapshot_from_pms(seen)), data={**data, "replacement": seen},
         )
 
     def _plan_cancel(
@@ -349,11 +515,24 @@ class WorkflowRunner:
             write = appt.plan_cancel(CANCEL_REASON, reason_id)
         return Write(trigger=write.trigger, fields={**write.fields, "notes": note})
 
+    async def _original_deleted(self, workflow: WorkflowRecord) -> WorkflowRecord:
+        """Deleted by someone else once the replacement was booked: like a cancel by someone else,
+        the old patient no longer holds the slot and the replacement does, so the step is done."""
+        reason = "deleted by someone else before this saga cancelled it"
+        recorded = await self._record_gone(workflow, lambda saga: saga.original_cancelled(),
+                                           workflow.appointment_id, data={"reasons": {"original": [reason]}})
+        failpoint("after_record_cancelled")
+        return recorded
+
     async def _original_done(
         self, workflow: WorkflowRecord, before: dict[str, Any] | None, after: dict[str, Any],
         write: Write | None,
     ) -> WorkflowRecord:
-        """Record the saga step and the original's new state in one commit."""
+        """Record the saga step and the original's new state in one commit.
+
+        The cancel's answer carries the original's current times: if it was moved between the
+        read and the cancel, the replacement is moved after it (no request when nothing moved).
+        """
 
         def observe(appt: Appointment) -> list[Transition]:
             transitions = appt.reconcile(snapshot_from_pms(before)) if before else []
@@ -361,30 +540,66 @@ class WorkflowRunner:
                 return transitions + appt.applied(write, snapshot_from_pms(after))
             return transitions + appt.reconcile(snapshot_from_pms(after))
 
+        data: dict[str, Any] = {}
+        if workflow.workflow_id not in (after.get("notes") or ""):
+            data["reasons"] = {"original": ["cancelled by someone else before this saga cancelled it"]}
+        elif slot_of(after) != booked_slot(workflow):
+            data = await self._follow_after_cancel(workflow, after)
         recorded = await self._record_with(
-            workflow, lambda saga: saga.original_cancelled(), workflow.appointment_id, after, observe
+            workflow, lambda saga: saga.original_cancelled(), workflow.appointment_id, after, observe, data=data,
         )
         failpoint("after_record_cancelled")
         return recorded
 
+    async def _follow_after_cancel(self, workflow: WorkflowRecord, original: dict[str, Any]) -> dict[str, Any]:
+        """The original was moved in the instant between its read and its cancel: the replacement follows."""
+        moved_to = slot_of(original)
+        try:
+            moved = await self._move_replacement(workflow, original)
+        except (Rejected, NotFound) as exc:
+            log.error("original moved while being cancelled and the replacement could not follow",
+                      workflow_id=workflow.workflow_id, replacement_id=workflow.replacement_id, error=str(exc))
+            return {"outcome": "failed", "reasons": {
+                "original": [f"moved by someone else to {moved_to} while this saga cancelled it; cancelled"],
+                "replacement": [f"could not follow it, stays at {booked_slot(workflow)}: {exc}"]}}
+        return {"original": {k: original.get(k) for k in COPIED_FIELDS}, "replacement": moved, "reasons": {
+            "original": [f"moved by someone else to {moved_to} while this saga cancelled it; "
+                         "the replacement was moved with it"]}}
+
+    async def _record_gone(
+        self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, *, data: dict[str, Any]
+    ) -> WorkflowRecord:
+        """Record a saga step with an appointment the PMS no longer has (a 404): it is Deleted."""
+
+        stored = await self._store.get_appointment(appointment_id)
+        gone = snapshot_from_pms({**(stored.data if stored else {}), "id": appointment_id}, deleted=True)
+        known = None if stored else {"id": appointment_id}  # a record is kept with what was known of it
+        return await self._record_with(workflow, outcome, appointment_id, known,
+                                       lambda appt: appt.reconcile(gone), data=data)
+
     async def _record_with(
-        self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, upstream: dict[str, Any],
-        observe: Callable[[Appointment], list[Transition]],
+        self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, upstream: dict[str, Any] | None,
+        observe: Callable[[Appointment], list[Transition]], *, data: dict[str, Any] | None = None,
     ) -> WorkflowRecord:
         """Record a saga step with one appointment's new record and log, in one commit.
 
         A webhook about the same appointment may commit first (a version
         conflict): re-read and rebuild, unless the workflow itself moved on.
+        An answer older than what is stored (a webhook already brought a newer
+        state) is not adopted: the saga step is recorded alone.
         """
         origin = self._origin(workflow)
         for _ in range(3):
             stored = await self._store.get_appointment(appointment_id)
+            if stored is not None and upstream is not None and is_older(upstream.get("updated_at"),
+                                                                        stored.upstream_updated_at):
+                return await self._record(workflow, outcome, data=data)
             with bound(snapshot_from_record(stored), appointment_id) as appt:
                 transitions = observe(appt)
                 record = new_record(stored, appt.state, appt.patient_id, upstream)
             try:
                 return await self._record(workflow, outcome, appointment=record,
-                                          extra_logs=origin.logs(transitions))
+                                          extra_logs=origin.logs(transitions), data=data)
             except StaleVersion:
                 await self._ensure_unchanged(workflow)
         raise StaleVersion(f"appointment {appointment_id} kept changing")
@@ -441,16 +656,21 @@ class WorkflowRunner:
     async def _record(
         self, workflow: WorkflowRecord, outcome: Any, *, attempts: int | None = None,
         appointment: Any = None, extra_logs: list[StateLogRecord] | None = None,
+        data: dict[str, Any] | None = None,
     ) -> WorkflowRecord:
-        """Fire the saga trigger for an outcome and persist it with its log, atomically."""
+        """Fire the saga trigger for an outcome and persist it with its log, atomically.
+
+        ``data`` is merged into the workflow's data (its ``reasons`` key by key): what the
+        result will say, saved with the step that makes it true.
+        """
         with self._saga(workflow) as saga:
             transition = outcome(saga)
-            data = workflow.data
+            merged = merge_data(workflow.data, data or {})
             if transition.trigger == "cancel_failed":  # kept apart: a later compensation error must not hide it
-                data = {**data, "cancel_error": saga.last_error}
+                merged["cancel_error"] = saga.last_error
             updated = dataclasses.replace(
                 workflow, state=saga.state, replacement_id=saga.replacement_id,
-                last_error=saga.last_error, data=data,
+                last_error=saga.last_error, data=merged,
                 attempts=workflow.attempts if attempts is None else attempts,
             )
         logs = [self._origin(workflow).log(transition), *(extra_logs or [])]
@@ -480,18 +700,41 @@ class WorkflowRunner:
         if current is None or current.version != workflow.version:
             raise WorkflowBusy(f"workflow {workflow.workflow_id} was moved on by another runner")
 
-    async def _result(self, command: Reassign, workflow: WorkflowRecord) -> Any:
-        if workflow.state == "completed":
-            replacement = None
-            if workflow.replacement_id is not None:
-                replacement = (await self._pms.get_appointment(workflow.replacement_id)).model_dump(mode="json")
-            return result_for(command, "succeeded", appointment=replacement, workflow_id=workflow.workflow_id)
+
+
+def merge_data(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` over ``data``, with ``reasons`` merged per appointment rather than replaced."""
+    merged = {**data, **update}
+    if "reasons" in data and "reasons" in update:
+        merged["reasons"] = {**data["reasons"], **update["reasons"]}
+    return merged
+
+
+def booked_slot(workflow: WorkflowRecord) -> Slot:
+    """Where the replacement is (or is to be) booked: the original's slot as the saga last saw it."""
+    return slot_of(workflow.data.get("original", {}))
+
+
+def result_of(command: Reassign, workflow: WorkflowRecord) -> CommandResult:
+    """The reassign's one terminal result, from what the workflow recorded (no IO: it can't fail).
+
+    ``reasons`` say what happened to each appointment when it is not the plain story
+    (original cancelled "Booked in error" by this saga, replacement booked in its slot).
+    """
+    reasons: dict[str, list[str]] = dict(workflow.data.get("reasons", {}))
+    replacement = workflow.data.get("replacement")
+    if workflow.state == COMPLETED:
+        outcome = workflow.data.get("outcome", "succeeded")
+        return result_for(command, outcome, reasons=reasons, appointment=replacement,
+                          workflow_id=workflow.workflow_id)
+    if "replacement" not in reasons:  # the original could not be cancelled (not: the replacement changed)
         cancel_error = workflow.data.get("cancel_error") or workflow.last_error
-        reasons = {"original": [cancel_error or "the original could not be cancelled"]}
+        reasons["original"] = [cancel_error or "the original could not be cancelled"]
         if workflow.state == COMPENSATION_FAILED:
             reasons["compensation"] = [f"{workflow.last_error}; parked in {COMPENSATION_FAILED}: "
                                        "see appt sagas --stuck"]
+        elif workflow.replacement_id is None:
+            reasons["compensation"] = ["nothing was booked, nothing to undo"]
         else:
-            reasons["compensation"] = [f"replacement {workflow.replacement_id or '(none booked)'} removed; "
-                                       "original left as it was"]
-        return result_for(command, "failed", reasons=reasons, workflow_id=workflow.workflow_id)
+            reasons["compensation"] = [f"replacement {workflow.replacement_id} removed; original left as it was"]
+    return result_for(command, "failed", reasons=reasons, workflow_id=workflow.workflow_id)

@@ -10,8 +10,10 @@ live appointment.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -71,6 +73,10 @@ TRANSITIONS: list[dict[str, Any]] = [
     # Nothing was booked yet, so there is nothing to undo.
     {"trigger": "cancel_failed", "source": REQUESTED, "dest": COMPENSATED},
     {"trigger": "cancel_failed", "source": REPLACEMENT_CREATED, "dest": COMPENSATING},
+    # Someone else cancelled, deleted or moved the replacement before the original was
+    # cancelled: it no longer holds the slot, so the original is kept, and what is left of the
+    # replacement is theirs (nothing of the saga's own remains to undo).
+    {"trigger": "replacement_changed", "source": REPLACEMENT_CREATED, "dest": COMPENSATED},
     {"trigger": "replacement_removed", "source": COMPENSATING, "dest": COMPENSATED},
     {"trigger": "compensation_error", "source": COMPENSATING, "dest": COMPENSATION_FAILED},
     {"trigger": "retry", "source": COMPENSATION_FAILED, "dest": COMPENSATING},
@@ -145,6 +151,9 @@ class Reassignment:
     def cancel_failed(self, reason: str) -> Transition:
         return self._fire("cancel_failed", reason=reason)
 
+    def replacement_changed(self, reason: str) -> Transition:
+        return self._fire("replacement_changed", reason=reason)
+
     def replacement_removed(self) -> Transition:
         return self._fire("replacement_removed")
 
@@ -204,6 +213,34 @@ def bound_reassignment(
         )
     finally:
         unbind(MACHINE, core)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where and when an appointment is: what the replacement must share with the original.
+
+    Times are compared as instants: the PMS may answer the same time with another offset.
+    """
+
+    practitioner_id: int | None
+    start: datetime | None
+    finish: datetime | None
+
+    def __str__(self) -> str:
+        start = self.start.isoformat() if self.start else "?"
+        finish = self.finish.isoformat() if self.finish else "?"
+        return f"{start}..{finish} (practitioner {self.practitioner_id})"
+
+
+def slot_of(appointment: Mapping[str, Any]) -> Slot:
+    return Slot(appointment.get("practitioner_id"), _instant(appointment.get("start_time")),
+                _instant(appointment.get("finish_time")))
+
+
+def _instant(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
 
 
 def link_marker(workflow_id: str, original_id: int) -> dict[str, Any]:

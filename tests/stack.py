@@ -75,16 +75,19 @@ async def running_stack(
     amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
     max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
+    pms_max_retry_after: float = 60.0, workflow_deadline: float = 300.0, watch_interval: float | None = None,
     broker_addresses: str | None = None,
 ) -> AsyncIterator[Stack]:
-    """``broker_addresses``: the service's ``APPT_AMQP_URL`` when it is not ``amqp_url`` (an address
+    """``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does.
+    ``broker_addresses``: the service's ``APPT_AMQP_URL`` when it is not ``amqp_url`` (an address
     list); the test's observer always uses ``amqp_url``."""
     store = open_store(store_url)
     await store.open()
     broker = Broker(broker_addresses or amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
     pms = PmsClient(pms_url, "sandbox-token", timeout=pms_timeout, retry_attempts=pms_retry_attempts,
-                    backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency)
+                    backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency,
+                    max_retry_after=pms_max_retry_after)
     observer = Observer()
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel()
@@ -96,15 +99,21 @@ async def running_stack(
     dead = await channel.declare_queue("test.observer.dead", durable=True)
     await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
-    workflows = WorkflowRunner(pms=pms, store=store, broker=broker, compensation_backoff=compensation_backoff)
+    workflows = WorkflowRunner(pms=pms, store=store, broker=broker, compensation_backoff=compensation_backoff,
+                               deadline=workflow_deadline)
     worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
                     retry_delay=retry_delay)
     await worker.start()
     await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
+    stop = asyncio.Event()
+    watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
     try:
         yield Stack(broker, store, pms, worker, workflows, observer)
     finally:
+        stop.set()
+        if watcher is not None:
+            await watcher
         await worker.stop(timeout=5)
         await connection.close()
         await pms.close()

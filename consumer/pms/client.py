@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -227,9 +227,15 @@ class PmsClient:
         body = await self._send("POST", CREATE_ROUTE, "/appointments", json={"appointment": fields})
         return _appointment(body)
 
-    async def update_appointment(self, appointment_id: int, fields: dict[str, Any]) -> PmsAppointment:
+    async def update_appointment(
+        self, appointment_id: int, fields: dict[str, Any], *,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
+    ) -> PmsAppointment:
+        """``before_retry`` is awaited before each retry, after the backoff: a caller whose write
+        depends on something else can look again, and raise to abandon the write."""
         body = await self._retried(
-            "PUT", UPDATE_ROUTE, f"/appointments/{appointment_id}", json={"appointment": fields}
+            "PUT", UPDATE_ROUTE, f"/appointments/{appointment_id}", json={"appointment": fields},
+            before_retry=before_retry,
         )
         return _appointment(body)
 
@@ -262,7 +268,10 @@ class PmsClient:
             self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
         return self._session
 
-    async def _retried(self, method: str, route: str, path: str, **kwargs: Any) -> Any:
+    async def _retried(
+        self, method: str, route: str, path: str, *,
+        before_retry: Callable[[], Awaitable[None]] | None = None, **kwargs: Any,
+    ) -> Any:
         def before_sleep(state: RetryCallState) -> None:
             self.retries += 1
             error = state.outcome.exception() if state.outcome else None
@@ -276,7 +285,12 @@ class PmsClient:
             before_sleep=before_sleep,
             reraise=True,
         )
-        return await retrying(self._send, method, route, path, **kwargs)
+        async for attempt in retrying:
+            with attempt:
+                if before_retry is not None and attempt.retry_state.attempt_number > 1:
+                    await before_retry()
+                return await self._send(method, route, path, **kwargs)
+        raise AssertionError("unreachable: reraise=True re-raises the last error")
 
     def _worth_retrying(self, error: BaseException) -> bool:
         if isinstance(error, RateLimited):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal
@@ -100,6 +101,7 @@ class SandboxState:
         self._last_stamp = datetime.fromtimestamp(0, timezone.utc)
         self._faults: dict[str, deque[Fault]] = {}
         self._behind_back: dict[int, list[_BehindBack]] = {}
+        self._call_hooks: dict[int, list[Callable[[], None]]] = {}
         self._usage: dict[tuple[str, int], int] = {}
         self.calls: list[str] = []
         self.latency = 0.0
@@ -194,6 +196,17 @@ class SandboxState:
         )
         self._behind_back.setdefault(appointment_id, []).append(change)
 
+    def before_call(self, number: int, action: Callable[[], None]) -> None:
+        """Run ``action`` just before the ``number``-th API request from now is handled (1 = the next).
+
+        Python only: how a test injects a change (or a fault, with ``fail_next``) at an exact
+        step boundary of a client's protocol, whatever the request is.
+        """
+        self._call_hooks.setdefault(len(self.calls) + number, []).append(action)
+
+    def clear_call_hooks(self) -> None:
+        self._call_hooks.clear()
+
     def seed(self, appointments: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store appointments as given (no rules checked), filling the fields left out."""
         created = []
@@ -230,6 +243,8 @@ class SandboxState:
 
     def record_call(self, route: str) -> None:
         self.calls.append(route)
+        for action in self._call_hooks.pop(len(self.calls), []):
+            action()
 
     def take_fault(self, route: str) -> Fault | None:
         for key in (route, "*"):

@@ -28,6 +28,13 @@ from consumer.store.base import (
 # the same list out literally because an applied migration must never change.
 TERMINAL_SQL = "(" + ", ".join(f"'{s}'" for s in sorted(TERMINAL_WORKFLOW_STATES)) + ")"
 
+# Inbox keys became ``<kind>:<sender's id>`` (worker.message_key). Rows written before
+# carry the bare id: a command's row has a result, an observed event's has none, and
+# the reconciler's ids already began with "reconcile:". Valid SQL in both dialects.
+INBOX_NAMESPACES = """UPDATE inbox SET message_id = CASE
+        WHEN result IS NOT NULL THEN 'command:'
+        WHEN message_id LIKE 'reconcile:%' THEN 'reconcile:'
+        ELSE 'webhook:' END || message_id"""
 
 @dataclass(frozen=True)
 class Prunable:
@@ -147,6 +154,7 @@ SQLITE_MIGRATIONS: list[list[str]] = [
             read_at TEXT NOT NULL
         )""",
     ],
+    [INBOX_NAMESPACES],
 ]
 
 POSTGRES_MIGRATIONS: list[list[str]] = [
@@ -236,6 +244,7 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
             read_at timestamptz NOT NULL
         )""",
     ],
+    [INBOX_NAMESPACES],
 ]
 
 

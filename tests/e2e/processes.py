@@ -178,6 +178,13 @@ class SandboxProcess(AppProcess):
             raise ValueError(f"sandbox knob {name} refused {body}: {answer.get('error')}")
         return answer.get("result")
 
+    async def api(self, method: str, path: str, body: dict[str, Any] | None = None) -> int:
+        """A request to the PMS API itself (``/v1...``), as another integration makes it; its status."""
+        headers = {"Authorization": "Bearer sandbox-token", "User-Agent": "e2e-test"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
+            async with http.request(method, f"{self.url}{path}", json=body, headers=headers) as response:
+                return response.status
+
     async def appointments(self) -> list[dict[str, Any]]:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as http:
             async with http.get(f"{self.url}/_sandbox/appointments") as response:

@@ -137,7 +137,7 @@ async def test_webhooks_switched_off_by_the_pms_are_reported_within_one_polling_
 
 @pytest.mark.parametrize("sandbox", [False], indirect=True, ids=["-"])
 async def test_the_plain_event_envelope_is_accepted(stack: Stack, service_url: str) -> None:
-    appointment = {"id": 4242, "state": "Confirmed", "patient_id": 7, "updated_at": "2030-01-01T09:00:00.000+00:00"}
+    appointment = {"id": 4242, "state": "Confirmed", "patient_id": 7, "updated_at": "2026-01-01T09:00:00.000+00:00"}
     body = json.dumps({"event": "appointment.updated", "object": "appointment", "data": appointment}).encode()
     now = int(time.time())
     headers = {"webhook-id": "msg_plain", "webhook-timestamp": str(now),

@@ -150,7 +150,7 @@ async def test_bad_input_is_dead_lettered_with_a_reason_and_the_worker_goes_on(
         b'{"type": "teleport", "appointment_id": 601, "command_id": "x2"}',
         b'{"type": "cancel", "appointment_id": 601, "command_id": "x3"}',
         b'{"type": "confirm", "appointment_id": 601, "command_id": "x4", "extra": 1}',
-        b"{" + b" " * 70_000 + b"}",
+        b"{" + b" " * 300_000 + b"}",  # over the default APPT_MAX_MESSAGE_BYTES (256 KiB)
     ]
     connection = await aio_pika.connect(amqp_url)
     async with connection:

@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ from consumer.messages import Reassign
 from consumer.reconciler import parse_time
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.sandbox.state import FIRST_ID
-from consumer.store.base import WorkflowRecord
-from statemachines.reassignment import CANCEL_REASON, link_marker
+from consumer.store.base import AppointmentRecord, Commit, WorkflowRecord
+from statemachines.reassignment import CANCEL_REASON, link_marker, slot_of
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack
 
@@ -334,4 +335,151 @@ async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(
     assert result["outcome"] == "succeeded"
     await eventually(lambda: stack.observer.result_counts.get("left-1") == 2)
     assert sandbox.state.call_count("POST /v1/appointments") == 1
+    assert [a["patient_id"] for a in live_in_slot(sandbox)] == [NEW_PATIENT]
+
+
+# ---- issue 15: the saga while others change the two appointments --------------------------
+
+MOVED = {"start_time": "2030-03-04T12:00:00Z", "finish_time": "2030-03-04T12:30:00Z"}
+
+
+def replacements_of(sandbox: Any, original_id: int) -> list[dict[str, Any]]:
+    return [a for a in sandbox.state.all_appointments()
+            if (a.get("metadata") or {}).get("reassigned_from") == original_id]
+
+
+async def test_original_moved_after_the_first_read_is_rebooked_at_its_new_time(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 1301)
+    sandbox.state.change_behind_back(1301, MOVED, after_reads=1)  # a receptionist moves it to 12:00
+
+    result = await reassign(stack, 1301)
+
+    assert result["outcome"] == "succeeded"
+    [replacement] = replacements_of(sandbox, 1301)
+    assert slot_of(replacement) == slot_of({**SLOT, **MOVED}) and replacement["patient_id"] == NEW_PATIENT
+    assert result["appointment"]["id"] == replacement["id"]
+    assert sandbox.state.get(1301)["state"] == "Cancelled"
+
+
+async def test_original_moved_while_the_booking_backs_off_is_rebooked_at_its_new_time(
+    stack: Stack, sandbox: Any
+) -> None:
+    seed(sandbox, 1351)
+    sandbox.state.fail_next("POST /v1/appointments", 1, 503)  # the worker backs off, then tries again
+    sandbox.state.before_call(5, lambda: sandbox.state.change_now(1351, MOVED))  # during that backoff
+
+    result = await reassign(stack, 1351)
+
+    assert result["outcome"] == "succeeded"
+    assert sandbox.state.call_count("POST /v1/appointments") == 2
+    [replacement] = [a for a in replacements_of(sandbox, 1351) if a["state"] != "Cancelled"]
+    assert slot_of(replacement) == slot_of({**SLOT, **MOVED})
+
+
+async def test_original_moved_after_the_booking_takes_the_replacement_with_it(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 1361)
+    sandbox.state.change_behind_back(1361, MOVED, after_reads=3)  # just after the cancel step's read of it
+
+    result = await reassign(stack, 1361)
+
+    assert result["outcome"] == "succeeded"
+    [replacement] = replacements_of(sandbox, 1361)
+    assert slot_of(replacement) == slot_of({**SLOT, **MOVED}) and replacement["state"] == "Pending"
+    assert slot_of(result["appointment"]) == slot_of({**SLOT, **MOVED})
+    assert "the replacement was moved with it" in result["reasons"]["original"][0]
+    assert sandbox.state.get(1361)["state"] == "Cancelled"
+
+
+@pytest.mark.parametrize("change", ["cancelled", "deleted"])
+async def test_replacement_gone_before_the_cancel_keeps_the_original(
+    stack: Stack, sandbox: Any, change: str
+) -> None:
+    seed(sandbox, 1401)
+    sandbox.state.set_delete_mode("remove")  # a DELETE that cancels is the "cancelled" case
+
+    def someone_else() -> None:
+        [replacement] = replacements_of(sandbox, 1401)
+        if change == "cancelled":
+            sandbox.state.change_now(replacement["id"], {"state": "Cancelled", "appointment_cancellation_reason_id": 2})
+        else:
+            sandbox.state.delete(replacement["id"])
+
+    sandbox.state.before_call(5, someone_else)  # after the POST: just before the cancel step's reads
+
+    result = await reassign(stack, 1401)
+
+    assert result["outcome"] == "failed"
+    assert f"was {'made Cancelled' if change == 'cancelled' else 'deleted'} by someone else" in \
+        result["reasons"]["replacement"][0]
+    assert result["reasons"]["original"] == ["left as it was: not cancelled"]
+    assert sandbox.state.get(1401)["state"] == "Pending"  # the slot is still held
+    assert not [a for a in replacements_of(sandbox, 1401) if a["state"] != "Cancelled"]
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
+    assert stack.observer.dead == []
+    assert await workflow_states(stack, 1401) == ["requested", "replacement_created", "compensated"]
+
+
+async def test_original_deleted_after_the_booking_counts_as_done(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 1501)
+    sandbox.state.set_delete_mode("remove")
+    sandbox.state.before_call(5, lambda: sandbox.state.delete(1501))  # after the POST
+
+    result = await reassign(stack, 1501)
+
+    assert result["outcome"] == "succeeded"
+    assert result["reasons"] == {"original": ["deleted by someone else before this saga cancelled it"]}
+    [replacement] = replacements_of(sandbox, 1501)
+    assert replacement["state"] == "Pending" and result["appointment"]["id"] == replacement["id"]
+    assert sandbox.state.get(1501) is None
+    assert (await stack.store.get_appointment(1501)).state == "Deleted"  # type: ignore[union-attr]
+
+
+async def test_a_budget_block_mid_saga_is_driven_to_its_end_without_a_restart(
+    amqp_url: str, sqlite_url: str, sandbox: Any
+) -> None:
+    async with running_stack(amqp_url, sqlite_url, sandbox.url, max_deliveries=2, pms_max_retry_after=0.2,
+                             workflow_deadline=2.5, watch_interval=0.2) as stack:
+        seed(sandbox, 1601)
+        # The cancel is answered with the 403 block, the budget back in 4 s: past what the client
+        # waits for in-process, so every delivery fails at once, until the deliveries are spent
+        # (then the command is acked, left to its workflow's deadline: not dead-lettered).
+        sandbox.state.fail_next("PUT /v1/appointments/{id}", 1, 403, retry_after=4.0)
+
+        command_id = await stack.send({"type": "reassign", "appointment_id": 1601, "patient_id": NEW_PATIENT})
+        result = await stack.result(command_id, timeout=20)  # the running service's watcher hands it back
+
+        assert result["outcome"] == "succeeded"
+        assert [a["patient_id"] for a in live_in_slot(sandbox)] == [NEW_PATIENT]
+        assert sandbox.state.call_count("POST /v1/appointments") == 1
+        await asyncio.sleep(0.5)
+        assert stack.observer.dead == [] and stack.observer.result_counts[command_id] == 1
+
+
+async def test_a_post_answer_older_than_the_stored_state_is_not_adopted(stack: Stack, sandbox: Any) -> None:
+    """A webhook about the replacement (confirmed at once by SMS) was applied before the saga recorded
+    the booking: the POST's older answer must not take the record back to Pending."""
+    seed(sandbox, 1701)
+    soon = (datetime.now(timezone.utc) + timedelta(minutes=2)).isoformat()  # newer, within the trusted skew
+    newer: dict[str, Any] = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": soon}
+    await stack.store.commit(Commit(appointment=AppointmentRecord(
+        FIRST_ID, "Confirmed", NEW_PATIENT, upstream_updated_at=newer["updated_at"], data=newer)))
+
+    result = await reassign(stack, 1701)
+
+    assert result["outcome"] == "succeeded" and result["appointment"]["id"] == FIRST_ID
+    stored = await stack.store.get_appointment(FIRST_ID)
+    assert stored is not None and stored.state == "Confirmed"
+    assert stored.upstream_updated_at == newer["updated_at"]
+
+
+async def test_a_read_failing_in_the_cancel_step_is_retried_not_compensated(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 1801)
+    # The cancel step's read of the original fails past the client's 3 attempts.
+    sandbox.state.before_call(6, lambda: sandbox.state.fail_next("GET /v1/appointments/{id}", 3, 503))
+
+    result = await reassign(stack, 1801)
+
+    assert result["outcome"] == "succeeded"
+    assert await workflow_states(stack, 1801) == ["requested", "replacement_created", "original_cancelled",
+                                                  "completed"]
     assert [a["patient_id"] for a in live_in_slot(sandbox)] == [NEW_PATIENT]

@@ -25,6 +25,7 @@ from consumer.retention import PAGING_GRACE, prune_once, run_pruner
 from consumer.settings import DAY, load_settings
 from consumer.store import Commit, InboxEntry, Store
 from consumer.store.sqlite import SqliteStore
+from consumer.worker import command_key
 from tests.helpers import eventually
 from tests.integration.test_store import (  # noqa: F401 (new_store and store are fixtures)
     StoreFactory,
@@ -296,7 +297,7 @@ async def _redelivery_inside_a_tiny_retention(store_url: str, amqp_url: str, san
             assert [sandbox.state.get(700 + i)["notes"] for i in range(5)] == [f"n{55 + i}" for i in range(5)]
             assert stack.observer.dead == []
 
-            await eventually(lambda: _inbox_gone(stack.store, "c-first"), timeout=RETENTION + 10)
+            await eventually(lambda: _inbox_gone(stack.store, command_key("c-first")), timeout=RETENTION + 10)
             assert _pruned_inbox() > pruned_before
         finally:
             stop.set()

@@ -31,6 +31,7 @@ from consumer.store import (
     StoreUnavailable,
     WorkflowRecord,
 )
+from consumer.store import schema
 from consumer.store.postgres import PostgresStore
 from consumer.store.sqlite import SqliteStore
 from tests.conftest import PG_URL
@@ -114,6 +115,27 @@ async def test_opening_twice_migrates_once_and_keeps_data(new_store: StoreFactor
 
     assert await second.get_appointment(1) == appointment(version=1)
     assert await third.get_appointment(1) == appointment(version=1)
+
+
+async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
+    new_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inbox keys became ``<kind>:<id>``; a message processed before must still be a duplicate after."""
+    with monkeypatch.context() as before:
+        before.setattr(schema, "SQLITE_MIGRATIONS", schema.SQLITE_MIGRATIONS[:1])
+        before.setattr(schema, "POSTGRES_MIGRATIONS", schema.POSTGRES_MIGRATIONS[:1])
+        old = new_store()
+        await old.open()
+        for entry in (InboxEntry("c-1", {"outcome": "succeeded"}), InboxEntry("msg_1"),
+                      InboxEntry("reconcile:5:2026-01-01T00:00:00Z")):
+            await old.commit(Commit(inbox=entry))
+        await old.close()
+    upgraded = new_store()
+    await upgraded.open()
+    assert await upgraded.inbox_get("command:c-1") == InboxEntry("command:c-1", {"outcome": "succeeded"})
+    assert await upgraded.inbox_get("webhook:msg_1") == InboxEntry("webhook:msg_1")
+    assert await upgraded.inbox_get("reconcile:reconcile:5:2026-01-01T00:00:00Z") is not None
+    assert await upgraded.inbox_get("c-1") is None
 
 
 async def test_commit_round_trips_every_field(store: Store) -> None:

@@ -20,6 +20,7 @@ from statemachines.reassignment import (
     link_marker,
     original_cancel_note,
     replacement_note,
+    slot_of,
 )
 
 WORKFLOW = "wf-1"
@@ -122,6 +123,7 @@ OUTCOMES: dict[str, Callable[[Reassignment], Transition]] = {
     "original_cancelled": lambda s: s.original_cancelled(),
     "finish": lambda s: s.finish(),
     "cancel_failed": lambda s: s.cancel_failed("x"),
+    "replacement_changed": lambda s: s.replacement_changed("x"),
     "replacement_removed": lambda s: s.replacement_removed(),
     "compensation_error": lambda s: s.compensation_error("x"),
     "retry": lambda s: s.retry(),
@@ -131,6 +133,7 @@ VALID_FROM = {
     "original_cancelled": {"replacement_created"},
     "finish": {"original_cancelled"},
     "cancel_failed": {"requested", "replacement_created"},
+    "replacement_changed": {"replacement_created"},
     "replacement_removed": {"compensating"},
     "compensation_error": {"compensating"},
     "retry": {"compensation_failed"},
@@ -171,6 +174,24 @@ def test_link_marker_and_notes_point_both_ways() -> None:
     cancel_note = original_cancel_note(REPLACEMENT, WORKFLOW)
     assert str(REPLACEMENT) in cancel_note and WORKFLOW in cancel_note
     assert CANCEL_REASON == "Booked in error"
+
+
+def test_a_replacement_changed_by_someone_else_ends_the_saga_with_nothing_to_undo() -> None:
+    with bound_reassignment(WORKFLOW, ORIGINAL, NEW_PATIENT) as saga:
+        saga.replacement_booked(REPLACEMENT)
+        changed = saga.replacement_changed("replacement was cancelled by someone else")
+        assert saga.state == "compensated" and saga.next_step() == Step.NONE
+    assert (changed.from_state, changed.trigger) == ("replacement_created", "replacement_changed")
+    assert changed.detail["reason"] == "replacement was cancelled by someone else"
+
+
+def test_slots_compare_instants_not_spellings() -> None:
+    utc = {"practitioner_id": 7, "start_time": "2030-03-04T10:00:00Z", "finish_time": "2030-03-04T10:30:00Z"}
+    local = {"practitioner_id": 7, "start_time": "2030-03-04T11:00:00.000+01:00",
+             "finish_time": "2030-03-04T11:30:00+01:00"}
+    assert slot_of(utc) == slot_of(local)
+    assert slot_of(utc) != slot_of({**utc, "start_time": "2030-03-04T10:15:00Z"})
+    assert slot_of(utc) != slot_of({**utc, "practitioner_id": 8})
 
 
 def test_the_link_marker_fits_the_pms_metadata_limits_for_the_longest_command_id() -> None:

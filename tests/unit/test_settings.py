@@ -18,8 +18,8 @@ def test_defaults_are_the_embedded_local_setup(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_secrets_are_a_comma_or_space_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("APPT_WEBHOOK_SECRETS", "whsec_a, whsec_b whsec_c")
-    assert load_settings().webhook_secrets == ["whsec_a", "whsec_b", "whsec_c"]
+    monkeypatch.setenv("APPT_WEBHOOK_SECRETS", "whsec_YWFh, whsec_YmJi Y2Nj")
+    assert load_settings().webhook_secrets == ["whsec_YWFh", "whsec_YmJi", "Y2Nj"]
 
 
 @pytest.mark.parametrize(
@@ -54,6 +54,31 @@ def test_the_cli_stops_with_a_one_line_reason_and_exit_code(
     monkeypatch.setenv("APPT_HTTP_PORT", "eighty")
     assert main(["sagas"]) == EXIT_CONFIG
     assert "APPT_HTTP_PORT" in capsys.readouterr().err
+
+
+def test_a_bad_store_url_is_named_without_its_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPT_STORE", "mysql://app:hunter2@db/appt")
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+    assert "APPT_STORE" in str(raised.value) and "hunter2" not in str(raised.value)
+    assert "mysql://app:***@db/appt" in str(raised.value)
+
+
+def test_a_malformed_secret_is_one_line_exit_3_without_the_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("APPT_WEBHOOK_SECRETS", "whsec_Zm9vY, whsec_hunts")  # 5 base64 digits: no bytes
+    assert main(["sagas"]) == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "APPT_WEBHOOK_SECRETS" in err
+    assert "hunts" not in err and "Zm9vY" not in err
+
+
+def test_the_message_size_limit_is_also_read_under_its_earlier_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("APPT_WEBHOOK_MAX_BODY", "4096")
+    assert load_settings().max_message_bytes == 4096
+    monkeypatch.setenv("APPT_MAX_MESSAGE_BYTES", "8192")
+    assert load_settings().max_message_bytes == 8192
 
 
 def test_the_state_log_may_be_bounded_but_never_below_the_inbox(monkeypatch: pytest.MonkeyPatch) -> None:
