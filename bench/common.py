@@ -30,7 +30,9 @@ sys.path.insert(0, str(ROOT))
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
 from consumer.logs import configure  # noqa: E402
+from consumer.messages import DEFAULT_PRACTICE  # noqa: E402
 from consumer.pms.client import PmsClient  # noqa: E402
+from consumer.practices import PracticeConfig, Practices  # noqa: E402
 from consumer.store.base import Store, open_store  # noqa: E402
 from consumer.worker import Worker  # noqa: E402
 from consumer.workflows import WorkflowRunner  # noqa: E402
@@ -219,7 +221,8 @@ async def publish_commands(broker: Broker, commands: list[dict[str, Any]]) -> No
     for start in range(0, len(commands), 64):
         await asyncio.gather(*(
             broker.publish_inbound(
-                json.dumps(c).encode(), appointment_id=c["appointment_id"], message_id=c["command_id"])
+                json.dumps(c).encode(), practice=c.get("practice", DEFAULT_PRACTICE),
+                appointment_id=c["appointment_id"], message_id=c["command_id"])
             for c in commands[start:start + 64]
         ))
 
@@ -242,23 +245,30 @@ class Pipeline:
 @contextlib.asynccontextmanager
 async def running_pipeline(
     amqp_url: str, store_url: str, pms_url: str, *, prefetch: int, pms_concurrency: int,
-    partitions: int = 4,
+    partitions: int = 4, practice_urls: dict[str, str] | None = None,
 ) -> AsyncIterator[Pipeline]:
-    """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started."""
+    """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started.
+
+    ``practice_urls`` (name -> PMS URL) serves those practices instead of one default on ``pms_url``.
+    """
     store = open_store(store_url)
     await store.open()
     broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
-    pms = PmsClient(pms_url, SANDBOX_TOKEN, timeout=30.0, concurrency=pms_concurrency)
-    workflows = WorkflowRunner(pms=pms, store=store, broker=broker)
-    worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+    urls = practice_urls or {DEFAULT_PRACTICE: pms_url}
+    practices = Practices(
+        {name: PracticeConfig(pms_url=url, token=SANDBOX_TOKEN) for name, url in urls.items()},
+        lambda config, token: PmsClient(config.pms_url, token, timeout=30.0, concurrency=pms_concurrency),
+    )
+    workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
+    worker = Worker(broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                     partitions=list(range(partitions)), retry_delay=0.1)
     results = await bind_results(broker)
     try:
-        yield Pipeline(broker, store, pms, worker, results)
+        yield Pipeline(broker, store, practices.get(next(iter(urls))).pms, worker, results)
     finally:
         await worker.stop(timeout=5)
-        await pms.close()
+        await practices.close()
         await broker.close()
         await store.close()
 

@@ -30,6 +30,9 @@ from aio_pika.exceptions import (
 )
 from aio_pika.robust_connection import RobustConnection
 
+from consumer import tracing
+from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
+
 INBOUND_EXCHANGE = "appointments.inbound"
 # Observed events (webhooks, reconciler) enter here, never through the partners' exchange:
 # bound into appointments.inbound, so they share its partitions and per-appointment order,
@@ -206,10 +209,11 @@ class Broker:
             async with asyncio.timeout(self._publish_timeout):
                 channel = cast(aiormq.Channel, await self._publish_channel.get_underlay_channel())
                 # A nack, or a return (mandatory + on_return_raises), raises here.
-                await channel.basic_publish(
-                    body, exchange=exchange, routing_key=routing_key, properties=properties,
-                    mandatory=mandatory, wait=False,
-                )
+                with tracing.publish_span(exchange, routing_key, properties):
+                    await channel.basic_publish(
+                        body, exchange=exchange, routing_key=routing_key, properties=properties,
+                        mandatory=mandatory, wait=False,
+                    )
         except (AMQPError, ChannelInvalidStateError, PublishError, DeliveryError, TimeoutError,
                 ConnectionError) as exc:  # ChannelInvalidStateError: mid-reconnect
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
@@ -220,6 +224,7 @@ class Broker:
         *,
         appointment_id: int,
         message_id: str,
+        practice: str = DEFAULT_PRACTICE,
         reply_to: str | None = None,
         correlation_id: str | None = None,
         headers: dict[str, Any] | None = None,
@@ -227,12 +232,14 @@ class Broker:
         properties = json_properties(
             message_id=message_id, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
         )
-        await self._publish(INBOUND_EXCHANGE, body, str(appointment_id), properties)
+        await self._publish(INBOUND_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
-    async def publish_observed(self, body: bytes, *, appointment_id: int, message_id: str) -> None:
+    async def publish_observed(
+        self, body: bytes, *, appointment_id: int, message_id: str, practice: str = DEFAULT_PRACTICE
+    ) -> None:
         """An observed event (webhook or reconciler), on the exchange only the service may write."""
         properties = json_properties(message_id=message_id)
-        await self._publish(OBSERVED_EXCHANGE, body, str(appointment_id), properties)
+        await self._publish(OBSERVED_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
     async def publish_raw_inbound(
         self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties, *, observed: bool = False,

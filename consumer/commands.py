@@ -7,6 +7,7 @@ decide once more. Transient PMS errors propagate: the worker retries them.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
@@ -74,12 +75,12 @@ async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Wri
 async def execute(
     command: SimpleCommand, pms: PmsClient, store: Store, origin: Origin
 ) -> Decision:
-    stored = await store.get_appointment(command.appointment_id)
+    stored = await store.get_appointment(command.appointment_id, command.practice)
     try:
         upstream = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
     except NotFound:
         return _gone(command, stored, origin)
-    reconcile_origin = Origin("reconcile", command_id=origin.command_id, correlation_id=origin.correlation_id)
+    reconcile_origin = dataclasses.replace(origin, source="reconcile")
     with bound(snapshot_from_record(stored), command.appointment_id) as appt:
         logs = reconcile_origin.logs(appt.reconcile(snapshot_from_pms(upstream)))
         for attempt in (1, 2):
@@ -108,11 +109,11 @@ def _gone(command: SimpleCommand, stored: AppointmentRecord | None, origin: Orig
     result = result_for(command, "rejected", reasons={"appointment_id": ["not found in the PMS"]})
     if stored is None:
         return Decision(result=result)
-    reconcile_origin = Origin("reconcile", command_id=origin.command_id, correlation_id=origin.correlation_id)
+    reconcile_origin = dataclasses.replace(origin, source="reconcile")
     with bound(snapshot_from_record(stored), command.appointment_id) as appt:
         gone = snapshot_from_pms({**stored.data, "id": stored.appointment_id}, deleted=True)
         logs = reconcile_origin.logs(appt.reconcile(gone))
-        record = new_record(stored, appt.state, appt.patient_id, None)
+        record = new_record(stored, appt.state, appt.patient_id, None, practice=command.practice)
     return Decision(record=record, logs=logs, result=result)
 
 
@@ -121,7 +122,7 @@ def _decided(
     upstream: dict[str, Any], logs: list[Any], outcome: Any,
     reasons: dict[str, list[str]] | None = None,
 ) -> Decision:
-    record = new_record(stored, appt.state, appt.patient_id, upstream)
+    record = new_record(stored, appt.state, appt.patient_id, upstream, practice=command.practice)
     return Decision(
         record=record,
         logs=logs,

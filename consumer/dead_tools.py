@@ -32,7 +32,8 @@ from consumer.broker import (
 from consumer.failpoints import failpoint
 from consumer.settings import Settings
 from consumer.store.base import DeadLetter, DeadLetterQuery
-from consumer.tools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, connected_broker, opened_store
+from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from consumer.tools import connected_broker, name_store, opened_store
 
 # Headers describing one death (ours and RabbitMQ's): a replay starts without them.
 DEATH_HEADERS = frozenset({
@@ -63,6 +64,7 @@ def detail(letter: DeadLetter) -> dict[str, Any]:
 
 
 async def dead_list(settings: Settings, query: DeadLetterQuery, *, as_json: bool) -> int:
+    name_store(settings)
     async with opened_store(settings) as store:
         letters = await store.dead_letters(query)
     waiting = await _waiting_in_queue(settings)
@@ -90,6 +92,7 @@ async def dead_list(settings: Settings, query: DeadLetterQuery, *, as_json: bool
 
 
 async def dead_show(settings: Settings, dead_id: int, *, as_json: bool) -> int:
+    name_store(settings)
     async with opened_store(settings) as store:
         found = await store.dead_letters(DeadLetterQuery(ids=(dead_id,), status=None))
     if not found:

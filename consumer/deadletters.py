@@ -32,7 +32,7 @@ from consumer.broker import (
 )
 from consumer.failpoints import failpoint
 from consumer.logs import get_logger
-from consumer.messages import COMMAND_TYPES, MAX_ID, MAX_ID_BYTES, MAX_SHORTSTR_BYTES, CommandResult, fits_bytes
+from consumer.messages import COMMAND_TYPES, DEFAULT_PRACTICE, MAX_ID, MAX_ID_BYTES, MAX_SHORTSTR_BYTES, CommandResult, fits_bytes
 from consumer.periodic import every
 from consumer.store.base import (
     DeadLetter,
@@ -85,6 +85,7 @@ def failed_result(letter: DeadLetter) -> CommandResult | None:
         return None
     return CommandResult(
         command_id=letter.command_id, type=letter.type, appointment_id=letter.appointment_id,
+        practice=letter.practice or DEFAULT_PRACTICE,
         outcome="failed", reasons={"dead_letter": [letter.reason]}, deliveries=letter.deliveries,
         replay=letter.replay, correlation_id=_named_in(letter.body).get("correlation_id"),
     )
@@ -143,8 +144,8 @@ class DeadLetterCollector:
             # a replay's death is also the newest answer for the command id itself.
             dumped = result.model_dump(mode="json")
             key = command_key(result.command_id)
-            answer = InboxEntry(replay_key(key, result.replay), dumped)
-            latest = InboxEntry(key, dumped) if result.replay else None
+            answer = InboxEntry(replay_key(key, result.replay), dumped, result.practice)
+            latest = InboxEntry(key, dumped, result.practice) if result.replay else None
         collected = await self._store.add_dead_letter(letter, answer, latest)
         failpoint("after_dead_letter_stored")
         if collected.new:
@@ -187,6 +188,8 @@ def _named_in(body: bytes) -> dict[str, Any]:
         appointment = data.get("appointment")
         named.update(key=("event", data["event_id"]), type=kind,
                      appointment_id=_id(appointment.get("id") if isinstance(appointment, dict) else None))
+    if "key" in named and named.get("practice", DEFAULT_PRACTICE) != DEFAULT_PRACTICE:
+        named["key"] = f"{named['practice']}/{named['key']}"  # ids are unique per practice only
     return named
 
 

@@ -88,8 +88,19 @@ def routing_key_names(routing_key: str, appointment_id: int) -> bool:
     """
     return routing_key.rpartition(".")[2] == str(appointment_id)
 
+DEFAULT_PRACTICE = "default"
+PRACTICE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+# No dots: the inbound routing key is ``<practice>.<appointment_id>``. Path-safe for the HTTP routes.
+PracticeName = Annotated[str, Field(pattern=PRACTICE_PATTERN)]
+
 Source = Literal["webhook", "command", "workflow", "reconcile"]
 Outcome = Literal["succeeded", "rejected", "failed"]
+
+
+def inbound_routing_key(practice: str, appointment_id: int) -> str:
+    """``<practice>.<appointment_id>``; the default practice keeps the bare id it always had,
+    so its messages hash to the partitions they always did (order holds across an upgrade)."""
+    return str(appointment_id) if practice == DEFAULT_PRACTICE else f"{practice}.{appointment_id}"
 
 
 def utcnow() -> datetime:
@@ -103,6 +114,7 @@ class _Strict(BaseModel):
 class _Command(_Strict):
     command_id: MessageId
     appointment_id: Id
+    practice: PracticeName = DEFAULT_PRACTICE
     correlation_id: ShortStr | None = None
 
 
@@ -154,6 +166,7 @@ class ObservedEvent(_Strict):
     event_id: MessageId
     source: Literal["webhook", "reconcile"]
     appointment: dict[str, Any]
+    practice: PracticeName = DEFAULT_PRACTICE
     received_at: datetime = Field(default_factory=utcnow)
 
     @field_validator("appointment")
@@ -181,16 +194,45 @@ INBOUND: TypeAdapter[Any] = TypeAdapter(Inbound)
 COMMAND: TypeAdapter[Any] = TypeAdapter(Command)
 
 
+class WebhookAppointment(BaseModel):
+    """The PMS's appointment object: only its id is required here, the rest is kept as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    # Not the strict Id: JSON Schema calls 42.0 an integer, and the OpenAPI document must not
+    # promise what is refused; a bool is still no id.
+    id: Annotated[int, Field(gt=0, le=MAX_ID)]
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: Any) -> Any:
+        """JSON's ``true`` or ``"5"`` is no id (pydantic would read them as 1 and 5); ``42.0`` is 42."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("appointment id must be an integer")
+        return value
+
+
+class WebhookData(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    appointment: WebhookAppointment
+
+
 class WebhookPayload(BaseModel):
     """What the PMS posts. The live PMS's shape is not documented, so two are accepted:
     ``{"type", "timestamp", "data": {"appointment": {...}}}`` (Standard Webhooks style) and
-    ``{"event", "object", "data": {...the appointment...}}``."""
+    ``{"event", "object", "data": {...the appointment...}}``.
+
+    ``data``'s schema says both (the appointment's id is what is required), so
+    the OpenAPI document generated from it promises exactly what is accepted.
+    """
 
     model_config = ConfigDict(extra="allow")
 
     type: EventType
     timestamp: datetime | None = None
-    data: dict[str, Any]
+    # Left to right: with an "appointment" key, that is the appointment.
+    data: WebhookData | WebhookAppointment = Field(union_mode="left_to_right")
 
     @model_validator(mode="before")
     @classmethod
@@ -201,10 +243,8 @@ class WebhookPayload(BaseModel):
         return value
 
     def appointment(self) -> dict[str, Any]:
-        inner = self.data.get("appointment", self.data)
-        if not isinstance(inner, dict) or not is_positive_id(inner.get("id")):
-            raise ValueError("data.appointment.id (a positive 64-bit integer) is required")
-        return inner
+        inner = self.data.appointment if isinstance(self.data, WebhookData) else self.data
+        return inner.model_dump()
 
 
 class StateLogRecord(BaseModel):
@@ -218,6 +258,7 @@ class StateLogRecord(BaseModel):
 
     seq: int | None = None
     time: datetime = Field(default_factory=utcnow)
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     machine: Literal["appointment", "reassignment"]
     from_state: str | None
@@ -241,6 +282,7 @@ class CommandResult(BaseModel):
 
     command_id: str
     type: str
+    practice: str = DEFAULT_PRACTICE
     appointment_id: int
     outcome: Outcome
     reasons: dict[str, list[str]] = Field(default_factory=dict)

@@ -71,6 +71,12 @@ STUCK_WORKFLOWS = Gauge(
     "Workflows parked in compensation_failed or past their deadline: page someone.",
     registry=REGISTRY,
 )
+PRACTICE_STATUS = Gauge(
+    "appt_practice_status",
+    "1 for each practice's current status (ok, budget_spent, token_refused, unreachable), 0 for the others.",
+    ["practice", "status"],
+    registry=REGISTRY,
+)
 WEBHOOKS = Counter(
     "appt_webhook_verifications_total",
     "Webhook requests by verification result.",

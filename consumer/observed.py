@@ -29,8 +29,8 @@ log = get_logger(__name__)
 
 
 async def observe(event: ObservedEvent, pms: PmsClient, store: Store) -> Decision:
-    origin = Origin(event.source, webhook_id=event.event_id)
-    stored = await store.get_appointment(event.appointment_id)
+    origin = Origin(event.source, practice=event.practice, webhook_id=event.event_id)
+    stored = await store.get_appointment(event.appointment_id, event.practice)
     deleted = event.type == "appointment.deleted"
     snapshot = snapshot_from_pms(event.appointment, deleted=deleted)
     if stored is not None and not deleted and is_not_newer(snapshot.updated_at, stored.upstream_updated_at):
@@ -43,9 +43,9 @@ async def observe(event: ObservedEvent, pms: PmsClient, store: Store) -> Decisio
         logs = origin.logs(appt.reconcile(snapshot))
         if any(record.detail.get("anomaly") for record in logs) and not deleted:
             upstream, gone = await _fresh(pms, event.appointment_id, fallback=upstream)
-            fresh_origin = Origin("reconcile", webhook_id=event.event_id)
+            fresh_origin = Origin("reconcile", practice=event.practice, webhook_id=event.event_id)
             logs += fresh_origin.logs(appt.reconcile(snapshot_from_pms(upstream, deleted=gone)))
-        record = new_record(stored, appt.state, appt.patient_id, upstream)
+        record = new_record(stored, appt.state, appt.patient_id, upstream, practice=event.practice)
     return Decision(record=record, logs=logs)
 
 

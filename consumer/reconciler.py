@@ -29,9 +29,10 @@ from datetime import datetime, timedelta, timezone
 from consumer import metrics
 from consumer.broker import Broker
 from consumer.logs import get_logger
-from consumer.messages import ObservedEvent
+from consumer.messages import DEFAULT_PRACTICE, ObservedEvent
 from consumer.pms import PmsAppointment, PmsClient
 from consumer.pms.client import MAX_PER_PAGE
+from consumer.practices import Practice, Practices
 from consumer.silence import WebhookSilence
 from consumer.store.base import Store
 
@@ -75,12 +76,13 @@ def _iso(value: datetime) -> str:
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def event_for(appointment: PmsAppointment) -> ObservedEvent:
+def event_for(appointment: PmsAppointment, practice: str = DEFAULT_PRACTICE) -> ObservedEvent:
     return ObservedEvent(
         type="appointment.updated",
         event_id=f"reconcile:{appointment.id}:{appointment.updated_at}",
         source="reconcile",
         appointment=appointment.model_dump(mode="json"),
+        practice=practice,
     )
 
 
@@ -93,12 +95,13 @@ class Reconciler:
     row costs one comparison, not a store read or a publish."""
 
     def __init__(
-        self, pms: PmsClient, broker: Broker, store: Store, *, horizon_days: int = 30,
+        self, pms: PmsClient, broker: Broker, store: Store, *, practice: str = DEFAULT_PRACTICE,
+        horizon_days: int = 30,
         budget_share: float = 0.10, use_updated_after: bool = False, silence: WebhookSilence | None = None,
         silence_grace: timedelta = DEFAULT_SILENCE_GRACE, overlap: timedelta = DEFAULT_OVERLAP,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
-        self._pms, self._broker, self._store = pms, broker, store
+        self.pms, self._broker, self._store, self._practice = pms, broker, store, practice
         self.windows = windows_for(horizon_days)
         self._share = budget_share
         self._use_updated_after = use_updated_after
@@ -114,7 +117,7 @@ class Reconciler:
 
     def allowance(self) -> int:
         """Requests polling may spend per clock hour: its share of the token's budget."""
-        return int(self._pms.hourly_limit * self._share)
+        return int(self.pms.hourly_limit * self._share)
 
     def allowed_by(self, now: datetime) -> int:
         """How much of this clock hour's allowance may be spent by ``now`` (spread over the hour)."""
@@ -145,13 +148,13 @@ class Reconciler:
     async def _poll_window(self, window: Window, now: datetime, since: datetime | None) -> int:
         today = now.replace(hour=0, minute=0, second=0, microsecond=0)
         updated_after = await self._updated_after(window)
-        retries_before = self._pms.retries
-        rows = await self._pms.list_appointments(
+        retries_before = self.pms.retries
+        rows = await self.pms.list_appointments(
             after=_iso(today + timedelta(days=window.first_day)),
             before=_iso(today + timedelta(days=window.last_day)),
             cancelled=True, updated_after=updated_after, per_page=MAX_PER_PAGE,
         )
-        cost = len(rows) // MAX_PER_PAGE + 1 + self._pms.retries - retries_before
+        cost = len(rows) // MAX_PER_PAGE + 1 + self.pms.retries - retries_before
         self.spent += cost
         self._cost[window.name] = cost
         metrics.RECONCILE_REQUESTS.labels(window.name).inc(cost)
@@ -166,15 +169,20 @@ class Reconciler:
             seen[row.id] = changed
         self._seen[window.name] = seen  # a row gone from the window is forgotten, never deleted
         if self._use_updated_after:
-            await self._store.set_watermark(f"reconcile.{window.name}", _iso(now))
+            await self._store.set_watermark(self._watermark(window), _iso(now))
         log.info("reconcile.window", window=window.name, rows=len(rows), requests=cost, published=published)
         return published
 
     async def _updated_after(self, window: Window) -> str | None:
         if not self._use_updated_after:
             return None
-        last = await self._store.get_watermark(f"reconcile.{window.name}")
+        last = await self._store.get_watermark(self._watermark(window))
         return _iso(parse_time(last) - self._overlap) if last else None
+
+    def _watermark(self, window: Window) -> str:
+        """Each practice polls its own PMS, so each has its own watermarks (the default's keep their names)."""
+        prefix = "" if self._practice == DEFAULT_PRACTICE else f"{self._practice}."
+        return f"{prefix}reconcile.{window.name}"
 
     async def _is_new(self, window: Window, row: PmsAppointment, changed: datetime,
                       since: datetime | None) -> bool:
@@ -184,14 +192,15 @@ class Reconciler:
         last_seen = self._seen[window.name].get(row.id)
         if last_seen is not None and changed <= last_seen:
             return False
-        stored = await self._store.get_appointment(row.id)
+        stored = await self._store.get_appointment(row.id, self._practice)
         stored_at = stored.upstream_updated_at if stored is not None else None
         return stored_at is None or changed > parse_time(stored_at)
 
     async def _publish(self, row: PmsAppointment) -> None:
-        event = event_for(row)
+        event = event_for(row, self._practice)
         await self._broker.publish_observed(
-            event.model_dump_json().encode(), appointment_id=row.id, message_id=event.event_id,
+            event.model_dump_json().encode(), practice=self._practice, appointment_id=row.id,
+            message_id=event.event_id,
         )
 
     def _note_missed(self, row: PmsAppointment, changed: datetime, now: datetime) -> None:
@@ -202,29 +211,42 @@ class Reconciler:
 
 
 async def reconcile_once(
-    pms: PmsClient, broker: Broker, store: Store, *, since: str | None = None, horizon_days: int = 30,
+    pms: PmsClient, broker: Broker, store: Store, *, practice: str = DEFAULT_PRACTICE,
+    since: str | None = None, horizon_days: int = 30,
 ) -> int:
     """``appt reconcile``: read every window once now (within the budget share); return how many
     changes were published."""
-    reconciler = Reconciler(pms, broker, store, horizon_days=horizon_days)
+    reconciler = Reconciler(pms, broker, store, practice=practice, horizon_days=horizon_days)
     published = await reconciler.poll(since=parse_time(since) if since else None)
-    log.info("reconcile.done", published=published, requests=reconciler.spent)
+    log.info("reconcile.done", practice=practice, published=published, requests=reconciler.spent)
     return published
 
 
-async def run_reconciler(reconciler: Reconciler, interval: float, stop: asyncio.Event) -> None:
-    """Poll every ``interval`` seconds until ``stop`` is set; an error waits one interval.
+async def run_reconciler(
+    practices: Practices, reconciler_for: Callable[[Practice], Reconciler], interval: float,
+    stop: asyncio.Event,
+) -> None:
+    """Poll every practice every ``interval`` seconds until ``stop`` is set.
 
     Nothing here may end the loop but ``stop``: a PMS or broker outage is
-    exactly when catching up matters afterwards.
+    exactly when catching up matters afterwards; one practice's failure
+    never skips another. A waiting practice is not polled (its resumer tries
+    it again); a practice whose client a reload replaced gets a new reconciler.
     """
     if interval <= 0:
         raise ValueError("the reconcile interval must be positive")
+    reconcilers: dict[str, Reconciler] = {}
     while not stop.is_set():
-        try:
-            await reconciler.poll()
-        except Exception as exc:  # logged and retried: the loop must outlive every outage
-            log.error("reconcile.failed", error=f"{type(exc).__name__}: {exc}")
+        for practice in practices:
+            if practice.waiting:
+                continue
+            reconciler = reconcilers.get(practice.name)
+            if reconciler is None or reconciler.pms is not practice.pms:
+                reconciler = reconcilers[practice.name] = reconciler_for(practice)
+            try:
+                await reconciler.poll()
+            except Exception as exc:  # logged and retried: the loop must outlive every outage
+                log.error("reconcile.failed", practice=practice.name, error=f"{type(exc).__name__}: {exc}")
         try:
             await asyncio.wait_for(stop.wait(), timeout=interval)
         except TimeoutError:

@@ -12,6 +12,7 @@ from typing import Any
 
 from consumer.messages import (
     MAX_CLOCK_SKEW,
+    DEFAULT_PRACTICE,
     CommandResult,
     Outcome,
     Source,
@@ -82,9 +83,10 @@ def _comparable(value: str | None) -> datetime | None:
 
 @dataclass(frozen=True)
 class Origin:
-    """Who caused a change: stamped on every state-log record it produces."""
+    """Who caused a change, in which practice: stamped on every state-log record it produces."""
 
     source: Source
+    practice: str = DEFAULT_PRACTICE
     command_id: str | None = None
     webhook_id: str | None = None
     workflow_id: str | None = None
@@ -92,6 +94,7 @@ class Origin:
 
     def log(self, transition: Transition) -> StateLogRecord:
         return StateLogRecord(
+            practice=self.practice,
             appointment_id=transition.appointment_id,
             machine=transition.machine,  # type: ignore[arg-type]
             from_state=transition.from_state,
@@ -124,13 +127,14 @@ class Decision:
 
 def new_record(
     previous: AppointmentRecord | None, state: str, patient_id: int | None,
-    upstream: dict[str, Any] | None,
+    upstream: dict[str, Any] | None, *, practice: str,
 ) -> AppointmentRecord:
     """The record to write, carrying the version read (the store checks and bumps it)."""
     base_data = previous.data if previous else {}
     data = dict(upstream) if upstream is not None else dict(base_data)
     updated_at = (upstream or {}).get("updated_at") or (previous.upstream_updated_at if previous else None)
     return AppointmentRecord(
+        practice=practice,
         appointment_id=(previous.appointment_id if previous else int(data["id"])),
         state=state,
         patient_id=patient_id,
@@ -147,6 +151,7 @@ def result_for(
     return CommandResult(
         command_id=command.command_id,
         type=command.type,
+        practice=command.practice,
         appointment_id=command.appointment_id,
         outcome=outcome,
         reasons=reasons or {},

@@ -6,10 +6,12 @@ operator fixes the deployment instead of reading a traceback.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from consumer.messages import DEFAULT_MAX_MESSAGE_BYTES
@@ -25,11 +27,25 @@ class SettingsError(Exception):
     """Raised with one line per bad variable, each naming the variable."""
 
 
+def default_store_path() -> Path:
+    """An absolute place, so every verb finds the same store whatever the current directory.
+
+    ``$XDG_DATA_HOME/appt/appt.sqlite3``, i.e. ``~/.local/share/appt/appt.sqlite3`` by default.
+    """
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).absolute() / "appt" / "appt.sqlite3"
+
+
+def default_store() -> str:
+    return f"sqlite:///{default_store_path()}"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    store: str = "sqlite:///appt.sqlite3"
+    store: str = Field(default_factory=default_store)
+    practices_file: str | None = None
     pms_url: str = "http://127.0.0.1:8700"
     pms_token: str = "sandbox-token"
     pms_timeout: float = Field(10.0, gt=0)
@@ -44,6 +60,7 @@ class Settings(BaseSettings):
     dentally_signing_secret: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)
+    sandbox_port: int = Field(8700, ge=0, le=65535)
     api_token: str | None = None
     http_idle_timeout: float = Field(15.0, gt=0)
     http_body_timeout: float = Field(30.0, gt=0)
@@ -108,6 +125,15 @@ class Settings(BaseSettings):
             parse_partitions(value, 64)
         return value
 
+    @model_validator(mode="after")
+    def _worker_partitions_exist(self) -> Settings:
+        if self.worker_partitions != "all":
+            try:
+                parse_partitions(self.worker_partitions, self.partitions)
+            except ValueError as exc:
+                raise ValueError(f"APPT_WORKER_PARTITIONS: {exc} (APPT_PARTITIONS is {self.partitions})") from None
+        return self
+
     def consumed_partitions(self) -> list[int]:
         """The partitions this worker consumes: all, or a list like ``0,1`` / ``0-3``."""
         if self.worker_partitions == "all":
@@ -117,25 +143,31 @@ class Settings(BaseSettings):
 
 def parse_partitions(spec: str, count: int) -> list[int]:
     found: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        if "-" in part:
-            lo, hi = (int(x) for x in part.split("-", 1))
-            found.update(range(lo, hi + 1))
-        elif part:
-            found.add(int(part))
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                found.update(range(lo, hi + 1))
+            elif part:
+                found.add(int(part))
+    except ValueError:
+        raise ValueError("must be all, or partition numbers like 0,1 or 0-3") from None
     if not found or min(found) < 0 or max(found) >= count:
         raise ValueError(f"partitions must lie in 0..{count - 1}")
     return sorted(found)
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read settings, turning pydantic's errors into lines naming ``APPT_*`` variables."""
+    """Read settings, turning pydantic's errors into one line naming every bad ``APPT_*`` variable."""
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
+            if not err["loc"]:  # a cross-field check names its variables itself
+                lines.append(str(err["msg"]).removeprefix("Value error, "))
+                continue
             field = str(err["loc"][0]).lower().removeprefix(ENV_PREFIX.lower()) if err["loc"] else ""
             got = "" if field in SECRET_SETTINGS else f" (got {_shown(err.get('input'))})"
             lines.append(f"{ENV_PREFIX}{field.upper()}: {err['msg']}{got}")

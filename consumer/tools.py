@@ -16,20 +16,47 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 from typing import Any
 
+from aio_pika.exceptions import AMQPError
 from pydantic import ValidationError
 
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
+from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError
 from consumer.messages import COMMAND, StateLogRecord
+from consumer.practices import Practices, client_factory, load_configs
+from consumer.pms.client import PmsClient
+from consumer.pms.errors import PmsError
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, Store, iter_history, open_store
+from consumer.store.base import TERMINAL_WORKFLOW_STATES, NoStore, Store, StoreUnavailable, iter_history, open_store
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 4
+# The flag each command type needs, by the message field it fills.
+SEND_FLAGS = {"patient_id": "--patient", "reason": "--reason", "notes": "--notes",
+              "appointment_id": "--appointment", "command_id": "--command-id"}
+NEEDED_FIELDS = {"confirm": (), "cancel": ("reason",), "set_patient": ("patient_id",),
+                 "reassign": ("patient_id",), "edit_notes": ("notes",)}
+
+
+def public_url(url: str) -> str:
+    """A URL without its credentials, fit to print."""
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rpartition('@')[2]}"
+
+
+def name_store(settings: Settings) -> None:
+    """Read-only verbs say which store they read (on stderr), so "no records" can't hide a wrong one."""
+    print(f"store: {public_url(settings.store)}", file=sys.stderr)
 
 
 @contextlib.asynccontextmanager
-async def opened_store(settings: Settings) -> AsyncIterator[Store]:
-    store = open_store(settings.store)
-    await store.open()
+async def opened_store(settings: Settings, *, create: bool = False) -> AsyncIterator[Store]:
+    """The store; read-only verbs (``create=False``) refuse to make an empty SQLite file."""
+    store = open_store(settings.store, create=create)
+    try:
+        await store.open()
+    except NoStore as exc:
+        raise CliError(f"{exc}: run appt serve first, or set APPT_STORE", EXIT_USAGE) from None
+    except StoreUnavailable as exc:
+        raise CliError(f"store {public_url(settings.store)} unreachable: {exc} "
+                       "(start it, or set APPT_STORE)") from None
     try:
         yield store
     finally:
@@ -37,37 +64,64 @@ async def opened_store(settings: Settings) -> AsyncIterator[Store]:
 
 
 @contextlib.asynccontextmanager
+async def opened_practices(settings: Settings) -> AsyncIterator[Practices]:
+    practices = Practices(load_configs(settings), client_factory(settings))
+    try:
+        yield practices
+    finally:
+        await practices.close()
+
+
+@contextlib.asynccontextmanager
 async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
     broker = Broker(settings.amqp_url, partitions=settings.partitions)
-    await broker.connect()
+    try:
+        await broker.connect(timeout=5.0)
+    except (AMQPError, OSError, TimeoutError) as exc:
+        raise CliError(f"RabbitMQ unreachable at {public_url(settings.amqp_url)}: {type(exc).__name__} "
+                       "(start it with scripts/services.sh, or set APPT_AMQP_URL)") from None
     try:
         yield broker
     finally:
         await broker.close()
 
 
+@contextlib.asynccontextmanager
+async def connected_pms(settings: Settings) -> AsyncIterator[PmsClient]:
+    """The PMS client; a PMS that stays unreachable or refuses is one line, not a traceback."""
+    try:
+        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
+            yield pms
+    except PmsError as exc:
+        raise CliError(f"PMS at {settings.pms_url}: {exc} (is it up? check APPT_PMS_URL, APPT_PMS_TOKEN)") from None
+
+
 def command_from_args(args: argparse.Namespace) -> Any:
+    """The command the flags describe; a missing or misplaced flag is named as a flag, not a schema field."""
+    given = {"patient_id": args.patient, "reason": args.reason, "notes": args.notes}
+    needed = NEEDED_FIELDS[args.type]
+    for field in needed:
+        if given[field] is None:
+            raise CliError(f"{args.type} needs {SEND_FLAGS[field]} (see appt send --help)", EXIT_USAGE)
+    extra = [SEND_FLAGS[f] for f, value in given.items() if value is not None and f not in needed]
+    if extra:
+        raise CliError(f"{', '.join(extra)} does not apply to {args.type} (see appt send --help)", EXIT_USAGE)
     fields: dict[str, Any] = {
         "type": args.type,
         "command_id": args.command_id or str(uuid.uuid4()),
         "appointment_id": args.appointment,
+        **{field: given[field] for field in needed},
+        "practice": args.practice,
     }
-    if args.type in ("set_patient", "reassign"):
-        fields["patient_id"] = args.patient
-    if args.type == "cancel":
-        fields["reason"] = args.reason
-    if args.type == "edit_notes":
-        fields["notes"] = args.notes
-    return COMMAND.validate_python(fields)
+    try:
+        return COMMAND.validate_python(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{SEND_FLAGS.get(str(e['loc'][-1]), e['loc'][-1])}: {e['msg']}" for e in exc.errors())
+        raise CliError(f"invalid {args.type}: {problems}", EXIT_USAGE) from None
 
 
 async def send(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        command = command_from_args(args)
-    except ValidationError as exc:
-        missing = ", ".join(".".join(map(str, e["loc"][1:] or e["loc"])) + ": " + e["msg"] for e in exc.errors())
-        print(f"appt send: invalid {args.type} command: {missing}", file=sys.stderr)
-        return EXIT_USAGE
+    command = command_from_args(args)
     body = command.model_dump_json().encode()
     async with connected_broker(settings) as broker:
         reply_queue = None
@@ -76,14 +130,14 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         try:
             await broker.publish_inbound(
-                body, appointment_id=command.appointment_id, message_id=command.command_id,
+                body, practice=command.practice, appointment_id=command.appointment_id,
+                message_id=command.command_id,
                 reply_to=reply_queue.name if reply_queue else None, correlation_id=command.command_id,
             )
         except PublishFailed as exc:
-            print(f"appt send: not published: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+            raise CliError(f"not published: {exc}") from None
         print(json.dumps({"published": command.command_id, "type": command.type,
-                          "appointment_id": command.appointment_id}))
+                          "practice": command.practice, "appointment_id": command.appointment_id}))
         if reply_queue is None:
             return EXIT_OK
         return await _await_result(reply_queue, command.command_id, args.wait)
@@ -101,14 +155,17 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
                 return EXIT_OK if result.get("outcome") == "succeeded" else EXIT_FAILED
     except TimeoutError:
         pass
-    print(f"appt send: no result within {timeout} s (the command stays queued)", file=sys.stderr)
-    return EXIT_TIMEOUT
+    raise CliError(f"no result within {timeout} s (the command stays queued: is appt serve running?)",
+                   EXIT_TIMEOUT)
 
 
-async def history(settings: Settings, appointment_id: int, *, as_json: bool, follow: bool) -> int:
+async def history(
+    settings: Settings, appointment_id: int, *, practice: str, as_json: bool, follow: bool
+) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
+    name_store(settings)
     if not follow:
-        await _print_stored(settings, appointment_id, printer, after=0)
+        await _print_stored(settings, appointment_id, practice, printer, after=0)
         if not printer.printed and not as_json:
             print(f"no records for appointment {appointment_id}", file=sys.stderr)
         return EXIT_OK
@@ -117,29 +174,31 @@ async def history(settings: Settings, appointment_id: int, *, as_json: bool, fol
         channel = await broker.channel()
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(EVENTS_EXCHANGE, routing_key="state.#")
-        after = await _print_stored(settings, appointment_id, printer, after=0)
+        after = await _print_stored(settings, appointment_id, practice, printer, after=0)
         async with queue.iterator() as messages:
             async for message in messages:
                 await message.ack()
                 record = StateLogRecord.model_validate_json(message.body)
-                if _names(record, appointment_id) and (record.seq or 0) > after:
+                if _names(record, appointment_id, practice) and (record.seq or 0) > after:
                     printer.print(record)
                     after = max(after, record.seq or 0)
     return EXIT_OK
 
 
-async def _print_stored(settings: Settings, appointment_id: int, printer: RecordPrinter, *, after: int) -> int:
+async def _print_stored(
+    settings: Settings, appointment_id: int, practice: str, printer: RecordPrinter, *, after: int
+) -> int:
     """Print the stored records after ``after``; return the last seq printed."""
     async with opened_store(settings) as store:
-        async for record in iter_history(store, appointment_id, after_seq=after):
+        async for record in iter_history(store, appointment_id, practice=practice, after_seq=after):
             printer.print(record)
             after = record.seq or after
     return after
 
 
-def _names(record: StateLogRecord, appointment_id: int) -> bool:
+def _names(record: StateLogRecord, appointment_id: int, practice: str) -> bool:
     related = (record.detail.get("replacement_id"), record.detail.get("original_id"))
-    return record.appointment_id == appointment_id or appointment_id in related
+    return record.practice == practice and (record.appointment_id == appointment_id or appointment_id in related)
 
 
 class RecordPrinter:
@@ -177,6 +236,7 @@ class RecordPrinter:
 
 
 async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
+    name_store(settings)
     async with opened_store(settings) as store:
         workflows = await store.list_workflows()
     if stuck:
@@ -186,7 +246,7 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
     now = datetime.now(timezone.utc)
     for w in workflows:
         age = (now - w.created_at).total_seconds() if w.created_at else 0.0
-        row = {"workflow_id": w.workflow_id, "appointment_id": w.appointment_id,
+        row = {"workflow_id": w.workflow_id, "practice": w.practice, "appointment_id": w.appointment_id,
                "new_patient_id": w.new_patient_id, "replacement_id": w.replacement_id,
                "state": w.state, "age_s": round(age, 1), "attempts": w.attempts,
                "last_error": w.last_error}
@@ -203,17 +263,17 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
-    from consumer.pms.client import PmsClient
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
     async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            runner = WorkflowRunner(pms=pms, store=store, broker=broker, deadline=settings.workflow_deadline)
+        async with opened_practices(settings) as practices:
+            runner = WorkflowRunner(
+                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
             workflow = await store.get_workflow(workflow_id)
             if workflow is None:
-                print(f"appt sagas retry: no workflow {workflow_id}", file=sys.stderr)
-                return EXIT_USAGE
+                raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
+                               "(appt sagas lists them)", EXIT_USAGE)
             if workflow.state in TERMINAL_WORKFLOW_STATES:
                 print(json.dumps({"workflow_id": workflow_id, "state": workflow.state, "note": "already finished"}))
                 return EXIT_OK
@@ -228,15 +288,44 @@ async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     return EXIT_OK if workflow.state in TERMINAL_WORKFLOW_STATES else EXIT_FAILED
 
 
+async def practices(settings: Settings, *, as_json: bool) -> int:
+    """The running service's view (statuses and budgets live in the process that serves)."""
+    import aiohttp
+
+    url = f"http://{settings.http_host}:{settings.http_port}/practices"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as answer:
+                answer.raise_for_status()
+                rows = (await answer.json())["practices"]
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(f"appt practices: the service at {url} did not answer: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for row in rows:
+        if as_json:
+            print(json.dumps(row))
+            continue
+        budget = row["budget"]
+        print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
+              f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
+              f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+              + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+              + (f"  ({row['reason']})" if row["reason"] else ""))
+    return EXIT_OK
+
+
 async def reconcile(settings: Settings, *, since: str | None) -> int:
-    from consumer.pms.client import PmsClient
+    """Every practice, one after the other; one line per practice."""
     from consumer.reconciler import reconcile_once
 
-    async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            count = await reconcile_once(pms, broker, store, since=since,
-                                         horizon_days=settings.reconcile_horizon_days)
-    print(json.dumps({"published": count}))
+    if since is not None:
+        check_time(since, "--since")
+    async with opened_store(settings, create=True) as store, connected_broker(settings) as broker:
+        async with opened_practices(settings) as practices:
+            for practice in practices:
+                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
+                                             horizon_days=settings.reconcile_horizon_days)
+                print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK
 
 
@@ -249,3 +338,14 @@ async def prune(settings: Settings, *, dry_run: bool) -> int:
     for report in reports:
         print(json.dumps({**report.as_json(), "dry_run": dry_run}))
     return EXIT_OK
+
+
+def check_time(text: str, flag: str) -> None:
+    """An ISO 8601 time with its zone, as the PMS's ``updated_after`` takes it."""
+    example = "e.g. 2026-11-20T00:00:00Z"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise CliError(f"{flag} {text!r} is not an ISO 8601 time ({example})", EXIT_USAGE) from None
+    if parsed.tzinfo is None:
+        raise CliError(f"{flag} {text!r} has no time zone ({example}, or +01:00)", EXIT_USAGE)

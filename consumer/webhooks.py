@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -22,14 +22,23 @@ from pydantic import ValidationError
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
-from consumer.messages import MAX_ID, ObservedEvent, WebhookPayload
+from consumer.messages import DEFAULT_PRACTICE, MAX_ID, ObservedEvent, WebhookPayload
+from consumer.practices import (
+    Practice,
+    PracticeConfig,
+    Practices,
+    UnknownPractice,
+    client_factory,
+    describe,
+    load_configs,
+)
+from consumer.openapi import openapi_document
 from consumer.settings import Settings
 from consumer.silence import WebhookSilence
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
     StaleTimestamp,
-    secret_key,
     verify,
     verify_dentally,
 )
@@ -38,6 +47,7 @@ from consumer.store.base import Store
 SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
+PRACTICES_KEY = web.AppKey("practices", Practices)
 SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
 # Optional: set by `appt serve`, so /readyz can say when the worker's handler is failing.
 WORKER_FAILING_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("worker_failing")
@@ -48,6 +58,7 @@ READY_PING_TIMEOUT = 2.0
 MAX_HISTORY_PAGE = 1000
 
 Resources = Callable[[web.Application], AsyncIterator[None]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 log = get_logger(__name__)
 ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webhook counts here
@@ -56,26 +67,57 @@ ACCEPTED = metrics.WEBHOOKS.labels(result="accepted")  # bound once: every webho
 def create_app(settings: Settings, resources: Resources) -> web.Application:
     """The aiohttp application; ``resources`` puts the broker and store under their keys.
 
-    Secrets are decoded here so a malformed one stops start-up instead of
-    failing every request.
+    The practices (and their secrets) are loaded here so a malformed file or
+    secret stops start-up instead of failing every request.
     """
-    for secret in settings.webhook_secrets:
-        secret_key(secret)  # also checked by Settings; kept for settings built with model_copy
-    if not settings.webhook_secrets and not settings.dentally_signing_secret:
-        log.error("webhooks.no_secret_configured",
-                  hint="set APPT_WEBHOOK_SECRETS; every webhook is refused until then")
+    practices = Practices(load_configs(settings), client_factory(settings))
+    for practice in practices:
+        if not practice.config.webhook_secrets and not practice.config.dentally_signing_secret:
+            log.error("webhooks.no_secret_configured", practice=practice.name,
+                      hint="set APPT_WEBHOOK_SECRETS (or the practice's webhook_secrets); "
+                           "its webhooks are refused until then")
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
-    app = web.Application(client_max_size=settings.max_message_bytes + 1)
+    app = web.Application(client_max_size=settings.max_message_bytes + 1, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
+    app[PRACTICES_KEY] = practices
     app.cleanup_ctx.append(resources)
     app.router.add_post("/webhooks/pms", receive_webhook)
+    app.router.add_post("/webhooks/pms/{practice}", receive_webhook)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", render_metrics)
+    app.router.add_get("/practices", list_practices)
+    app.router.add_get("/openapi.json", render_openapi)
     # [0-9], not \d: \d matches every script's digits, and "७५७" would alias "757".
-    app.router.add_get(r"/appointments/{id:[0-9]+}", get_appointment)
-    app.router.add_get(r"/appointments/{id:[0-9]+}/history", get_history)
+    for prefix in ("", "/practices/{practice}"):
+        app.router.add_get(prefix + r"/appointments/{id:[0-9]+}", get_appointment)
+        app.router.add_get(prefix + r"/appointments/{id:[0-9]+}/history", get_history)
     return app
+
+
+def _practice(request: web.Request) -> Practice:
+    """The practice a route names (the routes without one mean the default practice)."""
+    name = request.match_info.get("practice", DEFAULT_PRACTICE)
+    try:
+        return request.app[PRACTICES_KEY].get(name)
+    except UnknownPractice:
+        raise web.HTTPNotFound(text=json.dumps({"error": "unknown practice"}),
+                               content_type="application/json") from None
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, wrong method) answer JSON like ours do.
+
+    A client (or the OpenAPI document) then meets one error shape on every path.
+    """
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return web.json_response({"error": (exc.reason or "error").lower()}, status=exc.status, headers=allow)
 
 
 def _error(status: int, message: str, **extra: Any) -> web.Response:
@@ -109,19 +151,20 @@ async def _read_body(request: web.Request, limit: int, timeout: float) -> bytes 
                 return None
 
 
-def _verify(settings: Settings, request: web.Request, body: bytes) -> str:
-    """Check the signature by whichever scheme the request carries; return the webhook id."""
+def _verify(config: PracticeConfig, tolerance: int, request: web.Request, body: bytes) -> str:
+    """Check the signature by whichever scheme the request carries, with this practice's
+    secrets only; return the webhook id."""
     headers = request.headers
     if (
-        settings.dentally_signing_secret
+        config.dentally_signing_secret
         and DENTALLY_SIGNATURE in headers
         and "webhook-signature" not in headers
     ):
-        verify_dentally(settings.dentally_signing_secret, body, headers[DENTALLY_SIGNATURE])
+        verify_dentally(config.dentally_signing_secret, body, headers[DENTALLY_SIGNATURE])
         # The scheme signs the body only: an id from a header could be changed at will to
         # replay a captured body, so the id is the body's digest.
         return "sha256:" + hashlib.sha256(body).hexdigest()
-    return verify(settings.webhook_secrets, headers, body, tolerance=settings.webhook_tolerance)
+    return verify(config.webhook_secrets, headers, body, tolerance=tolerance)
 
 
 def _validation_text(exc: ValidationError) -> str:
@@ -131,16 +174,21 @@ def _validation_text(exc: ValidationError) -> str:
     )
 
 
-def _observed_event(body: bytes, webhook_id: str) -> ObservedEvent:
+def _observed_event(body: bytes, webhook_id: str, practice: str) -> ObservedEvent:
     """Raises ValidationError (a ValueError) or ValueError when the payload is unusable."""
     payload = WebhookPayload.model_validate_json(body)
     return ObservedEvent(
-        type=payload.type, event_id=webhook_id, source="webhook", appointment=payload.appointment()
+        type=payload.type, event_id=webhook_id, source="webhook", appointment=payload.appointment(),
+        practice=practice,
     )
 
 
 async def receive_webhook(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS_KEY]
+    name = request.match_info.get("practice", DEFAULT_PRACTICE)
+    if name not in request.app[PRACTICES_KEY]:
+        return _refuse("unknown_practice", 404, "unknown practice", practice=name[:100])
+    practice = request.app[PRACTICES_KEY].get(name)
     try:
         body = await _read_body(request, settings.max_message_bytes, settings.http_body_timeout)
     except TimeoutError:
@@ -153,26 +201,26 @@ async def receive_webhook(request: web.Request) -> web.Response:
     if body is None:
         return _refuse("too_large", 413, f"body over {settings.max_message_bytes} bytes")
     try:
-        webhook_id = _verify(settings, request, body)
+        webhook_id = _verify(practice.config, settings.webhook_tolerance, request, body)
     except (StaleTimestamp, FutureTimestamp) as exc:
         return _refuse("stale", 401, "timestamp outside tolerance", reason=str(exc),
                        webhook_id=request.headers.get("webhook-id"))
     except SignatureError as exc:
         return _refuse("bad_signature", 401, "invalid signature", reason=type(exc).__name__)
     try:
-        event = _observed_event(body, webhook_id)
+        event = _observed_event(body, webhook_id, practice.name)
     except ValidationError as exc:
         return _refuse("invalid", 400, _validation_text(exc), webhook_id=webhook_id)
     except ValueError as exc:
         return _refuse("invalid", 400, str(exc), webhook_id=webhook_id)
-    fields = {"webhook_id": webhook_id, "type": event.type,
+    fields = {"webhook_id": webhook_id, "type": event.type, "practice": practice.name,
               "appointment_id": event.appointment_id}
     message = event.model_dump_json().encode()
     if len(message) > settings.max_message_bytes:  # the envelope adds a little to the body
         return _refuse("too_large", 413, f"message over {settings.max_message_bytes} bytes", **fields)
     try:
         await request.app[BROKER_KEY].publish_observed(
-            message, appointment_id=event.appointment_id, message_id=webhook_id,
+            message, practice=practice.name, appointment_id=event.appointment_id, message_id=webhook_id,
         )
     except PublishFailed as exc:
         metrics.WEBHOOKS.labels(result="unavailable").inc()
@@ -204,14 +252,30 @@ async def readyz(request: web.Request) -> web.Response:
               "worker": "failing" if worker_failing else "ok"}
     ready = broker_ok and store_ok and not worker_failing
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
+    # A waiting practice is named but leaves the process ready: the others are being served.
+    body["waiting_practices"] = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
     silence = request.app.get(SILENCE_KEY)
     if silence is not None:
         body["webhooks"] = silence.report(datetime.now(timezone.utc))
     return web.json_response(body, status=200 if ready else 503)
 
 
+async def list_practices(request: web.Request) -> web.Response:
+    """Each practice's status, budget and parked messages (what `appt practices` prints).
+
+    Open like /readyz and /metrics: it names practices, never an appointment or a token.
+    """
+    parked = await request.app[STORE_KEY].parked_counts()
+    return web.json_response(
+        {"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
+
+
 async def render_metrics(request: web.Request) -> web.Response:
     return web.Response(body=metrics.render(), headers={"Content-Type": METRICS_CONTENT_TYPE})
+
+
+async def render_openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document(request.app.router))
 
 
 def _unauthorized(request: web.Request) -> web.Response | None:
@@ -236,11 +300,13 @@ def _unauthorized(request: web.Request) -> web.Response | None:
 async def get_appointment(request: web.Request) -> web.Response:
     if (refusal := _unauthorized(request)) is not None:
         return refusal
+    practice = _practice(request)
     appointment_id = _path_id(request)
-    record = await request.app[STORE_KEY].get_appointment(appointment_id)
+    record = await request.app[STORE_KEY].get_appointment(appointment_id, practice.name)
     if record is None:
         return _error(404, f"appointment {appointment_id} unknown")
     return web.json_response({
+        "practice": record.practice,
         "appointment_id": record.appointment_id,
         "state": record.state,
         "patient_id": record.patient_id,
@@ -281,12 +347,13 @@ async def get_history(request: web.Request) -> web.Response:
     """One page of the state log; ``next_after_seq`` is null once the last page is served."""
     if (refusal := _unauthorized(request)) is not None:
         return refusal
+    practice = _practice(request)
     appointment_id = _path_id(request)
     after_seq = _int_query(request, "after_seq", 0, 0, 2**63 - 1)
     limit = _int_query(request, "limit", 100, 1, MAX_HISTORY_PAGE)
     store = request.app[STORE_KEY]
-    records = await store.history(appointment_id, after_seq=after_seq, limit=limit)
-    if not records and await store.get_appointment(appointment_id) is None:
+    records = await store.history(appointment_id, practice=practice.name, after_seq=after_seq, limit=limit)
+    if not records and await store.get_appointment(appointment_id, practice.name) is None:
         return _error(404, f"appointment {appointment_id} unknown")
     next_after_seq = records[-1].seq if len(records) == limit else None
     return web.json_response({

@@ -27,7 +27,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
-from consumer import metrics
+from consumer import metrics, tracing
 from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
 from consumer.commands import execute
 from consumer.logs import get_logger
@@ -41,23 +41,25 @@ from consumer.messages import (
     routing_key_names,
 )
 from consumer.observed import observe
-from consumer.pms.client import PmsClient
-from consumer.pms.errors import RateLimited, Unavailable
+from consumer.pms.errors import Unavailable
+from consumer.practices import UNKNOWN_PRACTICE, Practices
 from consumer.records import Decision, Origin, result_for
 from consumer.store.base import (
     Commit,
     DeadLetterQuery,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     Store,
     StoreUnavailable,
     records_of,
 )
+from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 
 log = get_logger(__name__)
 
 STORE_PROBE_INTERVAL = 1.0  # seconds between pings while the store is down
-TRANSIENT = (Unavailable, RateLimited, StoreUnavailable, StaleVersion, PublishFailed)
+TRANSIENT = (Unavailable, StoreUnavailable, StaleVersion, PublishFailed)
 # Replies may not be sent into the service's own queues (the partitions, the dead letters).
 RESERVED_QUEUE_PREFIX = "appointments."
 # How long /readyz reports a handler that failed in an unforeseen way.
@@ -213,22 +215,24 @@ class Worker:
         *,
         broker: Broker,
         store: Store,
-        pms: PmsClient,
+        practices: Practices,
         reassign: ReassignHandler,
         partitions: list[int],
         max_deliveries: int = 5,
         retry_delay: float = 1.0,
         attempts: int = 3,
+        probe_interval: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self._broker = broker
         self._store = store
-        self._pms = pms
+        self._practices = practices
         self._reassign = reassign
         self._partitions = partitions
         self._max_deliveries = max_deliveries
         self._retry_delay = retry_delay
         self._attempts = attempts
+        self._probe_interval = probe_interval  # how soon an unreachable PMS is tried again
         self._max_message_bytes = max_message_bytes
         self._serializer = KeyedSerializer()
         self._stopping = False
@@ -253,7 +257,7 @@ class Worker:
         log.info("worker stopped", drained=drained, in_flight=self._serializer.in_flight)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._serializer.submit(message.routing_key or "", lambda: self._handle(message))
+        self._serializer.submit(message.routing_key or "", lambda: tracing.processing(message, self._handle(message)))
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every delivery is settled, whatever its bytes: a message left unsettled holds its
@@ -277,7 +281,8 @@ class Worker:
             kind = inbound.type
             # Every log line written while handling this message carries its ids.
             with structlog.contextvars.bound_contextvars(
-                message_id=message_key(inbound), appointment_id=inbound.appointment_id,
+                message_id=message_key(inbound), practice=inbound.practice,
+                appointment_id=inbound.appointment_id,
                 correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
             ):
                 outcome = await self._process(message, inbound)
@@ -289,10 +294,16 @@ class Worker:
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
         if not routing_key_names(message.routing_key or "", inbound.appointment_id):
             return await self._misrouted(message, inbound)
+        key = message_key(inbound)
+        if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:
+            raise InvalidMessage(f"unknown practice {inbound.practice!r}")  # only a stranger publishes these
+        parked = _parked_seq(message)
         try:
             replay = await self._replay_of(message, inbound)
-            key = replay_key(message_key(inbound), replay)
-            entry = await self._store.inbox_get(key)
+            key = replay_key(key, replay)
+            if inbound.practice in self._practices and (held := await self._hold(message, inbound, key, parked)):
+                return held
+            entry = await self._store.inbox_get(key, inbound.practice)
             if entry is None:
                 try:
                     decision, logs = await self._decide_and_commit(key, inbound, replay)
@@ -300,17 +311,82 @@ class Worker:
                     entry = done.entry
             if entry is not None:
                 await self._republish(message, inbound, entry)
-                await _settle(message.ack())
+                await self._done(message, parked)
                 return "duplicate"
             await self._publish(message, decision.republish + logs, decision.result)
+            await self._done(message, parked)
+        except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
+            return await self._wait(message, inbound, key, parked, exc)
         except TRANSIENT as exc:
             return await self._retry_later(message, message_key(inbound), exc, inbound)
         except Exception as exc:  # a bug must not stop the worker nor lose the message
             self._last_unforeseen = time.monotonic()
             log.exception("unexpected error", message_id=message_key(inbound))
             return await self._retry_later(message, message_key(inbound), exc, inbound)
-        await _settle(message.ack())
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
+
+    async def _hold(
+        self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None
+    ) -> str | None:
+        """Park (or keep parked) a message that must wait; None when it may be processed now.
+
+        A command waits while its practice does, or while an older message of its
+        appointment is parked (it must not overtake it). A handed-back message goes
+        only when it is its appointment's oldest. Observed events need no PMS call to
+        be applied, so they never wait on the practice.
+        """
+        if parked is None and isinstance(inbound, ObservedEvent):
+            return None
+        practice = self._practices.get(inbound.practice)
+        head = await self._store.parked_head(inbound.practice, inbound.appointment_id)
+        if parked is not None:
+            if head is None or head[0] > parked:  # handed back twice: it was processed already
+                await _settle(message.ack())
+                return "duplicate"
+            if head == (parked, key) and not practice.waiting:
+                return None  # its turn (and the header names this very message: it may unpark it)
+            await self._store.keep_parked(parked)
+        elif head is None and not practice.waiting:
+            return None
+        else:
+            await self._park(message, inbound, key, practice.reason or "behind an older parked message")
+        await _settle(message.ack())
+        return "parked"
+
+    async def _wait(
+        self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None, error: BaseException
+    ) -> str:
+        """The PMS can't serve this practice now: park the message (acked), and the practice waits."""
+        reason = f"{type(error).__name__}: {error}"
+        status, retry_at = waiting_status(error, probe_interval=self._probe_interval)
+        if inbound.practice in self._practices:
+            practice = self._practices.get(inbound.practice)
+            if practice.wait(status, retry_at, reason):
+                log.error("practice waiting: its commands are parked until it can be served",
+                          practice=practice.name, status=status, retry_at=retry_at, error=reason)
+        try:
+            if parked is None:
+                await self._park(message, inbound, key, reason)
+            else:
+                await self._store.keep_parked(parked)
+        except StoreUnavailable as exc:
+            return await self._retry_later(message, key, exc, inbound)
+        await _settle(message.ack())
+        return "parked"
+
+    async def _park(self, message: AbstractIncomingMessage, inbound: Any, key: str, reason: str) -> None:
+        """``key`` is the inbox key (a replay's own), so a replay parks and comes back as a replay."""
+        await self._store.park(ParkedMessage(
+            practice=inbound.practice, appointment_id=inbound.appointment_id,
+            message_id=key, body=message.body, reason=reason[:500],
+            reply_to=message.reply_to, correlation_id=message.correlation_id, replay=replay_number(message),
+        ))
+
+    async def _done(self, message: AbstractIncomingMessage, parked: int | None) -> None:
+        """Processed: a parked message is forgotten (only now: a crash before redelivers it), then acked."""
+        if parked is not None:
+            await self._store.unpark(parked)
+        await _settle(message.ack())
 
     async def _replay_of(self, message: AbstractIncomingMessage, inbound: Any) -> int:
         """The replay number `appt dead replay` gave this message, if what it replays was
@@ -338,7 +414,8 @@ class Worker:
         ):
             with attempt:
                 if attempt.retry_state.attempt_number > 1:
-                    await self._raise_if_processed(key)  # the conflict may have been this very message
+                    # the conflict may have been this very message
+                    await self._raise_if_processed(key, inbound.practice)
                 decision = await self._decide(inbound)
                 if replay and decision.result:
                     decision.result = decision.result.model_copy(update={"replay": replay})
@@ -347,8 +424,8 @@ class Worker:
                     appointment=decision.record,
                     workflow=decision.workflow,
                     logs=decision.logs,
-                    inbox=InboxEntry(key, result),
-                    latest=InboxEntry(message_key(inbound), result) if replay else None,
+                    inbox=InboxEntry(key, result, inbound.practice),
+                    latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
                 ))
         return decision, logs
 
@@ -368,18 +445,22 @@ class Worker:
         await _settle(message.ack())
         return "rejected"
 
-    async def _raise_if_processed(self, key: str) -> None:
-        entry = await self._store.inbox_get(key)
+    async def _raise_if_processed(self, key: str, practice: str) -> None:
+        entry = await self._store.inbox_get(key, practice)
         if entry is not None:
             raise AlreadyProcessed(entry)
 
     async def _decide(self, inbound: Any) -> Decision:
+        if inbound.practice not in self._practices:
+            return Decision(result=result_for(inbound, "rejected", reasons=UNKNOWN_PRACTICE))
+        pms = self._practices.get(inbound.practice).pms
         if isinstance(inbound, ObservedEvent):
-            return await observe(inbound, self._pms, self._store)
+            return await observe(inbound, pms, self._store)
         if isinstance(inbound, Reassign):
             return await self._reassign(inbound)
-        origin = Origin("command", command_id=inbound.command_id, correlation_id=inbound.correlation_id)
-        return await execute(inbound, self._pms, self._store, origin)
+        origin = Origin("command", practice=inbound.practice, command_id=inbound.command_id,
+                        correlation_id=inbound.correlation_id)
+        return await execute(inbound, pms, self._store, origin)
 
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
@@ -402,13 +483,14 @@ class Worker:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
         if result is not None:
             log.info("command result", command_id=result.command_id, type=result.type,
-                     appointment_id=result.appointment_id, outcome=result.outcome, reasons=result.reasons)
+                     practice=result.practice, appointment_id=result.appointment_id,
+                     outcome=result.outcome, reasons=result.reasons)
 
     async def _republish(
         self, message: AbstractIncomingMessage, inbound: Any, entry: InboxEntry
     ) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
-        logs = await records_of(self._store, inbound.appointment_id, sender_id(inbound))
+        logs = await records_of(self._store, inbound.appointment_id, sender_id(inbound), inbound.practice)
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 
@@ -479,8 +561,19 @@ class Worker:
             await _settle(message.nack(requeue=True))  # try again later rather than lose it
             return "retried"
         metrics.DEAD_LETTERED.labels(reason_class).inc()
+        if (parked := _parked_seq(message)) is not None:
+            try:
+                await self._store.unpark(parked)
+            except StoreUnavailable:  # handed back again later: the dead letter may then repeat
+                log.warning("dead-lettered message still parked", seq=parked)
         await _settle(message.ack())
         return "dead_lettered"
+
+
+def _parked_seq(message: AbstractIncomingMessage) -> int | None:
+    """The store's seq of a handed-back parked message (a live message has none)."""
+    value = (message.headers or {}).get(PARKED_SEQ_HEADER)
+    return value if isinstance(value, int) else None
 
 
 async def _settle(action: Awaitable[None]) -> None:

@@ -25,8 +25,9 @@ from consumer.commands import STATUS_REASON, execute, names_other_status
 from consumer.failpoints import failpoint
 from consumer.periodic import every
 from consumer.logs import get_logger
-from consumer.messages import CommandResult, Reassign, SetPatient, StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, CommandResult, Reassign, SetPatient, StateLogRecord
 from consumer.pms.client import PmsClient
+from consumer.practices import Practices
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
 from consumer.records import (
     Decision,
@@ -89,17 +90,21 @@ class WorkflowBusy(Exception):
     """Another runner moved this workflow on (seen as a version conflict)."""
 
 
-def workflow_id_for(command_id: str) -> str:
-    """Deterministic, so a redelivered command finds its workflow instead of starting another."""
-    return f"reassign-{command_id}"
+def workflow_id_for(command_id: str, practice: str = DEFAULT_PRACTICE) -> str:
+    """Deterministic, so a redelivered command finds its workflow instead of starting another.
+
+    Command ids are unique per practice only, so another practice's id names its practice."""
+    if practice == DEFAULT_PRACTICE:
+        return f"reassign-{command_id}"
+    return f"reassign-{practice}.{command_id}"
 
 
 class WorkflowRunner:
     def __init__(
-        self, *, pms: PmsClient, store: Store, broker: Broker, deadline: float = 300.0,
+        self, *, practices: Practices, store: Store, broker: Broker, deadline: float = 300.0,
         compensation_attempts: int = 3, compensation_backoff: float = 0.5,
     ) -> None:
-        self._pms = pms
+        self._practices = practices
         self._store = store
         self._broker = broker
         self._deadline = deadline
@@ -111,9 +116,12 @@ class WorkflowRunner:
 
     # ---- entry points -------------------------------------------------------
 
+    def _pms(self, practice: str) -> PmsClient:
+        return self._practices.get(practice).pms
+
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
-        workflow = await self._store.get_workflow(workflow_id_for(command.command_id))
+        workflow = await self._store.get_workflow(workflow_id_for(command.command_id, command.practice))
         redelivered = workflow is not None
         if workflow is None:
             started = await self._start(command)
@@ -125,7 +133,8 @@ class WorkflowRunner:
         if redelivered or workflow.workflow_id in self._unpublished:
             # A crash (or a broker failure) may have come between a step's commit and its publish.
             self._unpublished.discard(workflow.workflow_id)
-            decision.republish = await records_of(self._store, command.appointment_id, command.command_id)
+            decision.republish = await records_of(
+                self._store, command.appointment_id, command.command_id, command.practice)
         return decision
 
     async def resume_unfinished(self) -> int:
@@ -152,8 +161,9 @@ class WorkflowRunner:
     async def requeue(self, workflow: WorkflowRecord) -> None:
         """Publish the workflow's command again, to be driven by whoever consumes its partition."""
         command = Reassign(command_id=workflow.command_id, appointment_id=workflow.appointment_id,
+                           practice=workflow.practice,
                            patient_id=workflow.new_patient_id, correlation_id=workflow.correlation_id)
-        await self._broker.publish_inbound(command.model_dump_json().encode(),
+        await self._broker.publish_inbound(command.model_dump_json().encode(), practice=command.practice,
                                            appointment_id=command.appointment_id, message_id=command.command_id)
         log.info("workflow handed back to the pipeline", workflow_id=workflow.workflow_id, state=workflow.state)
 
@@ -219,7 +229,7 @@ class WorkflowRunner:
     async def _start(self, command: Reassign) -> WorkflowRecord | Decision:
         """Decide whether a workflow is needed at all; if so, persist it before any remote call."""
         try:
-            original = (await self._pms.get_appointment(command.appointment_id)).model_dump(mode="json")
+            original = (await self._pms(command.practice).get_appointment(command.appointment_id)).model_dump(mode="json")
         except NotFound:
             return Decision(result=result_for(command, "rejected",
                                               reasons={"appointment_id": ["not found in the PMS"]}))
@@ -230,12 +240,13 @@ class WorkflowRunner:
         if original.get("state") not in CANCELLABLE:
             reasons = {"state": [f"{STATUS_REASON} {original.get('state')}"]}
             return Decision(result=result_for(command, "rejected", reasons=reasons, appointment=original))
-        active = await self._store.active_workflow(command.appointment_id)
+        active = await self._store.active_workflow(command.appointment_id, command.practice)
         if active is not None:
             reasons = {"appointment_id": [f"a reassignment is already running ({active.workflow_id})"]}
             return Decision(result=result_for(command, "rejected", reasons=reasons))
         workflow = WorkflowRecord(
-            workflow_id=workflow_id_for(command.command_id),
+            practice=command.practice,
+            workflow_id=workflow_id_for(command.command_id, command.practice),
             appointment_id=command.appointment_id,
             new_patient_id=command.patient_id,
             state=REQUESTED,
@@ -244,6 +255,7 @@ class WorkflowRunner:
             data={"original": {k: original.get(k) for k in COPIED_FIELDS}},
         )
         start = StateLogRecord(
+            practice=command.practice,
             appointment_id=command.appointment_id, machine="reassignment", from_state=None,
             to_state=REQUESTED, trigger="reassign", source="workflow", command_id=command.command_id,
             workflow_id=workflow.workflow_id, correlation_id=command.correlation_id,
@@ -256,9 +268,11 @@ class WorkflowRunner:
     async def _plain_set_patient(self, command: Reassign) -> Decision:
         """No patient yet: the PMS allows setting one, so no workflow is needed."""
         set_patient = SetPatient(command_id=command.command_id, appointment_id=command.appointment_id,
+                                 practice=command.practice,
                                  patient_id=command.patient_id, correlation_id=command.correlation_id)
-        origin = Origin("command", command_id=command.command_id, correlation_id=command.correlation_id)
-        decision = await execute(set_patient, self._pms, self._store, origin)
+        origin = Origin("command", practice=command.practice, command_id=command.command_id,
+                        correlation_id=command.correlation_id)
+        decision = await execute(set_patient, self._pms(command.practice), self._store, origin)
         if decision.result is not None:
             decision.result = decision.result.model_copy(update={"type": "reassign"})
         return decision
@@ -286,7 +300,7 @@ class WorkflowRunner:
         found = await self._find_replacement(workflow)
         if found is None:
             try:
-                original = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                original = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
             except NotFound:
                 reason = "original was deleted by someone else before the replacement was booked"
                 return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
@@ -300,7 +314,7 @@ class WorkflowRunner:
                 workflow = await self._follow_original(workflow, original)
             failpoint("before_create_replacement")
             try:
-                created = await self._pms.create_appointment(self._replacement_fields(workflow))
+                created = await self._pms(workflow.practice).create_appointment(self._replacement_fields(workflow))
                 found = created.model_dump(mode="json")
                 failpoint("after_create_replacement")
             except Unavailable:
@@ -348,7 +362,7 @@ class WorkflowRunner:
         original = workflow.data.get("original", {})
         # The replacement starts when the original does: the PMS's [after, before) start-time
         # window around it. Cancelled rows stay hidden (a DELETE that cancels leaves no live one).
-        candidates = await self._pms.list_appointments(
+        candidates = await self._pms(workflow.practice).list_appointments(
             after=original["start_time"], before=original["finish_time"],
             practitioner_id=original.get("practitioner_id"),
         )
@@ -369,13 +383,13 @@ class WorkflowRunner:
         assert workflow.replacement_id is not None
         note = original_cancel_note(workflow.replacement_id, workflow.workflow_id)
         try:
-            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
+            reason_id = await self._pms(workflow.practice).cancellation_reason_id(CANCEL_REASON)
         except LookupError as exc:
             reason = f"original can not be cancelled: {exc}"
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
         for attempt in (1, 2):
             try:
-                upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
             except NotFound:
                 return await self._original_deleted(workflow)
             if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
@@ -391,7 +405,7 @@ class WorkflowRunner:
                                                  upstream)
             failpoint("before_cancel_original")
             try:
-                answer = await self._pms.update_appointment(
+                answer = await self._pms(workflow.practice).update_appointment(
                     workflow.appointment_id, write.fields,
                     before_retry=lambda: self._recheck(workflow, slot_of(upstream)))
                 failpoint("after_cancel_original")
@@ -409,7 +423,7 @@ class WorkflowRunner:
                 # leave the slot with no live appointment. Read again (a failing read propagates, and
                 # the step is retried later); only an original still standing is compensated for.
                 try:
-                    upstream = (await self._pms.get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                    upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
                 except NotFound:
                     return await self._original_deleted(workflow)
                 if upstream.get("state") == "Cancelled":
@@ -463,7 +477,7 @@ class WorkflowRunner:
         replacement_id = workflow.replacement_id
         assert replacement_id is not None
         try:
-            replacement = (await self._pms.get_appointment(replacement_id)).model_dump(mode="json")
+            replacement = (await self._pms(workflow.practice).get_appointment(replacement_id)).model_dump(mode="json")
         except NotFound:
             raise ReplacementChanged(f"replacement {replacement_id} was deleted by someone else before the "
                                      "original was cancelled", None) from None
@@ -487,7 +501,7 @@ class WorkflowRunner:
         fields = {k: original[k] for k in ("practitioner_id", "start_time", "finish_time") if original.get(k)}
         log.info("replacement follows the moved original", workflow_id=workflow.workflow_id,
                  replacement_id=replacement_id, to=str(slot_of(original)))
-        moved = (await self._pms.update_appointment(replacement_id, fields)).model_dump(mode="json")
+        moved = (await self._pms(workflow.practice).update_appointment(replacement_id, fields)).model_dump(mode="json")
         failpoint("after_move_replacement")
         return moved
 
@@ -571,7 +585,7 @@ class WorkflowRunner:
     ) -> WorkflowRecord:
         """Record a saga step with an appointment the PMS no longer has (a 404): it is Deleted."""
 
-        stored = await self._store.get_appointment(appointment_id)
+        stored = await self._store.get_appointment(appointment_id, workflow.practice)
         gone = snapshot_from_pms({**(stored.data if stored else {}), "id": appointment_id}, deleted=True)
         known = None if stored else {"id": appointment_id}  # a record is kept with what was known of it
         return await self._record_with(workflow, outcome, appointment_id, known,
@@ -590,13 +604,13 @@ class WorkflowRunner:
         """
         origin = self._origin(workflow)
         for _ in range(3):
-            stored = await self._store.get_appointment(appointment_id)
+            stored = await self._store.get_appointment(appointment_id, workflow.practice)
             if stored is not None and upstream is not None and is_older(upstream.get("updated_at"),
                                                                         stored.upstream_updated_at):
                 return await self._record(workflow, outcome, data=data)
             with bound(snapshot_from_record(stored), appointment_id) as appt:
                 transitions = observe(appt)
-                record = new_record(stored, appt.state, appt.patient_id, upstream)
+                record = new_record(stored, appt.state, appt.patient_id, upstream, practice=workflow.practice)
             try:
                 return await self._record(workflow, outcome, appointment=record,
                                           extra_logs=origin.logs(transitions), data=data)
@@ -612,7 +626,7 @@ class WorkflowRunner:
         for attempt in range(1, self._compensation_attempts + 1):
             try:
                 failpoint("before_remove_replacement")
-                await self._delete_or_cancel(replacement_id)
+                await self._delete_or_cancel(self._pms(workflow.practice), replacement_id)
                 failpoint("after_remove_replacement")
                 return await self._record(workflow, lambda saga: saga.replacement_removed())
             except (PmsError, LookupError) as exc:
@@ -625,18 +639,19 @@ class WorkflowRunner:
         reason = f"could not remove replacement {replacement_id}: {error}"
         return await self._record(workflow, lambda saga: saga.compensation_error(reason))
 
-    async def _delete_or_cancel(self, replacement_id: int) -> None:
+    @staticmethod
+    async def _delete_or_cancel(pms: PmsClient, replacement_id: int) -> None:
         """Delete the replacement; where the PMS refuses a delete, cancel it instead."""
         try:
-            await self._pms.delete_appointment(replacement_id)
+            await pms.delete_appointment(replacement_id)
         except NotFound:
             return  # already gone (deleted before a crash)
         except Rejected:
-            current = await self._pms.get_appointment(replacement_id)
+            current = await pms.get_appointment(replacement_id)
             if current.state == "Cancelled":
                 return
-            reason_id = await self._pms.cancellation_reason_id(CANCEL_REASON)
-            await self._pms.update_appointment(replacement_id, {
+            reason_id = await pms.cancellation_reason_id(CANCEL_REASON)
+            await pms.update_appointment(replacement_id, {
                 "state": "Cancelled", "appointment_cancellation_reason_id": reason_id,
                 "notes": f"{CANCEL_REASON}: reassignment compensated",
             })
@@ -650,7 +665,7 @@ class WorkflowRunner:
         )
 
     def _origin(self, workflow: WorkflowRecord) -> Origin:
-        return Origin("workflow", command_id=workflow.command_id, workflow_id=workflow.workflow_id,
+        return Origin("workflow", practice=workflow.practice, command_id=workflow.command_id, workflow_id=workflow.workflow_id,
                       correlation_id=workflow.correlation_id)
 
     async def _record(

@@ -11,3 +11,13 @@ if [[ ! -f "$stamp" ]]; then
   .venv/bin/python -m pip install -q -e ".[test,postgres]"
   rm -f .venv/.installed-*; touch "$stamp"
 fi
+# The AsyncAPI specification's own JSON Schema, which tests/unit/test_asyncapi.py
+# validates `appt asyncapi` against (the npm package the AsyncAPI tools use).
+specs=.tools/npm/node_modules/@asyncapi/specs
+if ! grep -qs '"version": "6.11.1"' "$specs/package.json"; then
+  if command -v npm >/dev/null; then
+    npm install --silent --no-audit --no-fund --prefix .tools/npm @asyncapi/specs@6.11.1
+  else
+    echo "bootstrap: npm not found; tests/unit/test_asyncapi.py needs it (apt-get install npm)" >&2
+  fi
+fi

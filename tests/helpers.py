@@ -146,3 +146,31 @@ class PostgresCluster:
         with contextlib.suppress(subprocess.SubprocessError):
             self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RabbitNode:
+    """A throwaway RabbitMQ node of the test's own (``scripts/rabbitmq-node``), never the shared broker.
+
+    Its own node name, ports, data directory and cookie, so a test may stop, restart or kill it.
+    """
+
+    SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "rabbitmq-node"
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self.port = free_port()
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def start(self) -> None:
+        self._run("start", str(self.directory), str(self.port), str(free_port()), self.name, timeout=180)
+
+    def ctl(self, *args: str) -> None:
+        """``rabbitmqctl`` against this node only (``stop_app``, ``start_app`` ...)."""
+        self._run("ctl", str(self.directory), *args, timeout=120)
+
+    def stop(self) -> None:
+        self._run("stop", str(self.directory), timeout=120)
+
+    def _run(self, *args: str, timeout: float) -> None:
+        subprocess.run([str(self.SCRIPT), *args], check=True, capture_output=True, timeout=timeout)

@@ -18,8 +18,11 @@ import aio_pika
 
 from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, Broker
 from consumer.deadletters import DeadLetterCollector
+from consumer.messages import DEFAULT_PRACTICE
 from consumer.pms.client import PmsClient
+from consumer.practices import PracticeConfig, Practices
 from consumer.store.base import Store, open_store
+from consumer.waiting import Resumer
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner
 from tests.helpers import eventually
@@ -53,16 +56,21 @@ class Observer:
 class Stack:
     broker: Broker
     store: Store
-    pms: PmsClient
+    practices: Practices
     worker: Worker
     workflows: WorkflowRunner
     observer: Observer
 
+    @property
+    def pms(self) -> PmsClient:
+        """The default practice's client (the single-practice tests' PMS)."""
+        return self.practices.get(DEFAULT_PRACTICE).pms
+
     async def send(self, command: dict[str, Any]) -> str:
         command.setdefault("command_id", str(uuid.uuid4()))
         await self.broker.publish_inbound(
-            json.dumps(command).encode(), appointment_id=command["appointment_id"],
-            message_id=command["command_id"],
+            json.dumps(command).encode(), practice=command.get("practice", DEFAULT_PRACTICE),
+            appointment_id=command["appointment_id"], message_id=command["command_id"],
         )
         return str(command["command_id"])
 
@@ -75,19 +83,24 @@ async def running_stack(
     amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
     max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
-    pms_max_retry_after: float = 60.0, workflow_deadline: float = 300.0, watch_interval: float | None = None,
+    practices: dict[str, PracticeConfig] | None = None, pms_max_retry_after: float = 60.0,
+    probe_interval: float = 0.2, workflow_deadline: float = 300.0, watch_interval: float | None = None,
     broker_addresses: str | None = None,
 ) -> AsyncIterator[Stack]:
-    """``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does.
+    """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token;
+    ``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does;
     ``broker_addresses``: the service's ``APPT_AMQP_URL`` when it is not ``amqp_url`` (an address
     list); the test's observer always uses ``amqp_url``."""
     store = open_store(store_url)
     await store.open()
     broker = Broker(broker_addresses or amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
-    pms = PmsClient(pms_url, "sandbox-token", timeout=pms_timeout, retry_attempts=pms_retry_attempts,
-                    backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency,
-                    max_retry_after=pms_max_retry_after)
+    registry = Practices(
+        practices or {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token="sandbox-token")},
+        lambda config, token: PmsClient(
+            config.pms_url, token, timeout=pms_timeout, retry_attempts=pms_retry_attempts,
+            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency, max_retry_after=pms_max_retry_after),
+    )
     observer = Observer()
     connection = await aio_pika.connect_robust(amqp_url)
     channel = await connection.channel()
@@ -99,24 +112,27 @@ async def running_stack(
     dead = await channel.declare_queue("test.observer.dead", durable=True)
     await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
-    workflows = WorkflowRunner(pms=pms, store=store, broker=broker, compensation_backoff=compensation_backoff,
-                               deadline=workflow_deadline)
-    worker = Worker(broker=broker, store=store, pms=pms, reassign=workflows.reassign,
+    workflows = WorkflowRunner(practices=registry, store=store, broker=broker,
+                               compensation_backoff=compensation_backoff, deadline=workflow_deadline)
+    worker = Worker(broker=broker, store=store, practices=registry, reassign=workflows.reassign,
                     partitions=list(range(partitions)), max_deliveries=max_deliveries,
-                    retry_delay=retry_delay)
+                    retry_delay=retry_delay, probe_interval=probe_interval)
     await worker.start()
     await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
     stop = asyncio.Event()
+    resumer = asyncio.create_task(
+        Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
     watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
     try:
-        yield Stack(broker, store, pms, worker, workflows, observer)
+        yield Stack(broker, store, registry, worker, workflows, observer)
     finally:
         stop.set()
+        await resumer
         if watcher is not None:
             await watcher
         await worker.stop(timeout=5)
         await connection.close()
-        await pms.close()
+        await registry.close()
         await broker.close()
         await store.close()
         await asyncio.sleep(0)

@@ -40,6 +40,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_random_exponential
 
+from consumer import tracing
 from consumer.pms.errors import (
     Misconfigured,
     NotFound,
@@ -177,6 +178,10 @@ class PmsClient:
             await self._session.close()
             self._session = None
 
+    def budget(self) -> dict[str, float | None]:
+        """The hourly budget as the PMS last reported it (remaining and reset None before its first answer)."""
+        return {"limit": self._pacer.limit, "remaining": self._pacer.remaining, "reset": self._pacer.reset_at}
+
     # ---- API ----------------------------------------------------------------
 
     async def get_appointment(self, appointment_id: int) -> PmsAppointment:
@@ -265,7 +270,8 @@ class PmsClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, trace_configs=tracing.client_trace_configs())
         return self._session
 
     async def _retried(

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import math
-import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,8 +23,6 @@ from aiohttp import web
 
 from consumer.sandbox import rules
 from consumer.sandbox.state import Budget, DeleteMode, Fault, Missing, Refused, SandboxState
-
-log = logging.getLogger(__name__)
 
 STATE: web.AppKey[SandboxState] = web.AppKey("sandbox_state", SandboxState)
 HANG_SECONDS = 60.0
@@ -63,7 +61,7 @@ def _rate_headers(budget: Budget) -> dict[str, str]:
     return {
         "x-ratelimit-limit": str(budget.limit),
         "x-ratelimit-remaining": str(budget.remaining),
-        "x-ratelimit-reset": str(budget.reset),
+        "x-ratelimit-reset": str(int(budget.reset)) if budget.reset == int(budget.reset) else f"{budget.reset:.3f}",
     }
 
 
@@ -292,7 +290,8 @@ KNOBS: dict[str, Callable[[SandboxState, dict[str, Any]], Any]] = {
     "seed": _seed,
     "refuse_deletes": lambda s, b: s.refuse_deletes(bool(b["enabled"])),
     "refuse_cancel": lambda s, b: s.refuse_cancel(int(b["appointment_id"])),
-    "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"])),
+    "rate_limit": lambda s, b: s.set_rate_limit(int(b["budget"]), b.get("window")),
+    "clear_faults": lambda s, b: s.clear_faults(),
     "spend_elsewhere": lambda s, b: s.spend_elsewhere(int(b["count"]), time.time()),
     "token": lambda s, b: s.set_token(str(b["token"])),
     "updated_after": lambda s, b: s.honour_updated_after(bool(b["honoured"])),
@@ -375,6 +374,9 @@ async def serve_sandbox(
     """Run the sandbox until cancelled (``appt sandbox``)."""
     async with running_sandbox(host=host, port=port, token=token, updated_after_honoured=updated_after_honoured,
                                delete_mode=delete_mode) as sandbox:
-        log.info("PMS sandbox listening on %s (token %r, updated_after %s, DELETE %ss)", sandbox.url,
-                 sandbox.state.token, "honoured" if updated_after_honoured else "ignored", delete_mode)
+        # One line for the person who started it: where, with which token and modes, where the knobs are.
+        print(f"appt sandbox: PMS sandbox listening on {sandbox.url} (API {sandbox.url}/v1, "
+              f"token {sandbox.state.token!r}, updated_after {'honoured' if updated_after_honoured else 'ignored'}, "
+              f"DELETE {delete_mode}s; knobs: POST {sandbox.url}/_sandbox/<knob>, e.g. /_sandbox/seed)",
+              file=sys.stderr, flush=True)
         await asyncio.Event().wait()

@@ -54,7 +54,7 @@ class _BehindBack:
 class Budget:
     limit: int
     remaining: int
-    reset: int  # epoch seconds of the next clock hour
+    reset: float  # epoch seconds of the next clock hour (or budget window)
     blocked: bool
 
 
@@ -106,6 +106,7 @@ class SandboxState:
         self.calls: list[str] = []
         self.latency = 0.0
         self.token, self.rate_limit, self.updated_after_honoured, self.delete_mode = self._defaults
+        self.budget_window: float = HOUR
         self.refusing_deletes = False
         self.refusing_cancel: set[int] = set()
         for url in list(self.webhooks.subscribers):
@@ -114,6 +115,17 @@ class SandboxState:
         self.webhooks.dropped.clear()
         self.webhooks.drop = False
         self.webhooks.retry_delay = 1.0
+
+    def clear_faults(self) -> None:
+        """Every injected fault off (failures, hangs, latency, dropped webhooks, refusals); data kept.
+
+        So an operator can watch a stuck workflow recover without ``reset``, which wipes everything.
+        """
+        self._faults.clear()
+        self.latency = 0.0
+        self.refusing_deletes = False
+        self.refusing_cancel.clear()
+        self.webhooks.drop = False
 
     def fail_next(self, route: str, count: int, status: int, retry_after: float | None = None) -> None:
         """The next ``count`` requests to ``route`` ("*" for any) answer ``status``.
@@ -143,8 +155,12 @@ class SandboxState:
     def unsubscribe(self, url: str) -> None:
         self.webhooks.unsubscribe(url)
 
-    def set_rate_limit(self, budget: int) -> None:
+    def set_rate_limit(self, budget: int, window: float | None = None) -> None:
+        """``budget`` requests per token per clock hour; ``window`` seconds instead of the hour
+        lets a test see the reset (the budget comes back at the next multiple of ``window``)."""
         self.rate_limit = budget
+        if window is not None:
+            self.budget_window = window
 
     def set_token(self, token: str) -> None:
         """Accept only ``token`` from now on: the old one gets 401, as an expired or revoked token."""
@@ -255,13 +271,14 @@ class SandboxState:
 
     def spend_budget(self, token: str, now: float) -> Budget:
         """Count one request against the token's budget for the current clock hour."""
-        hour = int(now // HOUR)
+        hour = int(now // self.budget_window)
         used = self._usage.get((token, hour), 0)
         blocked = used >= self.rate_limit
         if not blocked:
             used += 1
             self._usage[(token, hour)] = used
-        return Budget(self.rate_limit, max(0, self.rate_limit - used), (hour + 1) * HOUR, blocked)
+        reset = (hour + 1) * self.budget_window
+        return Budget(self.rate_limit, max(0, self.rate_limit - used), reset, blocked)
 
     def read(self, appointment_id: int) -> dict[str, Any]:
         """A GET of one appointment; may trigger an "after N reads" change after answering."""

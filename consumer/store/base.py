@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from consumer.messages import StateLogRecord
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord
 
 
 class StaleVersion(Exception):
@@ -22,6 +22,10 @@ class StaleVersion(Exception):
 
 class StoreUnavailable(Exception):
     """The store could not be reached (transient: retry)."""
+
+
+class NoStore(StoreUnavailable):
+    """A store opened read-only does not exist (APPT_STORE points elsewhere than the service's)."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,7 @@ class AppointmentRecord:
     version: int = 0
     upstream_updated_at: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    practice: str = DEFAULT_PRACTICE
 
 
 @dataclass(frozen=True)
@@ -58,14 +63,38 @@ class WorkflowRecord:
     created_at: datetime | None = None
     updated_at: datetime | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    practice: str = DEFAULT_PRACTICE
 
 
 @dataclass(frozen=True)
 class InboxEntry:
-    """A processed message id and the result it produced (re-published on redelivery)."""
+    """A processed message id and the result it produced (re-published on redelivery).
+
+    Keyed by (practice, message id): two practices' partners may pick the same ids."""
 
     message_id: str
     result: dict[str, Any] | None = None
+    practice: str = DEFAULT_PRACTICE
+
+
+@dataclass(frozen=True)
+class ParkedMessage:
+    """An inbound message of a practice that can't be served now, kept in order until it can.
+
+    ``seq`` (assigned by the store) is the order messages are handed back in;
+    an appointment's later messages wait behind its oldest parked one.
+    """
+
+    practice: str
+    appointment_id: int
+    message_id: str
+    body: bytes
+    reason: str
+    reply_to: str | None = None
+    correlation_id: str | None = None
+    replay: int = 0
+    """N for the Nth `appt dead replay` of a message (handed back with that header again)."""
+    seq: int = 0
 
 
 @dataclass(frozen=True)
@@ -160,15 +189,19 @@ class Store(Protocol):
         Raises ``StaleVersion`` when a version check fails, and then writes nothing.
         """
 
-    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None: ...
+    # Appointment ids are unique only inside a practice: every keyed read names one.
 
-    async def inbox_get(self, message_id: str) -> InboxEntry | None: ...
+    async def get_appointment(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> AppointmentRecord | None: ...
+
+    async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None: ...
 
     async def history(
-        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+        self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
-        """Records naming this appointment (as ``appointment_id`` or in a workflow's detail
-        ``replacement_id``/``original_id``), in ``seq`` order.
+        """Records of this practice naming this appointment (as ``appointment_id`` or in a
+        workflow's detail ``replacement_id``/``original_id``), in ``seq`` order.
 
         Each call renews the appointment's read lease (``history_reads``): the
         pruner leaves the records of an appointment read within the paging
@@ -176,7 +209,9 @@ class Store(Protocol):
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
 
-    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+    async def active_workflow(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> WorkflowRecord | None:
         """The unfinished workflow on this original appointment, if any."""
 
     async def list_workflows(
@@ -184,6 +219,27 @@ class Store(Protocol):
     ) -> list[WorkflowRecord]: ...
 
     async def get_watermark(self, name: str) -> str | None: ...
+
+    # Parked messages of practices that can't be served now (see consumer/waiting.py).
+
+    async def park(self, message: ParkedMessage) -> None:
+        """Keep a message until its practice can be served; the same id twice is kept once."""
+
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
+        """The seq and message id of this appointment's oldest parked message, if any."""
+
+    async def unpark(self, seq: int) -> None:
+        """Forget a parked message: it was processed."""
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        """Up to ``limit`` of the practice's parked messages not handed back since
+        ``not_since``, oldest first, marked as handed back now (in one transaction)."""
+
+    async def keep_parked(self, seq: int) -> None:
+        """A handed-back message that must wait again: hand it back at the next chance."""
+
+    async def parked_counts(self) -> dict[str, int]:
+        """Parked messages per practice."""
 
     async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
         """Delete up to ``limit`` rows of a ``schema.PRUNABLE`` table older than ``cutoff``,
@@ -221,18 +277,21 @@ class Store(Protocol):
 
 
 async def iter_history(
-    store: Store, appointment_id: int, *, after_seq: int = 0
+    store: Store, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0
 ) -> AsyncIterator[StateLogRecord]:
     """Every record naming this appointment after ``after_seq``, page by page, in seq order."""
-    while page := await store.history(appointment_id, after_seq=after_seq, limit=500):
+    while page := await store.history(appointment_id, practice=practice, after_seq=after_seq, limit=500):
         for record in page:
             yield record
         after_seq = page[-1].seq or after_seq
 
 
-async def records_of(store: Store, appointment_id: int, message_id: str) -> list[StateLogRecord]:
+async def records_of(
+    store: Store, appointment_id: int, message_id: str, practice: str = DEFAULT_PRACTICE
+) -> list[StateLogRecord]:
     """The state-log records one message (a command or an event id) produced, in seq order."""
-    return [r async for r in iter_history(store, appointment_id) if message_id in (r.command_id, r.webhook_id)]
+    return [r async for r in iter_history(store, appointment_id, practice=practice)
+            if message_id in (r.command_id, r.webhook_id)]
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:
@@ -244,12 +303,16 @@ def _split_schema(url: str) -> tuple[str, str | None]:
     return urlunsplit(parts._replace(query=rest)), schema
 
 
-def open_store(url: str) -> Store:
-    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers)."""
+def open_store(url: str, *, create: bool = True) -> Store:
+    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers).
+
+    ``create=False`` (the read-only verbs) refuses a SQLite file that does not exist yet: reading
+    a store in the wrong place must say so, not make an empty one and report "no records".
+    """
     if url.startswith("sqlite://"):
         from consumer.store.sqlite import SqliteStore
 
-        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:")
+        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:", create=create)
     if url.startswith(("postgresql://", "postgres://")):
         from consumer.store.postgres import PostgresStore
 

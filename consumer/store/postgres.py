@@ -19,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from consumer.messages import StateLogRecord, utcnow
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord, utcnow
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
@@ -28,6 +28,7 @@ from consumer.store.base import (
     DeadLetter,
     DeadLetterQuery,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -98,7 +99,9 @@ class PostgresStore:
             written = [await _append_log(conn, record) for record in commit.logs]
             if commit.inbox is not None:
                 await conn.execute(
-                    "INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
+                    "INSERT INTO inbox (practice, message_id, result, processed_at)"
+                    " VALUES ($1, $2, $3, now())",
+                    commit.inbox.practice,
                     commit.inbox.message_id,
                     None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
                 )
@@ -106,21 +109,25 @@ class PostgresStore:
                 await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
         return written
 
-    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None:
+    async def get_appointment(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> AppointmentRecord | None:
         row = await self._fetchrow(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE appointment_id = $1",
-            appointment_id,
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
+            " WHERE practice = $1 AND appointment_id = $2",
+            practice, appointment_id,
         )
         return None if row is None else schema.appointment_from_row(row)
 
-    async def inbox_get(self, message_id: str) -> InboxEntry | None:
+    async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None:
         row = await self._fetchrow(
-            "SELECT message_id, result FROM inbox WHERE message_id = $1", message_id
+            "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
+            practice, message_id,
         )
         return None if row is None else schema.inbox_from_row(row)
 
     async def history(
-        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+        self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
         """``seq`` comes from a sequence, so two commits that touch no common row may
         become visible out of ``seq`` order. Commits writing one appointment's record
@@ -132,12 +139,13 @@ class PostgresStore:
                 appointment_id,
             )
             rows = await conn.fetch(
-                f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-                " WHERE (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
+                f"SELECT {schema.LOG_COLUMNS} FROM state_log WHERE practice = $4"
+                " AND (appointment_id = $1 OR related_appointment_id = $1) AND seq > $2"
                 " ORDER BY seq LIMIT $3",
                 appointment_id,
                 after_seq,
                 limit,
+                practice,
             )
         return [schema.log_from_row(row) for row in rows]
 
@@ -148,11 +156,13 @@ class PostgresStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+    async def active_workflow(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> WorkflowRecord | None:
         row = await self._fetchrow(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
-            f" WHERE appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
-            appointment_id,
+            f" WHERE practice = $2 AND appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
+            appointment_id, practice,
         )
         return None if row is None else schema.workflow_from_row(row)
 
@@ -181,6 +191,45 @@ class PostgresStore:
                 name,
                 value,
             )
+
+    async def park(self, message: ParkedMessage) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
+                " correlation_id, replay, reason, parked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())"
+                " ON CONFLICT (practice, message_id) DO NOTHING",
+                message.practice, message.appointment_id, message.message_id, message.body,
+                message.reply_to, message.correlation_id, message.replay, message.reason,
+            )
+
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
+        row = await self._fetchrow(
+            "SELECT seq, message_id FROM parked WHERE practice = $1 AND appointment_id = $2 ORDER BY seq LIMIT 1",
+            practice, appointment_id,
+        )
+        return None if row is None else (int(row["seq"]), str(row["message_id"]))
+
+    async def unpark(self, seq: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute("DELETE FROM parked WHERE seq = $1", seq)
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        rows = await self._fetch(
+            "UPDATE parked SET handed_back_at = now() WHERE seq IN ("
+            " SELECT seq FROM parked WHERE practice = $1 AND (handed_back_at IS NULL OR handed_back_at < $2)"
+            " ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)"
+            f" RETURNING {schema.PARKED_COLUMNS}",
+            practice, schema.utc(not_since), limit,
+        )
+        return sorted((schema.parked_from_row(row) for row in rows), key=lambda m: m.seq)
+
+    async def keep_parked(self, seq: int) -> None:
+        async with self._connection() as conn:
+            await conn.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = $1", seq)
+
+    async def parked_counts(self) -> dict[str, int]:
+        rows = await self._fetch("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice")
+        return {row["practice"]: int(row["n"]) for row in rows}
 
     async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
         """``SKIP LOCKED``: processes pruning together take disjoint rows, and a pruner
@@ -230,7 +279,8 @@ class PostgresStore:
             entry = None
             if answer is not None:
                 found = await conn.fetchrow(
-                    "SELECT message_id, result FROM inbox WHERE message_id = $1", answer.message_id)
+                    "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
+                    answer.practice, answer.message_id)
                 entry = schema.inbox_from_row(found)
         return Collected(schema.dead_letter_from_row(row), new, entry)
 
@@ -303,18 +353,20 @@ async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord
         record.version + 1,
         record.upstream_updated_at,
         schema.dumps(record.data),
+        record.practice,
     )
     if record.version == 0:
         await conn.execute(
             "INSERT INTO appointments (appointment_id, state, patient_id, version,"
-            " upstream_updated_at, data, updated_at) VALUES ($1, $2, $3, $4, $5, $6, now())",
+            " upstream_updated_at, data, practice, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
             *args,
         )
         return
     status = await conn.execute(
         "UPDATE appointments SET state = $2, patient_id = $3, version = $4,"
         " upstream_updated_at = $5, data = $6, updated_at = now()"
-        " WHERE appointment_id = $1 AND version = $7",
+        " WHERE practice = $7 AND appointment_id = $1 AND version = $8",
         *args,
         record.version,
     )
@@ -337,14 +389,15 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
         record.attempts,
         record.version + 1,
         schema.dumps(record.data),
+        record.practice,
     )
     if record.version == 0:
         created_at: datetime | None = schema.utc(record.created_at) if record.created_at else None
         await conn.execute(
             "INSERT INTO workflows (workflow_id, appointment_id, new_patient_id, state,"
             " command_id, correlation_id, replacement_id, last_error, attempts, version, data,"
-            " created_at, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, COALESCE($12, now()), now())",
+            " practice, created_at, updated_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, COALESCE($13, now()), now())",
             *args,
             created_at,
         )
@@ -352,8 +405,8 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
     status = await conn.execute(
         "UPDATE workflows SET appointment_id = $2, new_patient_id = $3, state = $4,"
         " command_id = $5, correlation_id = $6, replacement_id = $7, last_error = $8,"
-        " attempts = $9, version = $10, data = $11, updated_at = now()"
-        " WHERE workflow_id = $1 AND version = $12",
+        " attempts = $9, version = $10, data = $11, practice = $12, updated_at = now()"
+        " WHERE workflow_id = $1 AND version = $13",
         *args,
         record.version,
     )
@@ -363,7 +416,7 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
 
 async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
     seq = await conn.fetchval(
-        schema.insert_log_sql([f"${n}" for n in range(1, 14)]) + " RETURNING seq",
+        schema.insert_log_sql([f"${n}" for n in range(1, schema.LOG_VALUE_COUNT + 1)]) + " RETURNING seq",
         *schema.log_values(record, schema.utc(record.time)),
     )
     return record.model_copy(update={"seq": seq})
@@ -371,4 +424,4 @@ async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> State
 
 async def _write_inbox(conn: asyncpg.Connection, sql: str, entry: InboxEntry) -> None:
     result = None if entry.result is None else schema.dumps(entry.result)
-    await conn.execute(schema.numbered(sql), entry.message_id, result, utcnow())
+    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, result, utcnow())

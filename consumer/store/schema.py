@@ -21,6 +21,7 @@ from consumer.store.base import (
     DeadLetter,
     DeadLetterQuery,
     InboxEntry,
+    ParkedMessage,
     WorkflowRecord,
 )
 
@@ -155,6 +156,67 @@ SQLITE_MIGRATIONS: list[list[str]] = [
         )""",
     ],
     [INBOX_NAMESPACES],
+    # 5: practices. Appointment ids (and partners' message ids) are unique only inside a
+    # practice, so every keyed table gains ``practice``; what existed is the default's.
+    # SQLite can't change a primary key in place: those tables are rebuilt.
+    [
+        """CREATE TABLE appointments_v2 (
+            practice TEXT NOT NULL DEFAULT 'default',
+            appointment_id INTEGER NOT NULL,
+            state TEXT NOT NULL,
+            patient_id INTEGER,
+            version INTEGER NOT NULL,
+            upstream_updated_at TEXT,
+            data TEXT NOT NULL,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (practice, appointment_id)
+        )""",
+        """INSERT INTO appointments_v2 (practice, appointment_id, state, patient_id, version,
+            upstream_updated_at, data, updated_at)
+            SELECT 'default', appointment_id, state, patient_id, version, upstream_updated_at, data,
+            updated_at FROM appointments""",
+        "DROP TABLE appointments",
+        "ALTER TABLE appointments_v2 RENAME TO appointments",
+        """CREATE TABLE inbox_v2 (
+            practice TEXT NOT NULL DEFAULT 'default',
+            message_id TEXT NOT NULL,
+            result TEXT,
+            processed_at TEXT NOT NULL,
+            PRIMARY KEY (practice, message_id)
+        )""",
+        """INSERT INTO inbox_v2 (practice, message_id, result, processed_at)
+            SELECT 'default', message_id, result, processed_at FROM inbox""",
+        "DROP TABLE inbox",
+        "ALTER TABLE inbox_v2 RENAME TO inbox",
+        "CREATE INDEX inbox_processed_at ON inbox (processed_at)",  # migration 3's, lost with the old table
+        "ALTER TABLE state_log ADD COLUMN practice TEXT NOT NULL DEFAULT 'default'",
+        "DROP INDEX state_log_appointment",
+        "DROP INDEX state_log_related",
+        "CREATE INDEX state_log_appointment ON state_log (practice, appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (practice, related_appointment_id, seq)",
+        "ALTER TABLE workflows ADD COLUMN practice TEXT NOT NULL DEFAULT 'default'",
+        "DROP INDEX workflows_one_unfinished",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+    ],
+    # 6: messages of practices that can't be served now wait here, in order (consumer/waiting.py).
+    [
+        """CREATE TABLE parked (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            practice TEXT NOT NULL,
+            appointment_id INTEGER NOT NULL,
+            message_id TEXT NOT NULL,
+            body BLOB NOT NULL,
+            reply_to TEXT,
+            correlation_id TEXT,
+            replay INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            parked_at TEXT NOT NULL,
+            handed_back_at TEXT,
+            UNIQUE (practice, message_id)
+        )""",
+        "CREATE INDEX parked_appointment ON parked (practice, appointment_id, seq)",
+    ],
 ]
 
 POSTGRES_MIGRATIONS: list[list[str]] = [
@@ -245,6 +307,42 @@ POSTGRES_MIGRATIONS: list[list[str]] = [
         )""",
     ],
     [INBOX_NAMESPACES],
+    # 5: practices (see the SQLite twin).
+    [
+        "ALTER TABLE appointments ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "ALTER TABLE appointments DROP CONSTRAINT appointments_pkey",
+        "ALTER TABLE appointments ADD PRIMARY KEY (practice, appointment_id)",
+        "ALTER TABLE inbox ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "ALTER TABLE inbox DROP CONSTRAINT inbox_pkey",
+        "ALTER TABLE inbox ADD PRIMARY KEY (practice, message_id)",
+        "ALTER TABLE state_log ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "DROP INDEX state_log_appointment",
+        "DROP INDEX state_log_related",
+        "CREATE INDEX state_log_appointment ON state_log (practice, appointment_id, seq)",
+        "CREATE INDEX state_log_related ON state_log (practice, related_appointment_id, seq)",
+        "ALTER TABLE workflows ADD COLUMN practice text NOT NULL DEFAULT 'default'",
+        "DROP INDEX workflows_one_unfinished",
+        """CREATE UNIQUE INDEX workflows_one_unfinished ON workflows (practice, appointment_id)
+            WHERE state NOT IN ('completed', 'compensated', 'rejected')""",
+    ],
+    # 6: parked messages (see the SQLite twin).
+    [
+        """CREATE TABLE parked (
+            seq bigserial PRIMARY KEY,
+            practice text NOT NULL,
+            appointment_id bigint NOT NULL,
+            message_id text NOT NULL,
+            body bytea NOT NULL,
+            reply_to text,
+            correlation_id text,
+            replay integer NOT NULL,
+            reason text NOT NULL,
+            parked_at timestamptz NOT NULL,
+            handed_back_at timestamptz,
+            UNIQUE (practice, message_id)
+        )""",
+        "CREATE INDEX parked_appointment ON parked (practice, appointment_id, seq)",
+    ],
 ]
 
 
@@ -254,13 +352,13 @@ class Row(Protocol):
     def __getitem__(self, key: str) -> Any: ...
 
 
-APPOINTMENT_COLUMNS = "appointment_id, state, patient_id, version, upstream_updated_at, data"
+APPOINTMENT_COLUMNS = "practice, appointment_id, state, patient_id, version, upstream_updated_at, data"
 WORKFLOW_COLUMNS = (
-    "workflow_id, appointment_id, new_patient_id, state, command_id, correlation_id,"
+    "practice, workflow_id, appointment_id, new_patient_id, state, command_id, correlation_id,"
     " replacement_id, last_error, attempts, version, created_at, updated_at, data"
 )
 LOG_COLUMNS = (
-    "seq, time, appointment_id, machine, from_state, to_state, trigger, source,"
+    "seq, time, practice, appointment_id, machine, from_state, to_state, trigger, source,"
     " command_id, webhook_id, workflow_id, correlation_id, detail"
 )
 
@@ -304,9 +402,12 @@ def related_appointment_id(record: StateLogRecord) -> int | None:
 
 
 INSERT_LOG_COLUMNS = (
-    "time, appointment_id, related_appointment_id, machine, from_state, to_state, trigger, source,"
+    "time, practice, appointment_id, related_appointment_id, machine, from_state, to_state, trigger, source,"
     " command_id, webhook_id, workflow_id, correlation_id, detail"
 )
+
+
+LOG_VALUE_COUNT = INSERT_LOG_COLUMNS.count(",") + 1
 
 
 def insert_log_sql(placeholders: list[str]) -> str:
@@ -317,7 +418,7 @@ def insert_log_sql(placeholders: list[str]) -> str:
 def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
     """Values in ``INSERT_LOG_COLUMNS`` order; ``time`` already in the driver's form."""
     return (
-        time, record.appointment_id, related_appointment_id(record), record.machine,
+        time, record.practice, record.appointment_id, related_appointment_id(record), record.machine,
         record.from_state, record.to_state, record.trigger, record.source, record.command_id,
         record.webhook_id, record.workflow_id, record.correlation_id, dumps(record.detail),
     )
@@ -325,6 +426,7 @@ def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
 
 def appointment_from_row(row: Row) -> AppointmentRecord:
     return AppointmentRecord(
+        practice=row["practice"],
         appointment_id=row["appointment_id"],
         state=row["state"],
         patient_id=row["patient_id"],
@@ -336,6 +438,7 @@ def appointment_from_row(row: Row) -> AppointmentRecord:
 
 def workflow_from_row(row: Row) -> WorkflowRecord:
     return WorkflowRecord(
+        practice=row["practice"],
         workflow_id=row["workflow_id"],
         appointment_id=row["appointment_id"],
         new_patient_id=row["new_patient_id"],
@@ -356,6 +459,7 @@ def log_from_row(row: Row) -> StateLogRecord:
     return StateLogRecord(
         seq=row["seq"],
         time=parse_time(row["time"]),
+        practice=row["practice"],
         appointment_id=row["appointment_id"],
         machine=row["machine"],
         from_state=row["from_state"],
@@ -370,8 +474,22 @@ def log_from_row(row: Row) -> StateLogRecord:
     )
 
 
+PARKED_COLUMNS = (
+    "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, replay, reason"
+)
+
+
+def parked_from_row(row: Row) -> ParkedMessage:
+    return ParkedMessage(
+        seq=row["seq"], practice=row["practice"], appointment_id=row["appointment_id"],
+        message_id=row["message_id"], body=bytes(row["body"]),
+        reply_to=row["reply_to"], correlation_id=row["correlation_id"], replay=row["replay"],
+        reason=row["reason"],
+    )
+
+
 def inbox_from_row(row: Row) -> InboxEntry:
-    return InboxEntry(message_id=row["message_id"], result=loads(row["result"]))
+    return InboxEntry(message_id=row["message_id"], result=loads(row["result"]), practice=row["practice"])
 
 
 DEAD_COLUMNS = (
@@ -385,12 +503,12 @@ INSERT_DEAD_SQL = (
     " ON CONFLICT (dead_key) DO NOTHING"
 )
 INSERT_INBOX_IF_ABSENT_SQL = (
-    "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, ?)"
-    " ON CONFLICT (message_id) DO NOTHING"
+    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (practice, message_id) DO NOTHING"
 )
 UPSERT_INBOX_SQL = (
-    "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, ?)"
-    " ON CONFLICT (message_id) DO UPDATE SET result = excluded.result, processed_at = excluded.processed_at"
+    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (practice, message_id) DO UPDATE SET result = excluded.result, processed_at = excluded.processed_at"
 )
 SETTLE_DEAD_SQL = "UPDATE dead_letters SET status = ?, settled_at = ? WHERE dead_id = ? AND status = 'dead'"
 COUNT_DEAD_SQL = "SELECT reason_class, count(*) AS n FROM dead_letters WHERE status = 'dead' GROUP BY reason_class"

@@ -24,7 +24,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, TypeVar
 
-from consumer.messages import StateLogRecord, utcnow
+from consumer.messages import DEFAULT_PRACTICE, StateLogRecord, utcnow
 from consumer.store import schema
 from consumer.store.base import (
     AppointmentRecord,
@@ -33,6 +33,8 @@ from consumer.store.base import (
     DeadLetter,
     DeadLetterQuery,
     InboxEntry,
+    NoStore,
+    ParkedMessage,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -49,8 +51,9 @@ Connection = sqlite3.Connection
 
 
 class SqliteStore:
-    def __init__(self, path: str, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int = 5000, create: bool = True) -> None:
         self._path = path
+        self._create = create
         self._busy_timeout_ms = busy_timeout_ms
         self._db: Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
@@ -66,6 +69,8 @@ class SqliteStore:
 
     def _connect(self) -> Connection:
         """Runs on the store's thread, the only one that ever touches the connection."""
+        if not self._create and self._path != ":memory:" and not os.path.exists(self._path):
+            raise NoStore(f"no store at {self._path} (is APPT_STORE the one the service uses?)")
         try:
             # isolation_level=None: the driver must not open transactions of its own.
             db = sqlite3.connect(self._path, isolation_level=None)
@@ -98,21 +103,25 @@ class SqliteStore:
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         return await self._in_transaction(partial(_commit, commit=commit))
 
-    async def get_appointment(self, appointment_id: int) -> AppointmentRecord | None:
+    async def get_appointment(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> AppointmentRecord | None:
         row = await self._fetchone(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE appointment_id = ?",
-            (appointment_id,),
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
+            " WHERE practice = ? AND appointment_id = ?",
+            (practice, appointment_id),
         )
         return None if row is None else schema.appointment_from_row(row)
 
-    async def inbox_get(self, message_id: str) -> InboxEntry | None:
+    async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None:
         row = await self._fetchone(
-            "SELECT message_id, result FROM inbox WHERE message_id = ?", (message_id,)
+            "SELECT practice, message_id, result FROM inbox WHERE practice = ? AND message_id = ?",
+            (practice, message_id),
         )
         return None if row is None else schema.inbox_from_row(row)
 
     async def history(
-        self, appointment_id: int, *, after_seq: int = 0, limit: int = 100
+        self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
     ) -> list[StateLogRecord]:
         def read(db: Connection) -> list[sqlite3.Row]:
             db.execute(
@@ -121,10 +130,10 @@ class SqliteStore:
                 (appointment_id, _now()),
             )
             return db.execute(
-                f"SELECT {schema.LOG_COLUMNS} FROM state_log"
-                " WHERE (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
+                f"SELECT {schema.LOG_COLUMNS} FROM state_log WHERE practice = ?"
+                " AND (appointment_id = ? OR related_appointment_id = ?) AND seq > ?"
                 " ORDER BY seq LIMIT ?",
-                (appointment_id, appointment_id, after_seq, limit),
+                (practice, appointment_id, appointment_id, after_seq, limit),
             ).fetchall()
 
         return [schema.log_from_row(row) for row in await self._in_transaction(read)]
@@ -136,11 +145,13 @@ class SqliteStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(self, appointment_id: int) -> WorkflowRecord | None:
+    async def active_workflow(
+        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
+    ) -> WorkflowRecord | None:
         row = await self._fetchone(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
-            f" WHERE appointment_id = ? AND state NOT IN {schema.TERMINAL_SQL}",
-            (appointment_id,),
+            f" WHERE practice = ? AND appointment_id = ? AND state NOT IN {schema.TERMINAL_SQL}",
+            (practice, appointment_id),
         )
         return None if row is None else schema.workflow_from_row(row)
 
@@ -174,6 +185,49 @@ class SqliteStore:
             )
 
         await self._in_transaction(write)
+
+    async def park(self, message: ParkedMessage) -> None:
+        def write(db: Connection) -> None:
+            db.execute(
+                "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
+                " correlation_id, replay, reason, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (practice, message_id) DO NOTHING",
+                (message.practice, message.appointment_id, message.message_id, message.body,
+                 message.reply_to, message.correlation_id, message.replay, message.reason, _now()),
+            )
+
+        await self._in_transaction(write)
+
+    async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
+        row = await self._fetchone(
+            "SELECT seq, message_id FROM parked WHERE practice = ? AND appointment_id = ? ORDER BY seq LIMIT 1",
+            (practice, appointment_id),
+        )
+        return None if row is None else (int(row["seq"]), str(row["message_id"]))
+
+    async def unpark(self, seq: int) -> None:
+        await self._in_transaction(lambda db: db.execute("DELETE FROM parked WHERE seq = ?", (seq,)))
+
+    async def hand_back(self, practice: str, *, not_since: datetime, limit: int) -> list[ParkedMessage]:
+        def take(db: Connection) -> list[ParkedMessage]:
+            rows = db.execute(
+                f"SELECT {schema.PARKED_COLUMNS} FROM parked WHERE practice = ?"
+                " AND (handed_back_at IS NULL OR handed_back_at < ?) ORDER BY seq LIMIT ?",
+                (practice, schema.sqlite_time(not_since), limit),
+            ).fetchall()
+            db.executemany("UPDATE parked SET handed_back_at = ? WHERE seq = ?",
+                           [(_now(), row["seq"]) for row in rows])
+            return [schema.parked_from_row(row) for row in rows]
+
+        return await self._in_transaction(take)
+
+    async def keep_parked(self, seq: int) -> None:
+        await self._in_transaction(
+            lambda db: db.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = ?", (seq,)))
+
+    async def parked_counts(self) -> dict[str, int]:
+        rows = await self._fetchall("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice", ())
+        return {row["practice"]: int(row["n"]) for row in rows}
 
     async def prune(self, table: str, cutoff: datetime, limit: int) -> int:
         rule = schema.PRUNABLE[table]
@@ -301,8 +355,8 @@ def _commit(db: Connection, commit: Commit) -> list[StateLogRecord]:
     written = [_append_log(db, record) for record in commit.logs]
     if commit.inbox is not None:
         db.execute(
-            "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, ?)",
-            (commit.inbox.message_id, _json_or_null(commit.inbox.result), _now()),
+            "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES (?, ?, ?, ?)",
+            (commit.inbox.practice, commit.inbox.message_id, _json_or_null(commit.inbox.result), _now()),
         )
     if commit.latest is not None:
         _write_inbox(db, schema.UPSERT_INBOX_SQL, commit.latest)
@@ -323,14 +377,15 @@ def _add_dead_letter(
     entry = None
     if answer is not None:
         found = db.execute(
-            "SELECT message_id, result FROM inbox WHERE message_id = ?", (answer.message_id,)
+            "SELECT practice, message_id, result FROM inbox WHERE practice = ? AND message_id = ?",
+            (answer.practice, answer.message_id),
         ).fetchone()
         entry = schema.inbox_from_row(found)
     return Collected(schema.dead_letter_from_row(row), new, entry)
 
 
 def _write_inbox(db: Connection, sql: str, entry: InboxEntry) -> None:
-    db.execute(sql, (entry.message_id, _json_or_null(entry.result), _now()))
+    db.execute(sql, (entry.practice, entry.message_id, _json_or_null(entry.result), _now()))
 
 
 def _apply_migrations(db: Connection) -> None:
@@ -358,19 +413,20 @@ def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
         record.upstream_updated_at,
         schema.dumps(record.data),
         _now(),
+        record.practice,
         record.appointment_id,
     )
     if record.version == 0:
         db.execute(
             "INSERT INTO appointments (state, patient_id, version, upstream_updated_at, data,"
-            " updated_at, appointment_id) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            " updated_at, practice, appointment_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             values,
         )
         return
     cursor = db.execute(
         "UPDATE appointments SET state = ?, patient_id = ?, version = ?,"
         " upstream_updated_at = ?, data = ?, updated_at = ?"
-        " WHERE appointment_id = ? AND version = ?",
+        " WHERE practice = ? AND appointment_id = ? AND version = ?",
         (*values, record.version),
     )
     if cursor.rowcount != 1:
@@ -382,6 +438,7 @@ def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
 def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
     now = _now()
     values = (
+        record.practice,
         record.appointment_id,
         record.new_patient_id,
         record.state,
@@ -398,14 +455,14 @@ def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
     if record.version == 0:
         created_at = schema.sqlite_time(record.created_at) if record.created_at else now
         db.execute(
-            "INSERT INTO workflows (appointment_id, new_patient_id, state, command_id,"
+            "INSERT INTO workflows (practice, appointment_id, new_patient_id, state, command_id,"
             " correlation_id, replacement_id, last_error, attempts, version, updated_at, data,"
-            " workflow_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " workflow_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (*values, created_at),
         )
         return
     cursor = db.execute(
-        "UPDATE workflows SET appointment_id = ?, new_patient_id = ?, state = ?, command_id = ?,"
+        "UPDATE workflows SET practice = ?, appointment_id = ?, new_patient_id = ?, state = ?, command_id = ?,"
         " correlation_id = ?, replacement_id = ?, last_error = ?, attempts = ?, version = ?,"
         " updated_at = ?, data = ? WHERE workflow_id = ? AND version = ?",
         (*values, record.version),
@@ -416,7 +473,7 @@ def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
 
 def _append_log(db: Connection, record: StateLogRecord) -> StateLogRecord:
     cursor = db.execute(
-        schema.insert_log_sql(["?"] * 13), schema.log_values(record, schema.sqlite_time(record.time))
+        schema.insert_log_sql(["?"] * schema.LOG_VALUE_COUNT), schema.log_values(record, schema.sqlite_time(record.time))
     )
     return record.model_copy(update={"seq": cursor.lastrowid})
 

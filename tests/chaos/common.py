@@ -23,6 +23,7 @@ import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, REASON_HEADER, Broker, PublishFailed
+from consumer.messages import DEFAULT_PRACTICE
 from consumer.store.base import Store
 
 LONG = os.environ.get("APPT_CHAOS_LONG") == "1"
@@ -90,8 +91,8 @@ async def publish_until_confirmed(broker: Broker, command: dict[str, Any], *, gi
     deadline = asyncio.get_running_loop().time() + give_up
     while True:
         try:
-            await broker.publish_inbound(body, appointment_id=command["appointment_id"],
-                                         message_id=command["command_id"])
+            await broker.publish_inbound(body, practice=command.get("practice", DEFAULT_PRACTICE),
+                                         appointment_id=command["appointment_id"], message_id=command["command_id"])
             return
         # ChannelInvalidStateError escapes Broker._publish during an outage (a RuntimeError,
         # not an AMQPError): reported as a bug; tolerated here so the load goes on.
@@ -204,16 +205,18 @@ async def orphan_replacements(sandbox: Any, store: Store) -> list[int]:
     return orphans
 
 
-async def state_mismatches(sandbox: Any, store: Store, deleted_ids: set[int]) -> list[str]:
-    """Appointments whose stored state or patient differs from the sandbox's."""
+async def state_mismatches(
+    sandbox: Any, store: Store, deleted_ids: set[int], practice: str = DEFAULT_PRACTICE
+) -> list[str]:
+    """Appointments whose stored state or patient (in ``practice``) differs from the sandbox's."""
     found = []
     for appointment in sandbox.state.all_appointments():
-        record = await store.get_appointment(appointment["id"])
+        record = await store.get_appointment(appointment["id"], practice)
         mine = (record.state, record.patient_id) if record else None
         if mine != (appointment["state"], appointment["patient_id"]):
             found.append(f"{appointment['id']}: store {mine} pms {(appointment['state'], appointment['patient_id'])}")
     for appointment_id in deleted_ids:
-        record = await store.get_appointment(appointment_id)
+        record = await store.get_appointment(appointment_id, practice)
         if record is not None and record.state != "Deleted":
             found.append(f"{appointment_id}: store {record.state} pms deleted")
     return found

@@ -1,6 +1,7 @@
 """`rabbitmqctl stop_app` / `start_app` under load: nothing lost, nothing applied twice.
 
-The stack runs in-process (tests/stack.py) on robust connections, so it must
+The broker restarted is a node this test starts for itself (``scripts/rabbitmq-node``: its own
+name, ports and data directory), never the machine's shared RabbitMQ. The stack runs in-process (tests/stack.py) on robust connections, so it must
 reconnect by itself; the test's publisher resends what was not confirmed, as
 any client would, under the same command id.
 """
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,19 +25,26 @@ from tests.chaos.common import (
     scaled,
     seed_slots,
 )
-from tests.helpers import eventually
+from tests.helpers import RabbitNode, eventually
 from tests.stack import Stack, running_stack
 
 pytestmark = chaos_marks
 
 
-def rabbitmqctl(verb: str) -> None:
-    subprocess.run(["rabbitmqctl", verb], check=True, capture_output=True, timeout=120)
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own: the only broker it may stop."""
+    node = RabbitNode(tmp_path / "rabbit", f"appt-restart-{uuid.uuid4().hex[:8]}")
+    node.start()
+    try:
+        yield node
+    finally:
+        node.stop()
 
 
 @pytest.fixture
-async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[Stack]:
-    async with running_stack(amqp_url, sqlite_url, sandbox.url, pms_timeout=2.0) as running:
+async def stack(node: RabbitNode, sqlite_url: str, sandbox: Any) -> AsyncIterator[Stack]:
+    async with running_stack(node.url, sqlite_url, sandbox.url, pms_timeout=2.0) as running:
         yield running
 
 
@@ -47,17 +56,17 @@ async def load(stack: Stack, ids: list[int], count: int, rng: random.Random, sen
         await asyncio.sleep(0.01)
 
 
-async def restart_broker(down_for: float) -> None:
-    """stop_app, wait, start_app: start_app runs whatever happens, other tests need the broker."""
+async def restart_broker(node: RabbitNode, down_for: float) -> None:
+    """stop_app, wait, start_app on the test's own node."""
     try:
-        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        await asyncio.to_thread(node.ctl, "stop_app")
         await asyncio.sleep(down_for)
     finally:
-        await asyncio.to_thread(rabbitmqctl, "start_app")
+        await asyncio.to_thread(node.ctl, "start_app")
 
 
 async def test_broker_restart_under_load_loses_nothing_and_applies_nothing_twice(
-    stack: Stack, sandbox: Any
+    stack: Stack, sandbox: Any, node: RabbitNode
 ) -> None:
     rng = random.Random()
     restarts = scaled(1, 4)
@@ -68,7 +77,7 @@ async def test_broker_restart_under_load_loses_nothing_and_applies_nothing_twice
     try:
         for _ in range(restarts):
             await eventually(lambda: len(stack.observer.results) >= len(sent) // 3 and sent, timeout=30)
-            await restart_broker(rng.uniform(1.0, 3.0))
+            await restart_broker(node, rng.uniform(1.0, 3.0))
         await sending
         await eventually(lambda: set(stack.observer.results) | dead_ids(stack) >= set(sent),
                          timeout=scaled(90, 300))

@@ -50,10 +50,28 @@ async def pms() -> AsyncIterator[Any]:
         yield sandbox
 
 
+@pytest.fixture
+async def north() -> AsyncIterator[Any]:
+    """A second practice's PMS: its own token, and the same appointment ids as the first's."""
+    async with running_sandbox(port=0, token="north-token", rate_limit=10**9) as sandbox:
+        sandbox.state.set_webhook_retry_delay(0.05)
+        sandbox.state.set_latency(0.03)
+        yield sandbox
+
+
+def practices_file(path: Path, pms: Any, north: Any) -> Path:
+    path.write_text(
+        f'[practices.default]\npms_url = "{pms.url}"\ntoken = "sandbox-token"\nwebhook_secrets = ["{SECRET}"]\n\n'
+        f'[practices.north]\npms_url = "{north.url}"\ntoken = "north-token"\nwebhook_secrets = ["{SECRET}"]\n')
+    return path
+
+
 async def mixed_load(
-    broker: Broker, pms: Any, ids: list[int], rng: random.Random, sent: list[str], stop: asyncio.Event
+    broker: Broker, sandboxes: dict[str, Any], ids: list[int], rng: random.Random, sent: list[str],
+    stop: asyncio.Event,
 ) -> None:
-    """Commands on the queue and PMS-side changes (which the PMS announces by webhook).
+    """Commands on the queue and PMS-side changes (which the PMS announces by webhook), one in
+    four to the second practice (same appointment ids, its own PMS).
 
     A trickle with a burst now and then: the service drains a trickle as fast
     as it comes, and a kill must also land while a backlog is being worked.
@@ -61,11 +79,12 @@ async def mixed_load(
     tick = 0
     while not stop.is_set():
         for _ in range(rng.randint(10, 40) if rng.random() < BURST_CHANCE else 1):
-            command = random_command(rng, ids)
+            practice = "north" if rng.random() < 0.25 else "default"
+            command = {**random_command(rng, ids), "practice": practice}
             await publish_until_confirmed(broker, command)
             sent.append(command["command_id"])
         if tick % 3 == 0:
-            pms_side_change(rng, pms, ids)
+            pms_side_change(rng, sandboxes["north" if tick % 12 == 0 else "default"], ids)
         tick += 1
         await asyncio.sleep(rng.uniform(0.005, 0.04))
 
@@ -85,18 +104,21 @@ async def wait_for(check: Callable[[], Any], timeout: float) -> bool:
 
 
 async def test_kill9_at_random_instants_loses_nothing_and_converges(
-    amqp_url: str, tmp_path: Path, pms: Any
+    amqp_url: str, tmp_path: Path, pms: Any, north: Any
 ) -> None:
     seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
     rng = random.Random(seed)
     trials = scaled(4, 25)
     ids = seed_slots(pms, scaled(24, 80))
+    assert seed_slots(north, len(ids)) == ids
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
     # Catch-up polling every 2 s: part of the chaos, and what heals a webhook lost in a kill.
     env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
-                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5")
+                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5",
+                      APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)))
     service = ServiceProcess(env, tmp_path)
     pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
+    north.state.subscribe(f"{service.url}/webhooks/pms/north", SECRET)
     broker = Broker(amqp_url)
     await broker.connect()
     store = open_store(store_url)
@@ -106,7 +128,7 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
             await service.start().wait_ready()
             await store.open()
             stop = asyncio.Event()
-            load = asyncio.create_task(mixed_load(broker, pms, ids, rng, sent, stop))
+            load = asyncio.create_task(mixed_load(broker, {"default": pms, "north": north}, ids, rng, sent, stop))
             unanswered_at_kills = 0  # shows the kills landed under load
             for _ in range(trials):
                 await asyncio.sleep(rng.uniform(0.2, 1.5))
@@ -117,16 +139,17 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
             await load
 
             settled = await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
-                                   store, timeout=scaled(90, 400))
+                                   store, timeout=scaled(90, 400), north=north)
             await service.terminate()
             figures = await final_figures(collector, sent, pms, store, ids)
+            figures["details"].update(await north_details(north, store))
     finally:
         await service.terminate()
         await store.close()
         await broker.close()
 
     print(f"\n{service.tail(15)}" if not settled else "")
-    print(f"chaos kill9 trials={trials} commands={len(sent)} unanswered_at_kills={unanswered_at_kills} events={figures['events']} "
+    print(f"chaos kill9 practices=2 trials={trials} commands={len(sent)} unanswered_at_kills={unanswered_at_kills} events={figures['events']} "
           f"lost={figures['lost']} duplicated={figures['duplicated']} dead={figures['dead']} "
           f"diverging={figures['diverging']} applied_twice={figures['applied_twice']} "
           f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
@@ -135,22 +158,33 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
 
 
 async def settle(
-    collector: Collector, sent: list[str], pms: Any, reconcile: AppProcess, store: Any, *, timeout: float
+    collector: Collector, sent: list[str], pms: Any, reconcile: AppProcess, store: Any, *, timeout: float,
+    north: Any,
 ) -> bool:
     """Wait for every result, every webhook delivered, one `appt reconcile`, then the store to agree."""
     answered = await wait_for(lambda: not collector.lost(sent), timeout)
-    delivered = await wait_for(lambda: pms.state.webhooks.pending() == 0, 30)
+    delivered = await wait_for(lambda: pms.state.webhooks.pending() == north.state.webhooks.pending() == 0, 30)
     assert await reconcile.start().wait_exit(60) == 0, reconcile.tail()
     deleted = _deleted_ids(pms)
 
     async def agreed() -> bool:
-        return not await state_mismatches(pms, store, deleted)
+        return not (await state_mismatches(pms, store, deleted)
+                    or await state_mismatches(north, store, _deleted_ids(north), "north"))
 
     return answered and delivered and await wait_for(agreed, 30)
 
 
 def _deleted_ids(pms: Any) -> set[int]:
     return {d.appointment_id for d in pms.state.deliveries if d.type == "appointment.deleted"}
+
+
+async def north_details(north: Any, store: Any) -> dict[str, Any]:
+    """The second practice's invariants: its store records agree with its own PMS, no double booking."""
+    details = {
+        "north_mismatches": await state_mismatches(north, store, _deleted_ids(north), "north"),
+        "north_double_bookings": double_bookings(north),
+    }
+    return {name: found for name, found in details.items() if found}
 
 
 async def final_figures(

@@ -110,7 +110,9 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
     stack: Stack, sandbox: Any, appt_env: dict[str, str]
 ) -> None:
     seed(sandbox, 701)
-    sandbox.state.fail_next(PUT, 10_000, 500)
+    # An answer the service can't act on (400) never succeeds as it is: dead-lettered after the
+    # deliveries. (A PMS that is down makes the practice wait instead: tests/integration/test_waiting.py.)
+    sandbox.state.fail_next(PUT, 10_000, 400)
 
     sent = await run_appt(appt_env, "send", "edit_notes", "--appointment", "701", "--notes", "x-rays",
                           "--command-id", "doomed", "--wait", "30")
@@ -118,7 +120,7 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
     assert sent.returncode == 1, sent.stderr
     answer = json.loads(sent.stdout[sent.stdout.index("\n{") + 1:])  # after the "published" line
     assert answer["outcome"] == "failed" and answer["deliveries"] == 2
-    assert answer["reasons"]["dead_letter"][0].startswith("gave up after 2 deliveries: Unavailable")
+    assert answer["reasons"]["dead_letter"][0].startswith("gave up after 2 deliveries: PmsError")
     await eventually(lambda: stack.observer.result_counts.get("doomed"))
     assert stack.observer.results["doomed"] == answer
     before = await listed(appt_env)
@@ -127,7 +129,7 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
             letter["deliveries"]) == ("doomed", "edit_notes", 701, "exhausted", 2)
     assert before["by_reason_class"] == {"exhausted": 1} and before["waiting_in_queue"] == 0
     assert before["by_reason"] == {
-        "gave up after N deliveries: Unavailable: PUT /vN/appointments/{id}: N injected failure (N)": 1}
+        "gave up after N deliveries: PmsError: PUT /vN/appointments/{id}: N injected failure (N)": 1}
     gauge = DeadLetterCollector(broker=stack.broker, store=stack.store)
     await gauge.refresh_metrics()
     assert metrics.REGISTRY.get_sample_value("appt_dead_letters", {"reason_class": "exhausted"}) == 1
@@ -222,7 +224,7 @@ async def test_a_replay_killed_halfway_through_50_loses_none_and_applies_none_tw
 ) -> None:
     appointments = list(range(1001, 1011))
     seed(sandbox, *appointments)
-    sandbox.state.fail_next(GET, 100_000, 500)
+    sandbox.state.fail_next(GET, 100_000, 400)  # can't succeed as it is: dead-lettered (see above)
     sent = [await stack.send({"command_id": f"n-{a}-{n}", "type": "edit_notes", "appointment_id": a,
                               "notes": f"note {n}"}) for n in range(5) for a in appointments]
     await eventually(lambda: len(stack.observer.results) == 50 or None, timeout=60)

@@ -9,8 +9,9 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from consumer.broker import Broker
-from consumer.messages import ObservedEvent
+from consumer.messages import DEFAULT_PRACTICE, ObservedEvent
 from consumer.pms import PmsClient
+from consumer.practices import PracticeConfig, Practices
 from consumer.reconciler import Reconciler, reconcile_once, run_reconciler, windows_for
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.silence import WebhookSilence
@@ -186,7 +187,10 @@ async def test_the_loop_outlives_pms_and_broker_failures_and_stops_on_request(
     sandbox.state.fail_next(LIST_ROUTE, 2, 500)
     await broker.close()
     stop = asyncio.Event()
-    loop = asyncio.create_task(run_reconciler(Reconciler(pms, broker, store), 0.05, stop))
+    practices = Practices({DEFAULT_PRACTICE: PracticeConfig(pms_url=sandbox.url, token="sandbox-token")},
+                          lambda config, token: pms)
+    loop = asyncio.create_task(run_reconciler(
+        practices, lambda practice: Reconciler(practice.pms, broker, store), 0.05, stop))
 
     await eventually(lambda: sandbox.state.call_count(LIST_ROUTE) >= 4, timeout=5)
     assert not loop.done()

@@ -514,6 +514,25 @@ async def test_knobs_over_http(http: aiohttp.ClientSession, sandbox: RunningSand
     assert sandbox.state.webhooks.subscribers == {} and sandbox.state.rate_limit == 3600
 
 
+async def test_clear_faults_switches_every_injected_fault_off_and_keeps_the_data(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    seed(sandbox, notes="kept")
+    await knob(http, sandbox, "fail", {"route": "*", "count": 5, "status": 503})
+    await knob(http, sandbox, "refuse_cancel", {"appointment_id": ID})
+    await knob(http, sandbox, "refuse_deletes", {"enabled": True})
+    await knob(http, sandbox, "latency", {"seconds": 0.2})
+    await knob(http, sandbox, "drop_webhooks", {"enabled": True})
+    status, _, _ = await call(http, sandbox, "GET", f"/v1/appointments/{ID}")
+    assert status == 503
+
+    await knob(http, sandbox, "clear_faults", {})
+
+    status, body = await put(http, sandbox, {"state": "Cancelled", "appointment_cancellation_reason_id": 1})
+    assert status == 200 and body["appointment"]["notes"] == "kept"
+    assert sandbox.state.latency == 0 and not sandbox.state.refusing_deletes and not sandbox.state.webhooks.drop
+
+
 async def test_a_bad_knob_body_is_a_400(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
     async with http.post(f"{sandbox.url}/_sandbox/change", json={"appointment_id": 1}) as resp:
         assert resp.status == 400

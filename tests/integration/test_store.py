@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from consumer.store import (
     DeadLetter,
     DeadLetterQuery,
     InboxEntry,
+    ParkedMessage,
     StaleVersion,
     Store,
     StoreUnavailable,
@@ -128,7 +129,7 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
         await old.open()
         for entry in (InboxEntry("c-1", {"outcome": "succeeded"}), InboxEntry("msg_1"),
                       InboxEntry("reconcile:5:2026-01-01T00:00:00Z")):
-            await old.commit(Commit(inbox=entry))
+            await _insert_v1_inbox(old, entry)  # as that version wrote them (no practice column yet)
         await old.close()
     upgraded = new_store()
     await upgraded.open()
@@ -136,6 +137,19 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
     assert await upgraded.inbox_get("webhook:msg_1") == InboxEntry("webhook:msg_1")
     assert await upgraded.inbox_get("reconcile:reconcile:5:2026-01-01T00:00:00Z") is not None
     assert await upgraded.inbox_get("c-1") is None
+
+
+async def _insert_v1_inbox(store: Store, entry: InboxEntry) -> None:
+    result = None if entry.result is None else schema.dumps(entry.result)
+    if isinstance(store, SqliteStore):
+        await store._run(lambda db: db.execute(  # noqa: SLF001 (the version-1 table, by hand)
+            "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, '2026-01-01')",
+            (entry.message_id, result)))
+        return
+    assert isinstance(store, PostgresStore)
+    async with store._connection() as conn:  # noqa: SLF001
+        await conn.execute("INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
+                           entry.message_id, result)
 
 
 async def test_commit_round_trips_every_field(store: Store) -> None:
@@ -472,6 +486,138 @@ async def test_sqlite_in_memory_works() -> None:
         assert await store.get_appointment(1) == appointment(version=1)
     finally:
         await store.close()
+
+
+# ---- practices: appointment and message ids are unique only inside a practice ----
+
+
+async def test_the_same_appointment_id_in_two_practices_is_two_records(store: Store) -> None:
+    north = replace(appointment(900, state="Confirmed"), practice="north")
+    south = replace(appointment(900, state="Pending"), practice="south")
+    await store.commit(Commit(appointment=north, logs=[log(900, "Confirmed", practice="north")]))
+    await store.commit(Commit(appointment=south, logs=[log(900, "Pending", practice="south")]))
+
+    assert await store.get_appointment(900, "north") == replace(north, version=1)
+    assert await store.get_appointment(900, "south") == replace(south, version=1)
+    assert await store.get_appointment(900) is None  # the default practice has no 900
+    assert [r.to_state for r in await store.history(900, practice="north")] == ["Confirmed"]
+    assert [r.practice for r in await store.history(900, practice="south")] == ["south"]
+    with pytest.raises(StaleVersion):  # versions are per (practice, id)
+        await store.commit(Commit(appointment=replace(north, state="Cancelled", version=0)))
+
+
+async def test_the_inbox_and_unfinished_workflows_are_per_practice(store: Store) -> None:
+    await store.commit(Commit(inbox=InboxEntry("c-1", {"outcome": "north"}, practice="north")))
+    await store.commit(Commit(inbox=InboxEntry("c-1", {"outcome": "south"}, practice="south")))
+    with pytest.raises(StaleVersion):
+        await store.commit(Commit(inbox=InboxEntry("c-1", None, practice="north")))
+    assert await store.inbox_get("c-1", "south") == InboxEntry("c-1", {"outcome": "south"}, "south")
+    assert await store.inbox_get("c-1") is None
+
+    await store.commit(Commit(workflow=replace(workflow("wf-n", 5), practice="north")))
+    await store.commit(Commit(workflow=replace(workflow("wf-s", 5), practice="south")))
+    active = await store.active_workflow(5, "south")
+    assert active is not None and (active.workflow_id, active.practice) == ("wf-s", "south")
+    assert await store.active_workflow(5) is None
+
+
+V1_ROWS = [
+    "INSERT INTO appointments VALUES (42, 'Confirmed', 7, 3, '2030-01-01T09:00:00Z', '{}', '2030-01-01')",
+    "INSERT INTO inbox VALUES ('c-old', NULL, '2030-01-01')",
+    "INSERT INTO state_log (time, appointment_id, machine, to_state, trigger, source, detail)"
+    " VALUES ('2030-01-01T00:00:00.000000+00:00', 42, 'appointment', 'Confirmed', 'confirm', 'command', '{}')",
+]
+
+
+async def _assert_v1_data_is_the_default_practices(store: Store) -> None:
+    record = await store.get_appointment(42)
+    assert record is not None and (record.practice, record.state, record.version) == ("default", "Confirmed", 3)
+    assert await store.inbox_get("webhook:c-old") == InboxEntry("webhook:c-old", None, "default")  # namespaced
+    assert [(r.practice, r.to_state) for r in await store.history(42)] == [("default", "Confirmed")]
+    await store.commit(Commit(appointment=replace(appointment(42), practice="north")))  # 42 is free there
+
+
+async def test_a_sqlite_store_from_before_practices_keeps_its_data_as_the_default_practice(
+    tmp_path: Path,
+) -> None:
+    import sqlite3
+
+    from consumer.store import schema
+
+    path = tmp_path / "v1.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+    for statement in schema.SQLITE_MIGRATIONS[0] + V1_ROWS:
+        db.execute(statement)
+    db.execute("INSERT INTO schema_version VALUES (1, '2030-01-01')")
+    db.commit()
+    db.close()
+    store = SqliteStore(str(path))
+    await store.open()
+    try:
+        await _assert_v1_data_is_the_default_practices(store)
+    finally:
+        await store.close()
+
+
+async def test_a_postgres_store_from_before_practices_keeps_its_data_as_the_default_practice() -> None:
+    from consumer.store import schema
+
+    name = f"test_store_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(PG_URL, timeout=5)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+        await conn.execute(f"SET search_path = {name}")
+        await conn.execute("CREATE TABLE schema_version (version integer PRIMARY KEY, applied_at timestamptz NOT NULL)")
+        for statement in schema.POSTGRES_MIGRATIONS[0] + V1_ROWS:
+            await conn.execute(statement)
+        await conn.execute("INSERT INTO schema_version VALUES (1, now())")
+        store = PostgresStore(PG_URL, schema=name)
+        await store.open()
+        try:
+            await _assert_v1_data_is_the_default_practices(store)
+        finally:
+            await store.close()
+    finally:
+        await conn.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+        await conn.close()
+
+
+# ---- parked messages of a practice that can't be served now ----
+
+
+def parked(message_id: str, appointment_id: int = 1, practice: str = "north") -> ParkedMessage:
+    return ParkedMessage(practice=practice, appointment_id=appointment_id, message_id=message_id,
+                         body=f'{{"id": "{message_id}"}}'.encode(), reason="Unauthorised: 401",
+                         reply_to="amq.rabbitmq.reply-to", correlation_id=f"corr-{message_id}")
+
+
+async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_kept_again(store: Store) -> None:
+    for message_id, appointment_id in (("a", 1), ("b", 2), ("c", 1)):
+        await store.park(parked(message_id, appointment_id))
+    await store.park(parked("a", 1))  # a redelivery parks nothing twice
+    await store.park(parked("z", 1, practice="south"))
+
+    assert await store.parked_counts() == {"north": 3, "south": 1}
+    first = await store.parked_head("north", 1)
+    assert first is not None and first[1] == "a"
+    assert await store.parked_head("north", 3) is None
+
+    now = datetime.now(timezone.utc)
+    handed = await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10)
+    assert [(m.message_id, m.appointment_id) for m in handed] == [("a", 1), ("b", 2), ("c", 1)]
+    assert handed[0] == replace(parked("a", 1), seq=first[0])  # every field round-trips
+    assert await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10) == []
+    assert [m.message_id for m in await store.hand_back("north", not_since=now + timedelta(seconds=1),
+                                                        limit=2)] == ["a", "b"]  # long ago: again
+
+    await store.keep_parked(handed[2].seq)
+    assert [m.message_id for m in await store.hand_back("north", not_since=now - timedelta(seconds=60),
+                                                        limit=10)] == ["c"]
+    await store.unpark(first[0])
+    second = await store.parked_head("north", 1)
+    assert second is not None and second[1] == "c"
+    assert await store.parked_counts() == {"north": 2, "south": 1}
 
 
 def dead(key: str, **fields: Any) -> DeadLetter:

@@ -371,7 +371,7 @@ async def test_healthz_and_readyz_when_all_is_up(service: Service) -> None:
     assert await service.get("/healthz", token=None) == (200, {"status": "ok"})
     status, body = await service.get("/readyz", token=None)
     assert status == 200
-    assert body == {"status": "ready", "broker": "ok", "store": "ok", "worker": "ok"}
+    assert body == {"status": "ready", "broker": "ok", "store": "ok", "worker": "ok", "waiting_practices": []}
 
 
 async def test_readyz_is_503_naming_the_broker_when_it_is_gone(service: Service) -> None:
@@ -433,7 +433,7 @@ async def test_the_current_record_is_served(service: Service) -> None:
     await committed_history(service.store, 11)
     status, body = await service.get("/appointments/11")
     assert status == 200
-    assert body == {"appointment_id": 11, "state": "Completed", "patient_id": 7, "version": 5,
+    assert body == {"practice": "default", "appointment_id": 11, "state": "Completed", "patient_id": 7, "version": 5,
                     "upstream_updated_at": "2030-01-01T09:04:00Z"}
 
 
