@@ -24,13 +24,12 @@ import pytest
 
 from consumer.broker import Broker
 from consumer.store.base import open_store
-from tests.chaos.common import chaos_marks, collecting, scaled, seed_slots
-from tests.chaos.test_kill9 import final_figures, mixed_load, pms, settle, wait_for
-from tests.chaos.test_postgres_restart import DOWN_FOR, _is, readiness
-from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
+from tests.chaos.common import chaos_marks, collecting
+from tests.chaos.test_kill9 import mixed_load, north, pms, wait_for
+from tests.chaos.test_postgres_restart import DOWN_FOR, _is, kill9_service, readiness, settled_figures
 
 pytestmark = chaos_marks
-__all__ = ["pms"]  # the fixture, shared with the kill -9 test
+__all__ = ["north", "pms"]  # the fixtures, shared with the kill -9 test
 DISK_SIZE = "16m"
 
 
@@ -64,16 +63,12 @@ def fill(path: Path) -> int:
 
 
 async def test_full_disk_under_load_holds_messages_and_resumes_when_space_returns(
-    amqp_url: str, tmp_path: Path, small_disk: Path, pms: Any
+    amqp_url: str, tmp_path: Path, small_disk: Path, pms: Any, north: Any
 ) -> None:
     seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
     rng = random.Random(seed)
-    ids = seed_slots(pms, scaled(16, 60))
     store_url = f"sqlite:///{small_disk / 'appt.sqlite3'}"
-    env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
-                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5")
-    service = ServiceProcess(env, tmp_path)
-    pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
+    ids, env, service = kill9_service(store_url, amqp_url, tmp_path, pms, north)
     broker = Broker(amqp_url)
     await broker.connect()
     store = open_store(store_url)
@@ -83,7 +78,7 @@ async def test_full_disk_under_load_holds_messages_and_resumes_when_space_return
         async with collecting(amqp_url) as collector:
             await service.start().wait_ready(timeout=60)
             stop = asyncio.Event()
-            load = asyncio.create_task(mixed_load(broker, pms, ids, rng, sent, stop))
+            load = asyncio.create_task(mixed_load(broker, {"default": pms, "north": north}, ids, rng, sent, stop))
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             filled = await asyncio.to_thread(fill, filler)
             not_ready_seen = await wait_for(lambda: _is(readiness(service), 503), 15)
@@ -98,9 +93,7 @@ async def test_full_disk_under_load_holds_messages_and_resumes_when_space_return
             stop.set()
             await load
             await store.open()
-            await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
-                         store, timeout=scaled(90, 300))
-            figures = await final_figures(collector, sent, pms, store, ids)
+            figures = await settled_figures(collector, sent, pms, north, store, ids, env, tmp_path)
             restarted_service = service.starts != 1 or not service.running
     finally:
         await service.terminate()

@@ -20,7 +20,16 @@ import aiohttp
 from consumer.broker import Broker
 from consumer.store.base import open_store
 from tests.chaos.common import chaos_marks, collecting, scaled, seed_slots
-from tests.chaos.test_kill9 import final_figures, mixed_load, pms, settle, wait_for
+from tests.chaos.test_kill9 import (
+    final_figures,
+    mixed_load,
+    north,
+    north_details,
+    pms,
+    practices_file,
+    settle,
+    wait_for,
+)
 from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
 from tests.helpers import PostgresCluster
 
@@ -29,7 +38,32 @@ pytestmark = chaos_marks
 # delivery number between them, plus the worker's in-place retries): down this long, a store
 # failure counted as an ordinary transient one would dead-letter messages.
 DOWN_FOR = 8.0
-__all__ = ["pms"]  # the fixture, shared with the kill -9 test
+__all__ = ["north", "pms"]  # the fixtures, shared with the kill -9 test
+
+
+def kill9_service(store_url: str, amqp_url: str, tmp_path: Path, pms: Any, north: Any
+                  ) -> tuple[list[int], dict[str, str], ServiceProcess]:
+    """The kill -9 test's two practices (seeded alike, webhooks subscribed), served by an
+    `appt serve` on ``store_url``: its appointment ids, environment and process."""
+    ids = seed_slots(pms, scaled(16, 60))
+    assert seed_slots(north, len(ids)) == ids
+    env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
+                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5",
+                      APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)))
+    service = ServiceProcess(env, tmp_path)
+    pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
+    north.state.subscribe(f"{service.url}/webhooks/pms/north", SECRET)
+    return ids, env, service
+
+
+async def settled_figures(collector: Any, sent: list[str], pms: Any, north: Any, store: Any, ids: list[int],
+                          env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+    """The kill -9 test's settle and end-state figures, both practices' invariants in ``details``."""
+    await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
+                 store, timeout=scaled(90, 300), north=north)
+    figures = await final_figures(collector, sent, pms, store, ids)
+    figures["details"].update(await north_details(north, store))
+    return figures
 
 
 async def readiness(service: ServiceProcess) -> int:
@@ -43,7 +77,7 @@ async def readiness(service: ServiceProcess) -> int:
 
 
 async def test_postgres_restart_under_load_costs_latency_never_a_message(
-    amqp_url: str, tmp_path: Path, pms: Any
+    amqp_url: str, tmp_path: Path, pms: Any, north: Any
 ) -> None:
     seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
     rng = random.Random(seed)
@@ -51,11 +85,7 @@ async def test_postgres_restart_under_load_costs_latency_never_a_message(
     cluster = PostgresCluster()
     await asyncio.to_thread(cluster.init)
     await asyncio.to_thread(cluster.start)
-    ids = seed_slots(pms, scaled(16, 60))
-    env = service_env(pms_url=pms.url, store=cluster.url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
-                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5")
-    service = ServiceProcess(env, tmp_path)
-    pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
+    ids, env, service = kill9_service(cluster.url, amqp_url, tmp_path, pms, north)
     broker = Broker(amqp_url)
     await broker.connect()
     store = open_store(cluster.url)
@@ -65,7 +95,7 @@ async def test_postgres_restart_under_load_costs_latency_never_a_message(
         async with collecting(amqp_url) as collector:
             await service.start().wait_ready(timeout=60)
             stop = asyncio.Event()
-            load = asyncio.create_task(mixed_load(broker, pms, ids, rng, sent, stop))
+            load = asyncio.create_task(mixed_load(broker, {"default": pms, "north": north}, ids, rng, sent, stop))
             for _ in range(restarts):
                 await asyncio.sleep(rng.uniform(1.0, 3.0))
                 await asyncio.to_thread(cluster.stop)
@@ -78,9 +108,7 @@ async def test_postgres_restart_under_load_costs_latency_never_a_message(
             stop.set()
             await load
             await store.open()
-            await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
-                         store, timeout=scaled(90, 300))
-            figures = await final_figures(collector, sent, pms, store, ids)
+            figures = await settled_figures(collector, sent, pms, north, store, ids, env, tmp_path)
             restarted_service = service.starts != 1 or not service.running
     finally:
         await service.terminate()
