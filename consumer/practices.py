@@ -111,6 +111,7 @@ def client_factory(settings: Settings) -> ClientFactory:
         return PmsClient(
             config.pms_url, token, timeout=settings.pms_timeout,
             concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
+            reasons_ttl=settings.pms_reasons_ttl,
             on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
             on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
         )

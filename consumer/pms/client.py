@@ -145,6 +145,7 @@ class PmsClient:
         backoff_base: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 60.0,
+        reasons_ttl: float = 3600.0,
         user_agent: str = "appointment-consumer/0.1",
         on_response: OnResponse | None = None,
         on_retry: OnRetry | None = None,
@@ -163,6 +164,8 @@ class PmsClient:
         self._pacer = Pacer(low_water=concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._reasons: list[CancellationReason] | None = None
+        self._reasons_ttl = reasons_ttl
+        self._reasons_expire = 0.0
         self.on_response = on_response
         self.on_retry = on_retry
         self.retries = 0
@@ -248,10 +251,13 @@ class PmsClient:
         await self._retried("DELETE", DELETE_ROUTE, f"/appointments/{appointment_id}")
 
     async def cancellation_reasons(self) -> list[CancellationReason]:
-        """The practice's reasons; they rarely change, so fetched once per client."""
-        if self._reasons is None:
+        """The practice's reasons (a client is one practice's). They rarely change and every
+        request is budget, so they are kept for ``reasons_ttl`` seconds, then fetched again
+        (a reason archived or added in the PMS is seen within that time)."""
+        if self._reasons is None or time.monotonic() >= self._reasons_expire:
             body = await self._retried("GET", REASONS_ROUTE, "/appointment_cancellation_reasons")
             self._reasons = [_parse(CancellationReason, r) for r in body["appointment_cancellation_reasons"]]
+            self._reasons_expire = time.monotonic() + self._reasons_ttl
         return self._reasons
 
     async def live_cancellation_reasons(self) -> list[CancellationReason]:

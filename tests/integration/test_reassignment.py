@@ -20,7 +20,7 @@ from consumer.messages import Reassign
 from consumer.reconciler import parse_time
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.sandbox.state import FIRST_ID
-from consumer.store.base import AppointmentRecord, Commit, WorkflowRecord
+from consumer.store.base import AppointmentRecord, Commit
 from statemachines.reassignment import CANCEL_REASON, link_marker, slot_of
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack

@@ -251,7 +251,7 @@ async def test_every_outside_change_at_every_step_boundary_keeps_the_saga_s_prom
     assert stack.observer.dead == []
     print(f"\ninterleavings runs={len(runs)} protocol={' '.join(_short(r) for r in routes)}")
     print(table(runs))
-    assert sum(run.applied for run in runs) >= len(CHANGES) * 5  # the changes really landed mid-saga
+    assert sum(run.applied for run in runs) >= len(CHANGES) * 4  # the changes really landed mid-saga
 
 
 def table(runs: list[Run]) -> str:
