@@ -164,7 +164,8 @@ def describe(practice: Practice, parked: int) -> dict[str, Any]:
         "status": practice.status,
         "retry_at": _iso(practice.retry_at),
         "reason": practice.reason or None,
-        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"])},
+        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"]),
+                   "spent_this_hour": practice.pms.spent()},
         "waiting_messages": parked,
     }
 

@@ -26,7 +26,7 @@ from consumer.failpoints import failpoint
 from consumer.periodic import every
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, CommandResult, Reassign, SetPatient, StateLogRecord
-from consumer.pms.client import PmsClient
+from consumer.pms.client import PmsClient, spending_for
 from consumer.practices import Practices
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
 from consumer.records import (
@@ -121,6 +121,10 @@ class WorkflowRunner:
 
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
+        with spending_for("workflows"):
+            return await self._reassign(command)
+
+    async def _reassign(self, command: Reassign) -> Decision:
         workflow = await self._store.get_workflow(workflow_id_for(command.command_id, command.practice))
         redelivered = workflow is not None
         original: dict[str, Any] | None = None  # read by this call, before anything was booked
@@ -180,7 +184,8 @@ class WorkflowRunner:
         if workflow.state != COMPENSATION_FAILED:
             raise ValueError(f"workflow {workflow_id} is {workflow.state}, not {COMPENSATION_FAILED}")
         workflow = await self._record(workflow, lambda saga: saga.retry(), attempts=workflow.attempts + 1)
-        return await self._drive(workflow)
+        with spending_for("workflows"):
+            return await self._drive(workflow)
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
         """Keep the workflow gauges, alarms and deadlines: see ``tick``."""

@@ -16,6 +16,7 @@ import pytest
 from consumer.commands import ReadBeforeWrite, SimpleCommand, execute
 from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
 from consumer.pms.client import PmsClient
+from consumer.reconciler import Reconciler
 from consumer.records import Origin, new_record
 from consumer.store.base import Commit, Store, open_store
 from tests.stack import Stack, running_stack
@@ -63,6 +64,20 @@ async def test_requests_per_command_on_a_first_attempt(stack: Stack, sandbox: An
     assert cancel == [read, write]
     # No link-marker list (nothing booked yet), no second read of either appointment.
     assert reassign == [read, "POST /v1/appointments", write]
+
+
+async def test_spend_by_purpose_is_counted_per_practice(stack: Stack, sandbox: Any) -> None:
+    seed(sandbox, 311, 8)
+    seed(sandbox, 312, 9)
+    await requests_for(stack, sandbox, {"type": "confirm", "appointment_id": 311})
+    await requests_for(stack, sandbox, {"type": "reassign", "appointment_id": 312, "patient_id": NEW_PATIENT})
+    before = len(sandbox.state.calls)
+    await Reconciler(stack.pms, stack.broker, stack.store).poll()
+    polled = len(sandbox.state.calls) - before
+
+    # The reassign's 3 and its first look-up of the cancellation reasons are the workflow's.
+    assert polled > 0
+    assert stack.pms.spent() == {"commands": 2, "workflows": 4, "polling": polled}
 
 
 # ---- APPT_READ_BEFORE_WRITE: on_conflict against always ----------------------------------
