@@ -26,7 +26,7 @@ from tests.helpers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
-IDLE_TIMEOUT = 1.0
+IDLE_TIMEOUT = 3.0  # long enough that a refusal (at once) and an idle close are told apart under load
 BODY_TIMEOUT = 1.0
 MAX_CONNECTIONS = scaled(150, 900)
 SLACK = 2.0  # timers, a loaded 2-core machine
@@ -104,7 +104,7 @@ async def test_slow_clients_are_closed_in_time_and_leave_nothing_behind(service:
     await asyncio.sleep(IDLE_TIMEOUT / 2)
     during = usage(service.pid)
     idle_times = await idling
-    refused = [t for t in idle_times if t < 0.5]
+    refused = [t for t in idle_times if t < IDLE_TIMEOUT / 2]
     assert len(refused) >= over_cap, "connections over the cap are closed at once"
     assert max(idle_times) < IDLE_TIMEOUT + SLACK
 
