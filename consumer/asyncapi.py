@@ -19,6 +19,7 @@ from consumer.broker import (
     DELIVERIES_HEADER,
     EVENTS_EXCHANGE,
     INBOUND_EXCHANGE,
+    OBSERVED_EXCHANGE,
     REASON_CLASS_HEADER,
     REASON_HEADER,
     REPLAY_HEADER,
@@ -166,18 +167,32 @@ def _exchange(name: str, type_: str | None, **extra: Any) -> dict[str, Any]:
 def _channels() -> dict[str, Any]:
     return {
         "inbound": {
-            "address": "{appointment_id}",
+            "address": "{routing_key}",
             "title": INBOUND_EXCHANGE,
             "description": (
-                f"Commands and observed events into exchange `{INBOUND_EXCHANGE}` (consistent-hash on"
-                " the routing key onto the partition queues `appointments.inbound.p0..pN-1`, each a"
+                f"Commands into exchange `{INBOUND_EXCHANGE}`, the partners' only write (consistent-hash"
+                " on the routing key onto the partition queues `appointments.inbound.p0..pN-1`, each a"
                 " quorum queue with single-active-consumer): every message of one appointment is"
-                " handled in order."),
-            "parameters": {"appointment_id": {"description": "The PMS appointment id, in decimal."}},
-            "messages": {name: {"$ref": f"#/components/messages/{name}"}
-                         for name in [*COMMAND_TYPES, "observed_event"]},
+                " handled in order. The routing key must name the body's practice and appointment."),
+            "parameters": {"routing_key": {
+                "description": ("`<practice>.<appointment_id>`, or a bare `<appointment_id>` for the"
+                                " default practice (the id in decimal).")}},
+            "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in COMMAND_TYPES},
             # The binding's exchange types don't include RabbitMQ's plugin type.
             "bindings": _exchange(INBOUND_EXCHANGE, None, **{"x-type": "x-consistent-hash"}),
+        },
+        "observed": {
+            "address": "{routing_key}",
+            "title": OBSERVED_EXCHANGE,
+            "description": (
+                f"Observed events, published only by the service's own webhook receiver and poller to"
+                f" fanout exchange `{OBSERVED_EXCHANGE}`, which is bound into `{INBOUND_EXCHANGE}` so"
+                " they share the partitions (and the order) of commands. Partners have no write"
+                f" permission here; an observed event arriving through `{INBOUND_EXCHANGE}` is"
+                " dead-lettered as forged."),
+            "parameters": {"routing_key": {"description": "As on the inbound channel."}},
+            "messages": {"observed_event": {"$ref": "#/components/messages/observed_event"}},
+            "bindings": _exchange(OBSERVED_EXCHANGE, "fanout"),
         },
         "results": {
             "address": "result.{command_type}.{outcome}",
@@ -242,9 +257,9 @@ def _operations() -> dict[str, Any]:
         },
         "receiveObservedEvent": {
             "action": "receive",
-            "channel": {"$ref": "#/channels/inbound"},
+            "channel": {"$ref": "#/channels/observed"},
             "summary": "Adopt a change seen at the PMS (published by the webhook receiver and the poller).",
-            "messages": _channel_refs("inbound", "observed_event"),
+            "messages": _channel_refs("observed", "observed_event"),
             "bindings": {"amqp": {"ack": True, "bindingVersion": AMQP_BINDING}},
         },
         "sendResult": {

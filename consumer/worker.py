@@ -292,7 +292,7 @@ class Worker:
         metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
-        if not routing_key_names(message.routing_key or "", inbound.appointment_id):
+        if not routing_key_names(message.routing_key or "", inbound.practice, inbound.appointment_id):
             return await self._misrouted(message, inbound)
         key = message_key(inbound)
         if isinstance(inbound, ObservedEvent) and inbound.practice not in self._practices:

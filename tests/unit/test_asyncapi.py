@@ -51,9 +51,13 @@ def test_a_broken_document_is_caught_by_that_schema() -> None:
 
 
 def test_it_has_the_channels_and_operations_of_the_contract() -> None:
-    assert set(DOCUMENT["channels"]) == {"inbound", "results", "stateLogs", "replies", "deadLetters"}
+    assert set(DOCUMENT["channels"]) == {"inbound", "observed", "results", "stateLogs", "replies", "deadLetters"}
     assert DOCUMENT["channels"]["inbound"]["title"] == "appointments.inbound"
-    assert set(DOCUMENT["channels"]["inbound"]["messages"]) == {*COMMAND_TYPES, "observed_event"}
+    assert set(DOCUMENT["channels"]["inbound"]["messages"]) == set(COMMAND_TYPES)
+    # Observed events have their own, service-only exchange: partners can't forge one (issue 12).
+    assert DOCUMENT["channels"]["observed"]["title"] == "appointments.observed"
+    assert set(DOCUMENT["channels"]["observed"]["messages"]) == {"observed_event"}
+    assert DOCUMENT["operations"]["receiveObservedEvent"]["channel"] == {"$ref": "#/channels/observed"}
     actions = {name: op["action"] for name, op in DOCUMENT["operations"].items()}
     assert actions == {"receiveCommand": "receive", "receiveObservedEvent": "receive",
                        "sendResult": "send", "sendStateLog": "send", "sendDeadLetter": "send"}
