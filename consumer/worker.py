@@ -29,7 +29,7 @@ from tenacity import (
 
 from consumer import metrics, tracing
 from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
-from consumer.commands import execute
+from consumer.commands import ReadBeforeWrite, execute
 from consumer.logs import get_logger
 from consumer.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -223,8 +223,10 @@ class Worker:
         attempts: int = 3,
         probe_interval: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        read_before_write: ReadBeforeWrite = "always",
     ) -> None:
         self._broker = broker
+        self._read_before_write = read_before_write
         self._store = store
         self._practices = practices
         self._reassign = reassign
@@ -460,7 +462,7 @@ class Worker:
             return await self._reassign(inbound)
         origin = Origin("command", practice=inbound.practice, command_id=inbound.command_id,
                         correlation_id=inbound.correlation_id)
-        return await execute(inbound, pms, self._store, origin)
+        return await execute(inbound, pms, self._store, origin, self._read_before_write)
 
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
