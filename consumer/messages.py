@@ -78,16 +78,6 @@ def check_upstream_time(value: object, now: datetime | None = None) -> None:
         raise ValueError(f"updated_at is more than {MAX_CLOCK_SKEW} in the future")
 
 
-def routing_key_names(routing_key: str, appointment_id: int) -> bool:
-    """Whether a delivery's routing key names the body's appointment.
-
-    Ordering is per routing key, so a key naming another appointment would
-    order this one's messages with a stranger's. ``<id>`` and
-    ``<scope>.<id>`` (a practice-qualified key) are both accepted: the last
-    dot-separated part must be the id, spelled canonically.
-    """
-    return routing_key.rpartition(".")[2] == str(appointment_id)
-
 DEFAULT_PRACTICE = "default"
 PRACTICE_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 # No dots: the inbound routing key is ``<practice>.<appointment_id>``. Path-safe for the HTTP routes.
@@ -101,6 +91,17 @@ def inbound_routing_key(practice: str, appointment_id: int) -> str:
     """``<practice>.<appointment_id>``; the default practice keeps the bare id it always had,
     so its messages hash to the partitions they always did (order holds across an upgrade)."""
     return str(appointment_id) if practice == DEFAULT_PRACTICE else f"{practice}.{appointment_id}"
+
+
+def routing_key_names(routing_key: str, practice: str, appointment_id: int) -> bool:
+    """Whether a delivery's routing key names the body's practice and appointment.
+
+    Ordering is per routing key, so a key naming another appointment (or the
+    same id in another practice) would order this one's messages with a
+    stranger's. ``<practice>.<id>`` is accepted, and for the default practice
+    its bare ``<id>`` too; the id spelled canonically.
+    """
+    return routing_key in (inbound_routing_key(practice, appointment_id), f"{practice}.{appointment_id}")
 
 
 def utcnow() -> datetime:

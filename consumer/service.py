@@ -91,6 +91,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay, max_message_bytes=settings.max_message_bytes,
+                read_before_write=settings.read_before_write,
             )
             started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
             await worker.start()

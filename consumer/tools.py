@@ -24,7 +24,6 @@ from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError
 from consumer.messages import COMMAND, StateLogRecord
 from consumer.practices import Practices, client_factory, load_configs
-from consumer.pms.client import PmsClient
 from consumer.pms.errors import PmsError
 from consumer.settings import Settings
 from consumer.store.base import (
@@ -87,16 +86,6 @@ async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
         yield broker
     finally:
         await broker.close()
-
-
-@contextlib.asynccontextmanager
-async def connected_pms(settings: Settings) -> AsyncIterator[PmsClient]:
-    """The PMS client; a PMS that stays unreachable or refuses is one line, not a traceback."""
-    try:
-        async with PmsClient(settings.pms_url, settings.pms_token, timeout=settings.pms_timeout) as pms:
-            yield pms
-    except PmsError as exc:
-        raise CliError(f"PMS at {settings.pms_url}: {exc} (is it up? check APPT_PMS_URL, APPT_PMS_TOKEN)") from None
 
 
 def command_from_args(args: argparse.Namespace) -> Any:
@@ -336,6 +325,7 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
         print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
               f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
               f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+              + "  spent " + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
               + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
               + (f"  ({row['reason']})" if row["reason"] else ""))
     return EXIT_OK
@@ -350,8 +340,12 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
     async with opened_store(settings, create=True) as store, connected_broker(settings) as broker:
         async with opened_practices(settings) as practices:
             for practice in practices:
-                count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
-                                             horizon_days=settings.reconcile_horizon_days)
+                try:
+                    count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
+                                                 horizon_days=settings.reconcile_horizon_days)
+                except PmsError as exc:  # unreachable or refusing: one line, not a traceback
+                    raise CliError(f"PMS at {practice.config.pms_url} (practice {practice.name}): {exc} "
+                                   "(is it up? check its pms_url and token)") from None
                 print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK
 

@@ -19,7 +19,6 @@ import pytest
 
 from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE, REASON_HEADER, Broker
 from consumer.messages import Reassign
-from consumer.pms.client import PmsClient
 from consumer.records import Decision
 from consumer.store.base import AppointmentRecord, Commit
 from consumer.worker import Worker
@@ -179,9 +178,8 @@ async def test_a_handler_bug_settles_the_message_and_shows_the_worker_failing(
     await stack.worker.stop(timeout=5)  # the buggy worker below takes the partitions
     broker = Broker(amqp_url)
     await broker.connect()
-    pms = PmsClient(sandbox.url, "sandbox-token")
-    worker = Worker(broker=broker, store=stack.store, pms=pms, reassign=a_bug, partitions=list(range(4)),
-                    max_deliveries=2, retry_delay=0.05)
+    worker = Worker(broker=broker, store=stack.store, practices=stack.practices, reassign=a_bug,
+                    partitions=list(range(4)), max_deliveries=2, retry_delay=0.05)
     await worker.start()
     try:
         assert not worker.failing
@@ -192,5 +190,4 @@ async def test_a_handler_bug_settles_the_message_and_shows_the_worker_failing(
         assert worker.failing
     finally:
         await worker.stop(timeout=5)
-        await pms.close()
         await broker.close()

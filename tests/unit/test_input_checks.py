@@ -92,11 +92,15 @@ def test_staleness_never_raises_and_never_trusts_a_bad_stored_time(
     assert is_not_newer(candidate, stored) is expected
 
 
-@pytest.mark.parametrize(("routing_key", "expected"), [
-    ("42", True), ("practice-7.42", True), ("43", False), ("042", False), ("", False), ("42.43", False),
+@pytest.mark.parametrize(("routing_key", "practice", "expected"), [
+    ("42", "default", True), ("default.42", "default", True), ("north.42", "north", True),
+    ("42", "north", False), ("south.42", "north", False), ("north.42", "default", False),
+    ("43", "default", False), ("042", "default", False), ("", "default", False), ("42.43", "default", False),
 ])
-def test_the_routing_key_must_name_the_bodys_appointment(routing_key: str, expected: bool) -> None:
-    assert routing_key_names(routing_key, 42) is expected
+def test_the_routing_key_must_name_the_bodys_practice_and_appointment(
+    routing_key: str, practice: str, expected: bool
+) -> None:
+    assert routing_key_names(routing_key, practice, 42) is expected
 
 
 def test_inbox_keys_are_namespaced_by_kind_and_source() -> None:
