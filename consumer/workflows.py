@@ -433,7 +433,7 @@ class WorkflowRunner:
             try:
                 answer = await self._pms(workflow.practice).update_appointment(
                     workflow.appointment_id, write.fields,
-                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)))
+                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)))  # noqa: B023 (awaited in this iteration)
                 failpoint("after_cancel_original")
             except ReplacementChanged as changed:  # seen during the cancel's retry backoff
                 return await self._replacement_changed(workflow, str(changed), changed.replacement)

@@ -368,7 +368,7 @@ async def test_arbitrary_bodies_each_get_a_result_or_a_reason_and_the_worker_goe
           f"processed={outcomes.count('processed')} silent={outcomes.count('silent')} "
           f"dead_without_reason={outcomes.count('dead without reason')} "
           f"gave_up={sum(r.startswith('gave up') for r in reasons.values())}")
-    unclear = [(body, outcome) for (_, body), outcome in zip(corpus, outcomes) if outcome not in ("dead", "processed")]
+    unclear = [(body, outcome) for (_, body), outcome in zip(corpus, outcomes, strict=True) if outcome not in ("dead", "processed")]
     assert unclear == []
     gave_up = {body: reasons[f"bad-{i}"] for i, (_, body) in enumerate(corpus)
                if reasons.get(f"bad-{i}", "").startswith("gave up")}

@@ -43,7 +43,7 @@ async def publish(amqp_url: str, bodies: list[bytes], *, routing_key: str = str(
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel(publisher_confirms=True)
         target = await channel.get_exchange(exchange)
-        for message_id, body in zip(ids, bodies):
+        for message_id, body in zip(ids, bodies, strict=True):
             await target.publish(aio_pika.Message(body, message_id=message_id, **properties), routing_key)
     return ids
 
