@@ -19,7 +19,7 @@ import argparse
 import asyncio
 import sys
 import tempfile
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,12 @@ TARGETS = {"always": {"reassign": 3.0, "other": 2.0}, "on_conflict": {"reassign"
 
 
 def command(kind: str, appointment_id: int, tag: str) -> dict[str, Any]:
-    fields: dict[str, Any] = {"confirm": {}, "edit_notes": {"notes": f"{tag} note"},
-                              "cancel": {"reason": "Patient cancelled"}, "reassign": {"patient_id": 2001}}[kind]
+    fields: dict[str, Any] = {
+        "confirm": {},
+        "edit_notes": {"notes": f"{tag} note"},
+        "cancel": {"reason": "Patient cancelled"},
+        "reassign": {"patient_id": 2001},
+    }[kind]
     return {"type": kind, "command_id": f"{tag}-{kind}-{appointment_id}", "appointment_id": appointment_id, **fields}
 
 
@@ -57,8 +61,14 @@ async def per_command(policy: ReadBeforeWrite, per_type: int, directory: str) ->
     async with running_sandbox(port=0, rate_limit=UNLIMITED_BUDGET) as sandbox:
         seeded = sandbox.state.seed(appointments(1000, 1 + per_type * len(TYPES)))
         with throwaway_vhost() as amqp_url:
-            async with running_pipeline(amqp_url, sqlite_url(directory, policy), sandbox.url, prefetch=64,
-                                        pms_concurrency=8, read_before_write=policy) as pipeline:
+            async with running_pipeline(
+                amqp_url,
+                sqlite_url(directory, policy),
+                sandbox.url,
+                prefetch=64,
+                pms_concurrency=8,
+                read_before_write=policy,
+            ) as pipeline:
                 for row in seeded:  # held as the webhooks left them
                     record = new_record(None, row["state"], row["patient_id"], row, practice="default")
                     await pipeline.store.commit(Commit(appointment=record))
@@ -67,7 +77,7 @@ async def per_command(policy: ReadBeforeWrite, per_type: int, directory: str) ->
                 await pipeline.results.wait_for(1, 30)
                 spent: dict[str, float] = {}
                 for index, kind in enumerate(TYPES):
-                    ids = [row["id"] for row in seeded[1 + index * per_type:1 + (index + 1) * per_type]]
+                    ids = [row["id"] for row in seeded[1 + index * per_type : 1 + (index + 1) * per_type]]
                     before = len(sandbox.state.calls)
                     await publish_commands(pipeline.broker, [command(kind, i, policy) for i in ids])
                     await pipeline.results.wait_for(2 + index * per_type + per_type - 1, 120)
@@ -81,22 +91,33 @@ async def per_command(policy: ReadBeforeWrite, per_type: int, directory: str) ->
 async def polling_per_hour(directory: str, count: int = 2000, horizon_days: int = 30) -> tuple[int, int]:
     """(requests spent in one simulated hour of cycles, the share it may spend)."""
     settings = Settings()
-    now = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     clock = [now]
     async with running_sandbox(port=0, rate_limit=HOURLY_BUDGET) as sandbox:
         step = timedelta(days=horizon_days) / count
         rows = []
         for i, row in enumerate(appointments(50_000, count)):
             start = now + timedelta(hours=1) + step * i
-            rows.append({**row, "start_time": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
-                         "finish_time": (start + timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M:%SZ")})
+            rows.append(
+                {
+                    **row,
+                    "start_time": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "finish_time": (start + timedelta(minutes=20)).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                }
+            )
         sandbox.state.seed(rows)
         with throwaway_vhost() as amqp_url:
-            async with running_pipeline(amqp_url, sqlite_url(directory, "polling"), sandbox.url, prefetch=64,
-                                        pms_concurrency=8) as pipeline:
-                reconciler = Reconciler(pipeline.pms, pipeline.broker, pipeline.store,
-                                        horizon_days=settings.reconcile_horizon_days,
-                                        budget_share=settings.reconcile_budget_share, clock=lambda: clock[0])
+            async with running_pipeline(
+                amqp_url, sqlite_url(directory, "polling"), sandbox.url, prefetch=64, pms_concurrency=8
+            ) as pipeline:
+                reconciler = Reconciler(
+                    pipeline.pms,
+                    pipeline.broker,
+                    pipeline.store,
+                    horizon_days=settings.reconcile_horizon_days,
+                    budget_share=settings.reconcile_budget_share,
+                    clock=lambda: clock[0],
+                )
                 before = len(sandbox.state.calls)
                 cycles = int(3600 / settings.reconcile_interval)
                 for _ in range(cycles):
@@ -115,8 +136,9 @@ async def main(per_type: int) -> None:
         for kind, requests in spent.items():
             target = TARGETS[policy]["reassign" if kind == "reassign" else "other"]
             print(f"{kind:<12} {policy:<12} {requests:>9.2f} {target:>7.1f} {HOURLY_BUDGET / requests:>14.0f}")
-    print(f"polling: {polled} requests in one hour for 2,000 appointments over 30 days "
-          f"(share {share} of {HOURLY_BUDGET})")
+    print(
+        f"polling: {polled} requests in one hour for 2,000 appointments over 30 days (share {share} of {HOURLY_BUDGET})"
+    )
     figures = {f"{kind}_{policy}": value for policy, spent in table.items() for kind, value in spent.items()}
     print(result_line("budget", **figures, polling_per_hour=polled, polling_share=share))
 

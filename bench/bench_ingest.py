@@ -53,16 +53,35 @@ LOAD_SHARE = 0.25  # of the saturated rate, for the latency a sender normally se
 def drive(url: str, duration: float, connections: int, rate: float) -> dict[str, Any]:
     """Run the load generator in its own process against ``url``; its JSON summary."""
     finished = subprocess.run(
-        [sys.executable, str(LOAD), f"{url}/webhooks/pms", "--secret", SECRET,
-         "--connections", str(connections), "--duration", str(duration), "--rate", str(rate)],
-        capture_output=True, text=True, timeout=duration + 120, check=True,
+        [
+            sys.executable,
+            str(LOAD),
+            f"{url}/webhooks/pms",
+            "--secret",
+            SECRET,
+            "--connections",
+            str(connections),
+            "--duration",
+            str(duration),
+            "--rate",
+            str(rate),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=duration + 120,
+        check=True,
     )
     summary: dict[str, Any] = json.loads(finished.stdout.strip().splitlines()[-1])
     return summary
 
 
 def measure(
-    kind: str, amqp_url: str, workdir: str, duration: float, connections: int, rate: float = 0.0,
+    kind: str,
+    amqp_url: str,
+    workdir: str,
+    duration: float,
+    connections: int,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     """One server, one load run; then count (and empty) what reached the queues."""
     args = ["--amqp", amqp_url, "--store", sqlite_url(workdir, "ingest.sqlite3"), "--secret", SECRET]
@@ -75,10 +94,13 @@ def measure(
         summary["queued"] = asyncio.run(queued_messages(amqp_url))
         asyncio.run(purge_partitions(amqp_url))
     offered = f" at {rate:.0f}/s offered" if rate else ""
-    print(f"{kind:8s} {summary['rps']:6.0f} req/s{offered}  p50 {summary['p50_ms']:6.2f} ms  "
-          f"p99 {summary['p99_ms']:6.2f} ms  cpu {summary['cpu_us']:4.0f} us/req  "
-          f"statuses {summary['statuses']}  accepted {summary['accepted_total']}  "
-          f"queued {summary['queued']}", flush=True)
+    print(
+        f"{kind:8s} {summary['rps']:6.0f} req/s{offered}  p50 {summary['p50_ms']:6.2f} ms  "
+        f"p99 {summary['p99_ms']:6.2f} ms  cpu {summary['cpu_us']:4.0f} us/req  "
+        f"statuses {summary['statuses']}  accepted {summary['accepted_total']}  "
+        f"queued {summary['queued']}",
+        flush=True,
+    )
     if kind != "bare" and summary["queued"] != summary["accepted_total"]:
         print(f"MISMATCH {kind}: {summary['accepted_total']} accepted but {summary['queued']} queued")
     return summary
@@ -106,19 +128,33 @@ def main() -> None:
         paced = measure("service", amqp_url, workdir, args.duration, args.connections, rate=service["rps"] * LOAD_SHARE)
     queued = sum(run["queued"] for run in runs["service"]) + paced["queued"]
     accepted = sum(run["accepted_total"] for run in runs["service"]) + paced["accepted_total"]
-    print(f"best of {args.rounds}: service/naive = {service['rps'] / naive['rps']:.2f}x (target >= 1.0), "
-          f"naive/bare = {naive['rps'] / bare['rps']:.2f}x; service p99 {service['p99_ms']:.1f} ms saturated, "
-          f"{paced['p99_ms']:.1f} ms at a quarter load (target < {TARGET_P99_MS:.0f})")
-    print(result_line(
-        "ingest",
-        service_rps=service["rps"], naive_rps=naive["rps"], bare_rps=bare["rps"],
-        service_per_naive=service["rps"] / naive["rps"], naive_per_bare=naive["rps"] / bare["rps"],
-        p50_ms=service["p50_ms"], p99_ms=service["p99_ms"],
-        quarter_load_rps=paced["rps"], quarter_load_p50_ms=paced["p50_ms"], quarter_load_p99_ms=paced["p99_ms"],
-        naive_p99_ms=naive["p99_ms"], bare_p99_ms=bare["p99_ms"],
-        service_cpu_us=service["cpu_us"], naive_cpu_us=naive["cpu_us"], bare_cpu_us=bare["cpu_us"],
-        queued=queued, accepted=accepted,
-    ))
+    print(
+        f"best of {args.rounds}: service/naive = {service['rps'] / naive['rps']:.2f}x (target >= 1.0), "
+        f"naive/bare = {naive['rps'] / bare['rps']:.2f}x; service p99 {service['p99_ms']:.1f} ms saturated, "
+        f"{paced['p99_ms']:.1f} ms at a quarter load (target < {TARGET_P99_MS:.0f})"
+    )
+    print(
+        result_line(
+            "ingest",
+            service_rps=service["rps"],
+            naive_rps=naive["rps"],
+            bare_rps=bare["rps"],
+            service_per_naive=service["rps"] / naive["rps"],
+            naive_per_bare=naive["rps"] / bare["rps"],
+            p50_ms=service["p50_ms"],
+            p99_ms=service["p99_ms"],
+            quarter_load_rps=paced["rps"],
+            quarter_load_p50_ms=paced["p50_ms"],
+            quarter_load_p99_ms=paced["p99_ms"],
+            naive_p99_ms=naive["p99_ms"],
+            bare_p99_ms=bare["p99_ms"],
+            service_cpu_us=service["cpu_us"],
+            naive_cpu_us=naive["cpu_us"],
+            bare_cpu_us=bare["cpu_us"],
+            queued=queued,
+            accepted=accepted,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ async def run(count: int, appointment_count: int, latency: float) -> None:
         log_to_file(Path(workdir) / "worker.log")
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count), latency=latency)
         async with running_pipeline(
-            amqp_url, sqlite_url(workdir, "latency.sqlite3"), sandbox.url,
-            prefetch=PREFETCH, pms_concurrency=PMS_CONCURRENCY, partitions=PARTITIONS,
+            amqp_url,
+            sqlite_url(workdir, "latency.sqlite3"),
+            sandbox.url,
+            prefetch=PREFETCH,
+            pms_concurrency=PMS_CONCURRENCY,
+            partitions=PARTITIONS,
         ) as pipeline:
             await publish_commands(pipeline.broker, edit_commands(ids, count, "lat"))
             await pipeline.worker.start()
@@ -63,19 +67,32 @@ async def run(count: int, appointment_count: int, latency: float) -> None:
     rate = count / drained
     bound = min(PREFETCH, PMS_CONCURRENCY) / (CALLS_PER_COMMAND * latency)
     effective = min(PARTITIONS * PREFETCH, PMS_CONCURRENCY) / (CALLS_PER_COMMAND * latency)
-    print(f"{count} commands over {appointment_count} appointments, PMS latency {latency * 1e3:.0f} ms/call, "
-          f"prefetch {PREFETCH} x {PARTITIONS} partitions, pms_concurrency {PMS_CONCURRENCY}")
+    print(
+        f"{count} commands over {appointment_count} appointments, PMS latency {latency * 1e3:.0f} ms/call, "
+        f"prefetch {PREFETCH} x {PARTITIONS} partitions, pms_concurrency {PMS_CONCURRENCY}"
+    )
     print(f"throughput {rate:.0f} commands/s in {drained:.2f} s, outcomes {outcomes}")
-    print(f"Little's-law bound min(prefetch, pms_concurrency) / (calls * latency) = {bound:.0f}/s "
-          f"-> {rate / bound:.2f} of it (target >= {TARGET:.0f}/s); "
-          f"with prefetch per consumer the window is {min(PARTITIONS * PREFETCH, PMS_CONCURRENCY)}: "
-          f"bound {effective:.0f}/s -> {rate / effective:.2f}")
-    print(result_line(
-        "latency", commands=count, latency_ms=latency * 1e3, prefetch=PREFETCH,
-        pms_concurrency=PMS_CONCURRENCY, commands_per_s=rate, bound=bound, of_bound=rate / bound,
-        effective_bound=effective, of_effective_bound=rate / effective,
-        succeeded=outcomes.get("succeeded", 0),
-    ))
+    print(
+        f"Little's-law bound min(prefetch, pms_concurrency) / (calls * latency) = {bound:.0f}/s "
+        f"-> {rate / bound:.2f} of it (target >= {TARGET:.0f}/s); "
+        f"with prefetch per consumer the window is {min(PARTITIONS * PREFETCH, PMS_CONCURRENCY)}: "
+        f"bound {effective:.0f}/s -> {rate / effective:.2f}"
+    )
+    print(
+        result_line(
+            "latency",
+            commands=count,
+            latency_ms=latency * 1e3,
+            prefetch=PREFETCH,
+            pms_concurrency=PMS_CONCURRENCY,
+            commands_per_s=rate,
+            bound=bound,
+            of_bound=rate / bound,
+            effective_bound=effective,
+            of_effective_bound=rate / effective,
+            succeeded=outcomes.get("succeeded", 0),
+        )
+    )
 
 
 def main() -> None:

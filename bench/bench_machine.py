@@ -119,11 +119,19 @@ def main() -> None:
     left_bound = len(MACHINE.models) - baseline
     print(f"retained per finished message (gc off): {retained:.0f} B")
     print(f"models left on the shared machine after unbinding: {left_bound}")
-    print(result_line(
-        "machine", shared_us=shared, per_message_us=per_message, speed_ratio=per_message / shared,
-        machine_kib=machine_bytes / 1024, model_kib=model_bytes / 1024,
-        memory_ratio=machine_bytes / model_bytes, retained_bytes=retained, left_bound=left_bound,
-    ))
+    print(
+        result_line(
+            "machine",
+            shared_us=shared,
+            per_message_us=per_message,
+            speed_ratio=per_message / shared,
+            machine_kib=machine_bytes / 1024,
+            model_kib=model_bytes / 1024,
+            memory_ratio=machine_bytes / model_bytes,
+            retained_bytes=retained,
+            left_bound=left_bound,
+        )
+    )
 
 
 if __name__ == "__main__":

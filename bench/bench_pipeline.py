@@ -64,7 +64,9 @@ def cpu_seconds() -> float:
 
 
 async def consume_until(
-    channel: aio_pika.abc.AbstractChannel, count: int, partitions: int,
+    channel: aio_pika.abc.AbstractChannel,
+    count: int,
+    partitions: int,
     handle: Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]],
 ) -> float:
     """Seconds for ``handle`` to finish ``count`` messages consumed from the partitions."""
@@ -95,9 +97,7 @@ async def raw_consume(amqp_url: str, count: int, prefetch: int, partitions: int)
         return await consume_until(channel, count, partitions, lambda message: message.ack())
 
 
-async def floor_consume(
-    amqp_url: str, sandbox_url: str, count: int, prefetch: int, partitions: int
-) -> float:
+async def floor_consume(amqp_url: str, sandbox_url: str, count: int, prefetch: int, partitions: int) -> float:
     """Seconds for the bare I/O of ``count`` edit commands: GET, PUT, 2 confirmed publishes, ack."""
     connection = await aio_pika.connect_robust(amqp_url)
     headers = {"Authorization": f"Bearer {SANDBOX_TOKEN}", "Accept": "application/json"}
@@ -146,24 +146,32 @@ async def run(count: int, appointment_count: int) -> None:
         log_to_file(Path(workdir) / "worker.log")
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
         async with running_pipeline(
-            amqp_url, sqlite_url(workdir, "pipeline.sqlite3"), sandbox.url,
-            prefetch=settings.prefetch, pms_concurrency=settings.pms_concurrency,
+            amqp_url,
+            sqlite_url(workdir, "pipeline.sqlite3"),
+            sandbox.url,
+            prefetch=settings.prefetch,
+            pms_concurrency=settings.pms_concurrency,
             partitions=settings.partitions,
         ) as pipeline:
             await publish_commands(pipeline.broker, edit_commands(ids, count, "raw"))
             cpu = cpu_seconds()
             raw = await raw_consume(amqp_url, count, settings.prefetch, settings.partitions)
             raw_cpu = cpu_seconds() - cpu
-            print(f"raw consume+ack: {count} messages in {raw:.2f} s = {count / raw:.0f} msg/s, "
-                  f"{raw_cpu / count * 1e6:.0f} us CPU/msg", flush=True)
+            print(
+                f"raw consume+ack: {count} messages in {raw:.2f} s = {count / raw:.0f} msg/s, "
+                f"{raw_cpu / count * 1e6:.0f} us CPU/msg",
+                flush=True,
+            )
 
             await publish_commands(pipeline.broker, edit_commands(ids, count, "floor"))
             cpu = cpu_seconds()
             floor = await floor_consume(amqp_url, sandbox.url, count, settings.prefetch, settings.partitions)
             floor_cpu = cpu_seconds() - cpu
-            print(f"protocol floor (GET, PUT, 2 confirmed publishes, ack; bare libraries): {count} in "
-                  f"{floor:.2f} s = {count / floor:.0f} commands/s, {floor_cpu / count * 1e6:.0f} us CPU/command",
-                  flush=True)
+            print(
+                f"protocol floor (GET, PUT, 2 confirmed publishes, ack; bare libraries): {count} in "
+                f"{floor:.2f} s = {count / floor:.0f} commands/s, {floor_cpu / count * 1e6:.0f} us CPU/command",
+                flush=True,
+            )
 
             commands = edit_commands(ids, count, "cmd")
             await publish_commands(pipeline.broker, commands)
@@ -175,20 +183,37 @@ async def run(count: int, appointment_count: int) -> None:
     rate, raw_rate, floor_rate = count / drained, count / raw, count / floor
     worker_cpu_us = worker_cpu / count * 1e6
     domain_us = domain_seconds(commands) / count * 1e6
-    print(f"worker: {count} commands in {drained:.2f} s = {rate:.0f} commands/s, "
-          f"{worker_cpu_us:.0f} us CPU/command, outcomes {outcomes}")
-    print(f"ratio worker / raw consume = {rate / raw_rate:.3f} (target >= {TARGET_RATIO}); "
-          f"protocol floor / raw consume = {floor_rate / raw_rate:.3f}; worker / floor = {rate / floor_rate:.2f}")
-    print(f"domain (bind+reconcile+plan+applied+unbind): {domain_us:.0f} us/command "
-          f"= {domain_us / worker_cpu_us:.1%} of the worker's CPU per command")
-    print(result_line(
-        "pipeline", commands=count, appointments=appointment_count,
-        commands_per_s=rate, raw_msgs_per_s=raw_rate, ratio=rate / raw_rate,
-        floor_commands_per_s=floor_rate, floor_ratio=floor_rate / raw_rate, worker_per_floor=rate / floor_rate,
-        worker_cpu_us=worker_cpu_us, raw_cpu_us=raw_cpu / count * 1e6, floor_cpu_us=floor_cpu / count * 1e6,
-        domain_us=domain_us, domain_share=domain_us / worker_cpu_us,
-        succeeded=outcomes.get("succeeded", 0),
-    ))
+    print(
+        f"worker: {count} commands in {drained:.2f} s = {rate:.0f} commands/s, "
+        f"{worker_cpu_us:.0f} us CPU/command, outcomes {outcomes}"
+    )
+    print(
+        f"ratio worker / raw consume = {rate / raw_rate:.3f} (target >= {TARGET_RATIO}); "
+        f"protocol floor / raw consume = {floor_rate / raw_rate:.3f}; worker / floor = {rate / floor_rate:.2f}"
+    )
+    print(
+        f"domain (bind+reconcile+plan+applied+unbind): {domain_us:.0f} us/command "
+        f"= {domain_us / worker_cpu_us:.1%} of the worker's CPU per command"
+    )
+    print(
+        result_line(
+            "pipeline",
+            commands=count,
+            appointments=appointment_count,
+            commands_per_s=rate,
+            raw_msgs_per_s=raw_rate,
+            ratio=rate / raw_rate,
+            floor_commands_per_s=floor_rate,
+            floor_ratio=floor_rate / raw_rate,
+            worker_per_floor=rate / floor_rate,
+            worker_cpu_us=worker_cpu_us,
+            raw_cpu_us=raw_cpu / count * 1e6,
+            floor_cpu_us=floor_cpu / count * 1e6,
+            domain_us=domain_us,
+            domain_share=domain_us / worker_cpu_us,
+            succeeded=outcomes.get("succeeded", 0),
+        )
+    )
 
 
 def main() -> None:

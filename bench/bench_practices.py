@@ -49,15 +49,23 @@ TIMEOUT = 120.0
 async def round_latencies(blocked: bool, backlog: int, count: int, rate: float, latency: float) -> list[float]:
     """B's command latencies (seconds) in one round, A blocked or not."""
     ids = list(range(FIRST_ID, FIRST_ID + 50))
-    with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, \
-            sandbox_process() as sandbox_a, sandbox_process() as sandbox_b:
+    with (
+        throwaway_vhost() as amqp_url,
+        tempfile.TemporaryDirectory() as workdir,
+        sandbox_process() as sandbox_a,
+        sandbox_process() as sandbox_b,
+    ):
         log_to_file(Path(workdir) / "worker.log")
         for sandbox in (sandbox_a, sandbox_b):
             await seed_sandbox(sandbox.url, appointments(FIRST_ID, len(ids)), latency=latency)
         if blocked:
             await sandbox_knob(sandbox_a.url, "rate_limit", {"budget": 0})
         async with running_pipeline(
-            amqp_url, sqlite_url(workdir, "practices.sqlite3"), sandbox_a.url, prefetch=64, pms_concurrency=16,
+            amqp_url,
+            sqlite_url(workdir, "practices.sqlite3"),
+            sandbox_a.url,
+            prefetch=64,
+            pms_concurrency=16,
             practice_urls={"a": sandbox_a.url, "b": sandbox_b.url},
         ) as pipeline:
             sent: dict[str, float] = {}
@@ -72,8 +80,7 @@ async def round_latencies(blocked: bool, backlog: int, count: int, rate: float, 
                     answered[command_id] = time.perf_counter()
 
             await queue.consume(on_result, no_ack=True)
-            await publish_commands(pipeline.broker, [
-                {**c, "practice": "a"} for c in edit_commands(ids, backlog, "a")])
+            await publish_commands(pipeline.broker, [{**c, "practice": "a"} for c in edit_commands(ids, backlog, "a")])
             await pipeline.worker.start()
             for command in edit_commands(ids, count, "b"):
                 command["practice"] = "b"
@@ -96,17 +103,29 @@ async def run(backlog: int, count: int, rate: float, latency: float) -> None:
     figures = {}
     for name, values in (("healthy", healthy), ("blocked", blocked)):
         figures[name] = (p(values, 50) * 1e3, p(values, 99) * 1e3)
-        print(f"A {name:<8}: B's {count} commands at {rate:g}/s (A backlog {backlog}, PMS {latency * 1e3:.0f} ms/call):"
-              f" p50 {figures[name][0]:.1f} ms, p99 {figures[name][1]:.1f} ms")
+        print(
+            f"A {name:<8}: B's {count} commands at {rate:g}/s (A backlog {backlog}, PMS {latency * 1e3:.0f} ms/call):"
+            f" p50 {figures[name][0]:.1f} ms, p99 {figures[name][1]:.1f} ms"
+        )
     ratio50 = figures["blocked"][0] / figures["healthy"][0]
     ratio99 = figures["blocked"][1] / figures["healthy"][1]
     print(f"B with A blocked / B with A healthy: p50 {ratio50:.2f}, p99 {ratio99:.2f} (target <= {TARGET})")
-    print(result_line(
-        "practices", backlog=backlog, commands=count, rate=rate, latency_ms=latency * 1e3,
-        healthy_p50_ms=figures["healthy"][0], healthy_p99_ms=figures["healthy"][1],
-        blocked_p50_ms=figures["blocked"][0], blocked_p99_ms=figures["blocked"][1],
-        ratio_p50=ratio50, ratio_p99=ratio99, target=TARGET,
-    ))
+    print(
+        result_line(
+            "practices",
+            backlog=backlog,
+            commands=count,
+            rate=rate,
+            latency_ms=latency * 1e3,
+            healthy_p50_ms=figures["healthy"][0],
+            healthy_p99_ms=figures["healthy"][1],
+            blocked_p50_ms=figures["blocked"][0],
+            blocked_p99_ms=figures["blocked"][1],
+            ratio_p50=ratio50,
+            ratio_p99=ratio99,
+            target=TARGET,
+        )
+    )
 
 
 def main() -> None:

@@ -54,8 +54,13 @@ async def run(count: int, rounds: int) -> None:
             await broker.publish_event("bench.publish", BODY, message_id=f"b-{i}")
 
         async def via_aio_pika(i: int) -> None:
-            message = aio_pika.Message(BODY, content_type="application/json", message_id=f"a-{i}",
-                                       headers={}, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            message = aio_pika.Message(
+                BODY,
+                content_type="application/json",
+                message_id=f"a-{i}",
+                headers={},
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
             async with asyncio.timeout(5.0):
                 await exchange.publish(message, "bench.publish", mandatory=False)
 
@@ -67,13 +72,18 @@ async def run(count: int, rounds: int) -> None:
         finally:
             await broker.close()
     ours, theirs = statistics.median(broker_us), statistics.median(aio_pika_us)
-    print(f"Broker (aiormq, ready-made properties): {ours:.0f} us CPU/publish "
-          f"(rounds {', '.join(f'{v:.0f}' for v in broker_us)})")
-    print(f"aio-pika Message + Exchange.publish:    {theirs:.0f} us CPU/publish "
-          f"(rounds {', '.join(f'{v:.0f}' for v in aio_pika_us)})")
+    print(
+        f"Broker (aiormq, ready-made properties): {ours:.0f} us CPU/publish "
+        f"(rounds {', '.join(f'{v:.0f}' for v in broker_us)})"
+    )
+    print(
+        f"aio-pika Message + Exchange.publish:    {theirs:.0f} us CPU/publish "
+        f"(rounds {', '.join(f'{v:.0f}' for v in aio_pika_us)})"
+    )
     print(f"ratio Broker / aio-pika = {ours / theirs:.2f}")
-    print(result_line("publish", publishes=count, rounds=rounds, broker_us=ours, aio_pika_us=theirs,
-                      ratio=ours / theirs))
+    print(
+        result_line("publish", publishes=count, rounds=rounds, broker_us=ours, aio_pika_us=theirs, ratio=ours / theirs)
+    )
 
 
 def main() -> None:

@@ -54,8 +54,15 @@ TIMEOUT = 180.0
 
 
 def reassign_commands(ids: list[int], tag: str) -> list[dict[str, Any]]:
-    return [{"type": "reassign", "command_id": f"{tag}-{i}", "appointment_id": appointment_id,
-             "patient_id": NEW_PATIENT + i} for i, appointment_id in enumerate(ids)]
+    return [
+        {
+            "type": "reassign",
+            "command_id": f"{tag}-{i}",
+            "appointment_id": appointment_id,
+            "patient_id": NEW_PATIENT + i,
+        }
+        for i, appointment_id in enumerate(ids)
+    ]
 
 
 async def rate_of(pipeline: Pipeline, commands: list[dict[str, Any]]) -> tuple[float, dict[str, int]]:
@@ -92,8 +99,11 @@ async def check_sandbox(url: str, ids: list[int]) -> str:
             everything = (await response.json())["appointments"]
     originals = [a for a in everything if a["id"] in set(ids)]
     not_cancelled = sum(a["state"] != "Cancelled" for a in originals)
-    live = Counter((a["start_time"], a["practitioner_id"]) for a in everything
-                   if a["id"] >= REPLACEMENT_IDS and a["state"] != "Cancelled")
+    live = Counter(
+        (a["start_time"], a["practitioner_id"])
+        for a in everything
+        if a["id"] >= REPLACEMENT_IDS and a["state"] != "Cancelled"
+    )
     unreplaced = sum(live[(a["start_time"], a["practitioner_id"])] != 1 for a in originals)
     if not_cancelled or unreplaced or len(originals) != len(ids):
         return f"{not_cancelled} originals not cancelled, {unreplaced} without exactly one live replacement"
@@ -107,8 +117,11 @@ async def run(count: int, latency: float) -> None:
         log_to_file(Path(workdir) / "worker.log")
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, 2 * count))
         async with running_pipeline(
-            amqp_url, sqlite_url(workdir, "reassign.sqlite3"), sandbox.url,
-            prefetch=PREFETCH, pms_concurrency=PMS_CONCURRENCY,
+            amqp_url,
+            sqlite_url(workdir, "reassign.sqlite3"),
+            sandbox.url,
+            prefetch=PREFETCH,
+            pms_concurrency=PMS_CONCURRENCY,
         ) as pipeline:
             await pipeline.worker.start()
             await rate_of(pipeline, edit_commands(fast_ids[:20], 20, "warm"))
@@ -120,18 +133,30 @@ async def run(count: int, latency: float) -> None:
             edit_bytes, edit_seconds = await memory_per_in_flight(pipeline, edit_commands(slow_ids, count, "slow-edit"))
             saga_bytes, saga_seconds = await memory_per_in_flight(pipeline, reassign_commands(slow_ids, "slow"))
             slow_check = await check_sandbox(sandbox.url, slow_ids)
-    print(f"edit_notes: {edit_rate:.0f} commands/s {edit_outcomes}; "
-          f"reassign: {saga_rate:.0f} workflows/s {saga_outcomes}; sandbox check: {fast_check}")
+    print(
+        f"edit_notes: {edit_rate:.0f} commands/s {edit_outcomes}; "
+        f"reassign: {saga_rate:.0f} workflows/s {saga_outcomes}; sandbox check: {fast_check}"
+    )
     print(f"ratio reassign / edit = {saga_rate / edit_rate:.2f}")
-    print(f"memory at {latency * 1e3:.0f} ms/PMS call, {count} at once: {saga_bytes / 1024:.1f} KiB per in-flight "
-          f"workflow (all done in {saga_seconds:.1f} s), {edit_bytes / 1024:.1f} KiB per in-flight edit "
-          f"(all done in {edit_seconds:.1f} s); sandbox check: {slow_check}")
-    print(result_line(
-        "reassign", workflows=count, workflows_per_s=saga_rate, edits_per_s=edit_rate,
-        ratio=saga_rate / edit_rate, kib_per_workflow=saga_bytes / 1024, kib_per_edit=edit_bytes / 1024,
-        in_flight=count, succeeded=saga_outcomes.get("succeeded", 0),
-        check="ok" if fast_check == slow_check == "ok" else "FAILED",
-    ))
+    print(
+        f"memory at {latency * 1e3:.0f} ms/PMS call, {count} at once: {saga_bytes / 1024:.1f} KiB per in-flight "
+        f"workflow (all done in {saga_seconds:.1f} s), {edit_bytes / 1024:.1f} KiB per in-flight edit "
+        f"(all done in {edit_seconds:.1f} s); sandbox check: {slow_check}"
+    )
+    print(
+        result_line(
+            "reassign",
+            workflows=count,
+            workflows_per_s=saga_rate,
+            edits_per_s=edit_rate,
+            ratio=saga_rate / edit_rate,
+            kib_per_workflow=saga_bytes / 1024,
+            kib_per_edit=edit_bytes / 1024,
+            in_flight=count,
+            succeeded=saga_outcomes.get("succeeded", 0),
+            check="ok" if fast_check == slow_check == "ok" else "FAILED",
+        )
+    )
 
 
 def main() -> None:

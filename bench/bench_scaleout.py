@@ -51,8 +51,11 @@ TIMEOUT = 180.0
 async def services(count: int, env: dict[str, str], log_dir: Path) -> AsyncIterator[None]:
     """``count`` ready `appt serve` processes splitting the partitions, stopped afterwards."""
     processes = [
-        ServiceProcess({**env, "APPT_HTTP_PORT": str(free_port()), "APPT_WORKER_PARTITIONS": partitions},
-                       log_dir, name=f"serve-{count}-{index}")
+        ServiceProcess(
+            {**env, "APPT_HTTP_PORT": str(free_port()), "APPT_WORKER_PARTITIONS": partitions},
+            log_dir,
+            name=f"serve-{count}-{index}",
+        )
         for index, partitions in enumerate(SPLITS[count])
     ]
     try:
@@ -89,18 +92,24 @@ async def run(count: int, appointment_count: int) -> None:
         log_dir = Path(workdir)
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
         async with throwaway_schema() as store_url:
-            env = service_env(pms_url=sandbox.url, store=store_url, amqp_url=amqp_url,
-                              APPT_PMS_TOKEN=SANDBOX_TOKEN)
+            env = service_env(pms_url=sandbox.url, store=store_url, amqp_url=amqp_url, APPT_PMS_TOKEN=SANDBOX_TOKEN)
             one, one_outcomes = await drain_rate(count, 1, amqp_url, env, log_dir, ids)
             print(f"1 process:   {count} commands at {one:.0f} commands/s, outcomes {one_outcomes}", flush=True)
             two, two_outcomes = await drain_rate(count, 2, amqp_url, env, log_dir, ids)
             print(f"2 processes: {count} commands at {two:.0f} commands/s, outcomes {two_outcomes}", flush=True)
     print(f"ratio 2 processes / 1 process = {two / one:.2f} (PostgreSQL store, {os.cpu_count()} cores)")
-    print(result_line(
-        "scaleout", commands=count, appointments=appointment_count, one_process_per_s=one,
-        two_processes_per_s=two, ratio=two / one, cores=os.cpu_count() or 0,
-        succeeded=one_outcomes.get("succeeded", 0) + two_outcomes.get("succeeded", 0),
-    ))
+    print(
+        result_line(
+            "scaleout",
+            commands=count,
+            appointments=appointment_count,
+            one_process_per_s=one,
+            two_processes_per_s=two,
+            ratio=two / one,
+            cores=os.cpu_count() or 0,
+            succeeded=one_outcomes.get("succeeded", 0) + two_outcomes.get("succeeded", 0),
+        )
+    )
 
 
 def main() -> None:

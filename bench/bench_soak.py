@@ -110,8 +110,10 @@ class Load:
                 command = self.command(self.sent)
                 self.sent_at[command["command_id"]] = time.perf_counter()
                 await self.broker.publish_inbound(
-                    json.dumps(command).encode(), appointment_id=command["appointment_id"],
-                    message_id=command["command_id"])
+                    json.dumps(command).encode(),
+                    appointment_id=command["appointment_id"],
+                    message_id=command["command_id"],
+                )
                 self.sent += 1
             await asyncio.sleep(1 / rate)
 
@@ -148,10 +150,13 @@ class StoreProbe:
         schema = self.store_url.rsplit("schema=", 1)[1]
         connection = await asyncpg.connect(PG_URL)
         try:
-            tables = [r[0] for r in await connection.fetch(
-                "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema)]
-            size = sum([await connection.fetchval(f"SELECT pg_total_relation_size('{schema}.{t}')")
-                        for t in tables])
+            tables = [
+                r[0]
+                for r in await connection.fetch(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = $1", schema
+                )
+            ]
+            size = sum([await connection.fetchval(f"SELECT pg_total_relation_size('{schema}.{t}')") for t in tables])
             rows = {t: await connection.fetchval(f"SELECT count(*) FROM {schema}.{t}") for t in sorted(tables)}
         finally:
             await connection.close()
@@ -198,8 +203,11 @@ async def sample_until(
         sample = Sample(time.perf_counter() - started, rss_kib(pid), size, wal, rows, p99, done)
         samples.append(sample)
         table = " ".join(f"{t}={n}" for t, n in rows.items())
-        print(f"t={sample.elapsed:6.0f}s rss={sample.rss_kib / 1024:6.1f}MiB store={size / 1024:7.2f}MiB (wal {wal / 1024:5.2f}) "
-              f"p99={p99:7.1f}ms answered={done:5d} {table}", flush=True)
+        print(
+            f"t={sample.elapsed:6.0f}s rss={sample.rss_kib / 1024:6.1f}MiB store={size / 1024:7.2f}MiB (wal {wal / 1024:5.2f}) "
+            f"p99={p99:7.1f}ms answered={done:5d} {table}",
+            flush=True,
+        )
     return samples
 
 
@@ -209,9 +217,14 @@ async def run(args: argparse.Namespace) -> None:
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, POOL))
         async with store_for(args.store, workdir) as store_url:
             env = service_env(
-                pms_url=sandbox.url, store=store_url, amqp_url=amqp_url, APPT_PMS_TOKEN=SANDBOX_TOKEN,
-                APPT_INBOX_RETENTION=str(retention), APPT_WORKFLOW_RETENTION=str(retention),
-                APPT_STATE_LOG_RETENTION=str(retention), APPT_PRUNE_INTERVAL=str(retention and max(1.0, retention / 5)),
+                pms_url=sandbox.url,
+                store=store_url,
+                amqp_url=amqp_url,
+                APPT_PMS_TOKEN=SANDBOX_TOKEN,
+                APPT_INBOX_RETENTION=str(retention),
+                APPT_WORKFLOW_RETENTION=str(retention),
+                APPT_STATE_LOG_RETENTION=str(retention),
+                APPT_PRUNE_INTERVAL=str(retention and max(1.0, retention / 5)),
             )
             service = ServiceProcess(env, Path(workdir), name="soak")
             service.start()
@@ -235,12 +248,16 @@ async def soak(
         await results.bind(EVENTS_EXCHANGE, routing_key="result.#")
         load = Load(broker, list(range(FIRST_ID, FIRST_ID + POOL)))
         await results.consume(load.on_result, no_ack=True)
-        print(f"soak: {args.seconds:.0f} s, {args.store}, {args.rate:g} commands/s (+ the webhooks they cause), "
-              f"retention {retention or 'none (keep)'} s, sample every {args.sample:.0f} s", flush=True)
+        print(
+            f"soak: {args.seconds:.0f} s, {args.store}, {args.rate:g} commands/s (+ the webhooks they cause), "
+            f"retention {retention or 'none (keep)'} s, sample every {args.sample:.0f} s",
+            flush=True,
+        )
         started = time.perf_counter()
         assert service.pid is not None
         sampler = asyncio.create_task(
-            sample_until(load, StoreProbe(store_url), service.pid, args.seconds, args.sample, started))
+            sample_until(load, StoreProbe(store_url), service.pid, args.seconds, args.sample, started)
+        )
         await load.run(args.rate, args.seconds)
         samples = await sampler
         await asyncio.sleep(2)  # the last results
@@ -251,27 +268,44 @@ async def soak(
 
 def report(samples: list[Sample], load: Load, args: argparse.Namespace, retention: float) -> None:
     settled = [s for s in samples if s.elapsed >= args.seconds / 2] or samples
-    mean = {"rss": statistics.fmean(s.rss_kib for s in settled) or 1.0,
-            "store": statistics.fmean(s.store_kib for s in settled) or 1.0}
+    mean = {
+        "rss": statistics.fmean(s.rss_kib for s in settled) or 1.0,
+        "store": statistics.fmean(s.store_kib for s in settled) or 1.0,
+    }
     rss = slope_per_minute(settled, lambda s: s.rss_kib)
     size = slope_per_minute(settled, lambda s: s.store_kib)
     without_wal = slope_per_minute(settled, lambda s: s.store_kib - s.wal_kib)
     p99 = slope_per_minute(settled, lambda s: s.p99_ms)
     rows = {t: slope_per_minute(settled, lambda s, t=t: s.rows.get(t, 0)) for t in settled[-1].rows}
-    print(f"second half ({len(settled)} samples), slope per minute: RSS {rss:+.0f} KiB "
-          f"({100 * rss / mean['rss']:+.2f} %), store {size:+.0f} KiB ({100 * size / mean['store']:+.2f} %; "
-          f"without the WAL, which swings between checkpoints: {without_wal:+.0f} KiB), "
-          f"p99 {p99:+.2f} ms; rows " + ", ".join(f"{t} {v:+.0f}" for t, v in rows.items()))
-    print(f"commands sent {load.sent}, answered {sum(load.outcomes.values())} {load.outcomes}, "
-          f"unanswered {len(load.sent_at)}")
-    print(result_line(
-        "soak", store=args.store, seconds=args.seconds, rate=args.rate, retention_s=retention,
-        sent=load.sent, unanswered=len(load.sent_at),
-        rss_mib=settled[-1].rss_kib / 1024, rss_kib_per_min=rss,
-        store_mib=settled[-1].store_kib / 1024, store_kib_per_min=size, store_without_wal_kib_per_min=without_wal,
-        p99_ms=settled[-1].p99_ms, p99_ms_per_min=p99,
-        **{f"{t}_rows_per_min": v for t, v in rows.items() if t != "appointments"},
-    ))
+    print(
+        f"second half ({len(settled)} samples), slope per minute: RSS {rss:+.0f} KiB "
+        f"({100 * rss / mean['rss']:+.2f} %), store {size:+.0f} KiB ({100 * size / mean['store']:+.2f} %; "
+        f"without the WAL, which swings between checkpoints: {without_wal:+.0f} KiB), "
+        f"p99 {p99:+.2f} ms; rows " + ", ".join(f"{t} {v:+.0f}" for t, v in rows.items())
+    )
+    print(
+        f"commands sent {load.sent}, answered {sum(load.outcomes.values())} {load.outcomes}, "
+        f"unanswered {len(load.sent_at)}"
+    )
+    print(
+        result_line(
+            "soak",
+            store=args.store,
+            seconds=args.seconds,
+            rate=args.rate,
+            retention_s=retention,
+            sent=load.sent,
+            unanswered=len(load.sent_at),
+            rss_mib=settled[-1].rss_kib / 1024,
+            rss_kib_per_min=rss,
+            store_mib=settled[-1].store_kib / 1024,
+            store_kib_per_min=size,
+            store_without_wal_kib_per_min=without_wal,
+            p99_ms=settled[-1].p99_ms,
+            p99_ms_per_min=p99,
+            **{f"{t}_rows_per_min": v for t, v in rows.items() if t != "appointments"},
+        )
+    )
 
 
 def main() -> None:
@@ -279,10 +313,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the run")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--rate", type=float, default=10.0, help="commands per second")
-    parser.add_argument("--retention", type=float, default=0.0,
-                        help="seconds, for inbox, workflows and state log (default: a sixth of the run)")
-    parser.add_argument("--keep", action="store_true",
-                        help="the baseline: keep everything (pruner off), to see what retention levels off")
+    parser.add_argument(
+        "--retention",
+        type=float,
+        default=0.0,
+        help="seconds, for inbox, workflows and state log (default: a sixth of the run)",
+    )
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="the baseline: keep everything (pruner off), to see what retention levels off",
+    )
     parser.add_argument("--sample", type=float, default=0.0, help="seconds between samples (default: 1/20 of the run)")
     args = parser.parse_args()
     args.sample = args.sample or max(2.0, args.seconds / 20)

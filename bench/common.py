@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +28,8 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from consumer.commands import ReadBeforeWrite  # noqa: E402
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
+from consumer.commands import ReadBeforeWrite  # noqa: E402
 from consumer.logs import configure  # noqa: E402
 from consumer.messages import DEFAULT_PRACTICE  # noqa: E402
 from consumer.pms.client import PmsClient  # noqa: E402
@@ -43,7 +43,7 @@ PG_URL = os.environ.get("APPT_BENCH_PG_URL", "postgresql://postgres@127.0.0.1:54
 SANDBOX_TOKEN = "sandbox-token"
 SERVERS = Path(__file__).resolve().parent / "servers.py"
 READY_TIMEOUT = 30.0
-FIRST_SLOT = datetime(2031, 1, 6, 8, tzinfo=timezone.utc)
+FIRST_SLOT = datetime(2031, 1, 6, 8, tzinfo=UTC)
 UNLIMITED_BUDGET = 10**9  # the sandbox's hourly budget must never be what a benchmark measures
 
 
@@ -98,7 +98,10 @@ def child_server(kind: str, *args: str, log_path: Path | None = None) -> Iterato
     with open(log_path or os.devnull, "w") as log:
         process = subprocess.Popen(
             [sys.executable, str(SERVERS), kind, *args],
-            stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
         )
         try:
             yield Child(process, _ready_port(process, kind))
@@ -147,11 +150,17 @@ def appointments(first_id: int, count: int, *, patient_id: int | None = 1013) ->
     seeded = []
     for offset in range(count):
         start = FIRST_SLOT + timedelta(minutes=30 * offset)
-        seeded.append({
-            "id": first_id + offset, "patient_id": patient_id, "practitioner_id": 1 + offset % 7,
-            "start_time": _iso(start), "finish_time": _iso(start + timedelta(minutes=25)),
-            "reason": "Exam", "state": "Pending",
-        })
+        seeded.append(
+            {
+                "id": first_id + offset,
+                "patient_id": patient_id,
+                "practitioner_id": 1 + offset % 7,
+                "start_time": _iso(start),
+                "finish_time": _iso(start + timedelta(minutes=25)),
+                "reason": "Exam",
+                "state": "Pending",
+            }
+        )
     return seeded
 
 
@@ -220,12 +229,17 @@ async def bind_results(broker: Broker) -> Results:
 async def publish_commands(broker: Broker, commands: list[dict[str, Any]]) -> None:
     """Publish with confirms, 64 at a time (order per appointment kept: one id is never split)."""
     for start in range(0, len(commands), 64):
-        await asyncio.gather(*(
-            broker.publish_inbound(
-                json.dumps(c).encode(), practice=c.get("practice", DEFAULT_PRACTICE),
-                appointment_id=c["appointment_id"], message_id=c["command_id"])
-            for c in commands[start:start + 64]
-        ))
+        await asyncio.gather(
+            *(
+                broker.publish_inbound(
+                    json.dumps(c).encode(),
+                    practice=c.get("practice", DEFAULT_PRACTICE),
+                    appointment_id=c["appointment_id"],
+                    message_id=c["command_id"],
+                )
+                for c in commands[start : start + 64]
+            )
+        )
 
 
 @dataclass
@@ -245,8 +259,15 @@ class Pipeline:
 
 @contextlib.asynccontextmanager
 async def running_pipeline(
-    amqp_url: str, store_url: str, pms_url: str, *, prefetch: int, pms_concurrency: int,
-    partitions: int = 4, practice_urls: dict[str, str] | None = None, read_before_write: ReadBeforeWrite = "always",
+    amqp_url: str,
+    store_url: str,
+    pms_url: str,
+    *,
+    prefetch: int,
+    pms_concurrency: int,
+    partitions: int = 4,
+    practice_urls: dict[str, str] | None = None,
+    read_before_write: ReadBeforeWrite = "always",
 ) -> AsyncIterator[Pipeline]:
     """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started.
 
@@ -262,8 +283,15 @@ async def running_pipeline(
         lambda config, token: PmsClient(config.pms_url, token, timeout=30.0, concurrency=pms_concurrency),
     )
     workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
-    worker = Worker(broker=broker, store=store, practices=practices, reassign=workflows.reassign,
-                    partitions=list(range(partitions)), retry_delay=0.1, read_before_write=read_before_write)
+    worker = Worker(
+        broker=broker,
+        store=store,
+        practices=practices,
+        reassign=workflows.reassign,
+        partitions=list(range(partitions)),
+        retry_delay=0.1,
+        read_before_write=read_before_write,
+    )
     results = await bind_results(broker)
     try:
         yield Pipeline(broker, store, practices.get(next(iter(urls))).pms, worker, results)
@@ -277,8 +305,12 @@ async def running_pipeline(
 def edit_commands(appointment_ids: list[int], count: int, tag: str) -> list[dict[str, Any]]:
     """``count`` edit_notes commands spread round-robin over the appointments."""
     return [
-        {"type": "edit_notes", "command_id": f"{tag}-{i}", "appointment_id": appointment_ids[i % len(appointment_ids)],
-         "notes": f"{tag} note {i}"}
+        {
+            "type": "edit_notes",
+            "command_id": f"{tag}-{i}",
+            "appointment_id": appointment_ids[i % len(appointment_ids)],
+            "notes": f"{tag} note {i}",
+        }
         for i in range(count)
     ]
 

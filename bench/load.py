@@ -41,11 +41,13 @@ def signed_requests(secret: str, count: int, appointment_count: int) -> list[Req
     built = []
     for index in range(count):
         webhook_id = f"msg_{uuid.uuid4().hex}"
-        body = json.dumps({
-            "type": "appointment.updated",
-            "timestamp": "2031-01-01T00:00:00+00:00",
-            "data": {"appointment": {**seeded[index % appointment_count], "notes": f"edit {index}"}},
-        }).encode()
+        body = json.dumps(
+            {
+                "type": "appointment.updated",
+                "timestamp": "2031-01-01T00:00:00+00:00",
+                "data": {"appointment": {**seeded[index % appointment_count], "notes": f"edit {index}"}},
+            }
+        ).encode()
         headers = {
             "webhook-id": webhook_id,
             "webhook-timestamp": str(now),
@@ -80,8 +82,13 @@ class Tally:
 
 
 async def connection_loop(
-    session: aiohttp.ClientSession, url: str, pool: itertools.cycle[Request],
-    measure_from: float, until: float, interval: float, tally: Tally,
+    session: aiohttp.ClientSession,
+    url: str,
+    pool: itertools.cycle[Request],
+    measure_from: float,
+    until: float,
+    interval: float,
+    tally: Tally,
 ) -> None:
     """One keep-alive connection's requests: back to back, or one per ``interval`` seconds."""
     await asyncio.sleep(random.uniform(0, interval))  # spread the paced connections' phases
@@ -108,7 +115,12 @@ async def connection_loop(
 
 
 async def run(
-    url: str, requests: list[Request], connections: int, warmup: float, duration: float, rate: float,
+    url: str,
+    requests: list[Request],
+    connections: int,
+    warmup: float,
+    duration: float,
+    rate: float,
 ) -> dict[str, Any]:
     """Closed loop (as fast as answers come) unless ``rate``: then an offered load, in requests/s."""
     pool = itertools.cycle(requests)
@@ -119,9 +131,9 @@ async def run(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         start = time.perf_counter()
         measure_from, until = start + warmup, start + warmup + duration
-        await asyncio.gather(*(
-            connection_loop(session, url, pool, measure_from, until, interval, tally) for _ in range(connections)
-        ))
+        await asyncio.gather(
+            *(connection_loop(session, url, pool, measure_from, until, interval, tally) for _ in range(connections))
+        )
     # The last requests may finish a little after ``until``: count the time they took.
     return tally.summary(max(duration, time.perf_counter() - measure_from))
 

@@ -84,7 +84,7 @@ class FailoverConnection(RobustConnection):
         loop and on first connect: point ``self.url`` at the next address first."""
         self.url = aio_pika.connection.make_url(self._addresses[self._next % len(self._addresses)])
         self._next += 1
-        await getattr(super(), "_RobustConnection__connect_transport")()
+        await getattr(super(), "_RobustConnection__connect_transport")()  # noqa: B009 (private to aio-pika: untyped)
 
 
 async def connect_failover(addresses: list[str], *, timeout: float) -> AbstractRobustConnection:
@@ -107,9 +107,7 @@ class Broker:
     """One robust connection (failing over along the address list), a confirm channel for
     publishing, one for consuming."""
 
-    def __init__(
-        self, url: str, *, partitions: int = 4, prefetch: int = 64, publish_timeout: float = 5.0
-    ) -> None:
+    def __init__(self, url: str, *, partitions: int = 4, prefetch: int = 64, publish_timeout: float = 5.0) -> None:
         self._addresses = broker_addresses(url)
         self._partitions = partitions
         self._prefetch = prefetch
@@ -142,19 +140,11 @@ class Broker:
         inbound = await channel.declare_exchange(
             INBOUND_EXCHANGE, aio_pika.ExchangeType.X_CONSISTENT_HASH, durable=True
         )
-        observed = await channel.declare_exchange(
-            OBSERVED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-        )
+        observed = await channel.declare_exchange(OBSERVED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
         await inbound.bind(observed)
-        await channel.declare_exchange(
-            EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        dead = await channel.declare_exchange(
-            DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-        )
-        dead_queue = await channel.declare_queue(
-            DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"}
-        )
+        await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+        dead = await channel.declare_exchange(DEAD_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+        dead_queue = await channel.declare_queue(DEAD_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
         await dead_queue.bind(dead, routing_key="")
         for index in range(self._partitions):
             queue = await channel.declare_queue(
@@ -190,8 +180,13 @@ class Broker:
             await connection.close()
 
     async def _publish(
-        self, exchange: str, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties,
-        *, mandatory: bool = True,
+        self,
+        exchange: str,
+        body: bytes,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        *,
+        mandatory: bool = True,
     ) -> None:
         """Publish and wait for the broker's confirm; a nack, a return or a timeout raises.
 
@@ -211,11 +206,21 @@ class Broker:
                 # A nack, or a return (mandatory + on_return_raises), raises here.
                 with tracing.publish_span(exchange, routing_key, properties):
                     await channel.basic_publish(
-                        body, exchange=exchange, routing_key=routing_key, properties=properties,
-                        mandatory=mandatory, wait=False,
+                        body,
+                        exchange=exchange,
+                        routing_key=routing_key,
+                        properties=properties,
+                        mandatory=mandatory,
+                        wait=False,
                     )
-        except (AMQPError, ChannelInvalidStateError, PublishError, DeliveryError, TimeoutError,
-                ConnectionError) as exc:  # ChannelInvalidStateError: mid-reconnect
+        except (
+            AMQPError,
+            ChannelInvalidStateError,
+            PublishError,
+            DeliveryError,
+            TimeoutError,
+            ConnectionError,
+        ) as exc:  # ChannelInvalidStateError: mid-reconnect
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
 
     async def publish_inbound(
@@ -230,7 +235,10 @@ class Broker:
         headers: dict[str, Any] | None = None,
     ) -> None:
         properties = json_properties(
-            message_id=message_id, reply_to=reply_to, correlation_id=correlation_id, headers=headers,
+            message_id=message_id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            headers=headers,
         )
         await self._publish(INBOUND_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
@@ -242,7 +250,12 @@ class Broker:
         await self._publish(OBSERVED_EXCHANGE, body, inbound_routing_key(practice, appointment_id), properties)
 
     async def publish_raw_inbound(
-        self, body: bytes, routing_key: str, properties: aiormq.spec.Basic.Properties, *, observed: bool = False,
+        self,
+        body: bytes,
+        routing_key: str,
+        properties: aiormq.spec.Basic.Properties,
+        *,
+        observed: bool = False,
     ) -> None:
         """A message exactly as given (``appt dead replay`` puts a dead letter back); an observed
         event through appointments.observed, the only way the worker takes one."""

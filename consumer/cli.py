@@ -83,57 +83,76 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
-        prog="appt", formatter_class=Formatter, epilog=MAIN_EPILOG,
+        prog="appt",
+        formatter_class=Formatter,
+        epilog=MAIN_EPILOG,
         description="Keeps a partner system's appointments in step with a PMS, safely and durably.",
     )
     parser.add_argument("--debug", action="store_true", help="print the traceback of an unexpected error")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
     def verb(name: str, help: str, epilog: str = EXIT_CODES, **more: Any) -> argparse.ArgumentParser:
-        return verbs.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=Formatter,
-                                **more)
+        return verbs.add_parser(name, help=help, description=help, epilog=epilog, formatter_class=Formatter, **more)
 
-    serve = verb("serve", "run the service (webhooks, worker, workflows, reconciler)",
-                 "reads every APPT_* variable (appt --help). Checks its ports before starting anything.\n"
-                 "exit codes: 1 a dependency unreachable or a port taken (one line saying which);\n"
-                 "  3 a bad APPT_* variable; 0 after SIGTERM / Ctrl-C.")
-    serve.add_argument("--with-sandbox", action="store_true",
-                       help="also run the PMS sandbox on APPT_SANDBOX_PORT (default 8700) and use it as the "
-                            "upstream; the webhook secret is APPT_WEBHOOK_SECRETS or the demo default")
+    serve = verb(
+        "serve",
+        "run the service (webhooks, worker, workflows, reconciler)",
+        "reads every APPT_* variable (appt --help). Checks its ports before starting anything.\n"
+        "exit codes: 1 a dependency unreachable or a port taken (one line saying which);\n"
+        "  3 a bad APPT_* variable; 0 after SIGTERM / Ctrl-C.",
+    )
+    serve.add_argument(
+        "--with-sandbox",
+        action="store_true",
+        help="also run the PMS sandbox on APPT_SANDBOX_PORT (default 8700) and use it as the "
+        "upstream; the webhook secret is APPT_WEBHOOK_SECRETS or the demo default",
+    )
 
     send = verb("send", "publish a command to appointments.inbound", SEND_EPILOG)
-    send.add_argument("type", choices=["confirm", "cancel", "set_patient", "reassign", "edit_notes"],
-                      help="what to do (below)")
+    send.add_argument(
+        "type", choices=["confirm", "cancel", "set_patient", "reassign", "edit_notes"], help="what to do (below)"
+    )
     send.add_argument("--appointment", type=int, required=True, metavar="ID", help="the PMS appointment id")
     send.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     send.add_argument("--patient", type=int, metavar="ID", help="the patient, for set_patient and reassign")
     send.add_argument("--reason", help="the cancellation reason, for cancel")
     send.add_argument("--notes", help="the new notes, for edit_notes")
-    send.add_argument("--command-id", metavar="ID",
-                      help="idempotency key: the same id twice is applied once (default: a fresh uuid)")
-    send.add_argument("--wait", type=float, metavar="SECONDS",
-                      help="wait for the result, print it; exit 0 only if it succeeded")
+    send.add_argument(
+        "--command-id", metavar="ID", help="idempotency key: the same id twice is applied once (default: a fresh uuid)"
+    )
+    send.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="wait for the result, print it; exit 0 only if it succeeded"
+    )
 
-    history = verb("history", "an appointment's state log, in order",
-                   f"{STORE_READER}; --follow also reads APPT_AMQP_URL.\n\n{EXIT_CODES}")
+    history = verb(
+        "history",
+        "an appointment's state log, in order",
+        f"{STORE_READER}; --follow also reads APPT_AMQP_URL.\n\n{EXIT_CODES}",
+    )
     history.add_argument("appointment", type=int, metavar="ID", help="the PMS appointment id")
     history.add_argument("--practice", default="default", help="the practice the appointment belongs to")
     history.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     history.add_argument("--follow", action="store_true", help="then tail new records live")
 
-    sagas = verb("sagas", "list reassignment workflows (optionally: sagas retry ID)",
-                 f"{STORE_READER}.\n\n{EXIT_CODES}",
-                 usage="appt sagas [-h] [--stuck] [--json]\n       appt sagas retry ID")
-    sagas.add_argument("--stuck", action="store_true",
-                       help="only parked ones, and unfinished ones older than APPT_WORKFLOW_DEADLINE")
+    sagas = verb(
+        "sagas",
+        "list reassignment workflows (optionally: sagas retry ID)",
+        f"{STORE_READER}.\n\n{EXIT_CODES}",
+        usage="appt sagas [-h] [--stuck] [--json]\n       appt sagas retry ID",
+    )
+    sagas.add_argument(
+        "--stuck", action="store_true", help="only parked ones, and unfinished ones older than APPT_WORKFLOW_DEADLINE"
+    )
     sagas.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     sagas_verbs = sagas.add_subparsers(dest="sagas_verb", metavar="[retry ID]", required=False)
     retry = sagas_verbs.add_parser(
-        "retry", formatter_class=Formatter,
+        "retry",
+        formatter_class=Formatter,
         help="compensate a parked workflow again; hand an unfinished one back to the pipeline",
         epilog="reads APPT_STORE, APPT_AMQP_URL, APPT_PMS_URL, APPT_PMS_TOKEN.\n"
-               "exit codes: 0 finished (completed or compensated) or handed back; 1 still parked, or a\n"
-               "  dependency unreachable; 2 no such workflow; 3 a bad APPT_* variable")
+        "exit codes: 0 finished (completed or compensated) or handed back; 1 still parked, or a\n"
+        "  dependency unreachable; 2 no such workflow; 3 a bad APPT_* variable",
+    )
     retry.add_argument("workflow_id", metavar="ID", help="as listed by appt sagas, e.g. reassign-<command id>")
 
     _add_dead(verbs)
@@ -141,48 +160,78 @@ def build_parser() -> argparse.ArgumentParser:
     diagram = verb("diagram", "print a machine as a Mermaid state diagram", "exit code 0.")
     diagram.add_argument("machine", choices=["appointment", "reassignment"], help="which machine")
 
-    sandbox = verb("sandbox", "run the PMS emulator (in memory, with fault knobs under /_sandbox/)",
-                   "prints one line once listening: URL, token, knobs; runs until Ctrl-C.\n"
-                   "exit codes: 1 the port is taken (or stopped by Ctrl-C).")
+    sandbox = verb(
+        "sandbox",
+        "run the PMS emulator (in memory, with fault knobs under /_sandbox/)",
+        "prints one line once listening: URL, token, knobs; runs until Ctrl-C.\n"
+        "exit codes: 1 the port is taken (or stopped by Ctrl-C).",
+    )
     sandbox.add_argument("--host", default="127.0.0.1", help="address to listen on")
     sandbox.add_argument("--port", type=int, default=8700, help="port to listen on")
-    sandbox.add_argument("--token", default="sandbox-token",
-                         help="the one bearer token accepted; "
-                              "POST /_sandbox/token changes it at run time, as a revoked or expired token")
-    sandbox.add_argument("--updated-after", choices=["ignored", "honoured"], default="ignored",
-                         help="whether the list honours updated_after (unconfirmed on the live PMS)")
-    sandbox.add_argument("--delete", choices=["cancel", "remove"], default="cancel",
-                         help="what DELETE does (unconfirmed on the live PMS)")
+    sandbox.add_argument(
+        "--token",
+        default="sandbox-token",
+        help="the one bearer token accepted; "
+        "POST /_sandbox/token changes it at run time, as a revoked or expired token",
+    )
+    sandbox.add_argument(
+        "--updated-after",
+        choices=["ignored", "honoured"],
+        default="ignored",
+        help="whether the list honours updated_after (unconfirmed on the live PMS)",
+    )
+    sandbox.add_argument(
+        "--delete",
+        choices=["cancel", "remove"],
+        default="cancel",
+        help="what DELETE does (unconfirmed on the live PMS)",
+    )
 
-    practices = verb("practices", "each practice's status, budget and waiting messages (asks the running service)",
-                     "exit code 0, or 1 when the service does not answer.")
+    practices = verb(
+        "practices",
+        "each practice's status, budget and waiting messages (asks the running service)",
+        "exit code 0, or 1 when the service does not answer.",
+    )
     practices.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     verb("schema", "print the message contract as JSON Schema", "exit code 0.")
     verb("asyncapi", "print the AMQP contract as an AsyncAPI 3.0 document (JSON)", "exit code 0.")
 
-    prune = verb("prune", "delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)",
-                 f"reads APPT_STORE and the APPT_*_RETENTION settings; refuses a store that does not exist.\n\n"
-                 f"{EXIT_CODES}")
+    prune = verb(
+        "prune",
+        "delete what is past its retention now (appt serve also does, every APPT_PRUNE_INTERVAL)",
+        f"reads APPT_STORE and the APPT_*_RETENTION settings; refuses a store that does not exist.\n\n{EXIT_CODES}",
+    )
     prune.add_argument("--dry-run", action="store_true", help="only count what would go, per table")
 
-    reconcile = verb("reconcile", "catch up from the PMS now (reads every polling window once, cancelled rows included)",
-                     "reads APPT_STORE, APPT_AMQP_URL, APPT_PMS_URL, APPT_PMS_TOKEN.\n\n" + EXIT_CODES)
-    reconcile.add_argument("--since", metavar="TIME",
-                           help="ISO 8601 time with a zone (e.g. 2026-11-20T00:00:00Z): republish every row "
-                                "changed after it, whatever is stored")
+    reconcile = verb(
+        "reconcile",
+        "catch up from the PMS now (reads every polling window once, cancelled rows included)",
+        "reads APPT_STORE, APPT_AMQP_URL, APPT_PMS_URL, APPT_PMS_TOKEN.\n\n" + EXIT_CODES,
+    )
+    reconcile.add_argument(
+        "--since",
+        metavar="TIME",
+        help="ISO 8601 time with a zone (e.g. 2026-11-20T00:00:00Z): republish every row "
+        "changed after it, whatever is stored",
+    )
     return parser
 
 
 def _add_dead(verbs: Any) -> None:
     epilog = f"reads APPT_STORE (and APPT_AMQP_URL to replay).\n\n{EXIT_CODES}"
-    dead = verbs.add_parser("dead", help="dead letters: list, show, replay or purge them",
-                            description="dead letters: list, show, replay or purge them", epilog=epilog,
-                            formatter_class=Formatter)
+    dead = verbs.add_parser(
+        "dead",
+        help="dead letters: list, show, replay or purge them",
+        description="dead letters: list, show, replay or purge them",
+        epilog=epilog,
+        formatter_class=Formatter,
+    )
     actions = dead.add_subparsers(dest="dead_verb", required=True, metavar="ACTION")
 
     def subverb(name: str, help: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(
-            name, help=help, description=help, epilog=epilog, formatter_class=Formatter)
+            name, help=help, description=help, epilog=epilog, formatter_class=Formatter
+        )
         return parser
 
     listing = subverb("list", "dead letters in arrival order, and a count by reason class")
@@ -213,8 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug, or a failure nobody foresaw: still one line unless debugging
         if debug:
             raise
-        print(f"appt {args.verb}: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        print(
+            f"appt {args.verb}: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
         return EXIT_FAILED
 
 
@@ -238,12 +289,19 @@ def _main(args: argparse.Namespace) -> int:
         from consumer.sandbox import serve_sandbox
 
         try:
-            return _run(serve_sandbox(args.host, args.port, token=args.token,
-                                      updated_after_honoured=args.updated_after == "honoured",
-                                      delete_mode=args.delete))
+            return _run(
+                serve_sandbox(
+                    args.host,
+                    args.port,
+                    token=args.token,
+                    updated_after_honoured=args.updated_after == "honoured",
+                    delete_mode=args.delete,
+                )
+            )
         except OSError as exc:
-            raise CliError(f"cannot listen on {args.host}:{args.port} ({exc.strerror}): choose another --port") \
-                from None
+            raise CliError(
+                f"cannot listen on {args.host}:{args.port} ({exc.strerror}): choose another --port"
+            ) from None
     try:
         settings = load_settings()
     except SettingsError as exc:
@@ -290,8 +348,9 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.verb == "send":
         return await tools.send(settings, args)
     if args.verb == "history":
-        return await tools.history(settings, args.appointment, practice=args.practice,
-                                   as_json=args.json, follow=args.follow)
+        return await tools.history(
+            settings, args.appointment, practice=args.practice, as_json=args.json, follow=args.follow
+        )
     if args.verb == "sagas":
         if args.sagas_verb == "retry":
             return await tools.sagas_retry(settings, args.workflow_id)

@@ -58,8 +58,9 @@ async def cancellation_reason_id(pms: PmsClient, reason: str) -> int:
     try:
         return await pms.cancellation_reason_id(reason)
     except LookupError:
-        archived = any(item.archived and item.reason.casefold() == reason.casefold()
-                       for item in await pms.cancellation_reasons())
+        archived = any(
+            item.archived and item.reason.casefold() == reason.casefold() for item in await pms.cancellation_reasons()
+        )
         names = ", ".join(repr(item.reason) for item in await pms.live_cancellation_reasons())
         problem = "is archived" if archived else "is not a known cancellation reason"
         raise Refused({"reason": [f"{problem} (live reasons: {names})"]}) from None
@@ -79,7 +80,10 @@ async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Wri
 
 
 async def execute(
-    command: SimpleCommand, pms: PmsClient, store: Store, origin: Origin,
+    command: SimpleCommand,
+    pms: PmsClient,
+    store: Store,
+    origin: Origin,
     read_before_write: ReadBeforeWrite = "always",
 ) -> Decision:
     stored = await store.get_appointment(command.appointment_id, command.practice)
@@ -154,8 +158,12 @@ def _gone(command: SimpleCommand, stored: AppointmentRecord | None, origin: Orig
 
 
 def _decided(
-    command: SimpleCommand, stored: AppointmentRecord | None, appt: Appointment,
-    upstream: dict[str, Any], logs: list[Any], outcome: Any,
+    command: SimpleCommand,
+    stored: AppointmentRecord | None,
+    appt: Appointment,
+    upstream: dict[str, Any],
+    logs: list[Any],
+    outcome: Any,
     reasons: dict[str, list[str]] | None = None,
 ) -> Decision:
     record = new_record(stored, appt.state, appt.patient_id, upstream, practice=command.practice)

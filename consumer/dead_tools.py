@@ -36,26 +36,51 @@ from consumer.store.base import DeadLetter, DeadLetterQuery, Store
 from consumer.tools import connected_broker, name_store, opened_store
 
 # Headers describing one death (ours and RabbitMQ's): a replay starts without them.
-DEATH_HEADERS = frozenset({
-    REASON_HEADER, REASON_CLASS_HEADER, DELIVERIES_HEADER, ROUTING_KEY_HEADER, REPLAY_HEADER,
-    "x-delivery-count", "x-death", "x-first-death-exchange", "x-first-death-queue", "x-first-death-reason",
-    "x-last-death-exchange", "x-last-death-queue", "x-last-death-reason",
-})
+DEATH_HEADERS = frozenset(
+    {
+        REASON_HEADER,
+        REASON_CLASS_HEADER,
+        DELIVERIES_HEADER,
+        ROUTING_KEY_HEADER,
+        REPLAY_HEADER,
+        "x-delivery-count",
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 
 
 def summary(letter: DeadLetter) -> dict[str, Any]:
     return {
-        "id": letter.dead_id, "dead_at": letter.dead_at.isoformat() if letter.dead_at else None,
-        "type": letter.type, "practice": letter.practice, "appointment_id": letter.appointment_id,
-        "command_id": letter.command_id, "message_id": letter.message_id, "reason_class": letter.reason_class,
-        "reason": letter.reason, "deliveries": letter.deliveries, "replay": letter.replay,
+        "id": letter.dead_id,
+        "dead_at": letter.dead_at.isoformat() if letter.dead_at else None,
+        "type": letter.type,
+        "practice": letter.practice,
+        "appointment_id": letter.appointment_id,
+        "command_id": letter.command_id,
+        "message_id": letter.message_id,
+        "reason_class": letter.reason_class,
+        "reason": letter.reason,
+        "deliveries": letter.deliveries,
+        "replay": letter.replay,
         "status": letter.status,
     }
 
 
 def detail(letter: DeadLetter) -> dict[str, Any]:
-    shown = {**summary(letter), "key": letter.key, "routing_key": letter.routing_key,
-             "correlation_id": letter.correlation_id, "reply_to": letter.reply_to, "headers": letter.headers}
+    shown = {
+        **summary(letter),
+        "key": letter.key,
+        "routing_key": letter.routing_key,
+        "correlation_id": letter.correlation_id,
+        "reply_to": letter.reply_to,
+        "headers": letter.headers,
+    }
     try:
         shown["body"] = letter.body.decode()
     except UnicodeDecodeError:
@@ -71,23 +96,34 @@ async def dead_list(settings: Settings, query: DeadLetterQuery, *, as_json: bool
     by_class = dict(Counter(letter.reason_class for letter in letters))
     by_reason = Counter(reason_group(letter.reason) for letter in letters)
     if as_json:
-        print(json.dumps({"dead_letters": [summary(letter) for letter in letters], "by_reason_class": by_class,
-                          "by_reason": dict(by_reason.most_common()), "waiting_in_queue": waiting}))
+        print(
+            json.dumps(
+                {
+                    "dead_letters": [summary(letter) for letter in letters],
+                    "by_reason_class": by_class,
+                    "by_reason": dict(by_reason.most_common()),
+                    "waiting_in_queue": waiting,
+                }
+            )
+        )
         return EXIT_OK
     if letters:
-        print(f"{'ID':>6}  {'DEAD AT (UTC)':<19}  {'TYPE':<25}  {'PRACTICE':<10}  {'APPOINTMENT':>12}  "
-              f"{'DELIV':>5}  {'REPLAY':>6}  {'COMMAND / MESSAGE ID':<36}  REASON")
+        print(
+            f"{'ID':>6}  {'DEAD AT (UTC)':<19}  {'TYPE':<25}  {'PRACTICE':<10}  {'APPOINTMENT':>12}  "
+            f"{'DELIV':>5}  {'REPLAY':>6}  {'COMMAND / MESSAGE ID':<36}  REASON"
+        )
     for letter in letters:
         when = letter.dead_at.strftime("%Y-%m-%d %H:%M:%S") if letter.dead_at else "-"
-        print(f"{letter.dead_id:>6}  {when:<19}  {letter.type or '-':<25}  {letter.practice or '-':<10}  "
-              f"{letter.appointment_id or '-':>12}  {letter.deliveries:>5}  {letter.replay:>6}  "
-              f"{letter.command_id or letter.message_id or '-':<36}  {_one_line(letter.reason, 100)}")
+        print(
+            f"{letter.dead_id:>6}  {when:<19}  {letter.type or '-':<25}  {letter.practice or '-':<10}  "
+            f"{letter.appointment_id or '-':>12}  {letter.deliveries:>5}  {letter.replay:>6}  "
+            f"{letter.command_id or letter.message_id or '-':<36}  {_one_line(letter.reason, 100)}"
+        )
     print(f"{len(letters)} dead letter(s)" + "".join(f"; {n} {c}" for c, n in sorted(by_class.items())))
     for group, count in by_reason.most_common():
         print(f"{count:>6}  {group}")
     if waiting:
-        print(f"{waiting} more waiting in {DEAD_QUEUE}: listed once `appt serve` has collected them",
-              file=sys.stderr)
+        print(f"{waiting} more waiting in {DEAD_QUEUE}: listed once `appt serve` has collected them", file=sys.stderr)
     return EXIT_OK
 
 
@@ -114,7 +150,7 @@ async def dead_replay(settings: Settings, query: DeadLetterQuery, *, as_json: bo
     """Back through the pipeline, in arrival order: publish (confirmed), then mark replayed."""
     async with opened_store(settings) as store, connected_broker(settings) as broker:
         letters = await store.dead_letters(query)
-        if (missing := _missing(query, letters)):
+        if missing := _missing(query, letters):
             print(f"appt dead replay: not a dead letter now: {', '.join(map(str, missing))}", file=sys.stderr)
             return EXIT_USAGE
         for letter in letters:
@@ -123,17 +159,25 @@ async def dead_replay(settings: Settings, query: DeadLetterQuery, *, as_json: bo
             except PublishFailed as exc:
                 print(f"appt dead replay: {letter.dead_id} not replayed: {exc}", file=sys.stderr)
                 return EXIT_FAILED
-            _report({"replayed": letter.dead_id, "replay": letter.replay + 1, "type": letter.type,
-                     "command_id": letter.command_id, "appointment_id": letter.appointment_id}, as_json)
+            _report(
+                {
+                    "replayed": letter.dead_id,
+                    "replay": letter.replay + 1,
+                    "type": letter.type,
+                    "command_id": letter.command_id,
+                    "appointment_id": letter.appointment_id,
+                },
+                as_json,
+            )
     if not as_json:
-        print(f"{len(letters)} replayed; each one's new result carries \"replay\": N")
+        print(f'{len(letters)} replayed; each one\'s new result carries "replay": N')
     return EXIT_OK
 
 
 async def dead_purge(settings: Settings, query: DeadLetterQuery, *, yes: bool, as_json: bool) -> int:
     async with opened_store(settings) as store:
         letters = await store.dead_letters(query)
-        if (missing := _missing(query, letters)):
+        if missing := _missing(query, letters):
             print(f"appt dead purge: not a dead letter now: {', '.join(map(str, missing))}", file=sys.stderr)
             return EXIT_USAGE
         if not letters:
@@ -158,10 +202,12 @@ async def replay_letter(store: Store, broker: Broker, letter: DeadLetter) -> Non
 async def _publish_replay(broker: Broker, letter: DeadLetter) -> None:
     headers = {k: v for k, v in letter.headers.items() if k not in DEATH_HEADERS}
     headers[REPLAY_HEADER] = letter.replay + 1
-    properties = json_properties(message_id=letter.message_id, reply_to=letter.reply_to,
-                                 correlation_id=letter.correlation_id, headers=headers)
-    await broker.publish_raw_inbound(letter.body, letter.routing_key, properties,
-                                     observed=(letter.type or "").startswith("appointment."))
+    properties = json_properties(
+        message_id=letter.message_id, reply_to=letter.reply_to, correlation_id=letter.correlation_id, headers=headers
+    )
+    await broker.publish_raw_inbound(
+        letter.body, letter.routing_key, properties, observed=(letter.type or "").startswith("appointment.")
+    )
 
 
 def _missing(query: DeadLetterQuery, letters: list[DeadLetter]) -> list[int]:
@@ -177,8 +223,7 @@ def _confirmed(letters: list[DeadLetter]) -> bool:
 
 
 def _report(row: dict[str, Any], as_json: bool) -> None:
-    print(json.dumps(row) if as_json else " ".join(f"{k}={v}" for k, v in row.items() if v is not None),
-          flush=True)
+    print(json.dumps(row) if as_json else " ".join(f"{k}={v}" for k, v in row.items() if v is not None), flush=True)
 
 
 def reason_group(reason: str) -> str:

@@ -32,7 +32,15 @@ from consumer.broker import (
 )
 from consumer.failpoints import failpoint
 from consumer.logs import get_logger
-from consumer.messages import COMMAND_TYPES, DEFAULT_PRACTICE, MAX_ID, MAX_ID_BYTES, MAX_SHORTSTR_BYTES, CommandResult, fits_bytes
+from consumer.messages import (
+    COMMAND_TYPES,
+    DEFAULT_PRACTICE,
+    MAX_ID,
+    MAX_ID_BYTES,
+    MAX_SHORTSTR_BYTES,
+    CommandResult,
+    fits_bytes,
+)
 from consumer.periodic import every
 from consumer.store.base import (
     DeadLetter,
@@ -56,8 +64,7 @@ def letter_from(message: AbstractIncomingMessage) -> DeadLetter:
     replay = headers.get(REPLAY_HEADER)
     replay = replay if type(replay) is int and replay > 0 else 0
     kind, ident = named.get("key") or (
-        ("message", message.message_id) if message.message_id
-        else ("sha256", hashlib.sha256(message.body).hexdigest())
+        ("message", message.message_id) if message.message_id else ("sha256", hashlib.sha256(message.body).hexdigest())
     )
     reason, reason_class = _reason(headers)
     return DeadLetter(
@@ -84,10 +91,15 @@ def failed_result(letter: DeadLetter) -> CommandResult | None:
     if letter.command_id is None or letter.type not in COMMAND_TYPES or letter.appointment_id is None:
         return None
     return CommandResult(
-        command_id=letter.command_id, type=letter.type, appointment_id=letter.appointment_id,
+        command_id=letter.command_id,
+        type=letter.type,
+        appointment_id=letter.appointment_id,
         practice=letter.practice or DEFAULT_PRACTICE,
-        outcome="failed", reasons={"dead_letter": [letter.reason]}, deliveries=letter.deliveries,
-        replay=letter.replay, correlation_id=_named_in(letter.body).get("correlation_id"),
+        outcome="failed",
+        reasons={"dead_letter": [letter.reason]},
+        deliveries=letter.deliveries,
+        replay=letter.replay,
+        correlation_id=_named_in(letter.body).get("correlation_id"),
     )
 
 
@@ -127,8 +139,10 @@ class DeadLetterCollector:
                     log.warning("dead letter not collected yet, retrying", error=str(exc), attempt=attempt)
                     await asyncio.sleep(min(30.0, self._retry_delay * attempt))
                 except Exception:  # a bug: never lose the letter, never stop the collector
-                    log.exception("dead letter could not be collected; left unacked until the next start",
-                                  message_id=message.message_id)
+                    log.exception(
+                        "dead letter could not be collected; left unacked until the next start",
+                        message_id=message.message_id,
+                    )
                     return
             try:
                 await message.ack()
@@ -149,15 +163,22 @@ class DeadLetterCollector:
         collected = await self._store.add_dead_letter(letter, answer, latest)
         failpoint("after_dead_letter_stored")
         if collected.new:
-            log.info("dead letter kept", dead_id=collected.letter.dead_id, key=letter.key,
-                     reason_class=letter.reason_class)
+            log.info(
+                "dead letter kept", dead_id=collected.letter.dead_id, key=letter.key, reason_class=letter.reason_class
+            )
             if result is None and letter.type not in EVENT_TYPES:
                 metrics.DEAD_UNREADABLE.inc()
         if collected.answer is not None and collected.answer.result is not None:
             answered = CommandResult.model_validate(collected.answer.result)
-            outcomes = await asyncio.gather(*result_publishes(
-                self._broker, answered, reply_to=message.reply_to, correlation_id=message.correlation_id,
-            ), return_exceptions=True)
+            outcomes = await asyncio.gather(
+                *result_publishes(
+                    self._broker,
+                    answered,
+                    reply_to=message.reply_to,
+                    correlation_id=message.correlation_id,
+                ),
+                return_exceptions=True,
+            )
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome
@@ -182,12 +203,19 @@ def _named_in(body: bytes) -> dict[str, Any]:
     kind = data.get("type")
     command_id = data.get("command_id")
     if kind in COMMAND_TYPES and isinstance(command_id, str) and command_id and fits_bytes(command_id, MAX_ID_BYTES):
-        named.update(key=("command", command_id), command_id=command_id, type=kind,
-                     appointment_id=_id(data.get("appointment_id")))
+        named.update(
+            key=("command", command_id),
+            command_id=command_id,
+            type=kind,
+            appointment_id=_id(data.get("appointment_id")),
+        )
     elif kind in EVENT_TYPES and isinstance(data.get("event_id"), str):
         appointment = data.get("appointment")
-        named.update(key=("event", data["event_id"]), type=kind,
-                     appointment_id=_id(appointment.get("id") if isinstance(appointment, dict) else None))
+        named.update(
+            key=("event", data["event_id"]),
+            type=kind,
+            appointment_id=_id(appointment.get("id") if isinstance(appointment, dict) else None),
+        )
     if "key" in named and named.get("practice", DEFAULT_PRACTICE) != DEFAULT_PRACTICE:
         named["key"] = f"{named['practice']}/{named['key']}"  # ids are unique per practice only
     return named

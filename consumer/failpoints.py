@@ -12,17 +12,19 @@ from __future__ import annotations
 import os
 import signal
 
-SAGA_FAILPOINTS = frozenset({
-    "before_create_replacement",
-    "after_create_replacement",
-    "after_record_replacement",
-    "before_cancel_original",
-    "after_cancel_original",
-    "after_record_cancelled",
-    "after_move_replacement",
-    "before_remove_replacement",
-    "after_remove_replacement",
-})
+SAGA_FAILPOINTS = frozenset(
+    {
+        "before_create_replacement",
+        "after_create_replacement",
+        "after_record_replacement",
+        "before_cancel_original",
+        "after_cancel_original",
+        "after_record_cancelled",
+        "after_move_replacement",
+        "before_remove_replacement",
+        "after_remove_replacement",
+    }
+)
 DEAD_LETTER_FAILPOINTS = frozenset({"after_dead_letter_stored", "after_replay_publish"})
 FAILPOINTS = SAGA_FAILPOINTS | DEAD_LETTER_FAILPOINTS
 

@@ -42,7 +42,11 @@ class QuietHandler(web.RequestHandler):
         super().connection_lost(exc)
 
     def handle_error(
-        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None,
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
     ) -> web.StreamResponse:
         log.warning("http.bad_request", status=status, error=type(exc).__name__ if exc else None)
         if request.writer.output_size > 0:  # as aiohttp's: nothing more can be sent
@@ -60,8 +64,7 @@ class _Refused(asyncio.Protocol):
 
 
 def make_runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    return web.AppRunner(app, handle_signals=False, access_log=None,
-                         keepalive_timeout=settings.http_idle_timeout)
+    return web.AppRunner(app, handle_signals=False, access_log=None, keepalive_timeout=settings.http_idle_timeout)
 
 
 async def listen(runner: web.AppRunner, settings: Settings) -> asyncio.Server:

@@ -7,8 +7,8 @@ typo in a client is an error, not a silently ignored field.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal, Union
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
@@ -105,7 +105,7 @@ def routing_key_names(routing_key: str, practice: str, appointment_id: int) -> b
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class _Strict(BaseModel):
@@ -143,9 +143,7 @@ class EditNotes(_Command):
     notes: Annotated[str, Field(max_length=10_000)]
 
 
-Command = Annotated[
-    Union[Confirm, Cancel, SetPatient, Reassign, EditNotes], Field(discriminator="type")
-]
+Command = Annotated[Confirm | Cancel | SetPatient | Reassign | EditNotes, Field(discriminator="type")]
 COMMAND_TYPES = ("confirm", "cancel", "set_patient", "reassign", "edit_notes")
 
 EventType = Literal[
@@ -188,7 +186,7 @@ class ObservedEvent(_Strict):
 
 
 Inbound = Annotated[
-    Union[Confirm, Cancel, SetPatient, Reassign, EditNotes, ObservedEvent],
+    Confirm | Cancel | SetPatient | Reassign | EditNotes | ObservedEvent,
     Field(discriminator="type"),
 ]
 INBOUND: TypeAdapter[Any] = TypeAdapter(Inbound)

@@ -49,8 +49,7 @@ DEAD_LETTERED = Counter(
 )
 DEAD_LETTERS = Gauge(
     "appt_dead_letters",
-    "Dead letters kept now (not replayed or purged), by reason class (refreshed every 5 s):"
-    " see `appt dead list`.",
+    "Dead letters kept now (not replayed or purged), by reason class (refreshed every 5 s): see `appt dead list`.",
     ["reason_class"],
     registry=REGISTRY,
 )
@@ -62,7 +61,7 @@ DEAD_UNREADABLE = Counter(
 WORKFLOWS = Gauge(
     "appt_workflows",
     "Unfinished reassignment workflows by state (refreshed every 5 s); outcomes are in"
-    " appt_messages_total{kind=\"reassign\"}.",
+    ' appt_messages_total{kind="reassign"}.',
     ["state"],
     registry=REGISTRY,
 )

@@ -34,9 +34,13 @@ async def observe(event: ObservedEvent, pms: PmsClient, store: Store) -> Decisio
     deleted = event.type == "appointment.deleted"
     snapshot = snapshot_from_pms(event.appointment, deleted=deleted)
     if stored is not None and not deleted and is_not_newer(snapshot.updated_at, stored.upstream_updated_at):
-        log.info("stale event skipped", event_id=event.event_id,
-                 appointment_id=event.appointment_id, event_updated_at=snapshot.updated_at,
-                 stored_updated_at=stored.upstream_updated_at)
+        log.info(
+            "stale event skipped",
+            event_id=event.event_id,
+            appointment_id=event.appointment_id,
+            event_updated_at=snapshot.updated_at,
+            stored_updated_at=stored.upstream_updated_at,
+        )
         return Decision()
     upstream = dict(event.appointment)
     with bound(snapshot_from_record(stored), event.appointment_id) as appt:
@@ -49,9 +53,7 @@ async def observe(event: ObservedEvent, pms: PmsClient, store: Store) -> Decisio
     return Decision(record=record, logs=logs)
 
 
-async def _fresh(
-    pms: PmsClient, appointment_id: int, *, fallback: dict[str, Any]
-) -> tuple[dict[str, Any], bool]:
+async def _fresh(pms: PmsClient, appointment_id: int, *, fallback: dict[str, Any]) -> tuple[dict[str, Any], bool]:
     """The PMS's current view and whether it is gone (a 404 means deleted)."""
     try:
         return (await pms.get_appointment(appointment_id)).model_dump(mode="json"), False

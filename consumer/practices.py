@@ -15,14 +15,14 @@ import re
 import tomllib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from consumer.messages import DEFAULT_PRACTICE, PRACTICE_PATTERN
 from consumer import metrics
+from consumer.messages import DEFAULT_PRACTICE, PRACTICE_PATTERN
 from consumer.pms.client import PmsClient
 from consumer.settings import Settings
 from consumer.signing import secret_key
@@ -75,11 +75,14 @@ def load_configs(settings: Settings) -> dict[str, PracticeConfig]:
     """The practices to serve, from ``APPT_PRACTICES_FILE`` or the single-practice variables."""
     if settings.practices_file is None:
         try:
-            return {DEFAULT_PRACTICE: PracticeConfig(
-                pms_url=settings.pms_url, token=settings.pms_token,
-                webhook_secrets=settings.webhook_secrets,
-                dentally_signing_secret=settings.dentally_signing_secret,
-            )}
+            return {
+                DEFAULT_PRACTICE: PracticeConfig(
+                    pms_url=settings.pms_url,
+                    token=settings.pms_token,
+                    webhook_secrets=settings.webhook_secrets,
+                    dentally_signing_secret=settings.dentally_signing_secret,
+                )
+            }
         except ValidationError as exc:
             raise PracticesError(f"APPT_WEBHOOK_SECRETS: {exc.errors()[0]['msg']}") from None
     path = Path(settings.practices_file)
@@ -92,8 +95,7 @@ def load_configs(settings: Settings) -> dict[str, PracticeConfig]:
     configs: dict[str, PracticeConfig] = {}
     for name, table in tables.items():
         if not re.fullmatch(PRACTICE_PATTERN, name):
-            raise PracticesError(f"APPT_PRACTICES_FILE {path}: practice name {name!r} must match "
-                                 f"{PRACTICE_PATTERN}")
+            raise PracticesError(f"APPT_PRACTICES_FILE {path}: practice name {name!r} must match {PRACTICE_PATTERN}")
         try:
             configs[name] = PracticeConfig.model_validate(table)
         except (ValidationError, ValueError) as exc:
@@ -109,8 +111,11 @@ def client_factory(settings: Settings) -> ClientFactory:
 
     def make(config: PracticeConfig, token: str) -> PmsClient:
         return PmsClient(
-            config.pms_url, token, timeout=settings.pms_timeout,
-            concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
+            config.pms_url,
+            token,
+            timeout=settings.pms_timeout,
+            concurrency=settings.pms_concurrency,
+            retry_attempts=settings.pms_retry_attempts,
             reasons_ttl=settings.pms_reasons_ttl,
             on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
             on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
@@ -164,14 +169,17 @@ def describe(practice: Practice, parked: int) -> dict[str, Any]:
         "status": practice.status,
         "retry_at": _iso(practice.retry_at),
         "reason": practice.reason or None,
-        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"]),
-                   "spent_this_hour": practice.pms.spent()},
+        "budget": {
+            **practice.pms.budget(),
+            "reset": _iso(practice.pms.budget()["reset"]),
+            "spent_this_hour": practice.pms.spent(),
+        },
         "waiting_messages": parked,
     }
 
 
 def _iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC).isoformat()
 
 
 class Practices:
@@ -179,9 +187,7 @@ class Practices:
 
     def __init__(self, configs: dict[str, PracticeConfig], make_client: ClientFactory) -> None:
         self._make_client = make_client
-        self._practices = {
-            name: self._practice(name, config, config.read_token()) for name, config in configs.items()
-        }
+        self._practices = {name: self._practice(name, config, config.read_token()) for name, config in configs.items()}
 
     def _practice(self, name: str, config: PracticeConfig, token: str) -> Practice:
         return Practice(name, config, token, self._make_client(config, token))

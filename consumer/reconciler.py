@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from consumer import metrics
 from consumer.broker import Broker
@@ -69,11 +69,11 @@ def windows_for(horizon_days: int) -> tuple[Window, ...]:
 
 def parse_time(value: str) -> datetime:
     """An instant from any ISO 8601 spelling the PMS uses (``Z``, a local offset, milliseconds)."""
-    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(timezone.utc)
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
 
 
 def _iso(value: datetime) -> str:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def event_for(appointment: PmsAppointment, practice: str = DEFAULT_PRACTICE) -> ObservedEvent:
@@ -87,7 +87,7 @@ def event_for(appointment: PmsAppointment, practice: str = DEFAULT_PRACTICE) -> 
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class Reconciler:
@@ -95,10 +95,18 @@ class Reconciler:
     row costs one comparison, not a store read or a publish."""
 
     def __init__(
-        self, pms: PmsClient, broker: Broker, store: Store, *, practice: str = DEFAULT_PRACTICE,
+        self,
+        pms: PmsClient,
+        broker: Broker,
+        store: Store,
+        *,
+        practice: str = DEFAULT_PRACTICE,
         horizon_days: int = 30,
-        budget_share: float = 0.10, use_updated_after: bool = False, silence: WebhookSilence | None = None,
-        silence_grace: timedelta = DEFAULT_SILENCE_GRACE, overlap: timedelta = DEFAULT_OVERLAP,
+        budget_share: float = 0.10,
+        use_updated_after: bool = False,
+        silence: WebhookSilence | None = None,
+        silence_grace: timedelta = DEFAULT_SILENCE_GRACE,
+        overlap: timedelta = DEFAULT_OVERLAP,
         clock: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.pms, self._broker, self._store, self._practice = pms, broker, store, practice
@@ -139,8 +147,9 @@ class Reconciler:
         published = 0
         for window in due:
             if self.spent + self._cost.get(window.name, 1) > self.allowed_by(now):
-                log.info("reconcile.window_deferred", window=window.name, spent=self.spent,
-                         allowed=self.allowed_by(now))
+                log.info(
+                    "reconcile.window_deferred", window=window.name, spent=self.spent, allowed=self.allowed_by(now)
+                )
                 continue
             published += await self._poll_window(window, now, since)
         return published
@@ -153,7 +162,9 @@ class Reconciler:
             rows = await self.pms.list_appointments(
                 after=_iso(today + timedelta(days=window.first_day)),
                 before=_iso(today + timedelta(days=window.last_day)),
-                cancelled=True, updated_after=updated_after, per_page=MAX_PER_PAGE,
+                cancelled=True,
+                updated_after=updated_after,
+                per_page=MAX_PER_PAGE,
             )
         cost = len(rows) // MAX_PER_PAGE + 1 + self.pms.retries - retries_before
         self.spent += cost
@@ -185,8 +196,7 @@ class Reconciler:
         prefix = "" if self._practice == DEFAULT_PRACTICE else f"{self._practice}."
         return f"{prefix}reconcile.{window.name}"
 
-    async def _is_new(self, window: Window, row: PmsAppointment, changed: datetime,
-                      since: datetime | None) -> bool:
+    async def _is_new(self, window: Window, row: PmsAppointment, changed: datetime, since: datetime | None) -> bool:
         """Newer than this window last showed, and than the stored record (compared as instants)."""
         if since is not None:
             return changed > since
@@ -200,7 +210,9 @@ class Reconciler:
     async def _publish(self, row: PmsAppointment) -> None:
         event = event_for(row, self._practice)
         await self._broker.publish_observed(
-            event.model_dump_json().encode(), practice=self._practice, appointment_id=row.id,
+            event.model_dump_json().encode(),
+            practice=self._practice,
+            appointment_id=row.id,
             message_id=event.event_id,
         )
 
@@ -212,8 +224,13 @@ class Reconciler:
 
 
 async def reconcile_once(
-    pms: PmsClient, broker: Broker, store: Store, *, practice: str = DEFAULT_PRACTICE,
-    since: str | None = None, horizon_days: int = 30,
+    pms: PmsClient,
+    broker: Broker,
+    store: Store,
+    *,
+    practice: str = DEFAULT_PRACTICE,
+    since: str | None = None,
+    horizon_days: int = 30,
 ) -> int:
     """``appt reconcile``: read every window once now (within the budget share); return how many
     changes were published."""
@@ -224,7 +241,9 @@ async def reconcile_once(
 
 
 async def run_reconciler(
-    practices: Practices, reconciler_for: Callable[[Practice], Reconciler], interval: float,
+    practices: Practices,
+    reconciler_for: Callable[[Practice], Reconciler],
+    interval: float,
     stop: asyncio.Event,
 ) -> None:
     """Poll every practice every ``interval`` seconds until ``stop`` is set.

@@ -11,8 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from consumer.messages import (
-    MAX_CLOCK_SKEW,
     DEFAULT_PRACTICE,
+    MAX_CLOCK_SKEW,
     CommandResult,
     Outcome,
     Source,
@@ -126,8 +126,12 @@ class Decision:
 
 
 def new_record(
-    previous: AppointmentRecord | None, state: str, patient_id: int | None,
-    upstream: dict[str, Any] | None, *, practice: str,
+    previous: AppointmentRecord | None,
+    state: str,
+    patient_id: int | None,
+    upstream: dict[str, Any] | None,
+    *,
+    practice: str,
 ) -> AppointmentRecord:
     """The record to write, carrying the version read (the store checks and bumps it)."""
     base_data = previous.data if previous else {}
@@ -145,8 +149,12 @@ def new_record(
 
 
 def result_for(
-    command: Any, outcome: Outcome, *, reasons: dict[str, list[str]] | None = None,
-    appointment: dict[str, Any] | None = None, workflow_id: str | None = None,
+    command: Any,
+    outcome: Outcome,
+    *,
+    reasons: dict[str, list[str]] | None = None,
+    appointment: dict[str, Any] | None = None,
+    workflow_id: str | None = None,
 ) -> CommandResult:
     return CommandResult(
         command_id=command.command_id,

@@ -62,8 +62,13 @@ class TableReport:
 
 
 async def prune_once(
-    store: Store, keep_for: dict[str, float], *, batch: int, dry_run: bool = False,
-    now: datetime | None = None, pause: float = BATCH_PAUSE,
+    store: Store,
+    keep_for: dict[str, float],
+    *,
+    batch: int,
+    dry_run: bool = False,
+    now: datetime | None = None,
+    pause: float = BATCH_PAUSE,
 ) -> list[TableReport]:
     """One pass over every table; ``dry_run`` only counts what would go."""
     now = now or utcnow()

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from consumer import metrics, tracing
+from consumer import tracing
 from consumer.broker import Broker
 from consumer.console import add_console
 from consumer.deadletters import DeadLetterCollector
@@ -64,33 +64,47 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             practices = app[PRACTICES_KEY]
             started.push_async_callback(practices.close)
             workflows = WorkflowRunner(
-                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
+                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline
+            )
             await workflows.resume_unfinished()
             dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
-            background = [asyncio.create_task(workflows.watch(stop)),
-                          asyncio.create_task(dead_letters.watch(stop)),
-                          asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
+            background = [
+                asyncio.create_task(workflows.watch(stop)),
+                asyncio.create_task(dead_letters.watch(stop)),
+                asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop)),
+            ]
             silence = WebhookSilence()
             if settings.reconcile_interval > 0:
+
                 def reconciler_for(practice: Practice) -> Reconciler:
                     return Reconciler(
-                        practice.pms, broker, store, practice=practice.name,
+                        practice.pms,
+                        broker,
+                        store,
+                        practice=practice.name,
                         horizon_days=settings.reconcile_horizon_days,
                         budget_share=settings.reconcile_budget_share,
-                        use_updated_after=settings.reconcile_updated_after, silence=silence,
+                        use_updated_after=settings.reconcile_updated_after,
+                        silence=silence,
                         silence_grace=timedelta(seconds=settings.webhook_silence_grace),
                     )
 
-                background.append(asyncio.create_task(
-                    run_reconciler(practices, reconciler_for, settings.reconcile_interval, stop)))
+                background.append(
+                    asyncio.create_task(run_reconciler(practices, reconciler_for, settings.reconcile_interval, stop))
+                )
             if settings.prune_interval > 0:
                 background.append(asyncio.create_task(run_pruner(store, settings, stop)))
             started.push_async_callback(_cancelled, background)
             worker = Worker(
-                broker=broker, store=store, practices=practices, reassign=workflows.reassign,
-                partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
-                retry_delay=settings.retry_delay, max_message_bytes=settings.max_message_bytes,
+                broker=broker,
+                store=store,
+                practices=practices,
+                reassign=workflows.reassign,
+                partitions=settings.consumed_partitions(),
+                max_deliveries=settings.max_deliveries,
+                retry_delay=settings.retry_delay,
+                max_message_bytes=settings.max_message_bytes,
                 read_before_write=settings.read_before_write,
             )
             started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
@@ -100,8 +114,12 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             app[STORE_KEY] = store
             app[SILENCE_KEY] = silence
             app[WORKER_FAILING_KEY] = lambda: worker.failing
-            log.info("service ready", http=f"{settings.http_host}:{settings.http_port}",
-                     practices=[p.name for p in practices], store=settings.store.split("@")[-1])
+            log.info(
+                "service ready",
+                http=f"{settings.http_host}:{settings.http_port}",
+                practices=[p.name for p in practices],
+                store=settings.store.split("@")[-1],
+            )
             yield
             log.info("shutting down")
             stop.set()
@@ -119,8 +137,13 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
     configure(settings.log_format, settings.log_level)
     # Before anything starts: a taken port found after the worker consumed and the reconciler
     # published would leave work half-done behind a failed start.
-    check_ports_free(settings.http_host, {"APPT_HTTP_PORT": settings.http_port,
-                                          **({"APPT_SANDBOX_PORT": settings.sandbox_port} if with_sandbox else {})})
+    check_ports_free(
+        settings.http_host,
+        {
+            "APPT_HTTP_PORT": settings.http_port,
+            **({"APPT_SANDBOX_PORT": settings.sandbox_port} if with_sandbox else {}),
+        },
+    )
     if settings.store == default_store():  # our default place is ours to make; a configured path is not
         default_store_path().parent.mkdir(parents=True, exist_ok=True)
     async with contextlib.AsyncExitStack() as stack:
@@ -161,8 +184,9 @@ def check_ports_free(host: str, ports: dict[str, int]) -> None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                raise PortTaken(f"{host}:{port} is taken ({exc.strerror}): stop what uses it, "
-                                f"or set {setting} to another port") from None
+                raise PortTaken(
+                    f"{host}:{port} is taken ({exc.strerror}): stop what uses it, or set {setting} to another port"
+                ) from None
 
 
 async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -> Settings:
@@ -170,11 +194,10 @@ async def _start_sandbox(stack: contextlib.AsyncExitStack, settings: Settings) -
     from consumer.sandbox import running_sandbox
 
     sandbox = await stack.enter_async_context(
-        running_sandbox(host=settings.http_host, port=settings.sandbox_port, token=settings.pms_token))
-    secrets = settings.webhook_secrets or [DEMO_WEBHOOK_SECRET]
-    sandbox.state.subscribe(
-        f"http://{settings.http_host}:{settings.http_port}/webhooks/pms", secrets[0]
+        running_sandbox(host=settings.http_host, port=settings.sandbox_port, token=settings.pms_token)
     )
+    secrets = settings.webhook_secrets or [DEMO_WEBHOOK_SECRET]
+    sandbox.state.subscribe(f"http://{settings.http_host}:{settings.http_port}/webhooks/pms", secrets[0])
     log.info("sandbox running", url=sandbox.url)
     return settings.model_copy(update={"pms_url": sandbox.url, "webhook_secrets": secrets})
 
@@ -183,19 +206,28 @@ def print_demo_banner(settings: Settings) -> None:
     """What a newcomer needs to try the demo, once it is ready: where, what store, what secret, a first step."""
     url = f"http://{settings.http_host}:{settings.http_port}"
     secret = settings.webhook_secrets[0]
-    whose = "the documented demo default; set APPT_WEBHOOK_SECRETS to choose" \
-        if secret == DEMO_WEBHOOK_SECRET else "from APPT_WEBHOOK_SECRETS"
+    whose = (
+        "the documented demo default; set APPT_WEBHOOK_SECRETS to choose"
+        if secret == DEMO_WEBHOOK_SECRET
+        else "from APPT_WEBHOOK_SECRETS"
+    )
     appt = sys.argv[0] if sys.argv[0].endswith("appt") else "appt"
-    print("\n".join([
-        "appt serve --with-sandbox: ready",
-        f"  service  {url}  (POST /webhooks/pms, GET /readyz, GET /metrics)",
-        f"  sandbox  {settings.pms_url}  (the PMS API under /v1, token {settings.pms_token!r}; "
-        f"knobs POST /_sandbox/<knob>)",
-        f"  store    {settings.store.split('@')[-1]}",
-        f"  secret   {secret}  ({whose})",
-        f"  try      curl -s -XPOST {settings.pms_url}/_sandbox/seed -d '{{\"fixture\": \"seed\"}}' && "
-        f"{appt} send confirm --appointment 757579675 --wait 10",
-    ]), file=sys.stderr, flush=True)
+    print(
+        "\n".join(
+            [
+                "appt serve --with-sandbox: ready",
+                f"  service  {url}  (POST /webhooks/pms, GET /readyz, GET /metrics)",
+                f"  sandbox  {settings.pms_url}  (the PMS API under /v1, token {settings.pms_token!r}; "
+                f"knobs POST /_sandbox/<knob>)",
+                f"  store    {settings.store.split('@')[-1]}",
+                f"  secret   {secret}  ({whose})",
+                f'  try      curl -s -XPOST {settings.pms_url}/_sandbox/seed -d \'{{"fixture": "seed"}}\' && '
+                f"{appt} send confirm --appointment 757579675 --wait 10",
+            ]
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 async def _wait_for_signal(on_hangup: Callable[[], Coroutine[Any, Any, None]]) -> None:

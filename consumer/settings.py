@@ -57,8 +57,14 @@ class Settings(BaseSettings):
     webhook_tolerance: int = Field(300, ge=1)
     # One limit for a webhook's body and an inbound message, so a 202 always means "will be
     # applied". APPT_WEBHOOK_MAX_BODY, its earlier name, is still read.
-    max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, ge=1024, le=64 * 1024 * 1024, validation_alias=AliasChoices(
-        "max_message_bytes", "APPT_MAX_MESSAGE_BYTES", "webhook_max_body", "APPT_WEBHOOK_MAX_BODY"))
+    max_message_bytes: int = Field(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        ge=1024,
+        le=64 * 1024 * 1024,
+        validation_alias=AliasChoices(
+            "max_message_bytes", "APPT_MAX_MESSAGE_BYTES", "webhook_max_body", "APPT_WEBHOOK_MAX_BODY"
+        ),
+    )
     dentally_signing_secret: str | None = None
     http_host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=0, le=65535)

@@ -37,9 +37,13 @@ class WebhookSilence:
         self._missed.append((now, appointment_id))
         if not self.silent(now):
             self._silent = True
-            log.error("webhooks.silent: polling found changes no webhook delivered; check that the PMS"
-                      " webhook subscription is still enabled", practice=self.practice,
-                      appointment_id=appointment_id, changed_at=updated_at.isoformat())
+            log.error(
+                "webhooks.silent: polling found changes no webhook delivered; check that the PMS"
+                " webhook subscription is still enabled",
+                practice=self.practice,
+                appointment_id=appointment_id,
+                changed_at=updated_at.isoformat(),
+            )
 
     def silent(self, now: datetime) -> bool:
         while self._missed and self._missed[0][0] < now - self.window:
@@ -51,9 +55,11 @@ class WebhookSilence:
     def report(self, now: datetime) -> dict[str, Any]:
         """What ``/readyz`` shows: informative only (an unready service would get no webhooks at all)."""
         silent = self.silent(now)
-        report: dict[str, Any] = {"status": "silent" if silent else "ok",
-                                  "missed_changes": len(self._missed),
-                                  "window_seconds": int(self.window.total_seconds())}
+        report: dict[str, Any] = {
+            "status": "silent" if silent else "ok",
+            "missed_changes": len(self._missed),
+            "window_seconds": int(self.window.total_seconds()),
+        }
         if silent:
             report["last_missed_at"] = self._missed[-1][0].isoformat()
             report["hint"] = "re-enable the PMS webhook subscription"

@@ -14,7 +14,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aio_pika.exceptions import AMQPError
@@ -23,18 +23,34 @@ from pydantic import ValidationError
 from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed
 from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE, CliError
 from consumer.messages import COMMAND, StateLogRecord
-from consumer.practices import Practices, client_factory, load_configs
 from consumer.pms.errors import PmsError
+from consumer.practices import Practices, client_factory, load_configs
 from consumer.settings import Settings
 from consumer.store.base import (
-    TERMINAL_WORKFLOW_STATES, NoStore, Store, StoreUnavailable, WorkflowRecord, iter_history, open_store,
+    TERMINAL_WORKFLOW_STATES,
+    NoStore,
+    Store,
+    StoreUnavailable,
+    WorkflowRecord,
+    iter_history,
+    open_store,
 )
 
 # The flag each command type needs, by the message field it fills.
-SEND_FLAGS = {"patient_id": "--patient", "reason": "--reason", "notes": "--notes",
-              "appointment_id": "--appointment", "command_id": "--command-id"}
-NEEDED_FIELDS = {"confirm": (), "cancel": ("reason",), "set_patient": ("patient_id",),
-                 "reassign": ("patient_id",), "edit_notes": ("notes",)}
+SEND_FLAGS = {
+    "patient_id": "--patient",
+    "reason": "--reason",
+    "notes": "--notes",
+    "appointment_id": "--appointment",
+    "command_id": "--command-id",
+}
+NEEDED_FIELDS = {
+    "confirm": (),
+    "cancel": ("reason",),
+    "set_patient": ("patient_id",),
+    "reassign": ("patient_id",),
+    "edit_notes": ("notes",),
+}
 
 
 def public_url(url: str) -> str:
@@ -57,8 +73,7 @@ async def opened_store(settings: Settings, *, create: bool = False) -> AsyncIter
     except NoStore as exc:
         raise CliError(f"{exc}: run appt serve first, or set APPT_STORE", EXIT_USAGE) from None
     except StoreUnavailable as exc:
-        raise CliError(f"store {public_url(settings.store)} unreachable: {exc} "
-                       "(start it, or set APPT_STORE)") from None
+        raise CliError(f"store {public_url(settings.store)} unreachable: {exc} (start it, or set APPT_STORE)") from None
     try:
         yield store
     finally:
@@ -80,8 +95,10 @@ async def connected_broker(settings: Settings) -> AsyncIterator[Broker]:
     try:
         await broker.connect(timeout=5.0)
     except (AMQPError, OSError, TimeoutError) as exc:
-        raise CliError(f"RabbitMQ unreachable at {public_url(settings.amqp_url)}: {type(exc).__name__} "
-                       "(start it with scripts/services.sh, or set APPT_AMQP_URL)") from None
+        raise CliError(
+            f"RabbitMQ unreachable at {public_url(settings.amqp_url)}: {type(exc).__name__} "
+            "(start it with scripts/services.sh, or set APPT_AMQP_URL)"
+        ) from None
     try:
         yield broker
     finally:
@@ -122,14 +139,25 @@ async def send(settings: Settings, args: argparse.Namespace) -> int:
             reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
         try:
             await broker.publish_inbound(
-                body, practice=command.practice, appointment_id=command.appointment_id,
+                body,
+                practice=command.practice,
+                appointment_id=command.appointment_id,
                 message_id=command.command_id,
-                reply_to=reply_queue.name if reply_queue else None, correlation_id=command.command_id,
+                reply_to=reply_queue.name if reply_queue else None,
+                correlation_id=command.command_id,
             )
         except PublishFailed as exc:
             raise CliError(f"not published: {exc}") from None
-        print(json.dumps({"published": command.command_id, "type": command.type,
-                          "practice": command.practice, "appointment_id": command.appointment_id}))
+        print(
+            json.dumps(
+                {
+                    "published": command.command_id,
+                    "type": command.type,
+                    "practice": command.practice,
+                    "appointment_id": command.appointment_id,
+                }
+            )
+        )
         if reply_queue is None:
             return EXIT_OK
         return await _await_result(reply_queue, command.command_id, args.wait)
@@ -147,13 +175,10 @@ async def _await_result(queue: Any, command_id: str, timeout: float) -> int:
                 return EXIT_OK if result.get("outcome") == "succeeded" else EXIT_FAILED
     except TimeoutError:
         pass
-    raise CliError(f"no result within {timeout} s (the command stays queued: is appt serve running?)",
-                   EXIT_TIMEOUT)
+    raise CliError(f"no result within {timeout} s (the command stays queued: is appt serve running?)", EXIT_TIMEOUT)
 
 
-async def history(
-    settings: Settings, appointment_id: int, *, practice: str, as_json: bool, follow: bool
-) -> int:
+async def history(settings: Settings, appointment_id: int, *, practice: str, as_json: bool, follow: bool) -> int:
     printer = RecordPrinter(as_json=as_json, color=sys.stdout.isatty())
     name_store(settings)
     if not follow:
@@ -196,8 +221,14 @@ def _names(record: StateLogRecord, appointment_id: int, practice: str) -> bool:
 class RecordPrinter:
     """A readable table in a terminal (coloured on a TTY), or JSON lines."""
 
-    COLORS = {"Confirmed": "32", "Cancelled": "31", "Pending": "33", "completed": "32",
-              "compensated": "33", "compensation_failed": "41;97"}
+    COLORS = {
+        "Confirmed": "32",
+        "Cancelled": "31",
+        "Pending": "33",
+        "completed": "32",
+        "compensated": "33",
+        "compensation_failed": "41;97",
+    }
 
     def __init__(self, *, as_json: bool, color: bool) -> None:
         self.as_json = as_json
@@ -209,18 +240,22 @@ class RecordPrinter:
             print(record.model_dump_json(), flush=True)
         else:
             if not self.printed:
-                print(f"{'SEQ':>6}  {'TIME':<23}  {'MACHINE':<12}  {'FROM':<20} -> {'TO':<20}  "
-                      f"{'TRIGGER':<20}  {'SOURCE':<9}  ID / DETAIL")
+                print(
+                    f"{'SEQ':>6}  {'TIME':<23}  {'MACHINE':<12}  {'FROM':<20} -> {'TO':<20}  "
+                    f"{'TRIGGER':<20}  {'SOURCE':<9}  ID / DETAIL"
+                )
             print(self._row(record), flush=True)
         self.printed += 1
 
     def _row(self, r: StateLogRecord) -> str:
-        when = r.time.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
+        when = r.time.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:23]
         to_state = self._paint(f"{r.to_state:<20}", r.to_state)
         ident = r.command_id or r.webhook_id or r.workflow_id or ""
         detail = json.dumps(r.detail, separators=(",", ":")) if r.detail else ""
-        return (f"{r.seq or 0:>6}  {when:<23}  {r.machine:<12}  {r.from_state or '-':<20} -> {to_state}  "
-                f"{r.trigger:<20}  {r.source:<9}  {ident} {detail}")
+        return (
+            f"{r.seq or 0:>6}  {when:<23}  {r.machine:<12}  {r.from_state or '-':<20} -> {to_state}  "
+            f"{r.trigger:<20}  {r.source:<9}  {ident} {detail}"
+        )
 
     def _paint(self, text: str, state: str) -> str:
         code = self.COLORS.get(state)
@@ -235,19 +270,28 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
         from consumer.workflows import is_stuck
 
         workflows = [w for w in workflows if is_stuck(w, deadline=settings.workflow_deadline)]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for w in workflows:
         age = (now - w.created_at).total_seconds() if w.created_at else 0.0
-        row = {"workflow_id": w.workflow_id, "practice": w.practice, "appointment_id": w.appointment_id,
-               "new_patient_id": w.new_patient_id, "replacement_id": w.replacement_id,
-               "state": w.state, "age_s": round(age, 1), "attempts": w.attempts,
-               "last_error": w.last_error}
+        row = {
+            "workflow_id": w.workflow_id,
+            "practice": w.practice,
+            "appointment_id": w.appointment_id,
+            "new_patient_id": w.new_patient_id,
+            "replacement_id": w.replacement_id,
+            "state": w.state,
+            "age_s": round(age, 1),
+            "attempts": w.attempts,
+            "last_error": w.last_error,
+        }
         if as_json:
             print(json.dumps(row))
         else:
-            print(f"{w.workflow_id:<40} appt {w.appointment_id:<10} -> patient {w.new_patient_id:<8} "
-                  f"{w.state:<20} age {age:>8.1f}s  replacement {w.replacement_id or '-'}  "
-                  f"{w.last_error or ''}")
+            print(
+                f"{w.workflow_id:<40} appt {w.appointment_id:<10} -> patient {w.new_patient_id:<8} "
+                f"{w.state:<20} age {age:>8.1f}s  replacement {w.replacement_id or '-'}  "
+                f"{w.last_error or ''}"
+            )
     if not workflows and not as_json:
         print("no stuck workflows" if stuck else "no workflows", file=sys.stderr)
     return EXIT_OK
@@ -255,13 +299,17 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
-    async with opened_store(settings) as store, connected_broker(settings) as broker, \
-            opened_practices(settings) as practices:
+    async with (
+        opened_store(settings) as store,
+        connected_broker(settings) as broker,
+        opened_practices(settings) as practices,
+    ):
         try:
             outcome = await retry_saga(settings, store, broker, practices, workflow_id)
         except LookupError:
-            raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
-                           "(appt sagas lists them)", EXIT_USAGE) from None
+            raise CliError(
+                f"no workflow {workflow_id} in {public_url(settings.store)} (appt sagas lists them)", EXIT_USAGE
+            ) from None
     print(json.dumps(outcome.report()))
     return EXIT_OK if outcome.finished or outcome.note else EXIT_FAILED
 
@@ -322,12 +370,15 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
             print(json.dumps(row))
             continue
         budget = row["budget"]
-        print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
-              f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
-              f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
-              + "  spent " + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
-              + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
-              + (f"  ({row['reason']})" if row["reason"] else ""))
+        print(
+            f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
+            f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
+            f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+            + "  spent "
+            + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
+            + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+            + (f"  ({row['reason']})" if row["reason"] else "")
+        )
     return EXIT_OK
 
 
@@ -341,11 +392,19 @@ async def reconcile(settings: Settings, *, since: str | None) -> int:
         async with opened_practices(settings) as practices:
             for practice in practices:
                 try:
-                    count = await reconcile_once(practice.pms, broker, store, practice=practice.name, since=since,
-                                                 horizon_days=settings.reconcile_horizon_days)
+                    count = await reconcile_once(
+                        practice.pms,
+                        broker,
+                        store,
+                        practice=practice.name,
+                        since=since,
+                        horizon_days=settings.reconcile_horizon_days,
+                    )
                 except PmsError as exc:  # unreachable or refusing: one line, not a traceback
-                    raise CliError(f"PMS at {practice.config.pms_url} (practice {practice.name}): {exc} "
-                                   "(is it up? check its pms_url and token)") from None
+                    raise CliError(
+                        f"PMS at {practice.config.pms_url} (practice {practice.name}): {exc} "
+                        "(is it up? check its pms_url and token)"
+                    ) from None
                 print(json.dumps({"practice": practice.name, "published": count}))
     return EXIT_OK
 

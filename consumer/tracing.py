@@ -51,8 +51,7 @@ def wanted() -> bool:
     exporter = os.environ.get("OTEL_TRACES_EXPORTER", "")
     if exporter:
         return exporter != "none"
-    return any(os.environ.get(name) for name in
-               ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+    return any(os.environ.get(name) for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 
 
 def _exporter_from_env() -> Any:
@@ -114,11 +113,15 @@ def publish_span(
 @contextlib.contextmanager
 def _publish_span(exchange: str, routing_key: str, properties: aiormq.spec.Basic.Properties) -> Iterator[None]:
     with _tracer().start_as_current_span(
-        f"publish {exchange or 'reply'}", kind=trace.SpanKind.PRODUCER,
-        attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "publish",
-                    "messaging.destination.name": exchange,
-                    "messaging.rabbitmq.destination.routing_key": routing_key,
-                    "messaging.message.id": properties.message_id or ""},
+        f"publish {exchange or 'reply'}",
+        kind=trace.SpanKind.PRODUCER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "publish",
+            "messaging.destination.name": exchange,
+            "messaging.rabbitmq.destination.routing_key": routing_key,
+            "messaging.message.id": properties.message_id or "",
+        },
     ):
         headers = dict(properties.headers or {})
         propagate.inject(headers)
@@ -128,8 +131,11 @@ def _publish_span(exchange: str, routing_key: str, properties: aiormq.spec.Basic
 
 def _text_headers(message: AbstractIncomingMessage) -> dict[str, str]:
     """The headers a propagator can read: AMQP string values may arrive as bytes."""
-    return {key: value.decode(errors="replace") if isinstance(value, bytes) else value
-            for key, value in (message.headers or {}).items() if isinstance(value, (str, bytes))}
+    return {
+        key: value.decode(errors="replace") if isinstance(value, bytes) else value
+        for key, value in (message.headers or {}).items()
+        if isinstance(value, (str, bytes))
+    }
 
 
 def processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> Awaitable[T]:
@@ -140,10 +146,15 @@ def processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> Awaitabl
 async def _processing(message: AbstractIncomingMessage, work: Awaitable[T]) -> T:
     parent = propagate.extract(_text_headers(message))
     with _tracer().start_as_current_span(
-        f"process {message.exchange or 'queue'}", context=parent, kind=trace.SpanKind.CONSUMER,
-        attributes={"messaging.system": "rabbitmq", "messaging.operation.type": "process",
-                    "messaging.destination.name": message.exchange or "",
-                    "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
-                    "messaging.message.id": message.message_id or ""},
+        f"process {message.exchange or 'queue'}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "rabbitmq",
+            "messaging.operation.type": "process",
+            "messaging.destination.name": message.exchange or "",
+            "messaging.rabbitmq.destination.routing_key": message.routing_key or "",
+            "messaging.message.id": message.message_id or "",
+        },
     ):
         return await work

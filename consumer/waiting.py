@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from consumer.broker import REPLAY_HEADER, Broker, PublishFailed
 from consumer.logs import get_logger
@@ -52,8 +52,14 @@ class Resumer:
     """Hands each servable practice's parked messages back to the pipeline, oldest first."""
 
     def __init__(
-        self, *, practices: Practices, store: Store, broker: Broker, interval: float = 0.5,
-        republish_after: float = 60.0, batch: int = 200,
+        self,
+        *,
+        practices: Practices,
+        store: Store,
+        broker: Broker,
+        interval: float = 0.5,
+        republish_after: float = 60.0,
+        batch: int = 200,
     ) -> None:
         self._practices = practices
         self._store = store
@@ -73,14 +79,18 @@ class Resumer:
             await self._hand_back(practice.name)
 
     async def _hand_back(self, practice: str) -> None:
-        not_since = datetime.now(timezone.utc) - timedelta(seconds=self._republish_after)
+        not_since = datetime.now(UTC) - timedelta(seconds=self._republish_after)
         messages = await self._store.hand_back(practice, not_since=not_since, limit=self._batch)
         for index, message in enumerate(messages):
             try:
                 await self._broker.publish_inbound(
-                    message.body, practice=message.practice, appointment_id=message.appointment_id,
-                    message_id=message.message_id, reply_to=message.reply_to,
-                    correlation_id=message.correlation_id, headers=_headers(message),
+                    message.body,
+                    practice=message.practice,
+                    appointment_id=message.appointment_id,
+                    message_id=message.message_id,
+                    reply_to=message.reply_to,
+                    correlation_id=message.correlation_id,
+                    headers=_headers(message),
                 )
             except PublishFailed:
                 for left in messages[index:]:

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -23,6 +23,7 @@ from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, MAX_ID, ObservedEvent, WebhookPayload
+from consumer.openapi import openapi_document
 from consumer.practices import (
     Practice,
     PracticeConfig,
@@ -32,9 +33,7 @@ from consumer.practices import (
     describe,
     load_configs,
 )
-from consumer.openapi import openapi_document
 from consumer.settings import Settings
-from consumer.silence import WebhookSilence
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -42,6 +41,7 @@ from consumer.signing import (
     verify,
     verify_dentally,
 )
+from consumer.silence import WebhookSilence
 from consumer.store.base import Store
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
@@ -73,9 +73,12 @@ def create_app(settings: Settings, resources: Resources) -> web.Application:
     practices = Practices(load_configs(settings), client_factory(settings))
     for practice in practices:
         if not practice.config.webhook_secrets and not practice.config.dentally_signing_secret:
-            log.error("webhooks.no_secret_configured", practice=practice.name,
-                      hint="set APPT_WEBHOOK_SECRETS (or the practice's webhook_secrets); "
-                           "its webhooks are refused until then")
+            log.error(
+                "webhooks.no_secret_configured",
+                practice=practice.name,
+                hint="set APPT_WEBHOOK_SECRETS (or the practice's webhook_secrets); "
+                "its webhooks are refused until then",
+            )
     # Bodies are read by hand up to the limit (see _read_body), so the 413 is ours.
     app = web.Application(client_max_size=settings.max_message_bytes + 1, middlewares=[json_errors])
     app[SETTINGS_KEY] = settings
@@ -101,8 +104,9 @@ def _practice(request: web.Request) -> Practice:
     try:
         return request.app[PRACTICES_KEY].get(name)
     except UnknownPractice:
-        raise web.HTTPNotFound(text=json.dumps({"error": "unknown practice"}),
-                               content_type="application/json") from None
+        raise web.HTTPNotFound(
+            text=json.dumps({"error": "unknown practice"}), content_type="application/json"
+        ) from None
 
 
 @web.middleware
@@ -155,11 +159,7 @@ def _verify(config: PracticeConfig, tolerance: int, request: web.Request, body: 
     """Check the signature by whichever scheme the request carries, with this practice's
     secrets only; return the webhook id."""
     headers = request.headers
-    if (
-        config.dentally_signing_secret
-        and DENTALLY_SIGNATURE in headers
-        and "webhook-signature" not in headers
-    ):
+    if config.dentally_signing_secret and DENTALLY_SIGNATURE in headers and "webhook-signature" not in headers:
         verify_dentally(config.dentally_signing_secret, body, headers[DENTALLY_SIGNATURE])
         # The scheme signs the body only: an id from a header could be changed at will to
         # replay a captured body, so the id is the body's digest.
@@ -169,16 +169,17 @@ def _verify(config: PracticeConfig, tolerance: int, request: web.Request, body: 
 
 def _validation_text(exc: ValidationError) -> str:
     """Pydantic's errors without the input values (which would echo the body back)."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in exc.errors())
 
 
 def _observed_event(body: bytes, webhook_id: str, practice: str) -> ObservedEvent:
     """Raises ValidationError (a ValueError) or ValueError when the payload is unusable."""
     payload = WebhookPayload.model_validate_json(body)
     return ObservedEvent(
-        type=payload.type, event_id=webhook_id, source="webhook", appointment=payload.appointment(),
+        type=payload.type,
+        event_id=webhook_id,
+        source="webhook",
+        appointment=payload.appointment(),
         practice=practice,
     )
 
@@ -203,8 +204,9 @@ async def receive_webhook(request: web.Request) -> web.Response:
     try:
         webhook_id = _verify(practice.config, settings.webhook_tolerance, request, body)
     except (StaleTimestamp, FutureTimestamp) as exc:
-        return _refuse("stale", 401, "timestamp outside tolerance", reason=str(exc),
-                       webhook_id=request.headers.get("webhook-id"))
+        return _refuse(
+            "stale", 401, "timestamp outside tolerance", reason=str(exc), webhook_id=request.headers.get("webhook-id")
+        )
     except SignatureError as exc:
         return _refuse("bad_signature", 401, "invalid signature", reason=type(exc).__name__)
     try:
@@ -213,14 +215,21 @@ async def receive_webhook(request: web.Request) -> web.Response:
         return _refuse("invalid", 400, _validation_text(exc), webhook_id=webhook_id)
     except ValueError as exc:
         return _refuse("invalid", 400, str(exc), webhook_id=webhook_id)
-    fields = {"webhook_id": webhook_id, "type": event.type, "practice": practice.name,
-              "appointment_id": event.appointment_id}
+    fields = {
+        "webhook_id": webhook_id,
+        "type": event.type,
+        "practice": practice.name,
+        "appointment_id": event.appointment_id,
+    }
     message = event.model_dump_json().encode()
     if len(message) > settings.max_message_bytes:  # the envelope adds a little to the body
         return _refuse("too_large", 413, f"message over {settings.max_message_bytes} bytes", **fields)
     try:
         await request.app[BROKER_KEY].publish_observed(
-            message, practice=practice.name, appointment_id=event.appointment_id, message_id=webhook_id,
+            message,
+            practice=practice.name,
+            appointment_id=event.appointment_id,
+            message_id=webhook_id,
         )
     except PublishFailed as exc:
         metrics.WEBHOOKS.labels(result="unavailable").inc()
@@ -248,15 +257,18 @@ async def readyz(request: web.Request) -> web.Response:
     broker_ok = request.app[BROKER_KEY].connected
     store_ok = await _store_answers(request.app[STORE_KEY])
     worker_failing = request.app.get(WORKER_FAILING_KEY, lambda: False)()
-    checks = {"broker": "ok" if broker_ok else "down", "store": "ok" if store_ok else "down",
-              "worker": "failing" if worker_failing else "ok"}
+    checks = {
+        "broker": "ok" if broker_ok else "down",
+        "store": "ok" if store_ok else "down",
+        "worker": "failing" if worker_failing else "ok",
+    }
     ready = broker_ok and store_ok and not worker_failing
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
     # A waiting practice is named but leaves the process ready: the others are being served.
     body["waiting_practices"] = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
     silence = request.app.get(SILENCE_KEY)
     if silence is not None:
-        body["webhooks"] = silence.report(datetime.now(timezone.utc))
+        body["webhooks"] = silence.report(datetime.now(UTC))
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -266,8 +278,7 @@ async def list_practices(request: web.Request) -> web.Response:
     Open like /readyz and /metrics: it names practices, never an appointment or a token.
     """
     parked = await request.app[STORE_KEY].parked_counts()
-    return web.json_response(
-        {"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
+    return web.json_response({"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
 
 
 async def render_metrics(request: web.Request) -> web.Response:
@@ -305,14 +316,16 @@ async def get_appointment(request: web.Request) -> web.Response:
     record = await request.app[STORE_KEY].get_appointment(appointment_id, practice.name)
     if record is None:
         return _error(404, f"appointment {appointment_id} unknown")
-    return web.json_response({
-        "practice": record.practice,
-        "appointment_id": record.appointment_id,
-        "state": record.state,
-        "patient_id": record.patient_id,
-        "version": record.version,
-        "upstream_updated_at": record.upstream_updated_at,
-    })
+    return web.json_response(
+        {
+            "practice": record.practice,
+            "appointment_id": record.appointment_id,
+            "state": record.state,
+            "patient_id": record.patient_id,
+            "version": record.version,
+            "upstream_updated_at": record.upstream_updated_at,
+        }
+    )
 
 
 def _ascii_int(raw: str) -> int | None:
@@ -356,7 +369,9 @@ async def get_history(request: web.Request) -> web.Response:
     if not records and await store.get_appointment(appointment_id, practice.name) is None:
         return _error(404, f"appointment {appointment_id} unknown")
     next_after_seq = records[-1].seq if len(records) == limit else None
-    return web.json_response({
-        "records": [r.model_dump(mode="json") for r in records],
-        "next_after_seq": next_after_seq,
-    })
+    return web.json_response(
+        {
+            "records": [r.model_dump(mode="json") for r in records],
+            "next_after_seq": next_after_seq,
+        }
+    )

@@ -144,10 +144,10 @@ def result_publishes(
     """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one."""
     body = result.model_dump_json().encode()
     publishes: list[Awaitable[None]] = [
-        broker.publish_event(result.routing_key(), body, message_id=result.message_id())]
+        broker.publish_event(result.routing_key(), body, message_id=result.message_id())
+    ]
     if reply_to := reply_queue(reply_to):
-        publishes.append(broker.publish_reply(
-            reply_to, body, correlation_id=correlation_id or result.correlation_id))
+        publishes.append(broker.publish_reply(reply_to, body, correlation_id=correlation_id or result.correlation_id))
     return publishes
 
 
@@ -269,8 +269,9 @@ class Worker:
         except Exception:
             self._last_unforeseen = time.monotonic()
             metrics.MESSAGES.labels("unknown", "unforeseen").inc()
-            log.exception("unforeseen failure handling a message; the broker dead-letters it",
-                          message_id=message.message_id)
+            log.exception(
+                "unforeseen failure handling a message; the broker dead-letters it", message_id=message.message_id
+            )
             with contextlib.suppress(Exception):  # the queue's dead-letter exchange takes it
                 await _settle(message.nack(requeue=False))
 
@@ -283,7 +284,8 @@ class Worker:
             kind = inbound.type
             # Every log line written while handling this message carries its ids.
             with structlog.contextvars.bound_contextvars(
-                message_id=message_key(inbound), practice=inbound.practice,
+                message_id=message_key(inbound),
+                practice=inbound.practice,
                 appointment_id=inbound.appointment_id,
                 correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
             ):
@@ -327,9 +329,7 @@ class Worker:
             return await self._retry_later(message, message_key(inbound), exc, inbound)
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
-    async def _hold(
-        self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None
-    ) -> str | None:
+    async def _hold(self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None) -> str | None:
         """Park (or keep parked) a message that must wait; None when it may be processed now.
 
         A command waits while its practice does, or while an older message of its
@@ -364,8 +364,13 @@ class Worker:
         if inbound.practice in self._practices:
             practice = self._practices.get(inbound.practice)
             if practice.wait(status, retry_at, reason):
-                log.error("practice waiting: its commands are parked until it can be served",
-                          practice=practice.name, status=status, retry_at=retry_at, error=reason)
+                log.error(
+                    "practice waiting: its commands are parked until it can be served",
+                    practice=practice.name,
+                    status=status,
+                    retry_at=retry_at,
+                    error=reason,
+                )
         try:
             if parked is None:
                 await self._park(message, inbound, key, reason)
@@ -378,11 +383,18 @@ class Worker:
 
     async def _park(self, message: AbstractIncomingMessage, inbound: Any, key: str, reason: str) -> None:
         """``key`` is the inbox key (a replay's own), so a replay parks and comes back as a replay."""
-        await self._store.park(ParkedMessage(
-            practice=inbound.practice, appointment_id=inbound.appointment_id,
-            message_id=key, body=message.body, reason=reason[:500],
-            reply_to=message.reply_to, correlation_id=message.correlation_id, replay=replay_number(message),
-        ))
+        await self._store.park(
+            ParkedMessage(
+                practice=inbound.practice,
+                appointment_id=inbound.appointment_id,
+                message_id=key,
+                body=message.body,
+                reason=reason[:500],
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+                replay=replay_number(message),
+            )
+        )
 
     async def _done(self, message: AbstractIncomingMessage, parked: int | None) -> None:
         """Processed: a parked message is forgotten (only now: a crash before redelivers it), then acked."""
@@ -396,17 +408,16 @@ class Worker:
         replay = replay_number(message)
         if not replay:
             return 0
-        kind, ident = ("event", inbound.event_id) if isinstance(inbound, ObservedEvent) else (
-            "command", inbound.command_id)
+        kind, ident = (
+            ("event", inbound.event_id) if isinstance(inbound, ObservedEvent) else ("command", inbound.command_id)
+        )
         replayed = DeadLetterQuery(key=dead_letter_key(kind, ident, replay - 1), status=None)
         if await self._store.dead_letters(replayed):
             return replay
         log.warning("replay header on a message that was never dead-lettered: processed as sent", replay=replay)
         return 0
 
-    async def _decide_and_commit(
-        self, key: str, inbound: Any, replay: int
-    ) -> tuple[Decision, list[StateLogRecord]]:
+    async def _decide_and_commit(self, key: str, inbound: Any, replay: int) -> tuple[Decision, list[StateLogRecord]]:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
@@ -422,13 +433,15 @@ class Worker:
                 if replay and decision.result:
                     decision.result = decision.result.model_copy(update={"replay": replay})
                 result = decision.result.model_dump(mode="json") if decision.result else None
-                logs = await self._store.commit(Commit(
-                    appointment=decision.record,
-                    workflow=decision.workflow,
-                    logs=decision.logs,
-                    inbox=InboxEntry(key, result, inbound.practice),
-                    latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
-                ))
+                logs = await self._store.commit(
+                    Commit(
+                        appointment=decision.record,
+                        workflow=decision.workflow,
+                        logs=decision.logs,
+                        inbox=InboxEntry(key, result, inbound.practice),
+                        latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
+                    )
+                )
         return decision, logs
 
     async def _misrouted(self, message: AbstractIncomingMessage, inbound: Any) -> str:
@@ -460,8 +473,9 @@ class Worker:
             return await observe(inbound, pms, self._store)
         if isinstance(inbound, Reassign):
             return await self._reassign(inbound)
-        origin = Origin("command", practice=inbound.practice, command_id=inbound.command_id,
-                        correlation_id=inbound.correlation_id)
+        origin = Origin(
+            "command", practice=inbound.practice, command_id=inbound.command_id, correlation_id=inbound.correlation_id
+        )
         return await execute(inbound, pms, self._store, origin, self._read_before_write)
 
     async def _publish(
@@ -475,7 +489,8 @@ class Worker:
         ]
         if result is not None:
             publishes += result_publishes(
-                self._broker, result, reply_to=message.reply_to, correlation_id=message.correlation_id)
+                self._broker, result, reply_to=message.reply_to, correlation_id=message.correlation_id
+            )
         # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
         outcomes = await asyncio.gather(*publishes, return_exceptions=True)
         for outcome in outcomes:
@@ -484,33 +499,40 @@ class Worker:
         for record in logs:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
         if result is not None:
-            log.info("command result", command_id=result.command_id, type=result.type,
-                     practice=result.practice, appointment_id=result.appointment_id,
-                     outcome=result.outcome, reasons=result.reasons)
+            log.info(
+                "command result",
+                command_id=result.command_id,
+                type=result.type,
+                practice=result.practice,
+                appointment_id=result.appointment_id,
+                outcome=result.outcome,
+                reasons=result.reasons,
+            )
 
-    async def _republish(
-        self, message: AbstractIncomingMessage, inbound: Any, entry: InboxEntry
-    ) -> None:
+    async def _republish(self, message: AbstractIncomingMessage, inbound: Any, entry: InboxEntry) -> None:
         """A redelivered message: publish again what the first delivery may not have published."""
         logs = await records_of(self._store, inbound.appointment_id, sender_id(inbound), inbound.practice)
         result = CommandResult.model_validate(entry.result) if entry.result else None
         await self._publish(message, logs, result)
 
-    async def _retry_later(
-        self, message: AbstractIncomingMessage, key: str, exc: BaseException, inbound: Any
-    ) -> str:
+    async def _retry_later(self, message: AbstractIncomingMessage, key: str, exc: BaseException, inbound: Any) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
         if isinstance(exc, StoreUnavailable):
             return await self._requeue_when_store_answers(message, key, reason)
         if deliveries >= self._max_deliveries:
             if await self._left_to_its_workflow(inbound):
-                log.warning("reassign left to its workflow's deadline, not dead-lettered", message_id=key,
-                            delivery=deliveries, error=reason)
+                log.warning(
+                    "reassign left to its workflow's deadline, not dead-lettered",
+                    message_id=key,
+                    delivery=deliveries,
+                    error=reason,
+                )
                 await _settle(message.ack())
                 return "deferred"
             return await self._dead_letter(
-                message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries)
+                message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries
+            )
         log.warning("transient failure, redelivering", message_id=key, delivery=deliveries, error=reason)
         metrics.RETRIES.labels("redelivery").inc()
         if not self._stopping:
@@ -549,8 +571,11 @@ class Worker:
             workflow = await self._store.active_workflow(inbound.appointment_id)
         except StoreUnavailable:
             return False  # can't tell: the dead letter keeps it, and answers it
-        return workflow is not None and workflow.command_id == inbound.command_id \
+        return (
+            workflow is not None
+            and workflow.command_id == inbound.command_id
             and workflow.state != "compensation_failed"
+        )
 
     async def _dead_letter(
         self, message: AbstractIncomingMessage, reason: str, reason_class: str, deliveries: int

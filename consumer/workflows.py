@@ -16,19 +16,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from consumer import metrics
 from consumer.broker import Broker, PublishFailed
 from consumer.commands import STATUS_REASON, execute, names_other_status
 from consumer.failpoints import failpoint
-from consumer.periodic import every
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, CommandResult, Reassign, SetPatient, StateLogRecord
+from consumer.periodic import every
 from consumer.pms.client import PmsClient, spending_for
-from consumer.practices import Practices
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
+from consumer.practices import Practices
 from consumer.records import (
     Decision,
     Origin,
@@ -42,8 +42,8 @@ from consumer.store.base import Commit, StaleVersion, Store, WorkflowRecord, rec
 from statemachines.appointment import Appointment, Refused, Transition, Write, bound
 from statemachines.reassignment import (
     CANCEL_REASON,
-    COMPLETED,
     COMPENSATION_FAILED,
+    COMPLETED,
     REPLACEMENT_CREATED,
     REQUESTED,
     STATES,
@@ -74,7 +74,7 @@ def is_overdue(workflow: WorkflowRecord, *, deadline: float, now: datetime | Non
     """Unfinished, not parked, and untouched for longer than the deadline."""
     if workflow.state in TERMINAL or workflow.state == COMPENSATION_FAILED or workflow.updated_at is None:
         return False
-    age = ((now or datetime.now(timezone.utc)) - workflow.updated_at).total_seconds()
+    age = ((now or datetime.now(UTC)) - workflow.updated_at).total_seconds()
     return age > deadline
 
 
@@ -101,8 +101,14 @@ def workflow_id_for(command_id: str, practice: str = DEFAULT_PRACTICE) -> str:
 
 class WorkflowRunner:
     def __init__(
-        self, *, practices: Practices, store: Store, broker: Broker, deadline: float = 300.0,
-        compensation_attempts: int = 3, compensation_backoff: float = 0.5,
+        self,
+        *,
+        practices: Practices,
+        store: Store,
+        broker: Broker,
+        deadline: float = 300.0,
+        compensation_attempts: int = 3,
+        compensation_backoff: float = 0.5,
     ) -> None:
         self._practices = practices
         self._store = store
@@ -139,7 +145,8 @@ class WorkflowRunner:
             # A crash (or a broker failure) may have come between a step's commit and its publish.
             self._unpublished.discard(workflow.workflow_id)
             decision.republish = await records_of(
-                self._store, command.appointment_id, command.command_id, command.practice)
+                self._store, command.appointment_id, command.command_id, command.practice
+            )
         return decision
 
     async def resume_unfinished(self) -> int:
@@ -165,11 +172,19 @@ class WorkflowRunner:
 
     async def requeue(self, workflow: WorkflowRecord) -> None:
         """Publish the workflow's command again, to be driven by whoever consumes its partition."""
-        command = Reassign(command_id=workflow.command_id, appointment_id=workflow.appointment_id,
-                           practice=workflow.practice,
-                           patient_id=workflow.new_patient_id, correlation_id=workflow.correlation_id)
-        await self._broker.publish_inbound(command.model_dump_json().encode(), practice=command.practice,
-                                           appointment_id=command.appointment_id, message_id=command.command_id)
+        command = Reassign(
+            command_id=workflow.command_id,
+            appointment_id=workflow.appointment_id,
+            practice=workflow.practice,
+            patient_id=workflow.new_patient_id,
+            correlation_id=workflow.correlation_id,
+        )
+        await self._broker.publish_inbound(
+            command.model_dump_json().encode(),
+            practice=command.practice,
+            appointment_id=command.appointment_id,
+            message_id=command.command_id,
+        )
         log.info("workflow handed back to the pipeline", workflow_id=workflow.workflow_id, state=workflow.state)
 
     async def retry(self, workflow_id: str) -> WorkflowRecord:
@@ -201,7 +216,7 @@ class WorkflowRunner:
         partition's single active consumer, per-appointment order, the inbox).
         """
         workflows = await self._store.list_workflows(unfinished=True)  # finished ones only grow
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for state in STATES:
             if state not in TERMINAL:
                 metrics.WORKFLOWS.labels(state).set(sum(w.state == state for w in workflows))
@@ -210,9 +225,13 @@ class WorkflowRunner:
         for workflow in stuck:
             if workflow.workflow_id not in self._alerted:
                 self._alerted.add(workflow.workflow_id)
-                log.error("workflow stuck: operator action needed (appt sagas --stuck)",
-                          workflow_id=workflow.workflow_id, state=workflow.state,
-                          appointment_id=workflow.appointment_id, last_error=workflow.last_error)
+                log.error(
+                    "workflow stuck: operator action needed (appt sagas --stuck)",
+                    workflow_id=workflow.workflow_id,
+                    state=workflow.state,
+                    appointment_id=workflow.appointment_id,
+                    last_error=workflow.last_error,
+                )
         unfinished = {w.workflow_id for w in workflows}
         self._handed_back = {k: v for k, v in self._handed_back.items() if k in unfinished}
         for workflow in workflows:
@@ -235,10 +254,13 @@ class WorkflowRunner:
     async def _start(self, command: Reassign) -> tuple[WorkflowRecord, dict[str, Any]] | Decision:
         """Decide whether a workflow is needed at all; if so, persist it before any remote call."""
         try:
-            original = (await self._pms(command.practice).get_appointment(command.appointment_id)).model_dump(mode="json")
+            original = (await self._pms(command.practice).get_appointment(command.appointment_id)).model_dump(
+                mode="json"
+            )
         except NotFound:
-            return Decision(result=result_for(command, "rejected",
-                                              reasons={"appointment_id": ["not found in the PMS"]}))
+            return Decision(
+                result=result_for(command, "rejected", reasons={"appointment_id": ["not found in the PMS"]})
+            )
         if original.get("patient_id") is None:
             return await self._plain_set_patient(command)
         if original["patient_id"] == command.patient_id:
@@ -262,22 +284,36 @@ class WorkflowRunner:
         )
         start = StateLogRecord(
             practice=command.practice,
-            appointment_id=command.appointment_id, machine="reassignment", from_state=None,
-            to_state=REQUESTED, trigger="reassign", source="workflow", command_id=command.command_id,
-            workflow_id=workflow.workflow_id, correlation_id=command.correlation_id,
-            detail={"workflow_id": workflow.workflow_id, "original_id": command.appointment_id,
-                    "new_patient_id": command.patient_id},
+            appointment_id=command.appointment_id,
+            machine="reassignment",
+            from_state=None,
+            to_state=REQUESTED,
+            trigger="reassign",
+            source="workflow",
+            command_id=command.command_id,
+            workflow_id=workflow.workflow_id,
+            correlation_id=command.correlation_id,
+            detail={
+                "workflow_id": workflow.workflow_id,
+                "original_id": command.appointment_id,
+                "new_patient_id": command.patient_id,
+            },
         )
         await self._commit(Commit(workflow=workflow, logs=[start]))
         return dataclasses.replace(workflow, version=1), original
 
     async def _plain_set_patient(self, command: Reassign) -> Decision:
         """No patient yet: the PMS allows setting one, so no workflow is needed."""
-        set_patient = SetPatient(command_id=command.command_id, appointment_id=command.appointment_id,
-                                 practice=command.practice,
-                                 patient_id=command.patient_id, correlation_id=command.correlation_id)
-        origin = Origin("command", practice=command.practice, command_id=command.command_id,
-                        correlation_id=command.correlation_id)
+        set_patient = SetPatient(
+            command_id=command.command_id,
+            appointment_id=command.appointment_id,
+            practice=command.practice,
+            patient_id=command.patient_id,
+            correlation_id=command.correlation_id,
+        )
+        origin = Origin(
+            "command", practice=command.practice, command_id=command.command_id, correlation_id=command.correlation_id
+        )
         decision = await execute(set_patient, self._pms(command.practice), self._store, origin)
         if decision.result is not None:
             decision.result = decision.result.model_copy(update={"type": "reassign"})
@@ -316,15 +352,19 @@ class WorkflowRunner:
         found = None if held is not None else await self._find_replacement(workflow)
         if found is None:
             try:
-                original = held or (await self._pms(workflow.practice).get_appointment(
-                    workflow.appointment_id)).model_dump(mode="json")
+                original = held or (
+                    await self._pms(workflow.practice).get_appointment(workflow.appointment_id)
+                ).model_dump(mode="json")
             except NotFound:
                 reason = "original was deleted by someone else before the replacement was booked"
                 return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
             if original.get("state") not in CANCELLABLE:
                 reason = f"original is {original.get('state')} before the replacement was booked"
                 return await self._record_with(
-                    workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, original,
+                    workflow,
+                    lambda saga: saga.cancel_failed(reason),
+                    workflow.appointment_id,
+                    original,
                     lambda appt: appt.reconcile(snapshot_from_pms(original)),
                 )
             if slot_of(original) != booked_slot(workflow):
@@ -345,8 +385,12 @@ class WorkflowRunner:
         replacement, replacement_id = found, int(found["id"])
         # The replacement gets its own record and first log entry now, not only when its webhook arrives.
         recorded = await self._record_with(
-            workflow, lambda saga: saga.replacement_booked(replacement_id), replacement_id, replacement,
-            lambda appt: appt.reconcile(snapshot_from_pms(replacement)), data={"replacement": replacement},
+            workflow,
+            lambda saga: saga.replacement_booked(replacement_id),
+            replacement_id,
+            replacement,
+            lambda appt: appt.reconcile(snapshot_from_pms(replacement)),
+            data={"replacement": replacement},
         )
         failpoint("after_record_replacement")
         return recorded
@@ -356,8 +400,12 @@ class WorkflowRunner:
 
         Saved before the POST, so a resumed workflow looks for its replacement where it was booked.
         """
-        log.info("original moved before the replacement was booked", workflow_id=workflow.workflow_id,
-                 booked=str(booked_slot(workflow)), now=str(slot_of(original)))
+        log.info(
+            "original moved before the replacement was booked",
+            workflow_id=workflow.workflow_id,
+            booked=str(booked_slot(workflow)),
+            now=str(slot_of(original)),
+        )
         copied = {k: original.get(k) for k in COPIED_FIELDS}
         updated = dataclasses.replace(workflow, data={**workflow.data, "original": copied})
         await self._commit(Commit(workflow=updated))
@@ -380,7 +428,8 @@ class WorkflowRunner:
         # The replacement starts when the original does: the PMS's [after, before) start-time
         # window around it. Cancelled rows stay hidden (a DELETE that cancels leaves no live one).
         candidates = await self._pms(workflow.practice).list_appointments(
-            after=original["start_time"], before=original["finish_time"],
+            after=original["start_time"],
+            before=original["finish_time"],
             practitioner_id=original.get("practitioner_id"),
         )
         marker = link_marker(workflow.workflow_id, workflow.appointment_id)
@@ -414,8 +463,9 @@ class WorkflowRunner:
                 upstream = held
             else:
                 try:
-                    upstream = (await self._pms(workflow.practice).get_appointment(
-                        workflow.appointment_id)).model_dump(mode="json")
+                    upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(
+                        mode="json"
+                    )
                 except NotFound:
                     return await self._original_deleted(workflow)
                 if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
@@ -427,13 +477,17 @@ class WorkflowRunner:
             try:
                 write = self._plan_cancel(workflow, upstream, reason_id, note)
             except Refused as refused:
-                return await self._cancel_failed(workflow, f"original can not be cancelled: {refused.reasons}",
-                                                 upstream)
+                return await self._cancel_failed(
+                    workflow, f"original can not be cancelled: {refused.reasons}", upstream
+                )
             failpoint("before_cancel_original")
             try:
                 answer = await self._pms(workflow.practice).update_appointment(
-                    workflow.appointment_id, write.fields,
-                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)))  # noqa: B023 (awaited in this iteration)
+                    workflow.appointment_id,
+                    write.fields,
+                    # Called only while this iteration awaits the write, so the loop variables are current.
+                    before_retry=lambda: self._recheck(workflow, slot_of(upstream)),  # noqa: B023
+                )
                 failpoint("after_cancel_original")
             except ReplacementChanged as changed:  # seen during the cancel's retry backoff
                 return await self._replacement_changed(workflow, str(changed), changed.replacement)
@@ -441,7 +495,8 @@ class WorkflowRunner:
                 if attempt == 1 and names_other_status(rejected):
                     continue  # the state moved behind our back: read again, decide once more
                 return await self._cancel_failed(
-                    workflow, f"PMS refused to cancel the original: {rejected.params}", upstream)
+                    workflow, f"PMS refused to cancel the original: {rejected.params}", upstream
+                )
             except NotFound:
                 return await self._original_deleted(workflow)
             except Unavailable as exc:
@@ -449,20 +504,24 @@ class WorkflowRunner:
                 # leave the slot with no live appointment. Read again (a failing read propagates, and
                 # the step is retried later); only an original still standing is compensated for.
                 try:
-                    upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                    upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(
+                        mode="json"
+                    )
                 except NotFound:
                     return await self._original_deleted(workflow)
                 if upstream.get("state") == "Cancelled":
                     return await self._original_done(workflow, None, upstream, None)
-                return await self._cancel_failed(
-                    workflow, f"PMS kept failing to cancel the original: {exc}", upstream)
+                return await self._cancel_failed(workflow, f"PMS kept failing to cancel the original: {exc}", upstream)
             return await self._original_done(workflow, upstream, answer.model_dump(mode="json"), write)
         raise AssertionError("unreachable: the loop always returns")
 
     async def _cancel_failed(self, workflow: WorkflowRecord, reason: str, upstream: dict[str, Any]) -> WorkflowRecord:
         """The original stays: compensate, adopting the last read of it."""
         return await self._record_with(
-            workflow, lambda saga: saga.cancel_failed(reason), workflow.appointment_id, upstream,
+            workflow,
+            lambda saga: saga.cancel_failed(reason),
+            workflow.appointment_id,
+            upstream,
             lambda appt: appt.reconcile(snapshot_from_pms(upstream)),
         )
 
@@ -486,14 +545,20 @@ class WorkflowRunner:
             try:
                 moved = await self._move_replacement(workflow, original)
             except (Rejected, NotFound) as exc:
-                reason = (f"original was moved by someone else to {slot_of(original)} after the replacement "
-                          f"was booked, and the replacement could not follow: {exc}")
+                reason = (
+                    f"original was moved by someone else to {slot_of(original)} after the replacement "
+                    f"was booked, and the replacement could not follow: {exc}"
+                )
                 return await self._cancel_failed(workflow, reason, original)
-        note = (f"moved by someone else to {slot_of(original)} after the replacement was booked; "
-                "the replacement was moved with it")
+        note = (
+            f"moved by someone else to {slot_of(original)} after the replacement was booked; "
+            "the replacement was moved with it"
+        )
         copied = {k: original.get(k) for k in COPIED_FIELDS}
-        updated = dataclasses.replace(workflow, data=merge_data(
-            workflow.data, {"original": copied, "replacement": moved, "reasons": {"original": [note]}}))
+        updated = dataclasses.replace(
+            workflow,
+            data=merge_data(workflow.data, {"original": copied, "replacement": moved, "reasons": {"original": [note]}}),
+        )
         await self._commit(Commit(workflow=updated))
         return dataclasses.replace(updated, version=workflow.version + 1)
 
@@ -505,15 +570,21 @@ class WorkflowRunner:
         try:
             replacement = (await self._pms(workflow.practice).get_appointment(replacement_id)).model_dump(mode="json")
         except NotFound:
-            raise ReplacementChanged(f"replacement {replacement_id} was deleted by someone else before the "
-                                     "original was cancelled", None) from None
+            raise ReplacementChanged(
+                f"replacement {replacement_id} was deleted by someone else before the original was cancelled", None
+            ) from None
         if replacement.get("state") not in LIVE:
-            raise ReplacementChanged(f"replacement {replacement_id} was made {replacement.get('state')} by "
-                                     "someone else before the original was cancelled", replacement)
+            raise ReplacementChanged(
+                f"replacement {replacement_id} was made {replacement.get('state')} by "
+                "someone else before the original was cancelled",
+                replacement,
+            )
         if slot_of(replacement) not in (booked_slot(workflow), original):
-            raise ReplacementChanged(f"replacement {replacement_id} was moved by someone else to "
-                                     f"{slot_of(replacement)} before the original was cancelled; left there",
-                                     replacement)
+            raise ReplacementChanged(
+                f"replacement {replacement_id} was moved by someone else to "
+                f"{slot_of(replacement)} before the original was cancelled; left there",
+                replacement,
+            )
         return replacement
 
     async def _recheck(self, workflow: WorkflowRecord, original: Slot) -> None:
@@ -525,8 +596,12 @@ class WorkflowRunner:
         replacement_id = workflow.replacement_id
         assert replacement_id is not None
         fields = {k: original[k] for k in ("practitioner_id", "start_time", "finish_time") if original.get(k)}
-        log.info("replacement follows the moved original", workflow_id=workflow.workflow_id,
-                 replacement_id=replacement_id, to=str(slot_of(original)))
+        log.info(
+            "replacement follows the moved original",
+            workflow_id=workflow.workflow_id,
+            replacement_id=replacement_id,
+            to=str(slot_of(original)),
+        )
         moved = (await self._pms(workflow.practice).update_appointment(replacement_id, fields)).model_dump(mode="json")
         failpoint("after_move_replacement")
         return moved
@@ -536,21 +611,28 @@ class WorkflowRunner:
     ) -> WorkflowRecord:
         replacement_id = workflow.replacement_id
         assert replacement_id is not None
-        log.warning("replacement changed by someone else: original kept", workflow_id=workflow.workflow_id,
-                    replacement_id=replacement_id, reason=reason)
+        log.warning(
+            "replacement changed by someone else: original kept",
+            workflow_id=workflow.workflow_id,
+            replacement_id=replacement_id,
+            reason=reason,
+        )
         data = {"reasons": {"original": ["left as it was: not cancelled"], "replacement": [reason]}}
         if replacement is None:
-            return await self._record_gone(workflow, lambda saga: saga.replacement_changed(reason),
-                                           replacement_id, data=data)
+            return await self._record_gone(
+                workflow, lambda saga: saga.replacement_changed(reason), replacement_id, data=data
+            )
         seen = replacement
         return await self._record_with(
-            workflow, lambda saga: saga.replacement_changed(reason), replacement_id, seen,
-            lambda appt: appt.reconcile(snapshot_from_pms(seen)), data={**data, "replacement": seen},
+            workflow,
+            lambda saga: saga.replacement_changed(reason),
+            replacement_id,
+            seen,
+            lambda appt: appt.reconcile(snapshot_from_pms(seen)),
+            data={**data, "replacement": seen},
         )
 
-    def _plan_cancel(
-        self, workflow: WorkflowRecord, upstream: dict[str, Any], reason_id: int, note: str
-    ) -> Write:
+    def _plan_cancel(self, workflow: WorkflowRecord, upstream: dict[str, Any], reason_id: int, note: str) -> Write:
         with bound(snapshot_from_pms(upstream), workflow.appointment_id) as appt:
             write = appt.plan_cancel(CANCEL_REASON, reason_id)
         return Write(trigger=write.trigger, fields={**write.fields, "notes": note})
@@ -559,13 +641,20 @@ class WorkflowRunner:
         """Deleted by someone else once the replacement was booked: like a cancel by someone else,
         the old patient no longer holds the slot and the replacement does, so the step is done."""
         reason = "deleted by someone else before this saga cancelled it"
-        recorded = await self._record_gone(workflow, lambda saga: saga.original_cancelled(),
-                                           workflow.appointment_id, data={"reasons": {"original": [reason]}})
+        recorded = await self._record_gone(
+            workflow,
+            lambda saga: saga.original_cancelled(),
+            workflow.appointment_id,
+            data={"reasons": {"original": [reason]}},
+        )
         failpoint("after_record_cancelled")
         return recorded
 
     async def _original_done(
-        self, workflow: WorkflowRecord, before: dict[str, Any] | None, after: dict[str, Any],
+        self,
+        workflow: WorkflowRecord,
+        before: dict[str, Any] | None,
+        after: dict[str, Any],
         write: Write | None,
     ) -> WorkflowRecord:
         """Record the saga step and the original's new state in one commit.
@@ -586,7 +675,12 @@ class WorkflowRunner:
         elif slot_of(after) != booked_slot(workflow):
             data = await self._follow_after_cancel(workflow, after)
         recorded = await self._record_with(
-            workflow, lambda saga: saga.original_cancelled(), workflow.appointment_id, after, observe, data=data,
+            workflow,
+            lambda saga: saga.original_cancelled(),
+            workflow.appointment_id,
+            after,
+            observe,
+            data=data,
         )
         failpoint("after_record_cancelled")
         return recorded
@@ -597,14 +691,29 @@ class WorkflowRunner:
         try:
             moved = await self._move_replacement(workflow, original)
         except (Rejected, NotFound) as exc:
-            log.error("original moved while being cancelled and the replacement could not follow",
-                      workflow_id=workflow.workflow_id, replacement_id=workflow.replacement_id, error=str(exc))
-            return {"outcome": "failed", "reasons": {
-                "original": [f"moved by someone else to {moved_to} while this saga cancelled it; cancelled"],
-                "replacement": [f"could not follow it, stays at {booked_slot(workflow)}: {exc}"]}}
-        return {"original": {k: original.get(k) for k in COPIED_FIELDS}, "replacement": moved, "reasons": {
-            "original": [f"moved by someone else to {moved_to} while this saga cancelled it; "
-                         "the replacement was moved with it"]}}
+            log.error(
+                "original moved while being cancelled and the replacement could not follow",
+                workflow_id=workflow.workflow_id,
+                replacement_id=workflow.replacement_id,
+                error=str(exc),
+            )
+            return {
+                "outcome": "failed",
+                "reasons": {
+                    "original": [f"moved by someone else to {moved_to} while this saga cancelled it; cancelled"],
+                    "replacement": [f"could not follow it, stays at {booked_slot(workflow)}: {exc}"],
+                },
+            }
+        return {
+            "original": {k: original.get(k) for k in COPIED_FIELDS},
+            "replacement": moved,
+            "reasons": {
+                "original": [
+                    f"moved by someone else to {moved_to} while this saga cancelled it; "
+                    "the replacement was moved with it"
+                ]
+            },
+        }
 
     async def _record_gone(
         self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, *, data: dict[str, Any]
@@ -614,12 +723,19 @@ class WorkflowRunner:
         stored = await self._store.get_appointment(appointment_id, workflow.practice)
         gone = snapshot_from_pms({**(stored.data if stored else {}), "id": appointment_id}, deleted=True)
         known = None if stored else {"id": appointment_id}  # a record is kept with what was known of it
-        return await self._record_with(workflow, outcome, appointment_id, known,
-                                       lambda appt: appt.reconcile(gone), data=data)
+        return await self._record_with(
+            workflow, outcome, appointment_id, known, lambda appt: appt.reconcile(gone), data=data
+        )
 
     async def _record_with(
-        self, workflow: WorkflowRecord, outcome: Any, appointment_id: int, upstream: dict[str, Any] | None,
-        observe: Callable[[Appointment], list[Transition]], *, data: dict[str, Any] | None = None,
+        self,
+        workflow: WorkflowRecord,
+        outcome: Any,
+        appointment_id: int,
+        upstream: dict[str, Any] | None,
+        observe: Callable[[Appointment], list[Transition]],
+        *,
+        data: dict[str, Any] | None = None,
     ) -> WorkflowRecord:
         """Record a saga step with one appointment's new record and log, in one commit.
 
@@ -631,15 +747,19 @@ class WorkflowRunner:
         origin = self._origin(workflow)
         for _ in range(3):
             stored = await self._store.get_appointment(appointment_id, workflow.practice)
-            if stored is not None and upstream is not None and is_older(upstream.get("updated_at"),
-                                                                        stored.upstream_updated_at):
+            if (
+                stored is not None
+                and upstream is not None
+                and is_older(upstream.get("updated_at"), stored.upstream_updated_at)
+            ):
                 return await self._record(workflow, outcome, data=data)
             with bound(snapshot_from_record(stored), appointment_id) as appt:
                 transitions = observe(appt)
                 record = new_record(stored, appt.state, appt.patient_id, upstream, practice=workflow.practice)
             try:
-                return await self._record(workflow, outcome, appointment=record,
-                                          extra_logs=origin.logs(transitions), data=data)
+                return await self._record(
+                    workflow, outcome, appointment=record, extra_logs=origin.logs(transitions), data=data
+                )
             except StaleVersion:
                 await self._ensure_unchanged(workflow)
         raise StaleVersion(f"appointment {appointment_id} kept changing")
@@ -657,11 +777,20 @@ class WorkflowRunner:
                 return await self._record(workflow, lambda saga: saga.replacement_removed())
             except (PmsError, LookupError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                log.warning("compensation failed", workflow_id=workflow.workflow_id,
-                            replacement_id=replacement_id, attempt=attempt, error=error)
+                log.warning(
+                    "compensation failed",
+                    workflow_id=workflow.workflow_id,
+                    replacement_id=replacement_id,
+                    attempt=attempt,
+                    error=error,
+                )
                 await asyncio.sleep(self._compensation_backoff * attempt)
-        log.error("compensation failed for good: workflow parked", workflow_id=workflow.workflow_id,
-                  replacement_id=replacement_id, error=error)
+        log.error(
+            "compensation failed for good: workflow parked",
+            workflow_id=workflow.workflow_id,
+            replacement_id=replacement_id,
+            error=error,
+        )
         reason = f"could not remove replacement {replacement_id}: {error}"
         return await self._record(workflow, lambda saga: saga.compensation_error(reason))
 
@@ -677,26 +806,44 @@ class WorkflowRunner:
             if current.state == "Cancelled":
                 return
             reason_id = await pms.cancellation_reason_id(CANCEL_REASON)
-            await pms.update_appointment(replacement_id, {
-                "state": "Cancelled", "appointment_cancellation_reason_id": reason_id,
-                "notes": f"{CANCEL_REASON}: reassignment compensated",
-            })
+            await pms.update_appointment(
+                replacement_id,
+                {
+                    "state": "Cancelled",
+                    "appointment_cancellation_reason_id": reason_id,
+                    "notes": f"{CANCEL_REASON}: reassignment compensated",
+                },
+            )
 
     # ---- persistence --------------------------------------------------------
 
     def _saga(self, workflow: WorkflowRecord) -> Any:
         return bound_reassignment(
-            workflow.workflow_id, workflow.appointment_id, workflow.new_patient_id,
-            state=workflow.state, replacement_id=workflow.replacement_id, last_error=workflow.last_error,
+            workflow.workflow_id,
+            workflow.appointment_id,
+            workflow.new_patient_id,
+            state=workflow.state,
+            replacement_id=workflow.replacement_id,
+            last_error=workflow.last_error,
         )
 
     def _origin(self, workflow: WorkflowRecord) -> Origin:
-        return Origin("workflow", practice=workflow.practice, command_id=workflow.command_id, workflow_id=workflow.workflow_id,
-                      correlation_id=workflow.correlation_id)
+        return Origin(
+            "workflow",
+            practice=workflow.practice,
+            command_id=workflow.command_id,
+            workflow_id=workflow.workflow_id,
+            correlation_id=workflow.correlation_id,
+        )
 
     async def _record(
-        self, workflow: WorkflowRecord, outcome: Any, *, attempts: int | None = None,
-        appointment: Any = None, extra_logs: list[StateLogRecord] | None = None,
+        self,
+        workflow: WorkflowRecord,
+        outcome: Any,
+        *,
+        attempts: int | None = None,
+        appointment: Any = None,
+        extra_logs: list[StateLogRecord] | None = None,
         data: dict[str, Any] | None = None,
     ) -> WorkflowRecord:
         """Fire the saga trigger for an outcome and persist it with its log, atomically.
@@ -710,14 +857,22 @@ class WorkflowRunner:
             if transition.trigger == "cancel_failed":  # kept apart: a later compensation error must not hide it
                 merged["cancel_error"] = saga.last_error
             updated = dataclasses.replace(
-                workflow, state=saga.state, replacement_id=saga.replacement_id,
-                last_error=saga.last_error, data=merged,
+                workflow,
+                state=saga.state,
+                replacement_id=saga.replacement_id,
+                last_error=saga.last_error,
+                data=merged,
                 attempts=workflow.attempts if attempts is None else attempts,
             )
         logs = [self._origin(workflow).log(transition), *(extra_logs or [])]
         await self._commit(Commit(workflow=updated, appointment=appointment, logs=logs))
-        log.info("workflow step", workflow_id=workflow.workflow_id, from_state=workflow.state,
-                 to_state=updated.state, replacement_id=updated.replacement_id)
+        log.info(
+            "workflow step",
+            workflow_id=workflow.workflow_id,
+            from_state=workflow.state,
+            to_state=updated.state,
+            replacement_id=updated.replacement_id,
+        )
         return dataclasses.replace(updated, version=workflow.version + 1)
 
     async def _commit(self, commit: Commit) -> None:
@@ -740,7 +895,6 @@ class WorkflowRunner:
         current = await self._store.get_workflow(workflow.workflow_id)
         if current is None or current.version != workflow.version:
             raise WorkflowBusy(f"workflow {workflow.workflow_id} was moved on by another runner")
-
 
 
 def merge_data(data: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -766,14 +920,14 @@ def result_of(command: Reassign, workflow: WorkflowRecord) -> CommandResult:
     replacement = workflow.data.get("replacement")
     if workflow.state == COMPLETED:
         outcome = workflow.data.get("outcome", "succeeded")
-        return result_for(command, outcome, reasons=reasons, appointment=replacement,
-                          workflow_id=workflow.workflow_id)
+        return result_for(command, outcome, reasons=reasons, appointment=replacement, workflow_id=workflow.workflow_id)
     if "replacement" not in reasons:  # the original could not be cancelled (not: the replacement changed)
         cancel_error = workflow.data.get("cancel_error") or workflow.last_error
         reasons["original"] = [cancel_error or "the original could not be cancelled"]
         if workflow.state == COMPENSATION_FAILED:
-            reasons["compensation"] = [f"{workflow.last_error}; parked in {COMPENSATION_FAILED}: "
-                                       "see appt sagas --stuck"]
+            reasons["compensation"] = [
+                f"{workflow.last_error}; parked in {COMPENSATION_FAILED}: see appt sagas --stuck"
+            ]
         elif workflow.replacement_id is None:
             reasons["compensation"] = ["nothing was booked, nothing to undo"]
         else:

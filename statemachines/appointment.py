@@ -51,9 +51,7 @@ __all__ = [
 MACHINE_STATES: tuple[str, ...] = (NEW, *STATES, DELETED)
 """Every state a model can be in; the initial pseudo-state first."""
 
-_SET_PATIENT_FROM = tuple(
-    state for state, fields in rules.WRITABLE_FIELDS.items() if "patient_id" in fields
-)
+_SET_PATIENT_FROM = tuple(state for state, fields in rules.WRITABLE_FIELDS.items() if "patient_id" in fields)
 _EDIT_FROM = tuple(rules.WRITABLE_FIELDS)
 
 
@@ -62,9 +60,7 @@ class Refused(Exception):
 
     def __init__(self, reasons: Reasons) -> None:
         self.reasons = reasons
-        super().__init__(
-            "; ".join(f"{name}: {', '.join(texts)}" for name, texts in reasons.items())
-        )
+        super().__init__("; ".join(f"{name}: {', '.join(texts)}" for name, texts in reasons.items()))
 
 
 @dataclass(frozen=True)
@@ -189,9 +185,7 @@ class Appointment:
         fields: dict[str, Any] = {"state": CANCELLED}
         if reason_id is not None:
             fields["appointment_cancellation_reason_id"] = reason_id
-        blank: Reasons = (
-            {} if reason.strip() else {"appointment_cancellation_reason_id": [rules.BLANK]}
-        )
+        blank: Reasons = {} if reason.strip() else {"appointment_cancellation_reason_id": [rules.BLANK]}
         self._refuse_if(rules.merge(self._reasons(fields), blank))
         return Write("cancel", fields, {"reason": reason.strip()})
 

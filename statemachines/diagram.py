@@ -32,9 +32,7 @@ def graph(machine_name: str) -> Graph:
     try:
         states, table = DEFINITIONS[machine_name]()
     except KeyError:
-        raise ValueError(
-            f"unknown machine {machine_name!r}; known: {', '.join(DEFINITIONS)}"
-        ) from None
+        raise ValueError(f"unknown machine {machine_name!r}; known: {', '.join(DEFINITIONS)}") from None
     edges, wildcard = _edges(table)
     return Graph(states, edges, wildcard)
 

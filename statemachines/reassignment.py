@@ -163,9 +163,7 @@ class Reassignment:
     def retry(self) -> Transition:
         return self._fire("retry")
 
-    def _fire(
-        self, trigger: str, *, replacement_id: int | None = None, reason: str | None = None
-    ) -> Transition:
+    def _fire(self, trigger: str, *, replacement_id: int | None = None, reason: str | None = None) -> Transition:
         """Move the machine, then record; an invalid outcome raises before anything changes."""
         before = self.state
         try:
@@ -208,9 +206,7 @@ def bound_reassignment(
     core = _SagaState()
     MACHINE.add_model(core, initial=state)
     try:
-        yield Reassignment(
-            workflow_id, appointment_id, new_patient_id, replacement_id, last_error, core
-        )
+        yield Reassignment(workflow_id, appointment_id, new_patient_id, replacement_id, last_error, core)
     finally:
         unbind(MACHINE, core)
 
@@ -233,8 +229,11 @@ class Slot:
 
 
 def slot_of(appointment: Mapping[str, Any]) -> Slot:
-    return Slot(appointment.get("practitioner_id"), _instant(appointment.get("start_time")),
-                _instant(appointment.get("finish_time")))
+    return Slot(
+        appointment.get("practitioner_id"),
+        _instant(appointment.get("start_time")),
+        _instant(appointment.get("finish_time")),
+    )
 
 
 def _instant(value: Any) -> datetime | None:

@@ -108,9 +108,7 @@ def write_reasons(state: str, patient_id: int | None, fields: Mapping[str, Any])
     return reasons
 
 
-def _field_reason(
-    state: str, patient_id: int | None, fields: Mapping[str, Any], name: str, value: Any
-) -> str | None:
+def _field_reason(state: str, patient_id: int | None, fields: Mapping[str, Any], name: str, value: Any) -> str | None:
     if name not in EDITABLE_FIELDS:
         return NOT_PERMITTED
     if name == "patient_id" and patient_id is not None and value != patient_id:

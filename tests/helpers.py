@@ -12,7 +12,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ async def eventually(
 
 def starts_in(days: float) -> dict[str, str]:
     """A 30-minute slot at 09:00 UTC ``days`` from today: inside the reconciler's windows."""
-    start = datetime.now(timezone.utc).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=days)
+    start = datetime.now(UTC).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=days)
     return {"start_time": start.isoformat(), "finish_time": (start + timedelta(minutes=30)).isoformat()}
 
 
@@ -58,8 +58,12 @@ async def run_appt(env: dict[str, str], *args: str, stdin: str = "", timeout: fl
     """`appt ARGS` as a child process with ``env`` over this one's (async: the test's event loop
     may be running the sandbox or a stack the command talks to)."""
     process = await asyncio.create_subprocess_exec(
-        str(APPT), *args, env={**os.environ, **env}, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(APPT),
+        *args,
+        env={**os.environ, **env},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(stdin.encode()), timeout)
     assert process.returncode is not None

@@ -69,8 +69,10 @@ class Stack:
     async def send(self, command: dict[str, Any]) -> str:
         command.setdefault("command_id", str(uuid.uuid4()))
         await self.broker.publish_inbound(
-            json.dumps(command).encode(), practice=command.get("practice", DEFAULT_PRACTICE),
-            appointment_id=command["appointment_id"], message_id=command["command_id"],
+            json.dumps(command).encode(),
+            practice=command.get("practice", DEFAULT_PRACTICE),
+            appointment_id=command["appointment_id"],
+            message_id=command["command_id"],
         )
         return str(command["command_id"])
 
@@ -80,11 +82,23 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def running_stack(
-    amqp_url: str, store_url: str, pms_url: str, *, partitions: int = 4, prefetch: int = 64,
-    max_deliveries: int = 5, retry_delay: float = 0.1, pms_retry_attempts: int = 3,
-    pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
-    practices: dict[str, PracticeConfig] | None = None, pms_max_retry_after: float = 60.0,
-    probe_interval: float = 0.2, workflow_deadline: float = 300.0, watch_interval: float | None = None,
+    amqp_url: str,
+    store_url: str,
+    pms_url: str,
+    *,
+    partitions: int = 4,
+    prefetch: int = 64,
+    max_deliveries: int = 5,
+    retry_delay: float = 0.1,
+    pms_retry_attempts: int = 3,
+    pms_timeout: float = 5.0,
+    pms_concurrency: int = 16,
+    compensation_backoff: float = 0.01,
+    practices: dict[str, PracticeConfig] | None = None,
+    pms_max_retry_after: float = 60.0,
+    probe_interval: float = 0.2,
+    workflow_deadline: float = 300.0,
+    watch_interval: float | None = None,
     broker_addresses: str | None = None,
 ) -> AsyncIterator[Stack]:
     """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token;
@@ -98,8 +112,15 @@ async def running_stack(
     registry = Practices(
         practices or {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token="sandbox-token")},
         lambda config, token: PmsClient(
-            config.pms_url, token, timeout=pms_timeout, retry_attempts=pms_retry_attempts,
-            backoff_base=0.01, max_backoff=0.1, concurrency=pms_concurrency, max_retry_after=pms_max_retry_after),
+            config.pms_url,
+            token,
+            timeout=pms_timeout,
+            retry_attempts=pms_retry_attempts,
+            backoff_base=0.01,
+            max_backoff=0.1,
+            concurrency=pms_concurrency,
+            max_retry_after=pms_max_retry_after,
+        ),
     )
     observer = Observer()
     connection = await aio_pika.connect_robust(amqp_url)
@@ -112,16 +133,27 @@ async def running_stack(
     dead = await channel.declare_queue("test.observer.dead", durable=True)
     await dead.bind(DEAD_EXCHANGE)
     await dead.consume(observer.on_dead)
-    workflows = WorkflowRunner(practices=registry, store=store, broker=broker,
-                               compensation_backoff=compensation_backoff, deadline=workflow_deadline)
-    worker = Worker(broker=broker, store=store, practices=registry, reassign=workflows.reassign,
-                    partitions=list(range(partitions)), max_deliveries=max_deliveries,
-                    retry_delay=retry_delay, probe_interval=probe_interval)
+    workflows = WorkflowRunner(
+        practices=registry,
+        store=store,
+        broker=broker,
+        compensation_backoff=compensation_backoff,
+        deadline=workflow_deadline,
+    )
+    worker = Worker(
+        broker=broker,
+        store=store,
+        practices=registry,
+        reassign=workflows.reassign,
+        partitions=list(range(partitions)),
+        max_deliveries=max_deliveries,
+        retry_delay=retry_delay,
+        probe_interval=probe_interval,
+    )
     await worker.start()
     await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
     stop = asyncio.Event()
-    resumer = asyncio.create_task(
-        Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
+    resumer = asyncio.create_task(Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
     watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
     try:
         yield Stack(broker, store, registry, worker, workflows, observer)

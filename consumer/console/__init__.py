@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -50,17 +50,20 @@ async def security_headers(request: web.Request, response: web.StreamResponse) -
 async def _context(request: web.Request) -> dict[str, object]:
     """What every template may use: the form's CSRF token, and whether to show the menu."""
     logged_in = auth.session_nonce(request) is not None
-    return {"csrf": auth.csrf_token(request) if logged_in else "", "logged_in": logged_in,
-            "path": request.path}
+    return {"csrf": auth.csrf_token(request) if logged_in else "", "logged_in": logged_in, "path": request.path}
 
 
 def console_app() -> web.Application:
     console = web.Application(middlewares=[require_login])
     console.on_response_prepare.append(security_headers)
     live.end_streams_on_shutdown(console)
-    env = aiohttp_jinja2.setup(console, loader=jinja2.FileSystemLoader(HERE / "templates"),
-                               autoescape=True, context_processors=[_context],
-                               undefined=jinja2.StrictUndefined)
+    env = aiohttp_jinja2.setup(
+        console,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        context_processors=[_context],
+        undefined=jinja2.StrictUndefined,
+    )
     env.filters.update(iso=_iso, utc=_utc, slug=_slug, svg=drawing.svg)
     router = console.router
     router.add_get("/", pages.overview, name="overview")
@@ -85,7 +88,7 @@ def _iso(t: datetime) -> str:
 
 
 def _utc(t: datetime) -> str:
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _slug(text: str) -> str:

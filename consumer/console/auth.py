@@ -41,8 +41,15 @@ def start_session(request: web.Request, response: web.StreamResponse) -> None:
     token = api_token(request)
     assert token
     nonce = secrets.token_urlsafe(18)
-    response.set_cookie(COOKIE, f"{nonce}.{_sign(token, 'session', nonce)}", path=COOKIE_PATH,
-                        max_age=SESSION_HOURS * 3600, secure=True, httponly=True, samesite="Strict")
+    response.set_cookie(
+        COOKIE,
+        f"{nonce}.{_sign(token, 'session', nonce)}",
+        path=COOKIE_PATH,
+        max_age=SESSION_HOURS * 3600,
+        secure=True,
+        httponly=True,
+        samesite="Strict",
+    )
 
 
 def end_session(response: web.StreamResponse) -> None:
@@ -76,6 +83,9 @@ async def check_action(request: web.Request) -> web.Response | None:
     form = await request.post()
     given = str(form.get(CSRF_FIELD, ""))
     if not same_origin(request) or not hmac.compare_digest(given.encode(), csrf_token(request).encode()):
-        return web.Response(status=403, text="refused: this action did not come from a console page "
-                                             "(missing or wrong CSRF token); reload the page and try again")
+        return web.Response(
+            status=403,
+            text="refused: this action did not come from a console page "
+            "(missing or wrong CSRF token); reload the page and try again",
+        )
     return None

@@ -4,7 +4,7 @@ same code as the `appt` verbs (``retry_saga``, ``replay_letter``), never a copy 
 from __future__ import annotations
 
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
@@ -48,8 +48,11 @@ def _next(request: web.Request) -> str:
 async def login(request: web.Request) -> web.StreamResponse:
     form = await request.post()
     if not auth.token_matches(request, str(form.get("token", ""))):
-        context = {"configured": bool(auth.api_token(request)), "next": _next(request),
-                   "error": "That token is not this service's APPT_API_TOKEN."}
+        context = {
+            "configured": bool(auth.api_token(request)),
+            "next": _next(request),
+            "error": "That token is not this service's APPT_API_TOKEN.",
+        }
         return aiohttp_jinja2.render_template("login.html", request, context, status=401)
     response = web.HTTPSeeOther(_next(request))
     auth.start_session(request, response)
@@ -85,8 +88,11 @@ def _related(records: list[StateLogRecord], appointment_id: int) -> list[int]:
             other = record.detail.get(key)
             if isinstance(other, int) and other != appointment_id and other not in found:
                 found.append(other)
-        if record.machine == "reassignment" and record.appointment_id != appointment_id \
-                and record.appointment_id not in found:
+        if (
+            record.machine == "reassignment"
+            and record.appointment_id != appointment_id
+            and record.appointment_id not in found
+        ):
             found.append(record.appointment_id)
     return found
 
@@ -99,9 +105,14 @@ async def appointment(request: web.Request) -> dict[str, Any]:
     records = [r async for r in iter_history(store, appointment_id)]
     if record is None and not records:
         raise web.HTTPNotFound(text=f"appointment {appointment_id} is not known to this service")
-    return {"appointment_id": appointment_id, "record": record, "records": records,
-            "related": _related(records, appointment_id),
-            "graph": graph("appointment"), "current": record.state if record else None}
+    return {
+        "appointment_id": appointment_id,
+        "record": record,
+        "records": records,
+        "related": _related(records, appointment_id),
+        "graph": graph("appointment"),
+        "current": record.state if record else None,
+    }
 
 
 @aiohttp_jinja2.template("workflows.html")
@@ -110,9 +121,10 @@ async def workflows(request: web.Request) -> dict[str, Any]:
     if state is not None and state not in WORKFLOW_STATES:
         raise web.HTTPBadRequest(text=f"unknown workflow state {state!r}")
     found = await _store(request).list_workflows(states=frozenset({state}) if state else None)
-    rows = sorted(((w, _stuck(request, w)) for w in found),
-                  key=lambda row: (not row[1], -(row[0].created_at or datetime.min.replace(tzinfo=timezone.utc))
-                                   .timestamp()))
+    rows = sorted(
+        ((w, _stuck(request, w)) for w in found),
+        key=lambda row: (not row[1], -(row[0].created_at or datetime.min.replace(tzinfo=UTC)).timestamp()),
+    )
     return {"rows": rows, "state": state, "states": WORKFLOW_STATES}
 
 
@@ -123,11 +135,19 @@ async def workflow(request: web.Request) -> dict[str, Any]:
     found = await store.get_workflow(workflow_id)
     if found is None:
         raise web.HTTPNotFound(text=f"no workflow {workflow_id}")
-    steps = [r async for r in iter_history(store, found.appointment_id)
-             if r.workflow_id == workflow_id and r.machine == "reassignment"]
-    return {"workflow": found, "stuck": _stuck(request, found), "records": steps,
-            "graph": graph("reassignment"), "current": found.state,
-            "message": request.query.get("message")}
+    steps = [
+        r
+        async for r in iter_history(store, found.appointment_id)
+        if r.workflow_id == workflow_id and r.machine == "reassignment"
+    ]
+    return {
+        "workflow": found,
+        "stuck": _stuck(request, found),
+        "records": steps,
+        "graph": graph("reassignment"),
+        "current": found.state,
+        "message": request.query.get("message"),
+    }
 
 
 async def retry_workflow(request: web.Request) -> web.StreamResponse:
@@ -135,16 +155,16 @@ async def retry_workflow(request: web.Request) -> web.StreamResponse:
     workflow_id = request.match_info["workflow_id"]
     settings = request.config_dict[SETTINGS_KEY]
     try:
-        outcome = await retry_saga(settings, _store(request), request.config_dict[BROKER_KEY],
-                                   request.config_dict[PRACTICES_KEY], workflow_id)
+        outcome = await retry_saga(
+            settings, _store(request), request.config_dict[BROKER_KEY], request.config_dict[PRACTICES_KEY], workflow_id
+        )
     except LookupError as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
     except PmsError as exc:
         message = f"not retried: the PMS answered: {exc}"
     else:
         message = outcome.note or f"retried: now {outcome.workflow.state}"
-    raise web.HTTPSeeOther(request.app.router["workflow"].url_for(workflow_id=workflow_id)
-                           .with_query(message=message))
+    raise web.HTTPSeeOther(request.app.router["workflow"].url_for(workflow_id=workflow_id).with_query(message=message))
 
 
 @aiohttp_jinja2.template("dead.html")
@@ -153,8 +173,11 @@ async def dead_letters(request: web.Request) -> dict[str, Any]:
     groups: dict[str, list[Any]] = {}
     for letter in letters:
         groups.setdefault(reason_group(letter.reason), []).append(letter)
-    return {"groups": sorted(groups.items(), key=lambda g: -len(g[1])), "count": len(letters),
-            "message": request.query.get("message")}
+    return {
+        "groups": sorted(groups.items(), key=lambda g: -len(g[1])),
+        "count": len(letters),
+        "message": request.query.get("message"),
+    }
 
 
 @aiohttp_jinja2.template("dead_letter.html")

@@ -2,8 +2,8 @@
 
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import (
-    NotFound,
     Misconfigured,
+    NotFound,
     PmsError,
     RateLimited,
     Rejected,

@@ -245,9 +245,15 @@ class PmsClient:
         """
         if not 0 < per_page <= MAX_PER_PAGE:
             raise ValueError(f"per_page must be in 1..{MAX_PER_PAGE}")
-        given = {"after": after, "before": before, "cancelled": "true" if cancelled else None,
-                 "updated_after": updated_after, "patient_id": patient_id,
-                 "practitioner_id": practitioner_id, "per_page": per_page}
+        given = {
+            "after": after,
+            "before": before,
+            "cancelled": "true" if cancelled else None,
+            "updated_after": updated_after,
+            "patient_id": patient_id,
+            "practitioner_id": practitioner_id,
+            "per_page": per_page,
+        }
         params = {name: str(value) for name, value in given.items() if value is not None}
         found: list[PmsAppointment] = []
         page = 1
@@ -265,13 +271,19 @@ class PmsClient:
         return _appointment(body)
 
     async def update_appointment(
-        self, appointment_id: int, fields: dict[str, Any], *,
+        self,
+        appointment_id: int,
+        fields: dict[str, Any],
+        *,
         before_retry: Callable[[], Awaitable[None]] | None = None,
     ) -> PmsAppointment:
         """``before_retry`` is awaited before each retry, after the backoff: a caller whose write
         depends on something else can look again, and raise to abandon the write."""
         body = await self._retried(
-            "PUT", UPDATE_ROUTE, f"/appointments/{appointment_id}", json={"appointment": fields},
+            "PUT",
+            UPDATE_ROUTE,
+            f"/appointments/{appointment_id}",
+            json={"appointment": fields},
             before_retry=before_retry,
         )
         return _appointment(body)
@@ -306,12 +318,18 @@ class PmsClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = aiohttp.ClientSession(
-                headers=self._headers, timeout=self._timeout, trace_configs=tracing.client_trace_configs())
+                headers=self._headers, timeout=self._timeout, trace_configs=tracing.client_trace_configs()
+            )
         return self._session
 
     async def _retried(
-        self, method: str, route: str, path: str, *,
-        before_retry: Callable[[], Awaitable[None]] | None = None, **kwargs: Any,
+        self,
+        method: str,
+        route: str,
+        path: str,
+        *,
+        before_retry: Callable[[], Awaitable[None]] | None = None,
+        **kwargs: Any,
     ) -> Any:
         def before_sleep(state: RetryCallState) -> None:
             self.retries += 1
@@ -393,8 +411,11 @@ def _error(status: int, headers: Headers, body: Any, route: str) -> PmsError:
         return Rejected(message, dict(error.get("params") or {}), body=body)
     if status == 404:
         return NotFound(message, status=status, body=body)
-    if status == 429 or (status == 403 and error.get("type") == "invalid_access_error"
-                         and "rate limit" in str(error.get("message", "")).lower()):
+    if status == 429 or (
+        status == 403
+        and error.get("type") == "invalid_access_error"
+        and "rate limit" in str(error.get("message", "")).lower()
+    ):
         wait = retry_after_seconds(headers, time.time())
         return RateLimited(message, status=status, retry_after=wait if wait is not None else 1.0, body=body)
     if status == 403 and "User-Agent" in str(body):

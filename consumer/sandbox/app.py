@@ -16,7 +16,8 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import date, datetime, time as clock_time, timedelta
+from datetime import date, datetime, timedelta
+from datetime import time as clock_time
 from typing import Any
 
 from aiohttp import web
@@ -29,8 +30,7 @@ HANG_SECONDS = 60.0
 DEFAULT_PER_PAGE = 25
 MAX_PER_PAGE = 100  # over it, the live PMS silently answers DEFAULT_PER_PAGE rows
 USER_AGENT_REFUSAL = (
-    "Request forbidden by administrative rules. "
-    "Please make sure your request has an acceptable User-Agent header."
+    "Request forbidden by administrative rules. Please make sure your request has an acceptable User-Agent header."
 )
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -229,14 +229,18 @@ async def list_appointments(request: web.Request) -> web.Response:
     per_page = _per_page(query, reasons)
     if reasons:
         raise _rejected(reasons, "request")
-    found = request.app[STATE].query(after=after, before=before, updated_after=updated_after,
-                                      patient_id=patient_id, practitioner_id=practitioner_id,
-                                      include_cancelled=query.get("cancelled") == "true")
+    found = request.app[STATE].query(
+        after=after,
+        before=before,
+        updated_after=updated_after,
+        patient_id=patient_id,
+        practitioner_id=practitioner_id,
+        include_cancelled=query.get("cancelled") == "true",
+    )
     total_pages = max(1, -(-len(found) // per_page))
     body = {
-        "appointments": found[(page - 1) * per_page: page * per_page],
-        "meta": {"total": len(found), "current_page": page,
-                 "total_pages": total_pages, "per_page": per_page},
+        "appointments": found[(page - 1) * per_page : page * per_page],
+        "meta": {"total": len(found), "current_page": page, "total_pages": total_pages, "per_page": per_page},
     }
     return web.json_response(body)
 
@@ -346,16 +350,22 @@ class RunningSandbox:
 
 @contextlib.asynccontextmanager
 async def running_sandbox(
-    *, host: str = "127.0.0.1", port: int = 0, token: str = "sandbox-token", rate_limit: int = 3600,
-    updated_after_honoured: bool = False, delete_mode: DeleteMode = "cancel",
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str = "sandbox-token",
+    rate_limit: int = 3600,
+    updated_after_honoured: bool = False,
+    delete_mode: DeleteMode = "cancel",
 ) -> AsyncIterator[RunningSandbox]:
     """Serve a fresh sandbox for the duration of the block (``port=0``: any free port).
 
     Handlers are cancelled when their client goes away, so a hung request
     (``timeout_next``) does not hold up shutdown for its full minute.
     """
-    state = SandboxState(token=token, rate_limit=rate_limit,
-                         updated_after_honoured=updated_after_honoured, delete_mode=delete_mode)
+    state = SandboxState(
+        token=token, rate_limit=rate_limit, updated_after_honoured=updated_after_honoured, delete_mode=delete_mode
+    )
     runner = web.AppRunner(make_app(state), handler_cancellation=True, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
@@ -368,15 +378,23 @@ async def running_sandbox(
 
 
 async def serve_sandbox(
-    host: str, port: int, *, token: str = "sandbox-token", updated_after_honoured: bool = False,
+    host: str,
+    port: int,
+    *,
+    token: str = "sandbox-token",
+    updated_after_honoured: bool = False,
     delete_mode: DeleteMode = "cancel",
 ) -> None:
     """Run the sandbox until cancelled (``appt sandbox``)."""
-    async with running_sandbox(host=host, port=port, token=token, updated_after_honoured=updated_after_honoured,
-                               delete_mode=delete_mode) as sandbox:
+    async with running_sandbox(
+        host=host, port=port, token=token, updated_after_honoured=updated_after_honoured, delete_mode=delete_mode
+    ) as sandbox:
         # One line for the person who started it: where, with which token and modes, where the knobs are.
-        print(f"appt sandbox: PMS sandbox listening on {sandbox.url} (API {sandbox.url}/v1, "
-              f"token {sandbox.state.token!r}, updated_after {'honoured' if updated_after_honoured else 'ignored'}, "
-              f"DELETE {delete_mode}s; knobs: POST {sandbox.url}/_sandbox/<knob>, e.g. /_sandbox/seed)",
-              file=sys.stderr, flush=True)
+        print(
+            f"appt sandbox: PMS sandbox listening on {sandbox.url} (API {sandbox.url}/v1, "
+            f"token {sandbox.state.token!r}, updated_after {'honoured' if updated_after_honoured else 'ignored'}, "
+            f"DELETE {delete_mode}s; knobs: POST {sandbox.url}/_sandbox/<knob>, e.g. /_sandbox/seed)",
+            file=sys.stderr,
+            flush=True,
+        )
         await asyncio.Event().wait()

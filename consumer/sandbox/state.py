@@ -12,7 +12,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from consumer.sandbox import rules
@@ -68,8 +68,12 @@ class SandboxState:
     DELETE cancels (both as reported by integrators); tests run the other way too."""
 
     def __init__(
-        self, *, token: str = "sandbox-token", rate_limit: int = 3600,
-        updated_after_honoured: bool = False, delete_mode: DeleteMode = "cancel",
+        self,
+        *,
+        token: str = "sandbox-token",
+        rate_limit: int = 3600,
+        updated_after_honoured: bool = False,
+        delete_mode: DeleteMode = "cancel",
     ) -> None:
         self._defaults = (token, rate_limit, updated_after_honoured, delete_mode)
         self.webhooks = WebhookSender()
@@ -98,7 +102,7 @@ class SandboxState:
         """Everything back to empty defaults (subscribers included)."""
         self._appointments: dict[int, dict[str, Any]] = {}
         self._next_id = FIRST_ID
-        self._last_stamp = datetime.fromtimestamp(0, timezone.utc)
+        self._last_stamp = datetime.fromtimestamp(0, UTC)
         self._faults: dict[str, deque[Fault]] = {}
         self._behind_back: dict[int, list[_BehindBack]] = {}
         self._call_hooks: dict[int, list[Callable[[], None]]] = {}
@@ -241,17 +245,21 @@ class SandboxState:
         1013 that the SMS service auto-confirms just before the client's next PUT."""
         if name != "seed":
             raise ValueError(f"unknown fixture {name!r}")
-        tomorrow = (datetime.now(timezone.utc) + timedelta(days=1)).date()
-        start = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 9, tzinfo=timezone.utc)
-        seeded = self.seed([{
-            "id": SEED_APPOINTMENT_ID,
-            "patient_id": 1013,
-            "practitioner_id": 1,
-            "start_time": rules.format_time(start),
-            "finish_time": rules.format_time(start + timedelta(minutes=30)),
-            "reason": "Exam",
-            "state": rules.PENDING,
-        }])
+        tomorrow = (datetime.now(UTC) + timedelta(days=1)).date()
+        start = datetime(tomorrow.year, tomorrow.month, tomorrow.day, 9, tzinfo=UTC)
+        seeded = self.seed(
+            [
+                {
+                    "id": SEED_APPOINTMENT_ID,
+                    "patient_id": 1013,
+                    "practitioner_id": 1,
+                    "start_time": rules.format_time(start),
+                    "finish_time": rules.format_time(start + timedelta(minutes=30)),
+                    "reason": "Exam",
+                    "state": rules.PENDING,
+                }
+            ]
+        )
         self.change_behind_back(SEED_APPOINTMENT_ID, {"state": rules.CONFIRMED}, before_next="PUT")
         return seeded
 
@@ -379,7 +387,7 @@ class SandboxState:
 
     def _stamp(self) -> str:
         """Strictly increasing times (to the millisecond, as the live PMS stamps them)."""
-        now = rules.next_millisecond(datetime.now(timezone.utc), self._last_stamp)
+        now = rules.next_millisecond(datetime.now(UTC), self._last_stamp)
         self._last_stamp = now
         return rules.format_time(now)
 

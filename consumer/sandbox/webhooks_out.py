@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -47,7 +47,7 @@ class Message:
 def make_message(event_type: str, appointment: dict[str, Any]) -> Message:
     payload = {
         "type": event_type,
-        "timestamp": datetime.now(timezone.utc).isoformat(),
+        "timestamp": datetime.now(UTC).isoformat(),
         "data": {"appointment": appointment},
     }
     return Message(
@@ -155,9 +155,7 @@ class WebhookSender:
 
     async def _attempt(self, subscriber: Subscriber, message: Message, attempt: int) -> bool:
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT)
-            )
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=ATTEMPT_TIMEOUT))
         timestamp = int(time.time())
         headers = {
             "content-type": "application/json",
@@ -173,7 +171,6 @@ class WebhookSender:
         except (TimeoutError, aiohttp.ClientError) as exc:
             error = repr(exc)
         self.deliveries.append(
-            Delivery(subscriber.url, message.webhook_id, message.type,
-                     message.appointment_id, attempt, status, error)
+            Delivery(subscriber.url, message.webhook_id, message.type, message.appointment_id, attempt, status, error)
         )
         return 200 <= status < 300

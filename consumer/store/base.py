@@ -209,9 +209,7 @@ class Store(Protocol):
 
     async def get_workflow(self, workflow_id: str) -> WorkflowRecord | None: ...
 
-    async def active_workflow(
-        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
-    ) -> WorkflowRecord | None:
+    async def active_workflow(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> WorkflowRecord | None:
         """The unfinished workflow on this original appointment, if any."""
 
     async def list_workflows(
@@ -290,8 +288,11 @@ async def records_of(
     store: Store, appointment_id: int, message_id: str, practice: str = DEFAULT_PRACTICE
 ) -> list[StateLogRecord]:
     """The state-log records one message (a command or an event id) produced, in seq order."""
-    return [r async for r in iter_history(store, appointment_id, practice=practice)
-            if message_id in (r.command_id, r.webhook_id)]
+    return [
+        r
+        async for r in iter_history(store, appointment_id, practice=practice)
+        if message_id in (r.command_id, r.webhook_id)
+    ]
 
 
 def _split_schema(url: str) -> tuple[str, str | None]:

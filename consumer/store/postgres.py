@@ -100,8 +100,7 @@ class PostgresStore:
             written = [await _append_log(conn, record) for record in commit.logs]
             if commit.inbox is not None:
                 await conn.execute(
-                    "INSERT INTO inbox (practice, message_id, result, processed_at)"
-                    " VALUES ($1, $2, $3, now())",
+                    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())",
                     commit.inbox.practice,
                     commit.inbox.message_id,
                     None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
@@ -110,20 +109,19 @@ class PostgresStore:
                 await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
         return written
 
-    async def get_appointment(
-        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
-    ) -> AppointmentRecord | None:
+    async def get_appointment(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> AppointmentRecord | None:
         row = await self._fetchrow(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
-            " WHERE practice = $1 AND appointment_id = $2",
-            practice, appointment_id,
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE practice = $1 AND appointment_id = $2",
+            practice,
+            appointment_id,
         )
         return None if row is None else schema.appointment_from_row(row)
 
     async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None:
         row = await self._fetchrow(
             "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
-            practice, message_id,
+            practice,
+            message_id,
         )
         return None if row is None else schema.inbox_from_row(row)
 
@@ -157,13 +155,12 @@ class PostgresStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(
-        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
-    ) -> WorkflowRecord | None:
+    async def active_workflow(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> WorkflowRecord | None:
         row = await self._fetchrow(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
             f" WHERE practice = $2 AND appointment_id = $1 AND state NOT IN {schema.TERMINAL_SQL}",
-            appointment_id, practice,
+            appointment_id,
+            practice,
         )
         return None if row is None else schema.workflow_from_row(row)
 
@@ -199,14 +196,21 @@ class PostgresStore:
                 "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
                 " correlation_id, replay, reason, parked_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now())"
                 " ON CONFLICT (practice, message_id) DO NOTHING",
-                message.practice, message.appointment_id, message.message_id, message.body,
-                message.reply_to, message.correlation_id, message.replay, message.reason,
+                message.practice,
+                message.appointment_id,
+                message.message_id,
+                message.body,
+                message.reply_to,
+                message.correlation_id,
+                message.replay,
+                message.reason,
             )
 
     async def parked_head(self, practice: str, appointment_id: int) -> tuple[int, str] | None:
         row = await self._fetchrow(
             "SELECT seq, message_id FROM parked WHERE practice = $1 AND appointment_id = $2 ORDER BY seq LIMIT 1",
-            practice, appointment_id,
+            practice,
+            appointment_id,
         )
         return None if row is None else (int(row["seq"]), str(row["message_id"]))
 
@@ -220,7 +224,9 @@ class PostgresStore:
             " SELECT seq FROM parked WHERE practice = $1 AND (handed_back_at IS NULL OR handed_back_at < $2)"
             " ORDER BY seq LIMIT $3 FOR UPDATE SKIP LOCKED)"
             f" RETURNING {schema.PARKED_COLUMNS}",
-            practice, schema.utc(not_since), limit,
+            practice,
+            schema.utc(not_since),
+            limit,
         )
         return sorted((schema.parked_from_row(row) for row in rows), key=lambda m: m.seq)
 
@@ -268,20 +274,20 @@ class PostgresStore:
         self, letter: DeadLetter, answer: InboxEntry | None = None, latest: InboxEntry | None = None
     ) -> Collected:
         async with self._connection() as conn, conn.transaction():
-            status = await conn.execute(
-                schema.numbered(schema.INSERT_DEAD_SQL), *schema.dead_values(letter, utcnow()))
+            status = await conn.execute(schema.numbered(schema.INSERT_DEAD_SQL), *schema.dead_values(letter, utcnow()))
             new = status.endswith(" 1")
             if answer is not None:
                 await _write_inbox(conn, schema.INSERT_INBOX_IF_ABSENT_SQL, answer)
             if new and latest is not None:
                 await _write_inbox(conn, schema.UPSERT_INBOX_SQL, latest)
-            row = await conn.fetchrow(
-                f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = $1", letter.key)
+            row = await conn.fetchrow(f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = $1", letter.key)
             entry = None
             if answer is not None:
                 found = await conn.fetchrow(
                     "SELECT practice, message_id, result FROM inbox WHERE practice = $1 AND message_id = $2",
-                    answer.practice, answer.message_id)
+                    answer.practice,
+                    answer.message_id,
+                )
                 entry = schema.inbox_from_row(found)
         return Collected(schema.dead_letter_from_row(row), new, entry)
 
@@ -314,9 +320,7 @@ class PostgresStore:
                     continue
                 for statement in statements:
                     await conn.execute(statement)
-                await conn.execute(
-                    "INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", number
-                )
+                await conn.execute("INSERT INTO schema_version (version, applied_at) VALUES ($1, now())", number)
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -372,9 +376,7 @@ async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord
         record.version,
     )
     if status != "UPDATE 1":
-        raise StaleVersion(
-            f"appointment {record.appointment_id} is not at version {record.version}"
-        )
+        raise StaleVersion(f"appointment {record.appointment_id} is not at version {record.version}")
 
 
 async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from pydantic_core import to_json
@@ -37,6 +37,7 @@ INBOX_NAMESPACES = """UPDATE inbox SET message_id = CASE
         WHEN message_id LIKE 'reconcile:%' THEN 'reconcile:'
         ELSE 'webhook:' END || message_id"""
 
+
 @dataclass(frozen=True)
 class Prunable:
     """A table the pruner shortens: rows older than a cutoff go, oldest first, unless ``keep`` holds.
@@ -52,19 +53,26 @@ class Prunable:
 
 # In the order the pruner visits them: expired history leases go first, so a
 # lease still present when the state log is pruned is a live one.
-PRUNABLE: dict[str, Prunable] = {rule.table: rule for rule in (
-    Prunable("history_reads", "read_at"),
-    Prunable("inbox", "processed_at"),
-    Prunable("workflows", "updated_at", keep=f"state NOT IN {TERMINAL_SQL}"),
-    Prunable("state_log", "time", keep=(
-        # the records of a workflow still running (its redelivery re-publishes them) ...
-        "EXISTS (SELECT 1 FROM workflows w WHERE w.workflow_id = state_log.workflow_id"
-        f" AND w.state NOT IN {TERMINAL_SQL})"
-        # ... and of an appointment whose history someone is paging through
-        " OR EXISTS (SELECT 1 FROM history_reads h"
-        " WHERE h.appointment_id IN (state_log.appointment_id, state_log.related_appointment_id))"
-    )),
-)}
+PRUNABLE: dict[str, Prunable] = {
+    rule.table: rule
+    for rule in (
+        Prunable("history_reads", "read_at"),
+        Prunable("inbox", "processed_at"),
+        Prunable("workflows", "updated_at", keep=f"state NOT IN {TERMINAL_SQL}"),
+        Prunable(
+            "state_log",
+            "time",
+            keep=(
+                # the records of a workflow still running (its redelivery re-publishes them) ...
+                "EXISTS (SELECT 1 FROM workflows w WHERE w.workflow_id = state_log.workflow_id"
+                f" AND w.state NOT IN {TERMINAL_SQL})"
+                # ... and of an appointment whose history someone is paging through
+                " OR EXISTS (SELECT 1 FROM history_reads h"
+                " WHERE h.appointment_id IN (state_log.appointment_id, state_log.related_appointment_id))"
+            ),
+        ),
+    )
+}
 
 SQLITE_MIGRATIONS: list[list[str]] = [
     [
@@ -366,8 +374,8 @@ LOG_COLUMNS = (
 def utc(value: datetime) -> datetime:
     """Naive datetimes are taken as UTC, so nothing depends on the host's zone."""
     if value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 def sqlite_time(value: datetime) -> str:
@@ -418,9 +426,20 @@ def insert_log_sql(placeholders: list[str]) -> str:
 def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
     """Values in ``INSERT_LOG_COLUMNS`` order; ``time`` already in the driver's form."""
     return (
-        time, record.practice, record.appointment_id, related_appointment_id(record), record.machine,
-        record.from_state, record.to_state, record.trigger, record.source, record.command_id,
-        record.webhook_id, record.workflow_id, record.correlation_id, dumps(record.detail),
+        time,
+        record.practice,
+        record.appointment_id,
+        related_appointment_id(record),
+        record.machine,
+        record.from_state,
+        record.to_state,
+        record.trigger,
+        record.source,
+        record.command_id,
+        record.webhook_id,
+        record.workflow_id,
+        record.correlation_id,
+        dumps(record.detail),
     )
 
 
@@ -474,16 +493,19 @@ def log_from_row(row: Row) -> StateLogRecord:
     )
 
 
-PARKED_COLUMNS = (
-    "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, replay, reason"
-)
+PARKED_COLUMNS = "seq, practice, appointment_id, message_id, body, reply_to, correlation_id, replay, reason"
 
 
 def parked_from_row(row: Row) -> ParkedMessage:
     return ParkedMessage(
-        seq=row["seq"], practice=row["practice"], appointment_id=row["appointment_id"],
-        message_id=row["message_id"], body=bytes(row["body"]),
-        reply_to=row["reply_to"], correlation_id=row["correlation_id"], replay=row["replay"],
+        seq=row["seq"],
+        practice=row["practice"],
+        appointment_id=row["appointment_id"],
+        message_id=row["message_id"],
+        body=bytes(row["body"]),
+        reply_to=row["reply_to"],
+        correlation_id=row["correlation_id"],
+        replay=row["replay"],
         reason=row["reason"],
     )
 
@@ -517,9 +539,21 @@ COUNT_DEAD_SQL = "SELECT reason_class, count(*) AS n FROM dead_letters WHERE sta
 def dead_values(letter: DeadLetter, dead_at: Any) -> tuple[Any, ...]:
     """Values for ``INSERT_DEAD_SQL``; ``dead_at`` already in the driver's form."""
     return (
-        letter.key, letter.reason, letter.reason_class, letter.deliveries, letter.replay,
-        letter.command_id, letter.type, letter.appointment_id, letter.practice, letter.routing_key,
-        letter.message_id, letter.correlation_id, letter.reply_to, dumps(letter.headers), letter.body,
+        letter.key,
+        letter.reason,
+        letter.reason_class,
+        letter.deliveries,
+        letter.replay,
+        letter.command_id,
+        letter.type,
+        letter.appointment_id,
+        letter.practice,
+        letter.routing_key,
+        letter.message_id,
+        letter.correlation_id,
+        letter.reply_to,
+        dumps(letter.headers),
+        letter.body,
         dead_at,
     )
 

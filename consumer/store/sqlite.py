@@ -103,12 +103,9 @@ class SqliteStore:
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         return await self._in_transaction(partial(_commit, commit=commit))
 
-    async def get_appointment(
-        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
-    ) -> AppointmentRecord | None:
+    async def get_appointment(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> AppointmentRecord | None:
         row = await self._fetchone(
-            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments"
-            " WHERE practice = ? AND appointment_id = ?",
+            f"SELECT {schema.APPOINTMENT_COLUMNS} FROM appointments WHERE practice = ? AND appointment_id = ?",
             (practice, appointment_id),
         )
         return None if row is None else schema.appointment_from_row(row)
@@ -145,9 +142,7 @@ class SqliteStore:
         )
         return None if row is None else schema.workflow_from_row(row)
 
-    async def active_workflow(
-        self, appointment_id: int, practice: str = DEFAULT_PRACTICE
-    ) -> WorkflowRecord | None:
+    async def active_workflow(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> WorkflowRecord | None:
         row = await self._fetchone(
             f"SELECT {schema.WORKFLOW_COLUMNS} FROM workflows"
             f" WHERE practice = ? AND appointment_id = ? AND state NOT IN {schema.TERMINAL_SQL}",
@@ -192,8 +187,17 @@ class SqliteStore:
                 "INSERT INTO parked (practice, appointment_id, message_id, body, reply_to,"
                 " correlation_id, replay, reason, parked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (practice, message_id) DO NOTHING",
-                (message.practice, message.appointment_id, message.message_id, message.body,
-                 message.reply_to, message.correlation_id, message.replay, message.reason, _now()),
+                (
+                    message.practice,
+                    message.appointment_id,
+                    message.message_id,
+                    message.body,
+                    message.reply_to,
+                    message.correlation_id,
+                    message.replay,
+                    message.reason,
+                    _now(),
+                ),
             )
 
         await self._in_transaction(write)
@@ -215,15 +219,15 @@ class SqliteStore:
                 " AND (handed_back_at IS NULL OR handed_back_at < ?) ORDER BY seq LIMIT ?",
                 (practice, schema.sqlite_time(not_since), limit),
             ).fetchall()
-            db.executemany("UPDATE parked SET handed_back_at = ? WHERE seq = ?",
-                           [(_now(), row["seq"]) for row in rows])
+            db.executemany("UPDATE parked SET handed_back_at = ? WHERE seq = ?", [(_now(), row["seq"]) for row in rows])
             return [schema.parked_from_row(row) for row in rows]
 
         return await self._in_transaction(take)
 
     async def keep_parked(self, seq: int) -> None:
         await self._in_transaction(
-            lambda db: db.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = ?", (seq,)))
+            lambda db: db.execute("UPDATE parked SET handed_back_at = NULL WHERE seq = ?", (seq,))
+        )
 
     async def parked_counts(self) -> dict[str, int]:
         rows = await self._fetchall("SELECT practice, COUNT(*) AS n FROM parked GROUP BY practice", ())
@@ -371,9 +375,7 @@ def _add_dead_letter(
         _write_inbox(db, schema.INSERT_INBOX_IF_ABSENT_SQL, answer)
     if new and latest is not None:
         _write_inbox(db, schema.UPSERT_INBOX_SQL, latest)
-    row = db.execute(
-        f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = ?", (letter.key,)
-    ).fetchone()
+    row = db.execute(f"SELECT {schema.DEAD_COLUMNS} FROM dead_letters WHERE dead_key = ?", (letter.key,)).fetchone()
     entry = None
     if answer is not None:
         found = db.execute(
@@ -389,10 +391,7 @@ def _write_inbox(db: Connection, sql: str, entry: InboxEntry) -> None:
 
 
 def _apply_migrations(db: Connection) -> None:
-    db.execute(
-        "CREATE TABLE IF NOT EXISTS schema_version"
-        " (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
-    )
+    db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
     row = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()
     current = int(row[0]) if row is not None else 0
     for number, statements in enumerate(schema.SQLITE_MIGRATIONS, start=1):
@@ -400,9 +399,7 @@ def _apply_migrations(db: Connection) -> None:
             continue
         for statement in statements:
             db.execute(statement)
-        db.execute(
-            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, _now())
-        )
+        db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (number, _now()))
 
 
 def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
@@ -430,9 +427,7 @@ def _write_appointment(db: Connection, record: AppointmentRecord) -> None:
         (*values, record.version),
     )
     if cursor.rowcount != 1:
-        raise StaleVersion(
-            f"appointment {record.appointment_id} is not at version {record.version}"
-        )
+        raise StaleVersion(f"appointment {record.appointment_id} is not at version {record.version}")
 
 
 def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
@@ -473,7 +468,8 @@ def _write_workflow(db: Connection, record: WorkflowRecord) -> None:
 
 def _append_log(db: Connection, record: StateLogRecord) -> StateLogRecord:
     cursor = db.execute(
-        schema.insert_log_sql(["?"] * schema.LOG_VALUE_COUNT), schema.log_values(record, schema.sqlite_time(record.time))
+        schema.insert_log_sql(["?"] * schema.LOG_VALUE_COUNT),
+        schema.log_values(record, schema.sqlite_time(record.time)),
     )
     return record.model_copy(update={"seq": cursor.lastrowid})
 

@@ -64,14 +64,25 @@ class Console:
         return page
 
     async def seed(self, appointment_id: int, days: float, patient_id: int | None = ORIGINAL_PATIENT) -> None:
-        await self.sandbox.knob("seed", appointments=[{
-            "id": appointment_id, "patient_id": patient_id, "practitioner_id": 11, "reason": "Exam",
-            "state": "Pending", **starts_in(days)}])
+        await self.sandbox.knob(
+            "seed",
+            appointments=[
+                {
+                    "id": appointment_id,
+                    "patient_id": patient_id,
+                    "practitioner_id": 11,
+                    "reason": "Exam",
+                    "state": "Pending",
+                    **starts_in(days),
+                }
+            ],
+        )
 
     async def send(self, command: dict[str, Any]) -> str:
         command_id = command.setdefault("command_id", uuid.uuid4().hex)
-        await self.broker.publish_inbound(json.dumps(command).encode(), appointment_id=command["appointment_id"],
-                                          message_id=command_id)
+        await self.broker.publish_inbound(
+            json.dumps(command).encode(), appointment_id=command["appointment_id"], message_id=command_id
+        )
         return str(command_id)
 
     async def sandbox_row(self, appointment_id: int) -> dict[str, Any] | None:
@@ -96,8 +107,14 @@ async def console(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Con
     vhost = make_vhost()
     amqp_url = f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}"
     sandbox = SandboxProcess(tmp).start()
-    env = service_env(pms_url=sandbox.url, store=f"sqlite:///{tmp / 'appt.sqlite3'}", amqp_url=amqp_url,
-                      APPT_API_TOKEN=TOKEN, APPT_MAX_DELIVERIES="2", APPT_PMS_RETRY_ATTEMPTS="1")
+    env = service_env(
+        pms_url=sandbox.url,
+        store=f"sqlite:///{tmp / 'appt.sqlite3'}",
+        amqp_url=amqp_url,
+        APPT_API_TOKEN=TOKEN,
+        APPT_MAX_DELIVERIES="2",
+        APPT_PMS_RETRY_ATTEMPTS="1",
+    )
     service = ServiceProcess(env, tmp)
     broker = Broker(amqp_url)
     try:
@@ -133,7 +150,11 @@ async def test_logging_in_sets_a_secure_http_only_strict_cookie(console: Console
     await expect(page.get_by_role("heading", name="Reassignment workflows")).to_be_visible()
     [cookie] = await page.context.cookies()
     assert (cookie["httpOnly"], cookie["secure"], cookie["sameSite"], cookie["path"]) == (
-        True, True, "Strict", "/console")
+        True,
+        True,
+        "Strict",
+        "/console",
+    )
     assert TOKEN not in cookie["value"]
     # Everything the pages load comes from the service itself (no CDN), and the policy says so.
     assert requested and all(url.startswith(console.service.url + "/console") for url in requested)
@@ -162,8 +183,9 @@ async def test_missing_or_wrong_credentials_and_forged_actions_are_refused(conso
         assert refused.status == 403 and "CSRF" in await refused.text()
     retry = await page.request.post(console.url + "workflows/any/retry", form={"csrf": "0"})
     assert retry.status == 403
-    cross_site = await page.request.post(console.url + "dead", form={"action": "purge", "id": "1"},
-                                         headers={"Origin": "http://evil.example"})
+    cross_site = await page.request.post(
+        console.url + "dead", form={"action": "purge", "id": "1"}, headers={"Origin": "http://evil.example"}
+    )
     assert cross_site.status == 403
 
 
@@ -204,13 +226,17 @@ async def test_a_reassignment_shows_two_linked_timelines(console: Console) -> No
     await expect(page.locator("svg.machine .state.current")).to_have_text("Cancelled")
     await console.screenshot(page, "console-appointment.png")
 
-    await page.get_by_role("navigation", name="Reassignment").get_by_role(
-        "link", name=f"appointment {replacement_id}").click()
+    await (
+        page.get_by_role("navigation", name="Reassignment")
+        .get_by_role("link", name=f"appointment {replacement_id}")
+        .click()
+    )
     await expect(page.get_by_role("heading", name=f"Appointment {replacement_id}")).to_be_visible()
     replacement = page.get_by_role("list", name=f"State log of appointment {replacement_id}")
     await expect(replacement).to_contain_text("replacement_created")
-    await expect(page.get_by_role("navigation", name="Reassignment").get_by_role(
-        "link", name="appointment 7201")).to_be_visible()
+    await expect(
+        page.get_by_role("navigation", name="Reassignment").get_by_role("link", name="appointment 7201")
+    ).to_be_visible()
 
 
 async def _state_is(console: Console, appointment_id: int, state: str) -> bool:

@@ -15,7 +15,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -27,7 +27,7 @@ from consumer.messages import DEFAULT_PRACTICE
 from consumer.store.base import Store
 
 LONG = os.environ.get("APPT_CHAOS_LONG") == "1"
-BASE_START = datetime(2031, 3, 3, 8, 0, tzinfo=timezone.utc)
+BASE_START = datetime(2031, 3, 3, 8, 0, tzinfo=UTC)
 
 # Long runs take minutes; the short ones stay under pytest's default 120 s.
 chaos_marks = [pytest.mark.chaos, pytest.mark.timeout(1800 if LONG else 120)]
@@ -47,12 +47,17 @@ def seed_slots(sandbox: Any, count: int, *, first_id: int = 1001) -> list[int]:
     appointments = []
     for index in range(count):
         start = BASE_START + timedelta(minutes=30 * index)
-        appointments.append({
-            "id": first_id + index, "practitioner_id": 1 + index % 3,
-            "patient_id": None if index % 3 == 0 else 1000 + index,
-            "start_time": _iso(start), "finish_time": _iso(start + timedelta(minutes=30)),
-            "reason": "Exam", "state": "Pending",
-        })
+        appointments.append(
+            {
+                "id": first_id + index,
+                "practitioner_id": 1 + index % 3,
+                "patient_id": None if index % 3 == 0 else 1000 + index,
+                "start_time": _iso(start),
+                "finish_time": _iso(start + timedelta(minutes=30)),
+                "reason": "Exam",
+                "state": "Pending",
+            }
+        )
     return [a["id"] for a in sandbox.state.seed(appointments)]
 
 
@@ -62,8 +67,11 @@ def random_command(rng: random.Random, appointment_ids: list[int], *, reassign: 
     if reassign:
         kinds += ["reassign"] * 2
     kind = rng.choice(kinds)
-    command: dict[str, Any] = {"type": kind, "appointment_id": rng.choice(appointment_ids),
-                               "command_id": f"{kind}-{uuid.uuid4().hex[:12]}"}
+    command: dict[str, Any] = {
+        "type": kind,
+        "appointment_id": rng.choice(appointment_ids),
+        "command_id": f"{kind}-{uuid.uuid4().hex[:12]}",
+    }
     if kind == "edit_notes":
         command["notes"] = f"note {rng.randrange(10**6)}"
     elif kind == "cancel":
@@ -91,8 +99,12 @@ async def publish_until_confirmed(broker: Broker, command: dict[str, Any], *, gi
     deadline = asyncio.get_running_loop().time() + give_up
     while True:
         try:
-            await broker.publish_inbound(body, practice=command.get("practice", DEFAULT_PRACTICE),
-                                         appointment_id=command["appointment_id"], message_id=command["command_id"])
+            await broker.publish_inbound(
+                body,
+                practice=command.get("practice", DEFAULT_PRACTICE),
+                appointment_id=command["appointment_id"],
+                message_id=command["command_id"],
+            )
             return
         # ChannelInvalidStateError escapes Broker._publish during an outage (a RuntimeError,
         # not an AMQPError): reported as a bug; tolerated here so the load goes on.
@@ -131,8 +143,7 @@ class Collector:
 
     def diverging(self) -> list[str]:
         """Commands with two *different* results: never allowed."""
-        return [c for c, found in self.results.items()
-                if len({json.dumps(r, sort_keys=True) for r in found}) > 1]
+        return [c for c, found in self.results.items() if len({json.dumps(r, sort_keys=True) for r in found}) > 1]
 
     def anomalies(self) -> int:
         return sum(1 for record in self.logs if (record.get("detail") or {}).get("anomaly"))
@@ -174,8 +185,12 @@ async def applied_twice(store: Store, appointment_ids: list[int]) -> list[str]:
         after = 0
         while page := await store.history(appointment_id, after_seq=after, limit=500):
             for record in page:
-                if (record.source == "command" and record.trigger != "reconcile" and record.command_id
-                        and record.appointment_id == appointment_id):
+                if (
+                    record.source == "command"
+                    and record.trigger != "reconcile"
+                    and record.command_id
+                    and record.appointment_id == appointment_id
+                ):
                     seen[record.command_id] += 1
             after = page[-1].seq or after
     return [command_id for command_id, count in seen.items() if count > 1]
@@ -199,8 +214,13 @@ async def orphan_replacements(sandbox: Any, store: Store) -> list[int]:
             continue
         workflow = await store.get_workflow(workflow_id)
         original = sandbox.state.get(workflow.appointment_id) if workflow else None
-        if (workflow is None or workflow.state != "completed" or workflow.replacement_id != appointment["id"]
-                or original is None or original["state"] != "Cancelled"):
+        if (
+            workflow is None
+            or workflow.state != "completed"
+            or workflow.replacement_id != appointment["id"]
+            or original is None
+            or original["state"] != "Cancelled"
+        ):
             orphans.append(appointment["id"])
     return orphans
 

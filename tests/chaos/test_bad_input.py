@@ -41,9 +41,15 @@ pytestmark = chaos_marks
 
 SECRET = "whsec_" + base64.b64encode(b"chaos-secret-of-24-bytes").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"not-the-configured-secret").decode()
-APPOINTMENT = {"id": 1001, "patient_id": 1000, "practitioner_id": 1, "state": "Pending",
-               "start_time": "2031-03-03T08:00:00Z", "finish_time": "2031-03-03T08:30:00Z",
-               "updated_at": "2026-01-01T00:00:00Z"}
+APPOINTMENT = {
+    "id": 1001,
+    "patient_id": 1000,
+    "practitioner_id": 1,
+    "state": "Pending",
+    "start_time": "2031-03-03T08:00:00Z",
+    "finish_time": "2031-03-03T08:30:00Z",
+    "updated_at": "2026-01-01T00:00:00Z",
+}
 
 
 @dataclass
@@ -57,8 +63,13 @@ class Service:
 async def service(amqp_url: str, tmp_path: Path, sandbox: Any) -> AsyncIterator[Service]:
     """What `appt serve` runs (HTTP + worker), in-process, on a free port."""
     config = load_settings(
-        amqp_url=amqp_url, store=f"sqlite:///{tmp_path / 'appt.sqlite3'}", pms_url=sandbox.url,
-        webhook_secrets=[SECRET], http_port=free_port(), retry_delay=0.1, reconcile_interval=0,
+        amqp_url=amqp_url,
+        store=f"sqlite:///{tmp_path / 'appt.sqlite3'}",
+        pms_url=sandbox.url,
+        webhook_secrets=[SECRET],
+        http_port=free_port(),
+        retry_delay=0.1,
+        reconcile_interval=0,
     )
     async with collecting(amqp_url) as collector:
         runner = web.AppRunner(create_app(config, service_resources(config)), access_log=None)
@@ -74,15 +85,20 @@ async def service(amqp_url: str, tmp_path: Path, sandbox: Any) -> AsyncIterator[
 
 
 def webhook(event_type: str = "appointment.updated", **fields: Any) -> bytes:
-    return json.dumps({"type": event_type, "timestamp": "2031-01-01T00:00:00Z",
-                       "data": {"appointment": {**APPOINTMENT, **fields}}}).encode()
+    return json.dumps(
+        {"type": event_type, "timestamp": "2031-01-01T00:00:00Z", "data": {"appointment": {**APPOINTMENT, **fields}}}
+    ).encode()
 
 
 def signed(body: bytes, *, secret: str = SECRET, age: int = 0, msg_id: str | None = None) -> dict[str, str]:
     msg_id = msg_id or f"msg_{os.urandom(8).hex()}"
     timestamp = int(time.time()) - age
-    return {"webhook-id": msg_id, "webhook-timestamp": str(timestamp),
-            "webhook-signature": sign(secret, msg_id, timestamp, body), "content-type": "application/json"}
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+        "content-type": "application/json",
+    }
 
 
 def webhook_corpus() -> list[tuple[str, bytes, dict[str, str], int]]:
@@ -120,9 +136,7 @@ def webhook_corpus() -> list[tuple[str, bytes, dict[str, str], int]]:
     return corpus
 
 
-async def test_webhook_corpus_gets_clear_4xx_never_5xx_and_the_receiver_goes_on(
-    service: Service, sandbox: Any
-) -> None:
+async def test_webhook_corpus_gets_clear_4xx_never_5xx_and_the_receiver_goes_on(service: Service, sandbox: Any) -> None:
     corpus = webhook_corpus()
     answers: list[tuple[str, int, int, str]] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
@@ -145,8 +159,10 @@ async def test_webhook_corpus_gets_clear_4xx_never_5xx_and_the_receiver_goes_on(
     await asyncio.sleep(0.5)  # let the replay be processed too
     # A redelivery republishes the same records (same seq): observers dedupe by seq.
     applied = {r["seq"] for r in service.collector.logs if r.get("webhook_id") == replay["webhook-id"]}
-    print(f"\nchaos webhook_corpus items={len(corpus)} clear_4xx={len(corpus) - len(wrong)} "
-          f"5xx={len(server_errors)} wrong={len(wrong)} replay={statuses} replay_applied={len(applied)}")
+    print(
+        f"\nchaos webhook_corpus items={len(corpus)} clear_4xx={len(corpus) - len(wrong)} "
+        f"5xx={len(server_errors)} wrong={len(wrong)} replay={statuses} replay_applied={len(applied)}"
+    )
     assert wrong == [], wrong
     assert statuses == [202, 202] and len(applied) == 1
 
@@ -158,20 +174,27 @@ async def test_a_202_webhook_near_the_size_limit_is_applied_not_dead_lettered(se
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
         async with session.post(f"{service.url}/webhooks/pms", data=body, headers=headers) as response:
             assert response.status == 202
-    await eventually(lambda: any(r.get("webhook_id") == headers["webhook-id"] for r in service.collector.logs),
-                     timeout=20)
+    await eventually(
+        lambda: any(r.get("webhook_id") == headers["webhook-id"] for r in service.collector.logs), timeout=20
+    )
     assert service.collector.dead == {}
 
 
 def close_vhost_connections(amqp_url: str) -> int:
     """Drop this test's broker connections only (other tests share the broker)."""
     vhost = amqp_url.rsplit("/", 1)[1]
-    listed = subprocess.run(["rabbitmqctl", "list_connections", "pid", "vhost", "-q", "--no-table-headers"],
-                            check=True, capture_output=True, text=True, timeout=60).stdout
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_connections", "pid", "vhost", "-q", "--no-table-headers"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     pids = [line.split()[0] for line in listed.splitlines() if line.split()[1:] == [vhost]]
     for pid in pids:
-        subprocess.run(["rabbitmqctl", "close_connection", pid, "chaos: broker connection lost"],
-                       capture_output=True, timeout=60)
+        subprocess.run(
+            ["rabbitmqctl", "close_connection", pid, "chaos: broker connection lost"], capture_output=True, timeout=60
+        )
     return len(pids)
 
 
@@ -184,8 +207,10 @@ async def test_webhooks_during_a_lost_broker_connection_get_503_never_500(servic
             async with session.post(f"{service.url}/webhooks/pms", data=body, headers=signed(body)) as response:
                 statuses.append(response.status)
             await asyncio.sleep(0.1)
-    print(f"\nchaos webhook_broker_lost closed_connections={closed} answers={sorted(set(statuses))} "
-          f"5xx_not_503={sum(s >= 500 and s != 503 for s in statuses)}")
+    print(
+        f"\nchaos webhook_broker_lost closed_connections={closed} answers={sorted(set(statuses))} "
+        f"5xx_not_503={sum(s >= 500 and s != 503 for s in statuses)}"
+    )
     assert set(statuses) <= {202, 503}, statuses
 
 
@@ -214,8 +239,10 @@ def inbound_corpus() -> list[tuple[str, bytes]]:
         ("nesting 30 000 deep", b"[" * 30_000 + b"]" * 30_000),
         ("event without appointment id", json.dumps({**EVENT, "appointment": {}}).encode()),
         ("event with appointment id 'abc'", json.dumps({**EVENT, "appointment": {"id": "abc"}}).encode()),
-        ("event of unknown type", json.dumps({**EVENT, "type": "appointment.exploded",
-                                              "appointment": APPOINTMENT}).encode()),
+        (
+            "event of unknown type",
+            json.dumps({**EVENT, "type": "appointment.exploded", "appointment": APPOINTMENT}).encode(),
+        ),
     ]
 
 
@@ -238,37 +265,73 @@ async def test_inbound_corpus_is_dead_lettered_at_once_with_a_reason(service: Se
     dead = service.collector.dead
     await eventually(lambda: "good-after-corpus" in service.collector.results, timeout=30)
     await eventually(lambda: len(dead) >= len(corpus), timeout=30)
-    unclear = {name: dead.get(f"bad-{i}") for i, (name, _) in enumerate(corpus)
-               if not dead.get(f"bad-{i}") or dead[f"bad-{i}"].startswith("gave up")}
-    print(f"\nchaos inbound_corpus items={len(corpus)} dead={len(dead)} unclear={len(unclear)} "
-          f"good_after={service.collector.results['good-after-corpus'][0]['outcome']}")
+    unclear = {
+        name: dead.get(f"bad-{i}")
+        for i, (name, _) in enumerate(corpus)
+        if not dead.get(f"bad-{i}") or dead[f"bad-{i}"].startswith("gave up")
+    }
+    print(
+        f"\nchaos inbound_corpus items={len(corpus)} dead={len(dead)} unclear={len(unclear)} "
+        f"good_after={service.collector.results['good-after-corpus'][0]['outcome']}"
+    )
     assert unclear == {}, f"invalid input must be dead-lettered at once with its reason: {unclear}"
     assert service.collector.results["good-after-corpus"][0]["outcome"] == "succeeded"
 
 
 # ---- property-based: arbitrary JSON-ish bodies on the inbound exchange -----------------
 
-FIELDS = ("type", "command_id", "appointment_id", "patient_id", "reason", "notes", "correlation_id",
-          "event_id", "source", "appointment", "received_at", "extra")
-TYPES = (*COMMAND_TYPES, "appointment.created", "appointment.updated", "appointment.state_changed",
-         "appointment.deleted", "teleport")
-scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats()
-           | st.text(max_size=12) | st.sampled_from(TYPES))
+FIELDS = (
+    "type",
+    "command_id",
+    "appointment_id",
+    "patient_id",
+    "reason",
+    "notes",
+    "correlation_id",
+    "event_id",
+    "source",
+    "appointment",
+    "received_at",
+    "extra",
+)
+TYPES = (
+    *COMMAND_TYPES,
+    "appointment.created",
+    "appointment.updated",
+    "appointment.state_changed",
+    "appointment.deleted",
+    "teleport",
+)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats()
+    | st.text(max_size=12)
+    | st.sampled_from(TYPES)
+)
 json_values = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=8,
 )
 # Up to the store's 64-bit limit; beyond it see test_ids_beyond_64_bits_are_invalid_not_transient.
 ids = st.integers(-3, 3000) | st.integers(2**62, 2**63 - 1)
 appointments = st.fixed_dictionaries(
     {"id": ids | scalars},
-    optional={"state": st.sampled_from(("Pending", "Confirmed", "Cancelled", "Gone")) | scalars,
-              "patient_id": ids | scalars, "notes": scalars,
-              "updated_at": st.sampled_from(("2026-01-01T00:00:00Z", "yesterday")) | scalars},
+    optional={
+        "state": st.sampled_from(("Pending", "Confirmed", "Cancelled", "Gone")) | scalars,
+        "patient_id": ids | scalars,
+        "notes": scalars,
+        "updated_at": st.sampled_from(("2026-01-01T00:00:00Z", "yesterday")) | scalars,
+    },
 )
-EXTRA = {"cancel": ("reason", st.sampled_from(("Patient cancelled", "Bored", "")) | scalars),
-         "edit_notes": ("notes", st.text(max_size=12) | scalars),
-         "set_patient": ("patient_id", ids | scalars), "reassign": ("patient_id", ids | scalars)}
+EXTRA = {
+    "cancel": ("reason", st.sampled_from(("Patient cancelled", "Bored", "")) | scalars),
+    "edit_notes": ("notes", st.text(max_size=12) | scalars),
+    "set_patient": ("patient_id", ids | scalars),
+    "reassign": ("patient_id", ids | scalars),
+}
 
 
 def command_of(kind: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -279,10 +342,14 @@ def command_of(kind: str) -> st.SearchStrategy[dict[str, Any]]:
     return st.fixed_dictionaries(fields)
 
 
-events = st.fixed_dictionaries({
-    "type": st.sampled_from(TYPES[len(COMMAND_TYPES):]), "event_id": st.text(min_size=1, max_size=8),
-    "source": st.sampled_from(("webhook", "reconcile")), "appointment": appointments,
-})
+events = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(TYPES[len(COMMAND_TYPES) :]),
+        "event_id": st.text(min_size=1, max_size=8),
+        "source": st.sampled_from(("webhook", "reconcile")),
+        "appointment": appointments,
+    }
+)
 
 
 def mutate(drawn: tuple[dict[str, Any], str, Any, str]) -> dict[str, Any]:
@@ -295,8 +362,12 @@ def mutate(drawn: tuple[dict[str, Any], str, Any, str]) -> dict[str, Any]:
     return message
 
 
-messages = st.tuples(st.sampled_from(COMMAND_TYPES).flatmap(command_of) | events, st.sampled_from(FIELDS),
-                     json_values, st.sampled_from(("keep", "keep", "drop", "set"))).map(mutate)
+messages = st.tuples(
+    st.sampled_from(COMMAND_TYPES).flatmap(command_of) | events,
+    st.sampled_from(FIELDS),
+    json_values,
+    st.sampled_from(("keep", "keep", "drop", "set")),
+).map(mutate)
 bodies = st.one_of(
     messages.map(lambda m: json.dumps(m).encode()),
     messages.map(lambda m: json.dumps(m).encode()),
@@ -311,8 +382,7 @@ def generated_bodies(count: int) -> list[bytes]:
     """Draw ``count`` bodies from hypothesis up front, so one stack runs them all as a batch."""
     drawn: list[bytes] = []
 
-    @settings(max_examples=count, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(bodies)
     def draw(body: bytes) -> None:
         drawn.append(body)
@@ -364,21 +434,34 @@ async def test_arbitrary_bodies_each_get_a_result_or_a_reason_and_the_worker_goe
         if "silent" not in outcomes or asyncio.get_running_loop().time() > deadline:
             break
         await asyncio.sleep(0.2)
-    print(f"\nchaos property_inbound examples={len(corpus)} dead={outcomes.count('dead')} "
-          f"processed={outcomes.count('processed')} silent={outcomes.count('silent')} "
-          f"dead_without_reason={outcomes.count('dead without reason')} "
-          f"gave_up={sum(r.startswith('gave up') for r in reasons.values())}")
-    unclear = [(body, outcome) for (_, body), outcome in zip(corpus, outcomes, strict=True) if outcome not in ("dead", "processed")]
+    print(
+        f"\nchaos property_inbound examples={len(corpus)} dead={outcomes.count('dead')} "
+        f"processed={outcomes.count('processed')} silent={outcomes.count('silent')} "
+        f"dead_without_reason={outcomes.count('dead without reason')} "
+        f"gave_up={sum(r.startswith('gave up') for r in reasons.values())}"
+    )
+    unclear = [
+        (body, outcome)
+        for (_, body), outcome in zip(corpus, outcomes, strict=True)
+        if outcome not in ("dead", "processed")
+    ]
     assert unclear == []
-    gave_up = {body: reasons[f"bad-{i}"] for i, (_, body) in enumerate(corpus)
-               if reasons.get(f"bad-{i}", "").startswith("gave up")}
+    gave_up = {
+        body: reasons[f"bad-{i}"]
+        for i, (_, body) in enumerate(corpus)
+        if reasons.get(f"bad-{i}", "").startswith("gave up")
+    }
     assert gave_up == {}, f"invalid bodies retried as if transient: {gave_up}"
 
 
 async def test_ids_beyond_64_bits_are_invalid_not_transient(stack: Stack, sandbox: Any, amqp_url: str) -> None:
     seed_slots(sandbox, 1)
-    huge = [("appointment id 2**70", json.dumps({"type": "confirm", "appointment_id": 2**70,
-                                                 "command_id": "huge-1"}).encode())]
+    huge = [
+        (
+            "appointment id 2**70",
+            json.dumps({"type": "confirm", "appointment_id": 2**70, "command_id": "huge-1"}).encode(),
+        )
+    ]
     await publish_raw(amqp_url, huge, lambda index: "1")
 
     await eventually(lambda: stack.observer.dead, timeout=30)

@@ -79,16 +79,17 @@ async def test_broker_restart_under_load_loses_nothing_and_applies_nothing_twice
             await eventually(lambda: len(stack.observer.results) >= len(sent) // 3 and sent, timeout=30)
             await restart_broker(node, rng.uniform(1.0, 3.0))
         await sending
-        await eventually(lambda: set(stack.observer.results) | dead_ids(stack) >= set(sent),
-                         timeout=scaled(90, 300))
+        await eventually(lambda: set(stack.observer.results) | dead_ids(stack) >= set(sent), timeout=scaled(90, 300))
     finally:
         sending.cancel()
         lost = [c for c in sent if c not in stack.observer.results]
         twice = await applied_twice(stack.store, ids)
         repeats = sum(n - 1 for n in stack.observer.result_counts.values())
-        print(f"\nchaos broker_restart restarts={restarts} commands={len(sent)} "
-              f"results={len(stack.observer.results)} lost={len(lost)} dead={len(stack.observer.dead)} "
-              f"applied_twice={len(twice)} duplicated={repeats}")
+        print(
+            f"\nchaos broker_restart restarts={restarts} commands={len(sent)} "
+            f"results={len(stack.observer.results)} lost={len(lost)} dead={len(stack.observer.dead)} "
+            f"applied_twice={len(twice)} duplicated={repeats}"
+        )
     assert lost == [], f"commands without a result: {lost[:10]}; dead: {reasons(stack)}"
     assert twice == []
 

@@ -102,11 +102,13 @@ async def test_full_disk_under_load_holds_messages_and_resumes_when_space_return
         with contextlib.suppress(FileNotFoundError):
             filler.unlink()
 
-    print(f"\nchaos disk_full disk=tmpfs:{DISK_SIZE} filled_bytes={filled} full_for_s={DOWN_FOR} "
-          f"commands={len(sent)} results={len(collector.results)} answered_while_full={answered_while_full} "
-          f"lost={figures['lost']} applied_twice={figures['applied_twice']} dead={figures['dead']} "
-          f"duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
-          f"readyz_503_while_full={not_ready_seen} recovery_s={recovery:.1f} seed={seed}")
+    print(
+        f"\nchaos disk_full disk=tmpfs:{DISK_SIZE} filled_bytes={filled} full_for_s={DOWN_FOR} "
+        f"commands={len(sent)} results={len(collector.results)} answered_while_full={answered_while_full} "
+        f"lost={figures['lost']} applied_twice={figures['applied_twice']} dead={figures['dead']} "
+        f"duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
+        f"readyz_503_while_full={not_ready_seen} recovery_s={recovery:.1f} seed={seed}"
+    )
     assert figures["details"] == {}, figures["details"]
     assert not_ready_seen and held, "503 and an error line while the disk is full"
     assert not restarted_service, "resumed without a service restart (no crash loop)"

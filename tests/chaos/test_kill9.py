@@ -62,12 +62,17 @@ async def north() -> AsyncIterator[Any]:
 def practices_file(path: Path, pms: Any, north: Any) -> Path:
     path.write_text(
         f'[practices.default]\npms_url = "{pms.url}"\ntoken = "sandbox-token"\nwebhook_secrets = ["{SECRET}"]\n\n'
-        f'[practices.north]\npms_url = "{north.url}"\ntoken = "north-token"\nwebhook_secrets = ["{SECRET}"]\n')
+        f'[practices.north]\npms_url = "{north.url}"\ntoken = "north-token"\nwebhook_secrets = ["{SECRET}"]\n'
+    )
     return path
 
 
 async def mixed_load(
-    broker: Broker, sandboxes: dict[str, Any], ids: list[int], rng: random.Random, sent: list[str],
+    broker: Broker,
+    sandboxes: dict[str, Any],
+    ids: list[int],
+    rng: random.Random,
+    sent: list[str],
     stop: asyncio.Event,
 ) -> None:
     """Commands on the queue and PMS-side changes (which the PMS announces by webhook), one in
@@ -113,9 +118,15 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
     assert seed_slots(north, len(ids)) == ids
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
     # Catch-up polling every 2 s: part of the chaos, and what heals a webhook lost in a kill.
-    env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
-                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5",
-                      APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)))
+    env = service_env(
+        pms_url=pms.url,
+        store=store_url,
+        amqp_url=amqp_url,
+        APPT_RECONCILE_INTERVAL="2",
+        APPT_LOG_LEVEL="WARNING",
+        APPT_PMS_TIMEOUT="5",
+        APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)),
+    )
     service = ServiceProcess(env, tmp_path)
     pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
     north.state.subscribe(f"{service.url}/webhooks/pms/north", SECRET)
@@ -138,8 +149,15 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
             stop.set()
             await load
 
-            settled = await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
-                                   store, timeout=scaled(90, 400), north=north)
+            settled = await settle(
+                collector,
+                sent,
+                pms,
+                AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
+                store,
+                timeout=scaled(90, 400),
+                north=north,
+            )
             await service.terminate()
             figures = await final_figures(collector, sent, pms, store, ids)
             figures["details"].update(await north_details(north, store))
@@ -149,16 +167,24 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
         await broker.close()
 
     print(f"\n{service.tail(15)}" if not settled else "")
-    print(f"chaos kill9 practices=2 trials={trials} commands={len(sent)} unanswered_at_kills={unanswered_at_kills} events={figures['events']} "
-          f"lost={figures['lost']} duplicated={figures['duplicated']} dead={figures['dead']} "
-          f"diverging={figures['diverging']} applied_twice={figures['applied_twice']} "
-          f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
-          f"orphans={figures['orphans']} anomalies={figures['anomalies']} sagas={figures['sagas']} seed={seed}")
+    print(
+        f"chaos kill9 practices=2 trials={trials} commands={len(sent)} unanswered_at_kills={unanswered_at_kills} events={figures['events']} "
+        f"lost={figures['lost']} duplicated={figures['duplicated']} dead={figures['dead']} "
+        f"diverging={figures['diverging']} applied_twice={figures['applied_twice']} "
+        f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
+        f"orphans={figures['orphans']} anomalies={figures['anomalies']} sagas={figures['sagas']} seed={seed}"
+    )
     assert figures["details"] == {}, figures["details"]
 
 
 async def settle(
-    collector: Collector, sent: list[str], pms: Any, reconcile: AppProcess, store: Any, *, timeout: float,
+    collector: Collector,
+    sent: list[str],
+    pms: Any,
+    reconcile: AppProcess,
+    store: Any,
+    *,
+    timeout: float,
     north: Any,
 ) -> bool:
     """Wait for every result, every webhook delivered, one `appt reconcile`, then the store to agree."""
@@ -168,8 +194,10 @@ async def settle(
     deleted = _deleted_ids(pms)
 
     async def agreed() -> bool:
-        return not (await state_mismatches(pms, store, deleted)
-                    or await state_mismatches(north, store, _deleted_ids(north), "north"))
+        return not (
+            await state_mismatches(pms, store, deleted)
+            or await state_mismatches(north, store, _deleted_ids(north), "north")
+        )
 
     return answered and delivered and await wait_for(agreed, 30)
 
@@ -187,9 +215,7 @@ async def north_details(north: Any, store: Any) -> dict[str, Any]:
     return {name: found for name, found in details.items() if found}
 
 
-async def final_figures(
-    collector: Collector, sent: list[str], pms: Any, store: Any, ids: list[int]
-) -> dict[str, Any]:
+async def final_figures(collector: Collector, sent: list[str], pms: Any, store: Any, ids: list[int]) -> dict[str, Any]:
     touched = sorted({*ids, *(a["id"] for a in pms.state.all_appointments()), *_deleted_ids(pms)})
     details = {
         "lost": collector.lost(sent),

@@ -66,10 +66,12 @@ async def test_pms_faults_at_20_percent_every_command_ends_loudly(stack: Stack, 
         outcomes = Counter(r["outcome"] for r in stack.observer.results.values())
         dead = {str(m.message_id): str((m.headers or {}).get(REASON_HEADER) or "") for m in stack.observer.dead}
         silent = set(sent) - ended(stack)
-        print(f"\nchaos pms_faults commands={len(sent)} requests={len(sandbox.state.calls)} "
-              f"faults={sum(injected.values())} ({dict(injected)}) succeeded={outcomes['succeeded']} "
-              f"rejected={outcomes['rejected']} failed={outcomes['failed']} dead={len(dead)} "
-              f"silent={len(silent)}")
+        print(
+            f"\nchaos pms_faults commands={len(sent)} requests={len(sandbox.state.calls)} "
+            f"faults={sum(injected.values())} ({dict(injected)}) succeeded={outcomes['succeeded']} "
+            f"rejected={outcomes['rejected']} failed={outcomes['failed']} dead={len(dead)} "
+            f"silent={len(silent)}"
+        )
     assert not silent
     assert set(stack.observer.results) == set(sent), "every command, dead-lettered ones too, has a result"
     unexplained = [r for r in stack.observer.results.values() if r["outcome"] != "succeeded" and not r["reasons"]]

@@ -41,26 +41,48 @@ DOWN_FOR = 8.0
 __all__ = ["north", "pms"]  # the fixtures, shared with the kill -9 test
 
 
-def kill9_service(store_url: str, amqp_url: str, tmp_path: Path, pms: Any, north: Any
-                  ) -> tuple[list[int], dict[str, str], ServiceProcess]:
+def kill9_service(
+    store_url: str, amqp_url: str, tmp_path: Path, pms: Any, north: Any
+) -> tuple[list[int], dict[str, str], ServiceProcess]:
     """The kill -9 test's two practices (seeded alike, webhooks subscribed), served by an
     `appt serve` on ``store_url``: its appointment ids, environment and process."""
     ids = seed_slots(pms, scaled(16, 60))
     assert seed_slots(north, len(ids)) == ids
-    env = service_env(pms_url=pms.url, store=store_url, amqp_url=amqp_url, APPT_RECONCILE_INTERVAL="2",
-                      APPT_LOG_LEVEL="WARNING", APPT_PMS_TIMEOUT="5",
-                      APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)))
+    env = service_env(
+        pms_url=pms.url,
+        store=store_url,
+        amqp_url=amqp_url,
+        APPT_RECONCILE_INTERVAL="2",
+        APPT_LOG_LEVEL="WARNING",
+        APPT_PMS_TIMEOUT="5",
+        APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)),
+    )
     service = ServiceProcess(env, tmp_path)
     pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
     north.state.subscribe(f"{service.url}/webhooks/pms/north", SECRET)
     return ids, env, service
 
 
-async def settled_figures(collector: Any, sent: list[str], pms: Any, north: Any, store: Any, ids: list[int],
-                          env: dict[str, str], tmp_path: Path) -> dict[str, Any]:
+async def settled_figures(
+    collector: Any,
+    sent: list[str],
+    pms: Any,
+    north: Any,
+    store: Any,
+    ids: list[int],
+    env: dict[str, str],
+    tmp_path: Path,
+) -> dict[str, Any]:
     """The kill -9 test's settle and end-state figures, both practices' invariants in ``details``."""
-    await settle(collector, sent, pms, AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
-                 store, timeout=scaled(90, 300), north=north)
+    await settle(
+        collector,
+        sent,
+        pms,
+        AppProcess(["reconcile"], env, tmp_path, "reconcile", ""),
+        store,
+        timeout=scaled(90, 300),
+        north=north,
+    )
     figures = await final_figures(collector, sent, pms, store, ids)
     figures["details"].update(await north_details(north, store))
     return figures
@@ -116,12 +138,14 @@ async def test_postgres_restart_under_load_costs_latency_never_a_message(
         await broker.close()
         await asyncio.to_thread(cluster.remove)
 
-    print(f"\nchaos postgres_restart restarts={restarts} commands={len(sent)} "
-          f"results={len(collector.results)} lost={figures['lost']} applied_twice={figures['applied_twice']} "
-          f"dead={figures['dead']} duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
-          f"double_bookings={figures['double_bookings']} orphans={figures['orphans']} "
-          f"readyz_503_while_down={sum(not_ready_seen)}/{restarts} "
-          f"recovery_s={','.join(f'{r:.1f}' for r in recovery)} seed={seed}")
+    print(
+        f"\nchaos postgres_restart restarts={restarts} commands={len(sent)} "
+        f"results={len(collector.results)} lost={figures['lost']} applied_twice={figures['applied_twice']} "
+        f"dead={figures['dead']} duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
+        f"double_bookings={figures['double_bookings']} orphans={figures['orphans']} "
+        f"readyz_503_while_down={sum(not_ready_seen)}/{restarts} "
+        f"recovery_s={','.join(f'{r:.1f}' for r in recovery)} seed={seed}"
+    )
     assert figures["details"] == {}, figures["details"]
     assert all(not_ready_seen), "/readyz answered 503 during every outage"
     assert len(recovery) == restarts and not restarted_service, "ready again without a service restart"

@@ -77,7 +77,11 @@ class AppProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **env_overrides}
         with self.log_path.open("wb") as log:
             self._process = subprocess.Popen(
-                [str(APPT), *self.args], env=env, cwd=self.log_dir, stdout=log, stderr=subprocess.STDOUT,
+                [str(APPT), *self.args],
+                env=env,
+                cwd=self.log_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         return self
 
@@ -166,8 +170,9 @@ class SandboxProcess(AppProcess):
         """``options``: more ``appt sandbox`` flags, e.g. ``"--delete", "remove"``."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        super().__init__(["sandbox", "--port", str(self.port), *options], {}, log_dir, name,
-                         f"{self.url}/_sandbox/appointments")
+        super().__init__(
+            ["sandbox", "--port", str(self.port), *options], {}, log_dir, name, f"{self.url}/_sandbox/appointments"
+        )
 
     async def knob(self, name: str, **body: Any) -> Any:
         """``POST /_sandbox/<name>``, e.g. ``knob("refuse_cancel", appointment_id=7)``; its result."""

@@ -25,7 +25,7 @@ import os
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,18 @@ COMPENSATION_FAILPOINTS = frozenset({"before_remove_replacement", "after_remove_
 MOVED_ORIGINAL_FAILPOINTS = frozenset({"after_move_replacement"})  # reached when the original moves mid-saga
 RANDOM_TRIALS = 16
 MAX_KILL_DELAY = 0.3
-OUTSIDE_CHANGES = ("original moved", "original confirmed", "original cancelled", "original deleted",
-                   "replacement cancelled", "replacement deleted", "replacement moved")
+OUTSIDE_CHANGES = (
+    "original moved",
+    "original confirmed",
+    "original cancelled",
+    "original deleted",
+    "replacement cancelled",
+    "replacement deleted",
+    "replacement moved",
+)
 SANDBOX_LATENCY = 0.02
 RESULT_TIMEOUT = 20.0
-FIRST_SLOT = datetime(2031, 1, 6, 8, 0, tzinfo=timezone.utc)
+FIRST_SLOT = datetime(2031, 1, 6, 8, 0, tzinfo=UTC)
 PRACTITIONER, ORIGINAL_PATIENT, NEW_PATIENT = 3, 1013, 2001
 
 
@@ -133,17 +140,27 @@ async def sandbox_process(tmp_path: Path) -> AsyncIterator[SandboxProcess]:
 async def begin(trial: Trial, sandbox: SandboxProcess, broker: Broker) -> None:
     """Seed the trial's original in its own slot and publish its reassign command."""
     slot = {"start_time": trial.start_time, "finish_time": trial.finish_time}
-    await sandbox.knob("seed", appointments=[{
-        "id": trial.original_id, "patient_id": ORIGINAL_PATIENT, "practitioner_id": PRACTITIONER,
-        "reason": "Exam", "state": "Pending", **slot,
-    }])
+    await sandbox.knob(
+        "seed",
+        appointments=[
+            {
+                "id": trial.original_id,
+                "patient_id": ORIGINAL_PATIENT,
+                "practitioner_id": PRACTITIONER,
+                "reason": "Exam",
+                "state": "Pending",
+                **slot,
+            }
+        ],
+    )
     if trial.refuse_cancel:
         await sandbox.knob("refuse_cancel", appointment_id=trial.original_id)
     if trial.moved_mid_saga:  # the cancel's answer shows the move, and the replacement is moved after it
         await sandbox.knob("change", appointment_id=trial.original_id, after_reads=1, fields=_shifted(slot, hours=2))
     command = Reassign(command_id=trial.command_id, appointment_id=trial.original_id, patient_id=NEW_PATIENT)
-    await broker.publish_inbound(command.model_dump_json().encode(), appointment_id=trial.original_id,
-                                 message_id=trial.command_id)
+    await broker.publish_inbound(
+        command.model_dump_json().encode(), appointment_id=trial.original_id, message_id=trial.command_id
+    )
 
 
 async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exactly_once(
@@ -159,8 +176,12 @@ async def test_killed_at_any_instant_a_reassignment_completes_or_compensates_exa
     trials: list[Trial] = []
     try:
         for name in sorted(SAGA_FAILPOINTS):
-            trial = Trial(len(trials), name, refuse_cancel=name in COMPENSATION_FAILPOINTS,
-                          moved_mid_saga=name in MOVED_ORIGINAL_FAILPOINTS)
+            trial = Trial(
+                len(trials),
+                name,
+                refuse_cancel=name in COMPENSATION_FAILPOINTS,
+                moved_mid_saga=name in MOVED_ORIGINAL_FAILPOINTS,
+            )
             trials.append(trial)
             await service.start(APPT_FAILPOINTS=name).wait_ready()
             await begin(trial, sandbox, broker)
@@ -211,8 +232,11 @@ async def outside_change(sandbox: SandboxProcess, trial: Trial, delay: float) ->
     if whose == "original":
         targets = [a for a in appointments if a["id"] == trial.original_id]
     else:
-        targets = [a for a in appointments if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id
-                   and a["state"] != "Cancelled"]
+        targets = [
+            a
+            for a in appointments
+            if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id and a["state"] != "Cancelled"
+        ]
     if not targets:
         return
     target = targets[0]
@@ -230,8 +254,10 @@ async def outside_change(sandbox: SandboxProcess, trial: Trial, delay: float) ->
 
 
 def _shifted(appointment: dict[str, Any], hours: int) -> dict[str, str]:
-    return {k: _iso(datetime.fromisoformat(appointment[k].replace("Z", "+00:00")) + timedelta(hours=hours))
-            for k in ("start_time", "finish_time")}
+    return {
+        k: _iso(datetime.fromisoformat(appointment[k].replace("Z", "+00:00")) + timedelta(hours=hours))
+        for k in ("start_time", "finish_time")
+    }
 
 
 async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, store_url: str) -> dict[str, int]:
@@ -245,7 +271,8 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
     finally:
         await store.close()
     figures = dict.fromkeys(
-        ("trials", "completed", "compensated", "double_bookings", "orphans", "empty_slots", "lost", "unexpected"), 0)
+        ("trials", "completed", "compensated", "double_bookings", "orphans", "empty_slots", "lost", "unexpected"), 0
+    )
     figures["trials"] = len(trials)
     for trial in trials:
         workflow = workflows[trial.command_id]
@@ -254,11 +281,15 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
         changed = trial.change if trial.changed else None
         original = next((a for a in appointments if a["id"] == trial.original_id), None)
         start = original["start_time"] if original else trial.start_time  # where the original is now
-        in_slot = [a for a in live if parse_time(a["start_time"]) == parse_time(start)
-                   and a["practitioner_id"] == PRACTITIONER]
+        in_slot = [
+            a for a in live if parse_time(a["start_time"]) == parse_time(start) and a["practitioner_id"] == PRACTITIONER
+        ]
         original_live = any(a["id"] == trial.original_id for a in live)
-        replacements = [a for a in (in_slot if changed == "replacement moved" else live)  # moved: someone else's
-                        if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id]
+        replacements = [
+            a
+            for a in (in_slot if changed == "replacement moved" else live)  # moved: someone else's
+            if (a.get("metadata") or {}).get("reassigned_from") == trial.original_id
+        ]
         problems = []
         rejected = result is not None and result["outcome"] == "rejected" and changed is not None
         if result is None or (state not in ("completed", "compensated") and not rejected):
@@ -271,7 +302,8 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
             problems.append(f"double booking: {[a['id'] for a in in_slot]}")
         # Cancelled, deleted, or the replacement moved away (after the saga's last look at it).
         someone_else_emptied = changed is not None and (
-            changed.split()[1] in ("cancelled", "deleted") or changed == "replacement moved")
+            changed.split()[1] in ("cancelled", "deleted") or changed == "replacement moved"
+        )
         if not in_slot and not someone_else_emptied:
             figures["empty_slots"] += 1
             problems.append("no live appointment left in the slot")
@@ -282,7 +314,8 @@ async def tally(trials: list[Trial], sandbox: SandboxProcess, results: Results, 
             figures["unexpected"] += 1
             problems.append(f"ended {state}, expected {trial.expected}")
         expected_outcome = {"completed": "succeeded", "compensated": "failed", None: "rejected"}.get(
-            state if changed else trial.expected)
+            state if changed else trial.expected
+        )
         if result is not None and result["outcome"] != expected_outcome:
             figures["unexpected"] += 1
             problems.append(f"result {result['outcome']}: {result['reasons']}")

@@ -24,9 +24,20 @@ async def test_sigterm_under_load_exits_cleanly_and_the_restart_finishes_the_res
 ) -> None:
     sandbox = SandboxProcess(tmp_path).start()
     await sandbox.wait_ready()
-    await sandbox.knob("seed", appointments=[
-        {"id": i, "patient_id": 1013, "practitioner_id": 1, "start_time": "2031-02-03T09:00:00Z",
-         "finish_time": "2031-02-03T09:30:00Z", "state": "Pending"} for i in APPOINTMENTS])
+    await sandbox.knob(
+        "seed",
+        appointments=[
+            {
+                "id": i,
+                "patient_id": 1013,
+                "practitioner_id": 1,
+                "start_time": "2031-02-03T09:00:00Z",
+                "finish_time": "2031-02-03T09:30:00Z",
+                "state": "Pending",
+            }
+            for i in APPOINTMENTS
+        ],
+    )
     await sandbox.knob("latency", seconds=0.05)  # in flight at the SIGTERM, for sure
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
     service = ServiceProcess(service_env(pms_url=sandbox.url, store=store_url, amqp_url=amqp_url), tmp_path)
@@ -48,10 +59,15 @@ async def test_sigterm_under_load_exits_cleanly_and_the_restart_finishes_the_res
     commands = [f"term-{i}-{n}" for n in range(ROUNDS) for i in APPOINTMENTS]
     for command_id in commands:
         _, appointment_id, n = command_id.split("-")
-        body = {"type": "edit_notes", "command_id": command_id, "appointment_id": int(appointment_id),
-                "notes": f"note {n}"}
-        await broker.publish_inbound(json.dumps(body).encode(), appointment_id=int(appointment_id),
-                                     message_id=command_id)
+        body = {
+            "type": "edit_notes",
+            "command_id": command_id,
+            "appointment_id": int(appointment_id),
+            "notes": f"note {n}",
+        }
+        await broker.publish_inbound(
+            json.dumps(body).encode(), appointment_id=int(appointment_id), message_id=command_id
+        )
 
     service.start()
     await service.wait_ready()
@@ -73,13 +89,14 @@ async def test_sigterm_under_load_exits_cleanly_and_the_restart_finishes_the_res
     await store.open()
     try:
         for appointment_id in APPOINTMENTS:
-            applied = [r.command_id for r in await store.history(appointment_id, limit=1000)
-                       if r.source == "command"]
+            applied = [r.command_id for r in await store.history(appointment_id, limit=1000) if r.source == "command"]
             assert applied == [f"term-{appointment_id}-{n}" for n in range(ROUNDS)], applied
     finally:
         await store.close()
         await broker.close()
         await connection.close()
         await sandbox.terminate()
-    print(f"shutdown commands={len(commands)} answered_before_sigterm={answered_before_restart} "
-          f"exit_code={code} lost=0 applied_twice=0")
+    print(
+        f"shutdown commands={len(commands)} answered_before_sigterm={answered_before_restart} "
+        f"exit_code={code} lost=0 applied_twice=0"
+    )

@@ -22,8 +22,9 @@ APPOINTMENT = 4242
 
 
 def write_practices(path: Path, sandbox_url: str, token: str) -> None:
-    path.write_text(f'[practices.north]\npms_url = "{sandbox_url}"\ntoken = "{token}"\n'
-                    f'webhook_secrets = ["{SECRET}"]\n')
+    path.write_text(
+        f'[practices.north]\npms_url = "{sandbox_url}"\ntoken = "{token}"\nwebhook_secrets = ["{SECRET}"]\n'
+    )
 
 
 async def get(url: str) -> tuple[int, Any]:
@@ -36,23 +37,43 @@ async def test_a_refused_token_waits_and_sighup_with_the_fixed_file_drains_it_in
 ) -> None:
     sandbox = SandboxProcess(tmp_path).start()
     await sandbox.wait_ready()
-    await sandbox.knob("seed", appointments=[
-        {"id": APPOINTMENT, "patient_id": 1013, "practitioner_id": 1, "start_time": "2031-02-03T09:00:00Z",
-         "finish_time": "2031-02-03T09:30:00Z", "state": "Pending"}])
+    await sandbox.knob(
+        "seed",
+        appointments=[
+            {
+                "id": APPOINTMENT,
+                "patient_id": 1013,
+                "practitioner_id": 1,
+                "start_time": "2031-02-03T09:00:00Z",
+                "finish_time": "2031-02-03T09:30:00Z",
+                "state": "Pending",
+            }
+        ],
+    )
     practices_file = tmp_path / "practices.toml"
     write_practices(practices_file, sandbox.url, "revoked")
-    env = service_env(pms_url=sandbox.url, store=f"sqlite:///{tmp_path / 'appt.sqlite3'}", amqp_url=amqp_url,
-                      APPT_PRACTICES_FILE=str(practices_file))
+    env = service_env(
+        pms_url=sandbox.url,
+        store=f"sqlite:///{tmp_path / 'appt.sqlite3'}",
+        amqp_url=amqp_url,
+        APPT_PRACTICES_FILE=str(practices_file),
+    )
     service = ServiceProcess(env, tmp_path).start()
     broker = Broker(amqp_url)
     try:
         await service.wait_ready()
         await broker.connect()
         for n in range(3):
-            body = {"type": "edit_notes", "command_id": f"reload-{n}", "appointment_id": APPOINTMENT,
-                    "practice": "north", "notes": f"note {n}"}
-            await broker.publish_inbound(json.dumps(body).encode(), practice="north",
-                                         appointment_id=APPOINTMENT, message_id=body["command_id"])
+            body = {
+                "type": "edit_notes",
+                "command_id": f"reload-{n}",
+                "appointment_id": APPOINTMENT,
+                "practice": "north",
+                "notes": f"note {n}",
+            }
+            await broker.publish_inbound(
+                json.dumps(body).encode(), practice="north", appointment_id=APPOINTMENT, message_id=body["command_id"]
+            )
 
         async def north() -> dict[str, Any]:
             return (await get(f"{service.url}/practices"))[1]["practices"][0]  # type: ignore[no-any-return]
@@ -60,13 +81,15 @@ async def test_a_refused_token_waits_and_sighup_with_the_fixed_file_drains_it_in
         await eventually(lambda: _row_is(north(), status="token_refused", waiting_messages=3), timeout=20)
         status, ready = await get(f"{service.url}/readyz")
         assert (status, ready["status"], ready["waiting_practices"]) == (200, "ready", ["north"])
-        listed = subprocess.run([str(APPT), "practices", "--json"], capture_output=True, text=True, timeout=30,
-                                env={**os.environ, **env})
+        listed = subprocess.run(
+            [str(APPT), "practices", "--json"], capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+        )
         assert listed.returncode == 0, listed.stderr
         row = json.loads(listed.stdout)
         assert (row["practice"], row["status"], row["waiting_messages"]) == ("north", "token_refused", 3)
-        table = subprocess.run([str(APPT), "practices"], capture_output=True, text=True, timeout=30,
-                               env={**os.environ, **env})
+        table = subprocess.run(
+            [str(APPT), "practices"], capture_output=True, text=True, timeout=30, env={**os.environ, **env}
+        )
         print(table.stdout)
         assert table.stdout.split()[:4] == ["north", "token_refused", "waiting", "3"]
         assert "practice waiting" in service.log_text()

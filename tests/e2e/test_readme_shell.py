@@ -59,7 +59,7 @@ def runnable_blocks(document: Path) -> list[Block]:
             end = next(i for i in range(index + 1, len(lines)) if lines[i].strip() == "```")
             skipped = index > 0 and NOT_RUN.match(_previous_nonblank(lines, index))
             if fence[3:].strip() in RUN_TAGS and not skipped:
-                blocks.append(Block(document, index + 1, "\n".join(lines[index + 1:end])))
+                blocks.append(Block(document, index + 1, "\n".join(lines[index + 1 : end])))
             index = end
         index += 1
     return blocks
@@ -97,10 +97,10 @@ def to_script(block: Block) -> str:
             continue
         code = EXIT.search(line)
         expected = []
-        for follower in logical[i + 1:]:
+        for follower in logical[i + 1 :]:
             if not follower.strip().startswith(EXPECT):
                 break
-            expected.append(follower.strip()[len(EXPECT):])
+            expected.append(follower.strip()[len(EXPECT) :])
         if not code and not expected:
             out.append(line)
             continue
@@ -108,13 +108,17 @@ def to_script(block: Block) -> str:
         where = f"{block.document.name}:{block.line}: {command}".replace("'", "'\\''")
         out.append(f"__out=$( {{ {command} ; }} 2>&1 ) && __rc=0 || __rc=$?")
         out.append('printf "%s\\n" "$__out"')
-        out.append(f"[ \"$__rc\" = {code.group(1) if code else 0} ] || "
-                   f"{{ echo \"README CHECK: exit $__rc, documented {code.group(1) if code else 0}: \"'{where}'; "
-                   "exit 97; }")
+        out.append(
+            f'[ "$__rc" = {code.group(1) if code else 0} ] || '
+            f"{{ echo \"README CHECK: exit $__rc, documented {code.group(1) if code else 0}: \"'{where}'; "
+            "exit 97; }"
+        )
         for text in expected:
             quoted = text.replace("'", "'\\''")
-            out.append(f"grep -qF -- '{quoted}' <<<\"$__out\" || "
-                       f"{{ echo 'README CHECK: no \"{quoted}\" in the output of: {where}'; exit 98; }}")
+            out.append(
+                f"grep -qF -- '{quoted}' <<<\"$__out\" || "
+                f"{{ echo 'README CHECK: no \"{quoted}\" in the output of: {where}'; exit 98; }}"
+            )
     return "\n".join(out)
 
 
@@ -125,8 +129,7 @@ def readme_script(http_port: int, sandbox_port: int) -> str:
 
 
 def run_bash(script: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeout: float) -> str:
@@ -143,41 +146,54 @@ def wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes], timeou
 
 def test_the_rule_catches_a_wrong_exit_code_and_a_missing_line(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
-    readme.write_text("```sh\nfalse   # exit 1\necho hello\n# => hello\n```\n\n<!-- not run: demo -->\n"
-                      "```sh\nexit 5\n```\n```python\nraise SystemExit\n```\n")
+    readme.write_text(
+        "```sh\nfalse   # exit 1\necho hello\n# => hello\n```\n\n<!-- not run: demo -->\n"
+        "```sh\nexit 5\n```\n```python\nraise SystemExit\n```\n"
+    )
     [block] = runnable_blocks(readme)
     assert run_bash(to_script(block), dict(os.environ), 10).returncode == 0
     wrong_code = Block(readme, 1, "true   # exit 1")
     assert run_bash(to_script(wrong_code), dict(os.environ), 10).returncode == 97
     missing = Block(readme, 1, "echo hello\n# => goodbye")
     assert run_bash(to_script(missing), dict(os.environ), 10).returncode == 98
-    assert strip_comment("curl -d '{\"a\": \"#1\"}'   # note") == "curl -d '{\"a\": \"#1\"}'"
+    assert strip_comment('curl -d \'{"a": "#1"}\'   # note') == 'curl -d \'{"a": "#1"}\''
 
 
 def test_the_readme_shell_blocks_run_against_a_fresh_scripts_run(amqp_url: str, tmp_path: Path) -> None:
     http_port, sandbox_port = free_port(), free_port()
     data_home = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("APPT_")}
-    env.update({
-        "XDG_DATA_HOME": str(data_home), "APPT_AMQP_URL": amqp_url,
-        "APPT_HTTP_PORT": str(http_port), "APPT_SANDBOX_PORT": str(sandbox_port),
-        "APPT_API_TOKEN": "readme-api-token", "APPT_DENTALLY_SIGNING_SECRET": "readme-dentally-secret",
-    })
+    env.update(
+        {
+            "XDG_DATA_HOME": str(data_home),
+            "APPT_AMQP_URL": amqp_url,
+            "APPT_HTTP_PORT": str(http_port),
+            "APPT_SANDBOX_PORT": str(sandbox_port),
+            "APPT_API_TOKEN": "readme-api-token",
+            "APPT_DENTALLY_SIGNING_SECRET": "readme-dentally-secret",
+        }
+    )
     log = tmp_path / "scripts-run.log"
     with log.open("wb") as out:
-        service = subprocess.Popen([str(ROOT / "scripts" / "run")], cwd=ROOT, env=env, stdout=out,
-                                   stderr=subprocess.STDOUT)
+        service = subprocess.Popen(
+            [str(ROOT / "scripts" / "run")], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
     try:
         banner = wait_for_line(log, "appt serve --with-sandbox: ready", service, timeout=120)
-        for line in (f"service  http://127.0.0.1:{http_port}", f"sandbox  http://127.0.0.1:{sandbox_port}",
-                     f"store    sqlite:///{data_home}/appt/appt.sqlite3",
-                     f"secret   {DEMO_WEBHOOK_SECRET}  (the documented demo default", "try      curl"):
+        for line in (
+            f"service  http://127.0.0.1:{http_port}",
+            f"sandbox  http://127.0.0.1:{sandbox_port}",
+            f"store    sqlite:///{data_home}/appt/appt.sqlite3",
+            f"secret   {DEMO_WEBHOOK_SECRET}  (the documented demo default",
+            "try      curl",
+        ):
             assert line in banner, banner
         shell_env = {**env, "APPT_PMS_URL": f"http://127.0.0.1:{sandbox_port}"}
         finished = run_bash(readme_script(http_port, sandbox_port), shell_env, timeout=300)
         assert finished.returncode == 0, (
             f"{finished.stdout[-4000:]}\n--- stderr ---\n{finished.stderr[-3000:]}\n"
-            f"--- scripts/run ---\n{log.read_text(errors='replace')[-3000:]}")
+            f"--- scripts/run ---\n{log.read_text(errors='replace')[-3000:]}"
+        )
         assert "Traceback" not in log.read_text(errors="replace")
     finally:
         service.send_signal(signal.SIGTERM)

@@ -16,8 +16,9 @@ SLOT = {"practitioner_id": 1, "start_time": "2030-01-07T09:00:00Z", "finish_time
 
 
 async def test_token_updated_after_and_delete_flags(tmp_path: Path) -> None:
-    sandbox = SandboxProcess(tmp_path, None, "sandbox", "--token", "practice-7",
-                             "--updated-after", "honoured", "--delete", "remove").start()
+    sandbox = SandboxProcess(
+        tmp_path, None, "sandbox", "--token", "practice-7", "--updated-after", "honoured", "--delete", "remove"
+    ).start()
     try:
         await sandbox.wait_ready()
         async with PmsClient(sandbox.url, "sandbox-token", retry_attempts=1) as stranger:

@@ -21,11 +21,28 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 async def test_serve_prunes_the_inbox_past_its_retention_and_reports_it(
     amqp_url: str, sandbox: Any, tmp_path: Path
 ) -> None:
-    sandbox.state.seed([{"id": 80_001, "patient_id": 1013, "practitioner_id": 1, "state": "Pending",
-                         "start_time": "2031-02-03T09:00:00Z", "finish_time": "2031-02-03T09:30:00Z"}])
-    service = ServiceProcess(service_env(
-        pms_url=sandbox.url, store=f"sqlite:///{tmp_path / 'appt.sqlite3'}", amqp_url=amqp_url,
-        APPT_INBOX_RETENTION="1", APPT_PRUNE_INTERVAL="0.2"), tmp_path)
+    sandbox.state.seed(
+        [
+            {
+                "id": 80_001,
+                "patient_id": 1013,
+                "practitioner_id": 1,
+                "state": "Pending",
+                "start_time": "2031-02-03T09:00:00Z",
+                "finish_time": "2031-02-03T09:30:00Z",
+            }
+        ]
+    )
+    service = ServiceProcess(
+        service_env(
+            pms_url=sandbox.url,
+            store=f"sqlite:///{tmp_path / 'appt.sqlite3'}",
+            amqp_url=amqp_url,
+            APPT_INBOX_RETENTION="1",
+            APPT_PRUNE_INTERVAL="0.2",
+        ),
+        tmp_path,
+    )
     service.start()
     try:
         await service.wait_ready()

@@ -35,10 +35,15 @@ SECRET_HEADER = "Bearer top-secret-token-" + "s" * 9000  # over aiohttp's 8190-b
 
 @pytest.fixture
 async def service(amqp_url: str, tmp_path: Path) -> AsyncIterator[ServiceProcess]:
-    env = service_env(pms_url=f"http://127.0.0.1:{free_port()}", store=f"sqlite:///{tmp_path / 'a.sqlite3'}",
-                      amqp_url=amqp_url, APPT_HTTP_IDLE_TIMEOUT=str(IDLE_TIMEOUT),
-                      APPT_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT), APPT_HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
-                      APPT_LOG_LEVEL="DEBUG")
+    env = service_env(
+        pms_url=f"http://127.0.0.1:{free_port()}",
+        store=f"sqlite:///{tmp_path / 'a.sqlite3'}",
+        amqp_url=amqp_url,
+        APPT_HTTP_IDLE_TIMEOUT=str(IDLE_TIMEOUT),
+        APPT_HTTP_BODY_TIMEOUT=str(BODY_TIMEOUT),
+        APPT_HTTP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+        APPT_LOG_LEVEL="DEBUG",
+    )
     process = ServiceProcess(env, tmp_path).start()
     try:
         await process.wait_ready()
@@ -84,7 +89,7 @@ async def trickled_headers(writer: asyncio.StreamWriter) -> None:
 
 
 async def stalled_body(writer: asyncio.StreamWriter) -> None:
-    writer.write(b"POST /webhooks/pms HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"type\":")
+    writer.write(b'POST /webhooks/pms HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"type":')
     await writer.drain()
     await asyncio.sleep(3600)
 
@@ -118,10 +123,12 @@ async def test_slow_clients_are_closed_in_time_and_leave_nothing_behind(service:
 
     await asyncio.sleep(1.0)
     after = usage(service.pid)
-    print(f"\nslow_clients connections={len(idle_times) + 2 * half} refused_over_cap={len(refused)} "
-          f"idle_max={max(idle_times):.2f}s trickle_max={max(trickle_times):.2f}s "
-          f"stall_max={max(stall_times):.2f}s fds={baseline[0]}->{during[0]}->{after[0]} "
-          f"rss_kib={baseline[1]}->{during[1]}->{after[1]}")
+    print(
+        f"\nslow_clients connections={len(idle_times) + 2 * half} refused_over_cap={len(refused)} "
+        f"idle_max={max(idle_times):.2f}s trickle_max={max(trickle_times):.2f}s "
+        f"stall_max={max(stall_times):.2f}s fds={baseline[0]}->{during[0]}->{after[0]} "
+        f"rss_kib={baseline[1]}->{during[1]}->{after[1]}"
+    )
     assert after[0] <= baseline[0] + 2
     assert after[1] <= baseline[1] + 8 * 1024  # allocator slack, not a connection's worth each
 

@@ -16,8 +16,13 @@ APPT = str(Path(sys.executable).with_name("appt"))
 
 
 def serve(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    environment = {**os.environ, "APPT_STORE": f"sqlite:///{tmp_path / 'appt.sqlite3'}",
-                   "APPT_HTTP_PORT": str(free_port()), "APPT_RECONCILE_INTERVAL": "0", **env}
+    environment = {
+        **os.environ,
+        "APPT_STORE": f"sqlite:///{tmp_path / 'appt.sqlite3'}",
+        "APPT_HTTP_PORT": str(free_port()),
+        "APPT_RECONCILE_INTERVAL": "0",
+        **env,
+    }
     return subprocess.run([APPT, "serve"], env=environment, capture_output=True, text=True, timeout=60)
 
 

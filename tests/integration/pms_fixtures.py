@@ -56,12 +56,18 @@ AUTH = {"Authorization": f"Bearer {TOKEN}", "User-Agent": "tests"}
 
 
 async def call(
-    http: aiohttp.ClientSession, sandbox: RunningSandbox, method: str, path: str, body: Any = None,
-    headers: dict[str, str] | None = None, **kwargs: Any,
+    http: aiohttp.ClientSession,
+    sandbox: RunningSandbox,
+    method: str,
+    path: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    **kwargs: Any,
 ) -> tuple[int, Any, Any]:
     """(status, JSON body or None, headers) of one raw request."""
-    async with http.request(method, sandbox.url + path, json=body,
-                            headers=AUTH if headers is None else headers, **kwargs) as resp:
+    async with http.request(
+        method, sandbox.url + path, json=body, headers=AUTH if headers is None else headers, **kwargs
+    ) as resp:
         data = await resp.json() if resp.status != 204 else None
         return resp.status, data, resp.headers
 
@@ -83,7 +89,7 @@ class Receiver:
 
     @property
     def delivered(self) -> list[tuple[dict[str, str], bytes]]:
-        return self.attempts[self.fail_first:] if not self.always_fail else []
+        return self.attempts[self.fail_first :] if not self.always_fail else []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.attempts.append((dict(request.headers), await request.read()))

@@ -20,7 +20,10 @@ async def test_partitions_are_durable_quorum_queues_with_a_single_active_consume
     vhost = urlsplit(amqp_url).path.lstrip("/")
     listed = subprocess.run(
         ["rabbitmqctl", "list_queues", "-p", vhost, "--formatter", "json", "name", "type", "arguments"],
-        check=True, capture_output=True, text=True, timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     queues = {q["name"]: q for q in json.loads(listed.stdout)}
     for index in range(3):

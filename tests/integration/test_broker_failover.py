@@ -50,8 +50,9 @@ async def test_connects_through_whichever_address_answers(amqp_url: str) -> None
 
 async def test_no_address_answering_is_a_connection_error() -> None:
     with pytest.raises(AMQPConnectionError):
-        await Broker(f"amqp://guest:guest@127.0.0.1:{free_port()}/,amqp://guest:guest@127.0.0.1:{free_port()}/"
-                     ).connect(timeout=5)
+        await Broker(
+            f"amqp://guest:guest@127.0.0.1:{free_port()}/,amqp://guest:guest@127.0.0.1:{free_port()}/"
+        ).connect(timeout=5)
 
 
 async def test_publisher_and_pipeline_fail_over_when_their_node_goes_under_load(
@@ -91,8 +92,10 @@ async def test_publisher_and_pipeline_fail_over_when_their_node_goes_under_load(
             await second.close()
         lost = [c for c in sent if c not in stack.observer.results]
         twice = await applied_twice(stack.store, ids)
-        print(f"\nfailover relays commands={len(sent)} results={len(stack.observer.results)} lost={len(lost)} "
-              f"applied_twice={len(twice)} dead={len(stack.observer.dead)} recovery_s={recovery:.2f} "
-              f"connections_to_second={second.connections}")
+        print(
+            f"\nfailover relays commands={len(sent)} results={len(stack.observer.results)} lost={len(lost)} "
+            f"applied_twice={len(twice)} dead={len(stack.observer.dead)} recovery_s={recovery:.2f} "
+            f"connections_to_second={second.connections}"
+        )
     assert second.connections >= 2, "the service and the publisher reconnected through the second address"
     assert lost == [] and twice == [] and stack.observer.dead == []

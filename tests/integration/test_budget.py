@@ -31,11 +31,19 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
 
 
 def seed(sandbox: Any, appointment_id: int, hour: int) -> None:
-    sandbox.state.seed([{
-        "id": appointment_id, "patient_id": PATIENT, "practitioner_id": PRACTITIONER,
-        "start_time": f"2032-06-01T{hour:02d}:00:00Z", "finish_time": f"2032-06-01T{hour:02d}:30:00Z",
-        "reason": "Exam", "state": "Pending",
-    }])
+    sandbox.state.seed(
+        [
+            {
+                "id": appointment_id,
+                "patient_id": PATIENT,
+                "practitioner_id": PRACTITIONER,
+                "start_time": f"2032-06-01T{hour:02d}:00:00Z",
+                "finish_time": f"2032-06-01T{hour:02d}:30:00Z",
+                "reason": "Exam",
+                "state": "Pending",
+            }
+        ]
+    )
 
 
 async def requests_for(stack: Stack, sandbox: Any, command: dict[str, Any]) -> list[str]:
@@ -53,10 +61,12 @@ async def test_requests_per_command_on_a_first_attempt(stack: Stack, sandbox: An
 
     confirm = await requests_for(stack, sandbox, {"type": "confirm", "appointment_id": 301})
     notes = await requests_for(stack, sandbox, {"type": "edit_notes", "appointment_id": 302, "notes": "x"})
-    cancel = await requests_for(stack, sandbox, {"type": "cancel", "appointment_id": 303,
-                                                 "reason": "Patient cancelled"})
-    reassign = await requests_for(stack, sandbox, {"type": "reassign", "appointment_id": 304,
-                                                   "patient_id": NEW_PATIENT})
+    cancel = await requests_for(
+        stack, sandbox, {"type": "cancel", "appointment_id": 303, "reason": "Patient cancelled"}
+    )
+    reassign = await requests_for(
+        stack, sandbox, {"type": "reassign", "appointment_id": 304, "patient_id": NEW_PATIENT}
+    )
 
     read, write = "GET /v1/appointments/{id}", "PUT /v1/appointments/{id}"
     assert confirm == [read, write]
@@ -91,23 +101,41 @@ def random_command(rnd: random.Random, appointment_id: int) -> SimpleCommand:
     if kind == "confirm":
         return Confirm(command_id=f"c-{appointment_id}", appointment_id=appointment_id)
     if kind == "cancel":
-        return Cancel(command_id=f"c-{appointment_id}", appointment_id=appointment_id,
-                      reason=rnd.choice(("Patient cancelled", "Snow")))
+        return Cancel(
+            command_id=f"c-{appointment_id}",
+            appointment_id=appointment_id,
+            reason=rnd.choice(("Patient cancelled", "Snow")),
+        )
     if kind == "edit_notes":
-        return EditNotes(command_id=f"c-{appointment_id}", appointment_id=appointment_id,
-                         notes=rnd.choice(("same", "new notes")))
-    return SetPatient(command_id=f"c-{appointment_id}", appointment_id=appointment_id,
-                      patient_id=rnd.choice((PATIENT, NEW_PATIENT)))
+        return EditNotes(
+            command_id=f"c-{appointment_id}", appointment_id=appointment_id, notes=rnd.choice(("same", "new notes"))
+        )
+    return SetPatient(
+        command_id=f"c-{appointment_id}", appointment_id=appointment_id, patient_id=rnd.choice((PATIENT, NEW_PATIENT))
+    )
 
 
-async def run_with(policy: ReadBeforeWrite, appointment_id: int, actual: dict[str, Any], stored: dict[str, Any],
-                   command: SimpleCommand, pms: PmsClient, store: Store, sandbox: Any) -> tuple[str, dict[str, Any]]:
+async def run_with(
+    policy: ReadBeforeWrite,
+    appointment_id: int,
+    actual: dict[str, Any],
+    stored: dict[str, Any],
+    command: SimpleCommand,
+    pms: PmsClient,
+    store: Store,
+    sandbox: Any,
+) -> tuple[str, dict[str, Any]]:
     """Seed the PMS with ``actual`` and the store with a stale record of ``stored``, run the command."""
     [seeded] = sandbox.state.seed([{**actual, "id": appointment_id}])
     record = new_record(None, stored["state"], stored["patient_id"], {**seeded, **stored}, practice="default")
     await store.commit(Commit(appointment=record))
-    decision = await execute(command.model_copy(update={"appointment_id": appointment_id}), pms, store,
-                             Origin("command", command_id=command.command_id), policy)
+    decision = await execute(
+        command.model_copy(update={"appointment_id": appointment_id}),
+        pms,
+        store,
+        Origin("command", command_id=command.command_id),
+        policy,
+    )
     assert decision.result is not None
     return decision.result.outcome, {k: sandbox.state.get(appointment_id).get(k) for k in COMPARED}
 
@@ -121,12 +149,19 @@ async def test_on_conflict_ends_every_command_as_always_does(sandbox: Any, sqlit
     async with PmsClient(sandbox.url, "sandbox-token", backoff_base=0.01) as pms:
         await pms.cancellation_reasons()  # warm: both policies share it
         for trial in range(60):
-            base = {"practitioner_id": PRACTITIONER, "reason": "Exam", "notes": "same",
-                    "start_time": f"2033-01-01T{trial % 20:02d}:00:00Z",
-                    "finish_time": f"2033-01-01T{trial % 20:02d}:30:00Z"}
+            base = {
+                "practitioner_id": PRACTITIONER,
+                "reason": "Exam",
+                "notes": "same",
+                "start_time": f"2033-01-01T{trial % 20:02d}:00:00Z",
+                "finish_time": f"2033-01-01T{trial % 20:02d}:30:00Z",
+            }
             actual = {**base, "state": rnd.choice(STATES), "patient_id": rnd.choice((None, PATIENT))}
-            stored = {"state": rnd.choice(STATES), "patient_id": rnd.choice((None, PATIENT)),
-                      "notes": rnd.choice(("same", "older notes"))}
+            stored = {
+                "state": rnd.choice(STATES),
+                "patient_id": rnd.choice((None, PATIENT)),
+                "notes": rnd.choice(("same", "older notes")),
+            }
             command = random_command(rnd, 1)
             case = f"trial {trial}: actual {actual['state']}/{actual['patient_id']} stored {stored} {command}"
             always = await run_with("always", 10_000 + trial, actual, stored, command, pms, store, sandbox)
@@ -141,16 +176,32 @@ async def test_on_conflict_writes_straight_from_a_fresh_record(sandbox: Any, sql
     await store.open()
     async with PmsClient(sandbox.url, "sandbox-token") as pms:
         await pms.cancellation_reasons()
-        actual = {"patient_id": None, "practitioner_id": PRACTITIONER, "reason": "Exam", "state": "Pending",
-                  "start_time": "2033-02-01T09:00:00Z", "finish_time": "2033-02-01T09:30:00Z"}
+        actual = {
+            "patient_id": None,
+            "practitioner_id": PRACTITIONER,
+            "reason": "Exam",
+            "state": "Pending",
+            "start_time": "2033-02-01T09:00:00Z",
+            "finish_time": "2033-02-01T09:30:00Z",
+        }
         commands: list[SimpleCommand] = [
-            Confirm(command_id="a", appointment_id=1), EditNotes(command_id="b", appointment_id=1, notes="n"),
+            Confirm(command_id="a", appointment_id=1),
+            EditNotes(command_id="b", appointment_id=1, notes="n"),
             Cancel(command_id="c", appointment_id=1, reason="Patient cancelled"),
-            SetPatient(command_id="d", appointment_id=1, patient_id=NEW_PATIENT)]
+            SetPatient(command_id="d", appointment_id=1, patient_id=NEW_PATIENT),
+        ]
         for appointment_id, command in enumerate(commands, start=30_000):
             before = len(sandbox.state.calls)
-            outcome, _ = await run_with("on_conflict", appointment_id, actual, {"state": "Pending", "patient_id": None},
-                                        command, pms, store, sandbox)
+            outcome, _ = await run_with(
+                "on_conflict",
+                appointment_id,
+                actual,
+                {"state": "Pending", "patient_id": None},
+                command,
+                pms,
+                store,
+                sandbox,
+            )
             assert outcome == "succeeded"
             assert sandbox.state.calls[before:] == ["PUT /v1/appointments/{id}"], command
     await store.close()

@@ -11,7 +11,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -36,8 +36,14 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
         yield running
 
 
-async def publish(amqp_url: str, bodies: list[bytes], *, routing_key: str = str(APPOINTMENT),
-                  exchange: str = INBOUND_EXCHANGE, **properties: Any) -> list[str]:
+async def publish(
+    amqp_url: str,
+    bodies: list[bytes],
+    *,
+    routing_key: str = str(APPOINTMENT),
+    exchange: str = INBOUND_EXCHANGE,
+    **properties: Any,
+) -> list[str]:
     """Publish raw bodies as an outside client would; return their message ids."""
     ids = [f"raw-{uuid.uuid4()}" for _ in bodies]
     async with await aio_pika.connect(amqp_url) as connection:
@@ -54,10 +60,16 @@ def reasons(stack: Stack, ids: list[str]) -> list[str]:
 
 
 def event(appointment_id: int = APPOINTMENT, *, event_id: str = "evt-1", **fields: Any) -> bytes:
-    appointment = {"id": appointment_id, "state": "Confirmed", "patient_id": 1001,
-                   "updated_at": datetime.now(timezone.utc).isoformat(), **fields}
-    return json.dumps({"type": "appointment.updated", "event_id": event_id, "source": "webhook",
-                       "appointment": appointment}).encode()
+    appointment = {
+        "id": appointment_id,
+        "state": "Confirmed",
+        "patient_id": 1001,
+        "updated_at": datetime.now(UTC).isoformat(),
+        **fields,
+    }
+    return json.dumps(
+        {"type": "appointment.updated", "event_id": event_id, "source": "webhook", "appointment": appointment}
+    ).encode()
 
 
 async def still_serves(stack: Stack, appointment_id: int = APPOINTMENT) -> None:
@@ -98,11 +110,14 @@ async def test_an_event_time_in_the_future_or_without_zone_is_invalid(
 
 
 @pytest.mark.parametrize("poisoned", ["2099-01-01T00:00:00Z", "2026-01-01T00:00:00"])
-async def test_a_record_poisoned_before_the_checks_does_not_block_genuine_events(
-    stack: Stack, poisoned: str
-) -> None:
-    await stack.store.commit(Commit(appointment=AppointmentRecord(
-        APPOINTMENT, "Pending", 1001, upstream_updated_at=poisoned, data={"id": APPOINTMENT})))
+async def test_a_record_poisoned_before_the_checks_does_not_block_genuine_events(stack: Stack, poisoned: str) -> None:
+    await stack.store.commit(
+        Commit(
+            appointment=AppointmentRecord(
+                APPOINTMENT, "Pending", 1001, upstream_updated_at=poisoned, data={"id": APPOINTMENT}
+            )
+        )
+    )
     await stack.broker.publish_observed(event(event_id="evt-4"), appointment_id=APPOINTMENT, message_id="evt-4")
 
     async def confirmed() -> bool:
@@ -113,9 +128,7 @@ async def test_a_record_poisoned_before_the_checks_does_not_block_genuine_events
     assert stack.observer.dead == []
 
 
-async def test_a_routing_key_naming_another_appointment_is_rejected(
-    stack: Stack, amqp_url: str, sandbox: Any
-) -> None:
+async def test_a_routing_key_naming_another_appointment_is_rejected(stack: Stack, amqp_url: str, sandbox: Any) -> None:
     command = {"type": "edit_notes", "appointment_id": APPOINTMENT, "notes": "misrouted", "command_id": "mis-1"}
     await publish(amqp_url, [json.dumps(command).encode()], routing_key=str(APPOINTMENT + 1))
     result = await stack.result("mis-1")
@@ -128,19 +141,20 @@ async def test_a_routing_key_naming_another_appointment_is_rejected(
 
 
 async def test_a_command_cannot_squat_a_future_webhook_id(stack: Stack) -> None:
-    squat = await stack.send({"type": "edit_notes", "appointment_id": APPOINTMENT, "notes": "x",
-                              "command_id": "msg_future"})
+    squat = await stack.send(
+        {"type": "edit_notes", "appointment_id": APPOINTMENT, "notes": "x", "command_id": "msg_future"}
+    )
     await stack.result(squat)
-    await stack.broker.publish_observed(event(event_id="msg_future"), appointment_id=APPOINTMENT,
-                                        message_id="msg_future")
+    await stack.broker.publish_observed(
+        event(event_id="msg_future"), appointment_id=APPOINTMENT, message_id="msg_future"
+    )
     await eventually(lambda: any(r.get("webhook_id") == "msg_future" for r in stack.observer.logs), timeout=15)
     assert await stack.store.inbox_get("webhook:msg_future") is not None
 
 
 async def test_a_correlation_id_over_255_bytes_is_invalid_at_once(stack: Stack, amqp_url: str) -> None:
     reply = f"caller-{uuid.uuid4()}"
-    command = {"type": "confirm", "appointment_id": APPOINTMENT, "command_id": "long-corr",
-               "correlation_id": "c" * 300}
+    command = {"type": "confirm", "appointment_id": APPOINTMENT, "command_id": "long-corr", "correlation_id": "c" * 300}
     ids = await publish(amqp_url, [json.dumps(command).encode()], reply_to=reply)
     await eventually(lambda: reasons(stack, ids), timeout=15)
     assert "correlation_id" in reasons(stack, ids)[0]
@@ -159,8 +173,10 @@ async def test_reply_to_a_queue_of_the_service_is_ignored(stack: Stack, amqp_url
 
 
 async def test_an_id_given_as_a_string_float_or_bool_is_invalid(stack: Stack, amqp_url: str) -> None:
-    bodies = [json.dumps({"type": "confirm", "command_id": f"loose-{i}", "appointment_id": value}).encode()
-              for i, value in enumerate(["1001", 1001.0, True])]
+    bodies = [
+        json.dumps({"type": "confirm", "command_id": f"loose-{i}", "appointment_id": value}).encode()
+        for i, value in enumerate(["1001", 1001.0, True])
+    ]
     ids = await publish(amqp_url, bodies)
     await eventually(lambda: len(reasons(stack, ids)) == 3, timeout=15)
     assert all("appointment_id" in r for r in reasons(stack, ids))
@@ -178,13 +194,26 @@ async def test_a_handler_bug_settles_the_message_and_shows_the_worker_failing(
     await stack.worker.stop(timeout=5)  # the buggy worker below takes the partitions
     broker = Broker(amqp_url)
     await broker.connect()
-    worker = Worker(broker=broker, store=stack.store, practices=stack.practices, reassign=a_bug,
-                    partitions=list(range(4)), max_deliveries=2, retry_delay=0.05)
+    worker = Worker(
+        broker=broker,
+        store=stack.store,
+        practices=stack.practices,
+        reassign=a_bug,
+        partitions=list(range(4)),
+        max_deliveries=2,
+        retry_delay=0.05,
+    )
     await worker.start()
     try:
         assert not worker.failing
-        ids = await publish(amqp_url, [json.dumps({"type": "reassign", "appointment_id": APPOINTMENT,
-                                                   "patient_id": 2000, "command_id": "bug-1"}).encode()])
+        ids = await publish(
+            amqp_url,
+            [
+                json.dumps(
+                    {"type": "reassign", "appointment_id": APPOINTMENT, "patient_id": 2000, "command_id": "bug-1"}
+                ).encode()
+            ],
+        )
         await eventually(lambda: reasons(stack, ids), timeout=15)
         assert "RuntimeError" in reasons(stack, ids)[0]
         assert worker.failing

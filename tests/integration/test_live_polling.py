@@ -53,6 +53,7 @@ async def silence() -> WebhookSilence:
 @pytest.fixture
 async def service_url(stack: Stack, silence: WebhookSilence) -> AsyncIterator[str]:
     """The service's HTTP app on a free port (webhooks in, /readyz)."""
+
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[BROKER_KEY], app[STORE_KEY], app[SILENCE_KEY] = stack.broker, stack.store, silence
         yield
@@ -67,8 +68,9 @@ async def service_url(stack: Stack, silence: WebhookSilence) -> AsyncIterator[st
 
 def reconciler_for(stack: Stack, silence: WebhookSilence) -> Reconciler:
     """Sends updated_after, so the honoured mode really narrows the reads."""
-    return Reconciler(stack.pms, stack.broker, stack.store, use_updated_after=True, silence=silence,
-                      silence_grace=GRACE)
+    return Reconciler(
+        stack.pms, stack.broker, stack.store, use_updated_after=True, silence=silence, silence_grace=GRACE
+    )
 
 
 async def stored_state(stack: Stack, appointment_id: int) -> str | None:
@@ -140,8 +142,11 @@ async def test_the_plain_event_envelope_is_accepted(stack: Stack, service_url: s
     appointment = {"id": 4242, "state": "Confirmed", "patient_id": 7, "updated_at": "2026-01-01T09:00:00.000+00:00"}
     body = json.dumps({"event": "appointment.updated", "object": "appointment", "data": appointment}).encode()
     now = int(time.time())
-    headers = {"webhook-id": "msg_plain", "webhook-timestamp": str(now),
-               "webhook-signature": sign(SECRET, "msg_plain", now, body)}
+    headers = {
+        "webhook-id": "msg_plain",
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(SECRET, "msg_plain", now, body),
+    }
     async with aiohttp.ClientSession() as http:
         async with http.post(service_url + "/webhooks/pms", data=body, headers=headers) as resp:
             assert resp.status == 202

@@ -90,8 +90,15 @@ async def serving(settings: Settings) -> AsyncIterator[tuple[str, web.Applicatio
 
 
 def service_settings(amqp_url: str, store_url: str, pms_url: str, api_token: str | None) -> Settings:
-    return load_settings(amqp_url=amqp_url, store=store_url, pms_url=pms_url, api_token=api_token,
-                         reconcile_interval=0, retry_delay=0.1, http_port=0)
+    return load_settings(
+        amqp_url=amqp_url,
+        store=store_url,
+        pms_url=pms_url,
+        api_token=api_token,
+        reconcile_interval=0,
+        retry_delay=0.1,
+        http_port=0,
+    )
 
 
 @pytest.fixture
@@ -109,9 +116,15 @@ async def service(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator
 
 
 def seed(sandbox: Any, appointment_id: int, **fields: Any) -> None:
-    defaults = {"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
-                "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                "reason": "Exam", "state": "Pending"}
+    defaults = {
+        "id": appointment_id,
+        "patient_id": 1013,
+        "practitioner_id": 1,
+        "start_time": "2030-01-02T09:00:00Z",
+        "finish_time": "2030-01-02T09:30:00Z",
+        "reason": "Exam",
+        "state": "Pending",
+    }
     sandbox.state.seed([{**defaults, **fields}])
 
 
@@ -136,10 +149,13 @@ async def reassign_and_confirm(service: Service, sandbox: Any) -> Run:
     seed(sandbox, CONFIRMED_B)
     seed(sandbox, CANCELLED, state="Cancelled", appointment_cancellation_reason_id=2)
 
-    reassigned = await service.result(await service.send(
-        {"type": "reassign", "appointment_id": ORIGINAL, "patient_id": 2002}))
-    confirms = [await service.result(await service.send({"type": "confirm", "appointment_id": appointment_id}))
-                for appointment_id in (CONFIRMED_A, CONFIRMED_B, CANCELLED)]
+    reassigned = await service.result(
+        await service.send({"type": "reassign", "appointment_id": ORIGINAL, "patient_id": 2002})
+    )
+    confirms = [
+        await service.result(await service.send({"type": "confirm", "appointment_id": appointment_id}))
+        for appointment_id in (CONFIRMED_A, CONFIRMED_B, CANCELLED)
+    ]
 
     assert reassigned["outcome"] == "succeeded", reassigned
     assert [c["outcome"] for c in confirms] == ["succeeded", "succeeded", "rejected"]
@@ -153,8 +169,14 @@ async def reassign_and_confirm(service: Service, sandbox: Any) -> Run:
 async def cli(store_url: str, *args: str) -> str:
     """`appt ARGS` as a subprocess on the given store; its stdout."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.cli", *args, cwd=REPO, env=cli_env(store_url),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "consumer.cli",
+        *args,
+        cwd=REPO,
+        env=cli_env(store_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), CLI_TIMEOUT)
     assert process.returncode == 0, stderr.decode()
@@ -207,19 +229,21 @@ async def test_cli_table_cli_json_and_http_show_the_same_history_for_both_appoin
     original = await stored(service.store, ORIGINAL)
     workflow_states = [r["to_state"] for r in original if r["machine"] == "reassignment"]
     assert workflow_states[0] == "requested" and workflow_states[-1] == "completed"
-    assert ("appointment", ORIGINAL, "Cancelled") in {(r["machine"], r["appointment_id"], r["to_state"])
-                                                       for r in original}
+    assert ("appointment", ORIGINAL, "Cancelled") in {
+        (r["machine"], r["appointment_id"], r["to_state"]) for r in original
+    }
     replacement = await stored(service.store, run.replacement_id)
     assert all(run.replacement_id in (r["appointment_id"], r["detail"].get("replacement_id")) for r in replacement)
     assert "completed" in [r["to_state"] for r in replacement]
     first_seen = next(r for r in replacement if r["machine"] == "appointment")
     assert (first_seen["appointment_id"], first_seen["to_state"], first_seen["source"]) == (
-        run.replacement_id, "Pending", "workflow")  # recorded when booked, not only once its webhook comes
+        run.replacement_id,
+        "Pending",
+        "workflow",
+    )  # recorded when booked, not only once its webhook comes
 
 
-async def test_every_state_record_reaches_the_events_exchange_exactly_once(
-    service: Service, run: Run
-) -> None:
+async def test_every_state_record_reaches_the_events_exchange_exactly_once(service: Service, run: Run) -> None:
     expected: dict[int, dict[str, Any]] = {}
     for appointment_id in run.touched:
         expected.update({r["seq"]: r for r in await stored(service.store, appointment_id)})
@@ -301,8 +325,17 @@ async def test_history_follow_prints_a_record_made_after_it_started(
     await service.result(await service.send({"type": "edit_notes", "appointment_id": 301, "notes": "before"}))
     existing = await stored(service.store, 301)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "consumer.cli", "history", "301", "--follow", "--json", cwd=REPO,
-        env=cli_env(sqlite_url, amqp_url), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        sys.executable,
+        "-m",
+        "consumer.cli",
+        "history",
+        "301",
+        "--follow",
+        "--json",
+        cwd=REPO,
+        env=cli_env(sqlite_url, amqp_url),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     try:
         printed = [await next_record(process) for _ in existing]

@@ -76,11 +76,15 @@ def live_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServicePr
     vhost = make_vhost()
     log_dir: Path = tmp_path_factory.mktemp("openapi")
     sandbox = SandboxProcess(log_dir).start()
-    service = ServiceProcess(service_env(
-        pms_url=sandbox.url, store=f"sqlite:///{log_dir / 'appt.sqlite3'}",
-        amqp_url=f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}",
-        APPT_API_TOKEN=API_TOKEN,
-    ), log_dir).start()
+    service = ServiceProcess(
+        service_env(
+            pms_url=sandbox.url,
+            store=f"sqlite:///{log_dir / 'appt.sqlite3'}",
+            amqp_url=f"amqp://guest:guest@{RABBIT_HOST}:{RABBIT_PORT}/{vhost}",
+            APPT_API_TOKEN=API_TOKEN,
+        ),
+        log_dir,
+    ).start()
     try:
         asyncio.run(sandbox.wait_ready())
         asyncio.run(service.wait_ready())
@@ -107,8 +111,7 @@ def _auth_variants(method: str, path: str) -> list[tuple[dict[str, str], dict[st
     """(headers, call keywords) for valid auth, none, and wrong auth."""
     if (method, path) == WEBHOOK_OPERATION:
         return [({}, {SIGN_WITH: SECRET}), ({}, {}), ({}, {SIGN_WITH: WRONG_SECRET})]
-    return [({"Authorization": f"Bearer {API_TOKEN}"}, {}), ({}, {}),
-            ({"Authorization": "Bearer not-the-token"}, {})]
+    return [({"Authorization": f"Bearer {API_TOKEN}"}, {}), ({}, {}), ({"Authorization": "Bearer not-the-token"}, {})]
 
 
 # Negative cases need something to break: a parameter or a body.
@@ -122,19 +125,21 @@ FUZZ_RUNS = [
 
 @pytest.mark.parametrize(("method", "path", "mode"), FUZZ_RUNS, ids=lambda v: str(v))
 def test_every_route_answers_as_documented(
-    method: str, path: str, mode: GenerationMode, api_schema: Any, live_service: ServiceProcess,
+    method: str,
+    path: str,
+    mode: GenerationMode,
+    api_schema: Any,
+    live_service: ServiceProcess,
     http: requests.Session,
 ) -> None:
     """schemathesis's pytest loader needs pytest < 9, so its strategies are driven here directly."""
     operation = api_schema[path][method]
 
     @given(case=operation.as_strategy(generation_mode=mode))
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     def answers_as_documented(case: Case) -> None:
         for headers, keywords in _auth_variants(method, path):
-            response = case.call(base_url=live_service.url, session=http, headers=headers,
-                                 timeout=10, **keywords)
+            response = case.call(base_url=live_service.url, session=http, headers=headers, timeout=10, **keywords)
             case.validate_response(response)
 
     answers_as_documented()
@@ -150,6 +155,7 @@ def test_the_document_lists_every_route_the_server_serves(live_service: ServiceP
 def test_signed_webhooks_were_accepted_and_queued(live_service: ServiceProcess) -> None:
     """The fuzzing above did reach the pipeline: valid payloads were signed, queued, applied."""
     metrics = requests.get(f"{live_service.url}/metrics", timeout=10).text
-    accepted = [line for line in metrics.splitlines()
-                if line.startswith('appt_webhook_verifications_total{result="accepted"}')]
+    accepted = [
+        line for line in metrics.splitlines() if line.startswith('appt_webhook_verifications_total{result="accepted"}')
+    ]
     assert accepted and float(accepted[0].split()[-1]) > 0, metrics

@@ -27,9 +27,15 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
 
 
 def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
-    defaults = {"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
-                "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                "reason": "Exam", "state": "Pending"}
+    defaults = {
+        "id": appointment_id,
+        "patient_id": 1013,
+        "practitioner_id": 1,
+        "start_time": "2030-01-02T09:00:00Z",
+        "finish_time": "2030-01-02T09:30:00Z",
+        "reason": "Exam",
+        "state": "Pending",
+    }
     return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
 
 
@@ -39,12 +45,13 @@ async def test_every_command_type_succeeds_on_a_legal_appointment(stack: Stack, 
     seed(sandbox, 103)
 
     confirmed = await stack.result(await stack.send({"type": "confirm", "appointment_id": 101}))
-    patient_set = await stack.result(await stack.send(
-        {"type": "set_patient", "appointment_id": 102, "patient_id": 2001}))
-    noted = await stack.result(await stack.send(
-        {"type": "edit_notes", "appointment_id": 101, "notes": "bring x-rays"}))
-    cancelled = await stack.result(await stack.send(
-        {"type": "cancel", "appointment_id": 103, "reason": "Patient cancelled"}))
+    patient_set = await stack.result(
+        await stack.send({"type": "set_patient", "appointment_id": 102, "patient_id": 2001})
+    )
+    noted = await stack.result(await stack.send({"type": "edit_notes", "appointment_id": 101, "notes": "bring x-rays"}))
+    cancelled = await stack.result(
+        await stack.send({"type": "cancel", "appointment_id": 103, "reason": "Patient cancelled"})
+    )
 
     assert [r["outcome"] for r in (confirmed, patient_set, noted, cancelled)] == ["succeeded"] * 4
     assert sandbox.state.get(101)["state"] == "Confirmed"
@@ -60,12 +67,11 @@ async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, 
     seed(sandbox, 202)
 
     confirm = await stack.result(await stack.send({"type": "confirm", "appointment_id": 201}))
-    set_patient = await stack.result(await stack.send(
-        {"type": "set_patient", "appointment_id": 202, "patient_id": 1014}))
-    unknown_reason = await stack.result(await stack.send(
-        {"type": "cancel", "appointment_id": 202, "reason": "Bored"}))
-    archived_reason = await stack.result(await stack.send(
-        {"type": "cancel", "appointment_id": 202, "reason": "Snow"}))
+    set_patient = await stack.result(
+        await stack.send({"type": "set_patient", "appointment_id": 202, "patient_id": 1014})
+    )
+    unknown_reason = await stack.result(await stack.send({"type": "cancel", "appointment_id": 202, "reason": "Bored"}))
+    archived_reason = await stack.result(await stack.send({"type": "cancel", "appointment_id": 202, "reason": "Snow"}))
     missing = await stack.result(await stack.send({"type": "confirm", "appointment_id": 999}))
 
     assert confirm["outcome"] == "rejected"
@@ -86,8 +92,7 @@ async def test_behind_the_back_confirmation_is_reconciled(stack: Stack, sandbox:
     seed(sandbox, 301, patient_id=None)
     sandbox.state.change_behind_back(301, {"state": "Confirmed"}, before_next="PUT")
 
-    result = await stack.result(await stack.send(
-        {"type": "set_patient", "appointment_id": 301, "patient_id": 2002}))
+    result = await stack.result(await stack.send({"type": "set_patient", "appointment_id": 301, "patient_id": 2002}))
 
     assert result["outcome"] == "rejected"
     assert result["reasons"] == {"patient_id": [f"{STATUS} Confirmed"]}
@@ -119,23 +124,26 @@ async def test_the_same_command_three_times_is_applied_once(stack: Stack, sandbo
     assert len(applied) == 1
 
 
-async def test_a_thousand_interleaved_commands_keep_per_appointment_order(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_a_thousand_interleaved_commands_keep_per_appointment_order(stack: Stack, sandbox: Any) -> None:
     ids = list(range(5001, 5051))
     for appointment_id in ids:
         seed(sandbox, appointment_id)
     rounds = 20
     for n in range(rounds):
         for appointment_id in ids:
-            await stack.send({"type": "edit_notes", "appointment_id": appointment_id,
-                              "notes": f"note {n}", "command_id": f"order-{appointment_id}-{n}"})
+            await stack.send(
+                {
+                    "type": "edit_notes",
+                    "appointment_id": appointment_id,
+                    "notes": f"note {n}",
+                    "command_id": f"order-{appointment_id}-{n}",
+                }
+            )
 
     await eventually(lambda: len(stack.observer.results) == rounds * len(ids), timeout=120)
     assert {r["outcome"] for r in stack.observer.results.values()} == {"succeeded"}
     for appointment_id in ids:
-        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000)
-                   if r.source == "command"]
+        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000) if r.source == "command"]
         assert applied == [f"order-{appointment_id}-{n}" for n in range(rounds)]
         assert sandbox.state.get(appointment_id)["notes"] == f"note {rounds - 1}"
 
@@ -201,33 +209,41 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
     commands = [f"kill-{appointment_id}-{n}" for n in range(10) for appointment_id in ids]
     for command_id in commands:
         _, appointment_id, n = command_id.split("-")
-        await stack.send({"type": "edit_notes", "appointment_id": int(appointment_id),
-                          "notes": f"note {n}", "command_id": command_id})
+        await stack.send(
+            {
+                "type": "edit_notes",
+                "appointment_id": int(appointment_id),
+                "notes": f"note {n}",
+                "command_id": command_id,
+            }
+        )
     await eventually(lambda: len(stack.observer.results) >= 10)
 
     vhost = amqp_url.rsplit("/", 1)[1]  # only this test's connections: other runs share the broker
-    subprocess.run(["rabbitmqctl", "close_all_connections", "--vhost", vhost, "test kill"], check=True,
-                   capture_output=True, timeout=60)
+    subprocess.run(
+        ["rabbitmqctl", "close_all_connections", "--vhost", vhost, "test kill"],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
 
     await eventually(lambda: set(stack.observer.results) >= set(commands), timeout=90)
     for appointment_id in ids:
-        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000)
-                   if r.source == "command"]
+        applied = [r.command_id for r in await stack.store.history(appointment_id, limit=1000) if r.source == "command"]
         assert len(applied) == len(set(applied)), "a command was applied twice"
         assert sandbox.state.get(appointment_id)["notes"] == "note 9"
 
 
-async def test_appt_send_waits_for_the_result_and_exits_by_outcome(
-    stack: Stack, sandbox: Any, amqp_url: str
-) -> None:
+async def test_appt_send_waits_for_the_result_and_exits_by_outcome(stack: Stack, sandbox: Any, amqp_url: str) -> None:
     seed(sandbox, 901)
     seed(sandbox, 902, state="Cancelled", appointment_cancellation_reason_id=2)
     env = {**os.environ, "APPT_AMQP_URL": amqp_url}
     appt = str(Path(sys.executable).with_name("appt"))
 
     def send(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([appt, "send", *args, "--wait", "20"], env=env, capture_output=True,
-                              text=True, timeout=60)
+        return subprocess.run(
+            [appt, "send", *args, "--wait", "20"], env=env, capture_output=True, text=True, timeout=60
+        )
 
     confirmed = await asyncio.to_thread(send, "confirm", "--appointment", "901")
     refused = await asyncio.to_thread(send, "confirm", "--appointment", "902")
@@ -241,17 +257,13 @@ async def test_appt_send_waits_for_the_result_and_exits_by_outcome(
     assert "set_patient needs --patient" in unusable.stderr
 
 
-async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion(stack: Stack, sandbox: Any) -> None:
     seed(sandbox, 951)
-    assert (await stack.result(await stack.send({"type": "confirm", "appointment_id": 951})))["outcome"] \
-        == "succeeded"
+    assert (await stack.result(await stack.send({"type": "confirm", "appointment_id": 951})))["outcome"] == "succeeded"
     sandbox.state.set_delete_mode("remove")  # a PMS whose DELETE removes (the default cancels)
     sandbox.state.delete(951)  # the deleted webhook is lost: nobody subscribed
 
-    result = await stack.result(await stack.send(
-        {"type": "edit_notes", "appointment_id": 951, "notes": "too late"}))
+    result = await stack.result(await stack.send({"type": "edit_notes", "appointment_id": 951, "notes": "too late"}))
 
     assert result["reasons"] == {"appointment_id": ["not found in the PMS"]}
     record = await stack.store.get_appointment(951)

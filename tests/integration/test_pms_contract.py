@@ -72,12 +72,19 @@ async def test_cancellation_reasons_are_fetched_once(client: PmsClient, sandbox:
     first = await client.cancellation_reasons()
     second = await client.cancellation_reasons()
     assert [(r.id, r.reason, r.archived) for r in first] == [
-        (1, "Booked in error", False), (2, "Patient cancelled", False), (3, "Practice cancelled", False),
-        (4, "Other", False), (5, "Snow", True),
+        (1, "Booked in error", False),
+        (2, "Patient cancelled", False),
+        (3, "Practice cancelled", False),
+        (4, "Other", False),
+        (5, "Snow", True),
     ]
     assert second == first
     assert [r.reason for r in await client.live_cancellation_reasons()] == [
-        "Booked in error", "Patient cancelled", "Practice cancelled", "Other"]
+        "Booked in error",
+        "Patient cancelled",
+        "Practice cancelled",
+        "Other",
+    ]
     with pytest.raises(LookupError):
         await client.cancellation_reason_id("Snow")  # archived: not for new cancellations
     assert sandbox.state.call_count("GET /v1/appointment_cancellation_reasons") == 1
@@ -97,8 +104,11 @@ async def test_cancellation_reasons_are_fetched_again_once_expired(sandbox: Runn
 # ---- the unconfirmed live behaviours, both ways ---------------------------------
 
 MODES = [
-    pytest.param((honoured, delete_mode), id=f"updated_after-{'honoured' if honoured else 'ignored'}-delete-{delete_mode}")
-    for honoured in (True, False) for delete_mode in ("cancel", "remove")
+    pytest.param(
+        (honoured, delete_mode), id=f"updated_after-{'honoured' if honoured else 'ignored'}-delete-{delete_mode}"
+    )
+    for honoured in (True, False)
+    for delete_mode in ("cancel", "remove")
 ]
 WINDOW = {"after": "2030-01-01T00:00:00Z", "before": "2030-02-01T00:00:00Z"}
 
@@ -154,12 +164,14 @@ async def test_updated_after_narrows_the_list_only_where_honoured(moded: tuple[R
 
 
 async def test_list_filters_by_window_patient_and_practitioner(client: PmsClient, sandbox: RunningSandbox) -> None:
-    sandbox.state.seed([
-        slot(id=1, patient_id=10, practitioner_id=1),
-        slot(id=2, patient_id=11, practitioner_id=1),
-        slot(id=3, patient_id=10, practitioner_id=2),
-        slot(id=4, patient_id=10, start_time="2031-01-01T09:00:00Z", finish_time="2031-01-01T09:30:00Z"),
-    ])
+    sandbox.state.seed(
+        [
+            slot(id=1, patient_id=10, practitioner_id=1),
+            slot(id=2, patient_id=11, practitioner_id=1),
+            slot(id=3, patient_id=10, practitioner_id=2),
+            slot(id=4, patient_id=10, start_time="2031-01-01T09:00:00Z", finish_time="2031-01-01T09:30:00Z"),
+        ]
+    )
     by_patient = await client.list_appointments(**WINDOW, patient_id=10)
     by_both = await client.list_appointments(**WINDOW, patient_id=10, practitioner_id=2)
     assert sorted(a.id for a in by_patient) == [1, 3]
@@ -168,8 +180,16 @@ async def test_list_filters_by_window_patient_and_practitioner(client: PmsClient
 
 async def test_offset_times_and_unknown_fields_are_carried(client: PmsClient, sandbox: RunningSandbox) -> None:
     # The PMS grows fields over time; one the client doesn't know must not break it.
-    sandbox.state.seed([slot(id=7, start_time="2030-07-01T08:00:00Z", finish_time="2030-07-01T08:30:00Z",
-                             new_live_field={"nested": True})])
+    sandbox.state.seed(
+        [
+            slot(
+                id=7,
+                start_time="2030-07-01T08:00:00Z",
+                finish_time="2030-07-01T08:30:00Z",
+                new_live_field={"nested": True},
+            )
+        ]
+    )
     fetched = await client.get_appointment(7)
     assert fetched.start_time == "2030-07-01T09:00:00.000+01:00"
     assert fetched.model_dump()["new_live_field"] == {"nested": True}
@@ -399,4 +419,3 @@ async def test_seed_conversation_confirmed_behind_our_back(client: PmsClient, sa
     after = await client.get_appointment(757579675)
     assert (after.state, after.patient_id) == ("Confirmed", 1013)
     assert after.version == before.version + 1  # type: ignore[operator]
-

@@ -26,8 +26,9 @@ from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack
 
-SECRETS = {name: "whsec_" + base64.b64encode(f"{name}-secret-for-tests".encode()).decode()
-           for name in ("north", "south")}
+SECRETS = {
+    name: "whsec_" + base64.b64encode(f"{name}-secret-for-tests".encode()).decode() for name in ("north", "south")
+}
 SHARED_ID = 800000000  # not 900000000: the sandbox allocates from there, and seeding does not move it on
 API_TOKEN = "t"
 
@@ -39,9 +40,15 @@ class Practices:
     url: str  # the service's HTTP base
 
     def seed(self, practice: str, **fields: Any) -> dict[str, Any]:
-        defaults = {"id": SHARED_ID, "patient_id": 1013, "practitioner_id": 1, "reason": "Exam",
-                    "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                    "state": "Pending"}
+        defaults = {
+            "id": SHARED_ID,
+            "patient_id": 1013,
+            "practitioner_id": 1,
+            "reason": "Exam",
+            "start_time": "2030-01-02T09:00:00Z",
+            "finish_time": "2030-01-02T09:30:00Z",
+            "state": "Pending",
+        }
         return self.sandboxes[practice].state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
 
     async def stored(self, practice: str, appointment_id: int = SHARED_ID) -> Any:
@@ -50,10 +57,13 @@ class Practices:
 
 def practices_file(tmp_path: Path, sandboxes: dict[str, RunningSandbox]) -> Settings:
     path = tmp_path / "practices.toml"
-    path.write_text("".join(
-        f'[practices.{name}]\npms_url = "{sb.url}"\ntoken = "{name}-token"\n'
-        f'webhook_secrets = ["{SECRETS[name]}"]\n\n' for name, sb in sandboxes.items()
-    ))
+    path.write_text(
+        "".join(
+            f'[practices.{name}]\npms_url = "{sb.url}"\ntoken = "{name}-token"\n'
+            f'webhook_secrets = ["{SECRETS[name]}"]\n\n'
+            for name, sb in sandboxes.items()
+        )
+    )
     return Settings(practices_file=str(path), api_token=API_TOKEN)
 
 
@@ -63,6 +73,7 @@ async def two(amqp_url: str, sqlite_url: str, tmp_path: Path) -> AsyncIterator[P
         sandboxes = {"north": north, "south": south}
         settings = practices_file(tmp_path, sandboxes)
         async with running_stack(amqp_url, sqlite_url, north.url, practices=load_configs(settings)) as stack:
+
             async def resources(app: web.Application) -> AsyncIterator[None]:
                 app[BROKER_KEY] = stack.broker
                 app[STORE_KEY] = stack.store
@@ -111,8 +122,15 @@ async def test_the_same_command_id_in_two_practices_is_two_commands(two: Practic
     two.seed("north")
     two.seed("south")
     for practice in ("north", "south"):
-        await two.stack.send({"type": "edit_notes", "appointment_id": SHARED_ID, "practice": practice,
-                              "command_id": "partner-1", "notes": f"for {practice}"})
+        await two.stack.send(
+            {
+                "type": "edit_notes",
+                "appointment_id": SHARED_ID,
+                "practice": practice,
+                "command_id": "partner-1",
+                "notes": f"for {practice}",
+            }
+        )
     await eventually(lambda: two.sandboxes["north"].state.get(SHARED_ID)["notes"] == "for north")
     await eventually(lambda: two.sandboxes["south"].state.get(SHARED_ID)["notes"] == "for south")
 
@@ -120,8 +138,9 @@ async def test_the_same_command_id_in_two_practices_is_two_commands(two: Practic
 async def test_a_reassignment_runs_against_its_own_practice(two: Practices) -> None:
     two.seed("north", patient_id=1013)
     two.seed("south", patient_id=1013)
-    command_id = await two.stack.send({"type": "reassign", "appointment_id": SHARED_ID,
-                                       "practice": "north", "patient_id": 1014})
+    command_id = await two.stack.send(
+        {"type": "reassign", "appointment_id": SHARED_ID, "practice": "north", "patient_id": 1014}
+    )
     result = await two.stack.result(command_id)
 
     assert (result["outcome"], result["practice"]) == ("succeeded", "north")
@@ -142,15 +161,25 @@ async def test_a_command_for_an_unknown_practice_is_rejected(two: Practices) -> 
 
 async def _post(url: str, body: bytes, secret: str) -> int:
     webhook_id, now = f"msg_{time.time_ns()}", int(time.time())
-    headers = {"content-type": "application/json", "webhook-id": webhook_id,
-               "webhook-timestamp": str(now), "webhook-signature": sign(secret, webhook_id, now, body)}
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(secret, webhook_id, now, body),
+    }
     async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as answer:
         return answer.status
 
 
 async def test_a_webhook_is_verified_with_its_own_practices_secrets_only(two: Practices) -> None:
-    body = json.dumps({"type": "appointment.created", "data": {"appointment": {
-        "id": 5, "state": "Pending", "patient_id": 7, "updated_at": "2026-01-01T00:00:00Z"}}}).encode()
+    body = json.dumps(
+        {
+            "type": "appointment.created",
+            "data": {
+                "appointment": {"id": 5, "state": "Pending", "patient_id": 7, "updated_at": "2026-01-01T00:00:00Z"}
+            },
+        }
+    ).encode()
 
     assert await _post(f"{two.url}/webhooks/pms/south", body, SECRETS["north"]) == 401
     assert await _post(f"{two.url}/webhooks/pms", body, SECRETS["north"]) == 404  # no default practice

@@ -10,7 +10,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ async def sandbox(request: pytest.FixtureRequest) -> AsyncIterator[RunningSandbo
         yield running
 
 
-BOTH_DELETES = pytest.mark.parametrize("sandbox", ["cancel", "remove"], indirect=True,
-                                       ids=["delete-cancels", "delete-removes"])
+BOTH_DELETES = pytest.mark.parametrize(
+    "sandbox", ["cancel", "remove"], indirect=True, ids=["delete-cancels", "delete-removes"]
+)
 
 
 @pytest.fixture
@@ -54,16 +55,21 @@ def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
 
 
 async def reassign(stack: Stack, appointment_id: int, patient_id: int = NEW_PATIENT, **extra: Any) -> dict[str, Any]:
-    command_id = await stack.send({"type": "reassign", "appointment_id": appointment_id,
-                                   "patient_id": patient_id, **extra})
+    command_id = await stack.send(
+        {"type": "reassign", "appointment_id": appointment_id, "patient_id": patient_id, **extra}
+    )
     return await stack.result(command_id)
 
 
 def live_in_slot(sandbox: Any) -> list[dict[str, Any]]:
     """Appointments holding the slot: a second one is a double booking, none is a lost slot."""
-    return [a for a in sandbox.state.all_appointments()
-            if a["state"] != "Cancelled" and parse_time(a["start_time"]) == parse_time(SLOT["start_time"])
-            and a["practitioner_id"] == SLOT["practitioner_id"]]
+    return [
+        a
+        for a in sandbox.state.all_appointments()
+        if a["state"] != "Cancelled"
+        and parse_time(a["start_time"]) == parse_time(SLOT["start_time"])
+        and a["practitioner_id"] == SLOT["practitioner_id"]
+    ]
 
 
 def no_live_replacement(sandbox: Any, replacement_id: int) -> bool:
@@ -91,7 +97,11 @@ async def assert_compensated(stack: Stack, sandbox: Any, result: dict[str, Any],
     [live] = live_in_slot(sandbox)
     assert live["id"] == result["appointment_id"] and live["patient_id"] == ORIGINAL_PATIENT
     assert await workflow_states(stack, result["appointment_id"]) == [
-        "requested", "replacement_created", "compensating", "compensated"]
+        "requested",
+        "replacement_created",
+        "compensating",
+        "compensated",
+    ]
 
 
 async def test_reassign_books_a_replacement_and_cancels_the_original(stack: Stack, sandbox: Any) -> None:
@@ -114,21 +124,26 @@ async def test_reassign_books_a_replacement_and_cancels_the_original(stack: Stac
 
     original_log = await stack.store.history(101)
     assert [r.to_state for r in original_log if r.machine == "reassignment"] == [
-        "requested", "replacement_created", "original_cancelled", "completed"]
+        "requested",
+        "replacement_created",
+        "original_cancelled",
+        "completed",
+    ]
     cancelled = [r for r in original_log if r.machine == "appointment" and r.to_state == "Cancelled"]
     assert len(cancelled) == 1 and cancelled[0].source == "workflow"
     assert cancelled[0].workflow_id == result["workflow_id"]
     replacement_log = await stack.store.history(replacement["id"])
     assert [r.to_state for r in replacement_log if r.machine == "reassignment"] == [
-        "replacement_created", "original_cancelled", "completed"]
+        "replacement_created",
+        "original_cancelled",
+        "completed",
+    ]
     workflow = await stack.store.get_workflow(result["workflow_id"])
     assert workflow is not None and workflow.state == "completed"
 
 
 @BOTH_DELETES
-async def test_original_confirmed_then_arrived_behind_our_back_is_compensated(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_original_confirmed_then_arrived_behind_our_back_is_compensated(stack: Stack, sandbox: Any) -> None:
     seed(sandbox, 201)
     sandbox.state.change_behind_back(201, {"state": "Confirmed"}, after_reads=1)  # SMS auto-confirm
     sandbox.state.change_behind_back(201, {"state": "Arrived"}, before_next="PUT")  # checked in at the desk
@@ -170,8 +185,9 @@ async def test_a_cancel_whose_answer_was_lost_is_not_compensated(stack: Stack, s
     answer was lost): deleting the replacement now would leave the slot with nobody in it."""
     seed(sandbox, 451)
     # A first attempt reads the original once: its cancel is planned on that read.
-    sandbox.state.change_behind_back(451, {"state": "Cancelled", "appointment_cancellation_reason_id": 1},
-                                     after_reads=1)
+    sandbox.state.change_behind_back(
+        451, {"state": "Cancelled", "appointment_cancellation_reason_id": 1}, after_reads=1
+    )
     sandbox.state.fail_next("PUT /v1/appointments/{id}", 3, 503)
 
     result = await reassign(stack, 451)
@@ -218,7 +234,13 @@ async def test_failed_compensation_parks_then_sagas_retry_compensates(stack: Sta
     assert no_live_replacement(sandbox, FIRST_ID)
     assert [a["id"] for a in live_in_slot(sandbox)] == [501]
     assert await workflow_states(stack, 501) == [
-        "requested", "replacement_created", "compensating", "compensation_failed", "compensating", "compensated"]
+        "requested",
+        "replacement_created",
+        "compensating",
+        "compensation_failed",
+        "compensating",
+        "compensated",
+    ]
     assert await stack.store.active_workflow(501) is None
 
 
@@ -232,8 +254,14 @@ async def test_cli_sagas_retry_compensates_a_parked_workflow(
     appt = Path(sys.executable).parent / "appt"
     # Async, because the sandbox answering the CLI runs on this test's event loop.
     process = await asyncio.create_subprocess_exec(
-        str(appt), "sagas", "retry", parked["workflow_id"], env=env, cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        str(appt),
+        "sagas",
+        "retry",
+        parked["workflow_id"],
+        env=env,
+        cwd=tmp_path,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=30)
 
@@ -300,12 +328,11 @@ async def test_a_redelivered_reassign_books_nothing_twice(stack: Stack, sandbox:
     committed = [r.seq for r in await stack.store.history(1001) if r.command_id == "re-1"]
     assert [r.seq for r in again.republish] == committed
     assert {"requested", "replacement_created", "original_cancelled", "completed"} <= {
-        r.to_state for r in again.republish}
+        r.to_state for r in again.republish
+    }
 
 
-async def test_a_step_whose_publish_fails_is_published_again_with_the_result(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_a_step_whose_publish_fails_is_published_again_with_the_result(stack: Stack, sandbox: Any) -> None:
     seed(sandbox, 1101)
     await stack.broker.close()  # every live publish of the saga's steps fails from here on
     command = Reassign(command_id="pub-1", appointment_id=1101, patient_id=NEW_PATIENT)
@@ -319,9 +346,7 @@ async def test_a_step_whose_publish_fails_is_published_again_with_the_result(
     await stack.worker.start()
 
 
-async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(stack: Stack, sandbox: Any) -> None:
     """Two processes starting at once both hand the saga back: it is still driven once."""
     seed(sandbox, 1201)
     command = Reassign(command_id="left-1", appointment_id=1201, patient_id=NEW_PATIENT)
@@ -344,8 +369,9 @@ MOVED = {"start_time": "2030-03-04T12:00:00Z", "finish_time": "2030-03-04T12:30:
 
 
 def replacements_of(sandbox: Any, original_id: int) -> list[dict[str, Any]]:
-    return [a for a in sandbox.state.all_appointments()
-            if (a.get("metadata") or {}).get("reassigned_from") == original_id]
+    return [
+        a for a in sandbox.state.all_appointments() if (a.get("metadata") or {}).get("reassigned_from") == original_id
+    ]
 
 
 async def test_original_moved_after_the_first_read_ends_with_the_replacement_at_its_new_time(
@@ -415,8 +441,10 @@ async def test_replacement_gone_during_the_cancel_s_backoff_keeps_the_original(
     result = await reassign(stack, 1401)
 
     assert result["outcome"] == "failed"
-    assert f"was {'made Cancelled' if change == 'cancelled' else 'deleted'} by someone else" in \
-        result["reasons"]["replacement"][0]
+    assert (
+        f"was {'made Cancelled' if change == 'cancelled' else 'deleted'} by someone else"
+        in result["reasons"]["replacement"][0]
+    )
     assert result["reasons"]["original"] == ["left as it was: not cancelled"]
     assert sandbox.state.get(1401)["state"] == "Pending"  # the slot is still held
     assert not [a for a in replacements_of(sandbox, 1401) if a["state"] != "Cancelled"]
@@ -443,8 +471,15 @@ async def test_original_deleted_after_the_booking_counts_as_done(stack: Stack, s
 async def test_a_budget_block_mid_saga_is_driven_to_its_end_without_a_restart(
     amqp_url: str, sqlite_url: str, sandbox: Any
 ) -> None:
-    async with running_stack(amqp_url, sqlite_url, sandbox.url, max_deliveries=2, pms_max_retry_after=0.2,
-                             workflow_deadline=2.5, watch_interval=0.2) as stack:
+    async with running_stack(
+        amqp_url,
+        sqlite_url,
+        sandbox.url,
+        max_deliveries=2,
+        pms_max_retry_after=0.2,
+        workflow_deadline=2.5,
+        watch_interval=0.2,
+    ) as stack:
         seed(sandbox, 1601)
         # The cancel is answered with the 403 block, the budget back in 4 s: past what the client
         # waits for in-process, so every delivery fails at once, until the deliveries are spent
@@ -465,10 +500,15 @@ async def test_a_post_answer_older_than_the_stored_state_is_not_adopted(stack: S
     """A webhook about the replacement (confirmed at once by SMS) was applied before the saga recorded
     the booking: the POST's older answer must not take the record back to Pending."""
     seed(sandbox, 1701)
-    soon = (datetime.now(timezone.utc) + timedelta(minutes=2)).isoformat()  # newer, within the trusted skew
+    soon = (datetime.now(UTC) + timedelta(minutes=2)).isoformat()  # newer, within the trusted skew
     newer: dict[str, Any] = {"id": FIRST_ID, "state": "Confirmed", "patient_id": NEW_PATIENT, "updated_at": soon}
-    await stack.store.commit(Commit(appointment=AppointmentRecord(
-        FIRST_ID, "Confirmed", NEW_PATIENT, upstream_updated_at=newer["updated_at"], data=newer)))
+    await stack.store.commit(
+        Commit(
+            appointment=AppointmentRecord(
+                FIRST_ID, "Confirmed", NEW_PATIENT, upstream_updated_at=newer["updated_at"], data=newer
+            )
+        )
+    )
 
     result = await reassign(stack, 1701)
 
@@ -486,6 +526,5 @@ async def test_a_read_failing_in_the_cancel_step_is_retried_not_compensated(stac
     result = await reassign(stack, 1801)
 
     assert result["outcome"] == "succeeded"
-    assert await workflow_states(stack, 1801) == ["requested", "replacement_created", "original_cancelled",
-                                                  "completed"]
+    assert await workflow_states(stack, 1801) == ["requested", "replacement_created", "original_cancelled", "completed"]
     assert [a["patient_id"] for a in live_in_slot(sandbox)] == [NEW_PATIENT]

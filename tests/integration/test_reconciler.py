@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -62,10 +62,12 @@ async def pms(sandbox: RunningSandbox) -> AsyncIterator[PmsClient]:
 
 
 def seed(sandbox: RunningSandbox, days: list[float]) -> list[int]:
-    seeded = sandbox.state.seed([
-        {"patient_id": 100 + n, "practitioner_id": 1, "reason": "Exam", **starts_in(day)}
-        for n, day in enumerate(days)
-    ])
+    seeded = sandbox.state.seed(
+        [
+            {"patient_id": 100 + n, "practitioner_id": 1, "reason": "Exam", **starts_in(day)}
+            for n, day in enumerate(days)
+        ]
+    )
     return [a["id"] for a in seeded]
 
 
@@ -126,10 +128,10 @@ async def test_polling_stays_within_its_share_of_the_hourly_budget(
 ) -> None:
     """2,000 appointments over the next 30 days, polled every 10 s for an hour: at most 10% of
     3,600 requests, nearest window first."""
-    sandbox.state.seed([
-        {"practitioner_id": 1 + n % 5, "patient_id": 1000 + n, **starts_in(n * 30 / 2000)} for n in range(2000)
-    ])
-    hour = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    sandbox.state.seed(
+        [{"practitioner_id": 1 + n % 5, "patient_id": 1000 + n, **starts_in(n * 30 / 2000)} for n in range(2000)]
+    )
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     clock = [hour]
     reconciler = Reconciler(pms, broker, store, clock=lambda: clock[0])
     spent_by_half_hour = 0
@@ -170,14 +172,14 @@ async def test_a_change_made_while_watching_that_no_webhook_brought_is_silence(
     silence = WebhookSilence()
     reconciler = Reconciler(pms, broker, store, silence=silence, silence_grace=timedelta(seconds=0.2))
     await reconciler.poll()  # what existed before watching is not silence, just unknown
-    assert silence.report(datetime.now(timezone.utc))["status"] == "ok"
+    assert silence.report(datetime.now(UTC))["status"] == "ok"
 
     sandbox.state.change_now(before, {"notes": "no webhook for this"})
     await asyncio.sleep(0.3)
     await reconciler.poll()
-    report = silence.report(datetime.now(timezone.utc))
+    report = silence.report(datetime.now(UTC))
     assert (report["status"], report["missed_changes"]) == ("silent", 1)
-    assert silence.report(datetime.now(timezone.utc) + timedelta(hours=2))["status"] == "ok"
+    assert silence.report(datetime.now(UTC) + timedelta(hours=2))["status"] == "ok"
 
 
 async def test_the_loop_outlives_pms_and_broker_failures_and_stops_on_request(
@@ -187,10 +189,12 @@ async def test_the_loop_outlives_pms_and_broker_failures_and_stops_on_request(
     sandbox.state.fail_next(LIST_ROUTE, 2, 500)
     await broker.close()
     stop = asyncio.Event()
-    practices = Practices({DEFAULT_PRACTICE: PracticeConfig(pms_url=sandbox.url, token="sandbox-token")},
-                          lambda config, token: pms)
-    loop = asyncio.create_task(run_reconciler(
-        practices, lambda practice: Reconciler(practice.pms, broker, store), 0.05, stop))
+    practices = Practices(
+        {DEFAULT_PRACTICE: PracticeConfig(pms_url=sandbox.url, token="sandbox-token")}, lambda config, token: pms
+    )
+    loop = asyncio.create_task(
+        run_reconciler(practices, lambda practice: Reconciler(practice.pms, broker, store), 0.05, stop)
+    )
 
     await eventually(lambda: sandbox.state.call_count(LIST_ROUTE) >= 4, timeout=5)
     assert not loop.done()

@@ -45,16 +45,31 @@ KEEP_A_DAY = {"history_reads": PAGING_GRACE, "inbox": DAY, "workflows": DAY, "st
 async def commit_old_and_young(store: Store) -> datetime:
     """Two generations of rows, each with inbox entries, finished workflows and log records;
     returns a moment between them. The old generation also has an unfinished workflow."""
-    await store.commit(Commit(workflow=workflow("wf-old-done", 1, state="completed"),
-                              logs=[log(1, workflow_id="wf-old-done")], inbox=InboxEntry("m-old-1")))
-    await store.commit(Commit(workflow=workflow("wf-old-running", 2, state="replacement_created"),
-                              logs=[log(2, workflow_id="wf-old-running")], inbox=InboxEntry("m-old-2")))
+    await store.commit(
+        Commit(
+            workflow=workflow("wf-old-done", 1, state="completed"),
+            logs=[log(1, workflow_id="wf-old-done")],
+            inbox=InboxEntry("m-old-1"),
+        )
+    )
+    await store.commit(
+        Commit(
+            workflow=workflow("wf-old-running", 2, state="replacement_created"),
+            logs=[log(2, workflow_id="wf-old-running")],
+            inbox=InboxEntry("m-old-2"),
+        )
+    )
     await store.commit(Commit(logs=[log(3), log(3)], inbox=InboxEntry("m-old-3")))
     await asyncio.sleep(0.02)
     between = utcnow()
     await asyncio.sleep(0.02)
-    await store.commit(Commit(workflow=workflow("wf-young-done", 4, state="compensated"),
-                              logs=[log(4, workflow_id="wf-young-done")], inbox=InboxEntry("m-young-4")))
+    await store.commit(
+        Commit(
+            workflow=workflow("wf-young-done", 4, state="compensated"),
+            logs=[log(4, workflow_id="wf-young-done")],
+            inbox=InboxEntry("m-young-4"),
+        )
+    )
     return between
 
 
@@ -75,7 +90,11 @@ async def test_rows_past_retention_are_pruned_and_younger_or_needed_ones_kept(st
     pruned = {r.table: r.pruned for r in reports}
     assert pruned == {"history_reads": 0, "inbox": 3, "workflows": 1, "state_log": 3}
     assert [await store.inbox_get(m) is not None for m in ("m-old-1", "m-old-2", "m-old-3", "m-young-4")] == [
-        False, False, False, True]
+        False,
+        False,
+        False,
+        True,
+    ]
     assert await store.get_workflow("wf-old-done") is None
     assert await store.get_workflow("wf-old-running") is not None  # unfinished: never pruned
     assert await store.get_workflow("wf-young-done") is not None
@@ -131,8 +150,7 @@ async def test_pruning_while_the_worker_commits_loses_nothing_and_deadlocks_noth
     await worker_store.open()
     await pruner_store.open()
     for batch in range(10):
-        await worker_store.commit(Commit(
-            logs=[log(1000 + i) for i in range(20)], inbox=InboxEntry(f"old-{batch}")))
+        await worker_store.commit(Commit(logs=[log(1000 + i) for i in range(20)], inbox=InboxEntry(f"old-{batch}")))
     for i in range(20):
         await worker_store.commit(Commit(workflow=workflow(f"wf-old-{i}", 1000 + i, state="completed")))
     await asyncio.sleep(0.02)
@@ -142,16 +160,17 @@ async def test_pruning_while_the_worker_commits_loses_nothing_and_deadlocks_noth
 
     async def write(appointment_id: int) -> None:
         for version in range(commits_each):
-            await worker_store.commit(Commit(
-                appointment=appointment(appointment_id, version=version),
-                logs=[log(appointment_id, f"S{version}")],
-                inbox=InboxEntry(f"new-{appointment_id}-{version}"),
-            ))
+            await worker_store.commit(
+                Commit(
+                    appointment=appointment(appointment_id, version=version),
+                    logs=[log(appointment_id, f"S{version}")],
+                    inbox=InboxEntry(f"new-{appointment_id}-{version}"),
+                )
+            )
 
     async def prune_until_done() -> int:
         pruned = 0
-        while (reports := await prune_once(pruner_store, KEEP_A_DAY, batch=7,
-                                           now=a_day_after(cutoff_moment), pause=0)):
+        while reports := await prune_once(pruner_store, KEEP_A_DAY, batch=7, now=a_day_after(cutoff_moment), pause=0):
             step = sum(r.pruned for r in reports)
             pruned += step
             if step == 0:
@@ -166,7 +185,8 @@ async def test_pruning_while_the_worker_commits_loses_nothing_and_deadlocks_noth
         stored = await worker_store.get_appointment(appointment_id)
         assert stored is not None and stored.version == commits_each
         assert [r.to_state for r in await worker_store.history(appointment_id)] == [
-            f"S{v}" for v in range(commits_each)]
+            f"S{v}" for v in range(commits_each)
+        ]
         for version in range(commits_each):
             assert await worker_store.inbox_get(f"new-{appointment_id}-{version}") is not None
     assert await worker_store.oldest("inbox") is not None
@@ -181,8 +201,9 @@ async def test_two_pruners_together_delete_each_row_once(new_store: StoreFactory
         await first.commit(Commit(inbox=InboxEntry(f"m-{i}")))
     now = a_day_after(utcnow())
 
-    reports = await asyncio.gather(*(
-        prune_once(s, {"inbox": DAY}, batch=11, now=now, pause=0) for s in (first, second)))
+    reports = await asyncio.gather(
+        *(prune_once(s, {"inbox": DAY}, batch=11, now=now, pause=0) for s in (first, second))
+    )
 
     assert sum(r[0].pruned for r in reports) == 150
     assert await first.oldest("inbox") is None
@@ -199,8 +220,7 @@ def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(tmp_path: P
 
     asyncio.run(fill())
     time.sleep(1.1)  # everything is now older than a 1-second retention
-    env = {**os.environ, "APPT_STORE": f"sqlite:///{path}", "APPT_INBOX_RETENTION": "1",
-           "APPT_WORKFLOW_RETENTION": "1"}
+    env = {**os.environ, "APPT_STORE": f"sqlite:///{path}", "APPT_INBOX_RETENTION": "1", "APPT_WORKFLOW_RETENTION": "1"}
 
     def prune(*args: str) -> list[dict[str, Any]]:
         finished = subprocess.run([APPT, "prune", *args], env=env, capture_output=True, text=True, timeout=60)
@@ -210,7 +230,11 @@ def test_appt_prune_dry_run_shows_what_would_go_and_prune_deletes_it(tmp_path: P
     dry, done, again = prune("--dry-run"), prune(), prune("--dry-run")
 
     assert [(r["table"], r["pruned"], r["dry_run"]) for r in dry] == [
-        ("history_reads", 0, True), ("inbox", 4, True), ("workflows", 2, True), ("state_log", 0, True)]
+        ("history_reads", 0, True),
+        ("inbox", 4, True),
+        ("workflows", 2, True),
+        ("state_log", 0, True),
+    ]
     assert [(r["table"], r["pruned"]) for r in done] == [(r["table"], r["pruned"]) for r in dry]
     assert {r["table"]: r["oldest"] for r in done}["inbox"] is None
     assert {r["table"]: r["retention_s"] for r in done}["state_log"] is None  # 0: kept
@@ -251,7 +275,11 @@ async def test_an_existing_sqlite_file_is_switched_to_incremental_auto_vacuum(tm
 
 @pytest.mark.parametrize("store_kind", ["sqlite", "postgres"])
 async def test_with_a_tiny_retention_a_redelivery_inside_it_is_still_deduplicated(
-    store_kind: str, amqp_url: str, sqlite_url: str, pg_url: str, sandbox: Any,
+    store_kind: str,
+    amqp_url: str,
+    sqlite_url: str,
+    pg_url: str,
+    sandbox: Any,
 ) -> None:
     """The whole pipeline with the pruner running every 50 ms over a few seconds' retention."""
     schema = f"test_retention_{uuid.uuid4().hex[:12]}"
@@ -268,30 +296,50 @@ async def test_with_a_tiny_retention_a_redelivery_inside_it_is_still_deduplicate
 
 
 async def _redelivery_inside_a_tiny_retention(store_url: str, amqp_url: str, sandbox: Any) -> None:
-    settings = load_settings(inbox_retention=RETENTION, workflow_retention=RETENTION,
-                             state_log_retention=RETENTION, prune_interval=0.05, prune_batch=5)
-    sandbox.state.seed([{"id": 700 + i, "patient_id": 1013, "practitioner_id": 1, "state": "Pending",
-                         "start_time": f"2030-01-02T{9 + i:02d}:00:00Z", "finish_time": f"2030-01-02T{9 + i:02d}:30:00Z",
-                         "reason": "Exam"} for i in range(5)])
+    settings = load_settings(
+        inbox_retention=RETENTION,
+        workflow_retention=RETENTION,
+        state_log_retention=RETENTION,
+        prune_interval=0.05,
+        prune_batch=5,
+    )
+    sandbox.state.seed(
+        [
+            {
+                "id": 700 + i,
+                "patient_id": 1013,
+                "practitioner_id": 1,
+                "state": "Pending",
+                "start_time": f"2030-01-02T{9 + i:02d}:00:00Z",
+                "finish_time": f"2030-01-02T{9 + i:02d}:30:00Z",
+                "reason": "Exam",
+            }
+            for i in range(5)
+        ]
+    )
     pruned_before = _pruned_inbox()
     async with running_stack(amqp_url, store_url, sandbox.url) as stack:
         stop = asyncio.Event()
         pruner = asyncio.create_task(run_pruner(stack.store, settings, stop))
         try:
-            first = await stack.send({"type": "edit_notes", "appointment_id": 700, "notes": "first",
-                                      "command_id": "c-first"})
+            first = await stack.send(
+                {"type": "edit_notes", "appointment_id": 700, "notes": "first", "command_id": "c-first"}
+            )
             assert (await stack.result(first))["outcome"] == "succeeded"
             reads = sandbox.state.call_count("GET /v1/appointments/{id}")
-            await stack.send({"type": "edit_notes", "appointment_id": 700, "notes": "first",
-                              "command_id": "c-first"})  # the same command again, inside the window
+            await stack.send(
+                {"type": "edit_notes", "appointment_id": 700, "notes": "first", "command_id": "c-first"}
+            )  # the same command again, inside the window
             await eventually(lambda: stack.observer.result_counts.get("c-first") == 2, timeout=RETENTION)
             # the inbox answered it: not even the fresh GET a re-executed command would make
             assert sandbox.state.call_count("GET /v1/appointments/{id}") == reads
             assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 1
 
             # a steady flow of commands while the pruner deletes around them
-            sent = [await stack.send({"type": "edit_notes", "appointment_id": 700 + i % 5,
-                                      "notes": f"n{i}"}) for i in range(60)]
+            sent = [
+                await stack.send({"type": "edit_notes", "appointment_id": 700 + i % 5, "notes": f"n{i}"})
+                for i in range(60)
+            ]
             outcomes = [(await stack.result(c, timeout=30))["outcome"] for c in sent]
             assert outcomes == ["succeeded"] * 60
             assert [sandbox.state.get(700 + i)["notes"] for i in range(5)] == [f"n{55 + i}" for i in range(5)]

@@ -26,7 +26,7 @@ import json
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -36,7 +36,7 @@ from statemachines.reassignment import slot_of
 from tests.stack import Stack, running_stack
 
 PRACTITIONER, ORIGINAL_PATIENT, NEW_PATIENT = 9, 1013, 2001
-FIRST_SLOT = datetime(2032, 5, 3, 8, 0, tzinfo=timezone.utc)
+FIRST_SLOT = datetime(2032, 5, 3, 8, 0, tzinfo=UTC)
 LIVE = ("Pending", "Confirmed")
 Change = Callable[[SandboxState, int], bool]
 
@@ -47,14 +47,15 @@ def _iso(moment: datetime) -> str:
 
 def _shift(appointment: dict[str, Any], hours: int) -> dict[str, str]:
     """The appointment's times moved by ``hours`` (each run owns a 4-hour block, so no collisions)."""
-    return {k: _iso(datetime.fromisoformat(appointment[k].replace("Z", "+00:00")) + timedelta(hours=hours))
-            for k in ("start_time", "finish_time")}
+    return {
+        k: _iso(datetime.fromisoformat(appointment[k].replace("Z", "+00:00")) + timedelta(hours=hours))
+        for k in ("start_time", "finish_time")
+    }
 
 
 def _replacement(state: SandboxState, original_id: int) -> dict[str, Any] | None:
     for appointment in state.all_appointments():
-        if (appointment.get("metadata") or {}).get("reassigned_from") == original_id \
-                and appointment["state"] in LIVE:
+        if (appointment.get("metadata") or {}).get("reassigned_from") == original_id and appointment["state"] in LIVE:
             return appointment
     return None
 
@@ -113,8 +114,12 @@ class Boundary:
 
 
 def _short(route: str) -> str:
-    return {"GET /v1/appointments/{id}": "GET", "GET /v1/appointments": "LIST",
-            "POST /v1/appointments": "POST", "PUT /v1/appointments/{id}": "PUT"}.get(route, route)
+    return {
+        "GET /v1/appointments/{id}": "GET",
+        "GET /v1/appointments": "LIST",
+        "POST /v1/appointments": "POST",
+        "PUT /v1/appointments/{id}": "PUT",
+    }.get(route, route)
 
 
 @dataclass
@@ -135,15 +140,24 @@ class Interleavings:
     def seed(self) -> dict[str, Any]:
         self.runs += 1
         start = FIRST_SLOT + timedelta(hours=4 * self.runs)
-        return self.state.seed([{
-            "id": 80_000 + self.runs, "patient_id": ORIGINAL_PATIENT, "practitioner_id": PRACTITIONER,
-            "start_time": _iso(start), "finish_time": _iso(start + timedelta(minutes=30)),
-            "reason": "Exam", "state": "Pending",
-        }])[0]
+        return self.state.seed(
+            [
+                {
+                    "id": 80_000 + self.runs,
+                    "patient_id": ORIGINAL_PATIENT,
+                    "practitioner_id": PRACTITIONER,
+                    "start_time": _iso(start),
+                    "finish_time": _iso(start + timedelta(minutes=30)),
+                    "reason": "Exam",
+                    "state": "Pending",
+                }
+            ]
+        )[0]
 
     async def reassign(self, original_id: int) -> dict[str, Any]:
-        command_id = await self.stack.send({"type": "reassign", "appointment_id": original_id,
-                                            "patient_id": NEW_PATIENT})
+        command_id = await self.stack.send(
+            {"type": "reassign", "appointment_id": original_id, "patient_id": NEW_PATIENT}
+        )
         return await self.stack.result(command_id, timeout=30)
 
     async def calibrate(self) -> list[str]:
@@ -164,11 +178,11 @@ class Interleavings:
         if boundary.backoff:
             route = routes[boundary.request - 1]
             self.state.before_call(boundary.request, lambda: self.state.fail_next(route, 1, 503))
-            self.state.before_call(boundary.request + 1,
-                                   lambda: applied.append(CHANGES[change](self.state, original_id)))
+            self.state.before_call(
+                boundary.request + 1, lambda: applied.append(CHANGES[change](self.state, original_id))
+            )
         elif boundary.request <= len(routes):
-            self.state.before_call(boundary.request,
-                                   lambda: applied.append(CHANGES[change](self.state, original_id)))
+            self.state.before_call(boundary.request, lambda: applied.append(CHANGES[change](self.state, original_id)))
         result = await self.reassign(original_id)
         if boundary.request > len(routes):
             applied.append(CHANGES[change](self.state, original_id))
@@ -184,18 +198,24 @@ def check_invariants(
     """Assert the saga's promises on the sandbox; return what happened, as the table's story."""
     original_id = seeded["id"]
     original = state.get(original_id)
-    replacements = [a for a in state.all_appointments()
-                    if (a.get("metadata") or {}).get("reassigned_from") == original_id]
+    replacements = [
+        a for a in state.all_appointments() if (a.get("metadata") or {}).get("reassigned_from") == original_id
+    ]
     live = [a for a in replacements if a["state"] in LIVE]
     original_live = original is not None and original["state"] in LIVE
     # Where the original is now (or was last, if deleted): a move is the only change of its times.
     where = slot_of(original) if original is not None else slot_of(seeded)
     if original is None and change == "original moved":
         where = slot_of({**seeded, **_shift(seeded, 2)})
-    cancelled_by_saga = original is not None and original["state"] == "Cancelled" \
+    cancelled_by_saga = (
+        original is not None
+        and original["state"] == "Cancelled"
         and (result.get("workflow_id") or "-") in (original.get("notes") or "")
-    context = f"{change}: result {json.dumps(result['reasons'])} original {original and original['state']} " \
-              f"replacements {[(a['id'], a['state'], a['start_time']) for a in replacements]}"
+    )
+    context = (
+        f"{change}: result {json.dumps(result['reasons'])} original {original and original['state']} "
+        f"replacements {[(a['id'], a['state'], a['start_time']) for a in replacements]}"
+    )
 
     assert len(live) <= 1, f"the new patient is booked twice: {context}"
     if original_live and live:
@@ -206,8 +226,9 @@ def check_invariants(
         assert live and slot_of(live[0]) == where, f"the saga emptied the slot: {context}"
     if result["outcome"] == "succeeded":
         assert not original_live, f"succeeded, but the original still holds the slot: {context}"
-        assert (live and slot_of(live[0]) == where) or changed_after_look, \
+        assert (live and slot_of(live[0]) == where) or changed_after_look, (
             f"succeeded, but the new patient does not hold the slot: {context}"
+        )
         assert result["appointment"] and result["appointment"]["patient_id"] == NEW_PATIENT
     else:
         assert not cancelled_by_saga, f"{result['outcome']}, but the saga cancelled the original: {context}"
@@ -216,8 +237,9 @@ def check_invariants(
     return story_of(result, original, live, cancelled_by_saga)
 
 
-def story_of(result: dict[str, Any], original: dict[str, Any] | None, live: list[dict[str, Any]],
-             cancelled_by_saga: bool) -> str:
+def story_of(
+    result: dict[str, Any], original: dict[str, Any] | None, live: list[dict[str, Any]], cancelled_by_saga: bool
+) -> str:
     if original is None:
         fate = "original deleted"
     elif original["state"] == "Cancelled":
@@ -239,9 +261,7 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
 
 
 @pytest.mark.timeout(170)
-async def test_every_outside_change_at_every_step_boundary_keeps_the_saga_s_promise(
-    stack: Stack, sandbox: Any
-) -> None:
+async def test_every_outside_change_at_every_step_boundary_keeps_the_saga_s_promise(stack: Stack, sandbox: Any) -> None:
     cases = Interleavings(stack, sandbox)
     routes = await cases.calibrate()
     boundaries = [Boundary(k, False) for k in range(1, len(routes) + 2)]
@@ -260,5 +280,4 @@ def table(runs: list[Run]) -> str:
     for run in runs:
         grouped[(run.change, run.story if run.applied else "n/a (nothing to change there)")].append(run.boundary)
     width = max(len(change) for change, _ in grouped)
-    return "\n".join(f"{change:<{width}}  {story}  <- {', '.join(where)}"
-                     for (change, story), where in grouped.items())
+    return "\n".join(f"{change:<{width}}  {story}  <- {', '.join(where)}" for (change, story), where in grouped.items())

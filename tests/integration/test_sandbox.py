@@ -35,8 +35,13 @@ def status_is(state: str) -> str:
 
 
 def rejection(params: dict[str, list[str]]) -> dict[str, Any]:
-    return {"error": {"type": "invalid_request_error",
-                      "message": "The appointment could not be processed", "params": params}}
+    return {
+        "error": {
+            "type": "invalid_request_error",
+            "message": "The appointment could not be processed",
+            "params": params,
+        }
+    }
 
 
 async def put(http: aiohttp.ClientSession, sandbox: RunningSandbox, fields: dict[str, Any]) -> tuple[int, Any]:
@@ -51,50 +56,104 @@ def seed(sandbox: RunningSandbox, **fields: Any) -> None:
 # ---- PUT rules, each with its exact body --------------------------------------------
 
 REFUSED_WRITES = [
-    pytest.param({"patient_id": 1013, "state": "Pending"}, {"patient_id": 1014},
-                 {"patient_id": ["can not change patients"]}, id="change-patient"),
-    pytest.param({"patient_id": 1013}, {"patient_id": None},
-                 {"patient_id": ["can not change patients"]}, id="remove-patient"),
-    pytest.param({"state": "Confirmed"}, {"start_time": "2030-01-07T10:00:00Z", "reason": "Scale"},
-                 {"start_time": [status_is("Confirmed")], "reason": [status_is("Confirmed")]},
-                 id="confirmed-locks-fields"),
-    pytest.param({"state": "Confirmed"}, {"patient_id": 7},
-                 {"patient_id": [status_is("Confirmed")]}, id="confirmed-locks-patient-too"),
-    pytest.param({"state": "Confirmed"}, {"state": "Confirmed"},
-                 {"state": [status_is("Confirmed")]}, id="confirmed-to-confirmed"),
-    pytest.param({"state": "Pending"}, {"state": "In surgery"},
-                 {"state": [status_is("Pending")]}, id="pending-to-in-surgery"),
-    pytest.param({"state": "Arrived"}, {"state": "Confirmed"},
-                 {"state": [status_is("Arrived")]}, id="arrived-backwards"),
-    pytest.param({"state": "Cancelled", "appointment_cancellation_reason_id": 1}, {"state": "Pending"},
-                 {"state": [status_is("Cancelled")]}, id="from-cancelled"),
-    pytest.param({"state": "Completed"}, {"notes": "late note", "practitioner_id": 1},
-                 {"notes": [status_is("Completed")], "practitioner_id": [status_is("Completed")]},
-                 id="completed-refuses-every-field"),
-    pytest.param({"state": "Did not attend"}, {"notes": "x"},
-                 {"notes": [status_is("Did not attend")]}, id="dna-refuses"),
-    pytest.param({}, {"state": "Confirmed", "patient_id": 1014},
-                 {"state": ["can not be updated in the same request as patient_id"]},
-                 id="state-with-patient"),
-    pytest.param({"patient_id": 1013, "state": "Confirmed"}, {"state": "Confirmed", "patient_id": 1014},
-                 {"state": [status_is("Confirmed"), "can not be updated in the same request as patient_id"],
-                  "patient_id": ["can not change patients"]}, id="seed-ticket"),
-    pytest.param({}, {"state": "Cancelled"},
-                 {"appointment_cancellation_reason_id": ["can't be blank"]}, id="cancel-without-reason"),
-    pytest.param({}, {"state": "Cancelled", "appointment_cancellation_reason_id": 99},
-                 {"appointment_cancellation_reason_id": ["is invalid"]}, id="cancel-unknown-reason"),
-    pytest.param({}, {"colour": "red", "duration": "long", "state": "Booked"},
-                 {"colour": ["is not a permitted attribute"], "duration": ["is invalid"],
-                  "state": ["is not included in the list"]}, id="shape"),
-    pytest.param({}, {"finish_time": "2030-01-07T08:00:00Z"},
-                 {"finish_time": ["must be after start_time"]}, id="finish-before-start"),
+    pytest.param(
+        {"patient_id": 1013, "state": "Pending"},
+        {"patient_id": 1014},
+        {"patient_id": ["can not change patients"]},
+        id="change-patient",
+    ),
+    pytest.param(
+        {"patient_id": 1013}, {"patient_id": None}, {"patient_id": ["can not change patients"]}, id="remove-patient"
+    ),
+    pytest.param(
+        {"state": "Confirmed"},
+        {"start_time": "2030-01-07T10:00:00Z", "reason": "Scale"},
+        {"start_time": [status_is("Confirmed")], "reason": [status_is("Confirmed")]},
+        id="confirmed-locks-fields",
+    ),
+    pytest.param(
+        {"state": "Confirmed"},
+        {"patient_id": 7},
+        {"patient_id": [status_is("Confirmed")]},
+        id="confirmed-locks-patient-too",
+    ),
+    pytest.param(
+        {"state": "Confirmed"}, {"state": "Confirmed"}, {"state": [status_is("Confirmed")]}, id="confirmed-to-confirmed"
+    ),
+    pytest.param(
+        {"state": "Pending"}, {"state": "In surgery"}, {"state": [status_is("Pending")]}, id="pending-to-in-surgery"
+    ),
+    pytest.param(
+        {"state": "Arrived"}, {"state": "Confirmed"}, {"state": [status_is("Arrived")]}, id="arrived-backwards"
+    ),
+    pytest.param(
+        {"state": "Cancelled", "appointment_cancellation_reason_id": 1},
+        {"state": "Pending"},
+        {"state": [status_is("Cancelled")]},
+        id="from-cancelled",
+    ),
+    pytest.param(
+        {"state": "Completed"},
+        {"notes": "late note", "practitioner_id": 1},
+        {"notes": [status_is("Completed")], "practitioner_id": [status_is("Completed")]},
+        id="completed-refuses-every-field",
+    ),
+    pytest.param(
+        {"state": "Did not attend"}, {"notes": "x"}, {"notes": [status_is("Did not attend")]}, id="dna-refuses"
+    ),
+    pytest.param(
+        {},
+        {"state": "Confirmed", "patient_id": 1014},
+        {"state": ["can not be updated in the same request as patient_id"]},
+        id="state-with-patient",
+    ),
+    pytest.param(
+        {"patient_id": 1013, "state": "Confirmed"},
+        {"state": "Confirmed", "patient_id": 1014},
+        {
+            "state": [status_is("Confirmed"), "can not be updated in the same request as patient_id"],
+            "patient_id": ["can not change patients"],
+        },
+        id="seed-ticket",
+    ),
+    pytest.param(
+        {},
+        {"state": "Cancelled"},
+        {"appointment_cancellation_reason_id": ["can't be blank"]},
+        id="cancel-without-reason",
+    ),
+    pytest.param(
+        {},
+        {"state": "Cancelled", "appointment_cancellation_reason_id": 99},
+        {"appointment_cancellation_reason_id": ["is invalid"]},
+        id="cancel-unknown-reason",
+    ),
+    pytest.param(
+        {},
+        {"colour": "red", "duration": "long", "state": "Booked"},
+        {
+            "colour": ["is not a permitted attribute"],
+            "duration": ["is invalid"],
+            "state": ["is not included in the list"],
+        },
+        id="shape",
+    ),
+    pytest.param(
+        {},
+        {"finish_time": "2030-01-07T08:00:00Z"},
+        {"finish_time": ["must be after start_time"]},
+        id="finish-before-start",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("stored", "write", "params"), REFUSED_WRITES)
 async def test_refused_writes_answer_422_with_every_reason_and_change_nothing(
-    http: aiohttp.ClientSession, sandbox: RunningSandbox,
-    stored: dict[str, Any], write: dict[str, Any], params: dict[str, list[str]],
+    http: aiohttp.ClientSession,
+    sandbox: RunningSandbox,
+    stored: dict[str, Any],
+    write: dict[str, Any],
+    params: dict[str, list[str]],
 ) -> None:
     seed(sandbox, **stored)
     before = sandbox.state.get(ID)
@@ -107,10 +166,14 @@ ACCEPTED_WRITES = [
     pytest.param({}, {"patient_id": 1013}, id="set-patient-when-none"),
     pytest.param({"patient_id": 1013}, {"patient_id": 1013, "notes": "same patient again"}, id="same-patient"),
     pytest.param({"state": "Confirmed"}, {"notes": "running late"}, id="confirmed-notes"),
-    pytest.param({"state": "Confirmed", "patient_id": 3}, {"state": "Arrived", "patient_id": 3},
-                 id="confirmed-to-arrived-same-patient"),
-    pytest.param({"state": "Confirmed"}, {"state": "Cancelled", "appointment_cancellation_reason_id": 2},
-                 id="cancel-confirmed"),
+    pytest.param(
+        {"state": "Confirmed", "patient_id": 3},
+        {"state": "Arrived", "patient_id": 3},
+        id="confirmed-to-arrived-same-patient",
+    ),
+    pytest.param(
+        {"state": "Confirmed"}, {"state": "Cancelled", "appointment_cancellation_reason_id": 2}, id="cancel-confirmed"
+    ),
     pytest.param({"state": "Confirmed"}, {"start_time": slot()["start_time"]}, id="confirmed-unchanged-field"),
     pytest.param({}, {"duration": 45}, id="duration-moves-finish"),
 ]
@@ -136,15 +199,21 @@ async def test_duration_follows_the_times(http: aiohttp.ClientSession, sandbox: 
     _, body = await put(http, sandbox, {"duration": 45})
     assert body["appointment"]["finish_time"] == "2030-01-07T09:45:00.000+00:00"  # London, winter
     _, body = await put(http, sandbox, {"finish_time": "2030-01-07T11:00:00+01:00"})
-    assert (body["appointment"]["finish_time"], body["appointment"]["duration"]) == ("2030-01-07T10:00:00.000+00:00", 60)
+    assert (body["appointment"]["finish_time"], body["appointment"]["duration"]) == (
+        "2030-01-07T10:00:00.000+00:00",
+        60,
+    )
 
 
-@pytest.mark.parametrize(("path", "stamp"), [
-    (["Confirmed"], "confirmed_at"),
-    (["Arrived", "In surgery"], "in_surgery_at"),
-    (["Arrived", "Completed"], "completed_at"),
-    (["Did not attend"], "did_not_attend_at"),
-])
+@pytest.mark.parametrize(
+    ("path", "stamp"),
+    [
+        (["Confirmed"], "confirmed_at"),
+        (["Arrived", "In surgery"], "in_surgery_at"),
+        (["Arrived", "Completed"], "completed_at"),
+        (["Did not attend"], "did_not_attend_at"),
+    ],
+)
 async def test_each_state_change_stamps_its_time_and_the_version(
     http: aiohttp.ClientSession, sandbox: RunningSandbox, path: list[str], stamp: str
 ) -> None:
@@ -172,9 +241,16 @@ async def test_create_requires_the_slot_and_defaults_to_pending(
     http: aiohttp.ClientSession, sandbox: RunningSandbox
 ) -> None:
     status, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": {}})
-    assert (status, body) == (422, rejection({
-        "start_time": ["can't be blank"], "finish_time": ["can't be blank"], "practitioner_id": ["can't be blank"],
-    }))
+    assert (status, body) == (
+        422,
+        rejection(
+            {
+                "start_time": ["can't be blank"],
+                "finish_time": ["can't be blank"],
+                "practitioner_id": ["can't be blank"],
+            }
+        ),
+    )
     status, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": slot()})
     assert status == 201
     created = body["appointment"]
@@ -236,8 +312,11 @@ async def test_refuse_cancel_makes_a_cancel_fail_for_good(http: aiohttp.ClientSe
 async def test_auth_and_user_agent_are_required(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
     status, body, _ = await call(http, sandbox, "GET", "/v1/appointments/1", headers={"User-Agent": "t"})
     assert status == 401 and body["error"]["type"] == "unauthorized"
-    async with http.get(sandbox.url + "/v1/appointments/1", headers={"Authorization": AUTH["Authorization"]},
-                        skip_auto_headers=["User-Agent"]) as resp:
+    async with http.get(
+        sandbox.url + "/v1/appointments/1",
+        headers={"Authorization": AUTH["Authorization"]},
+        skip_auto_headers=["User-Agent"],
+    ) as resp:
         assert resp.status == 403
         assert "make sure your request has an acceptable User-Agent header" in await resp.text()
 
@@ -249,8 +328,13 @@ async def test_a_changed_token_turns_the_old_one_away_with_401(
     assert (status, body["ok"]) == (200, True)
     status, _, _ = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons")
     assert status == 401
-    status, _, _ = await call(http, sandbox, "GET", "/v1/appointment_cancellation_reasons",
-                              headers={"Authorization": "Bearer rotated", "User-Agent": "t"})
+    status, _, _ = await call(
+        http,
+        sandbox,
+        "GET",
+        "/v1/appointment_cancellation_reasons",
+        headers={"Authorization": "Bearer rotated", "User-Agent": "t"},
+    )
     assert status == 200
 
 
@@ -278,8 +362,9 @@ WINDOW = "after=2030-01-01T00:00:00Z&before=2030-02-01T00:00:00Z"
 async def test_cancelled_and_did_not_attend_rows_are_hidden_unless_asked_for(
     http: aiohttp.ClientSession, sandbox: RunningSandbox
 ) -> None:
-    sandbox.state.seed([slot(id=1), slot(id=2, state="Cancelled"), slot(id=3, state="Did not attend"),
-                        slot(id=4, state="Confirmed")])
+    sandbox.state.seed(
+        [slot(id=1), slot(id=2, state="Cancelled"), slot(id=3, state="Did not attend"), slot(id=4, state="Confirmed")]
+    )
     _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}")
     assert [a["id"] for a in body["appointments"]] == [1, 4]
     _, body, _ = await call(http, sandbox, "GET", f"/v1/appointments?{WINDOW}&cancelled=true")
@@ -301,16 +386,30 @@ async def test_updated_after_is_honoured_or_ignored_as_set(
     sandbox.state.seed([slot(id=1), slot(id=2)])
     watermark = sandbox.state.get(2)["updated_at"]  # type: ignore[index]
     sandbox.state.change_now(1, {"notes": "later"})
-    _, body, _ = await call(http, sandbox, "GET", "/v1/appointments",
-                            params={"after": "2030-01-01T00:00:00Z", "before": "2030-02-01T00:00:00Z",
-                                    "updated_after": watermark})
+    _, body, _ = await call(
+        http,
+        sandbox,
+        "GET",
+        "/v1/appointments",
+        params={"after": "2030-01-01T00:00:00Z", "before": "2030-02-01T00:00:00Z", "updated_after": watermark},
+    )
     assert [a["id"] for a in body["appointments"]] == ([1] if honoured else [1, 2])
 
 
-async def test_the_live_fields_and_time_format_are_answered(http: aiohttp.ClientSession, sandbox: RunningSandbox) -> None:
-    _, body, _ = await call(http, sandbox, "POST", "/v1/appointments",
-                            {"appointment": slot(start_time="2030-07-01T09:00:00Z", finish_time="2030-07-01T09:30:00Z",
-                                                 booked_via_api=True)})
+async def test_the_live_fields_and_time_format_are_answered(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    _, body, _ = await call(
+        http,
+        sandbox,
+        "POST",
+        "/v1/appointments",
+        {
+            "appointment": slot(
+                start_time="2030-07-01T09:00:00Z", finish_time="2030-07-01T09:30:00Z", booked_via_api=True
+            )
+        },
+    )
     appointment = body["appointment"]
     assert appointment["start_time"] == "2030-07-01T10:00:00.000+01:00"  # London, summer
     assert appointment["updated_at"][-6:] in ("+00:00", "+01:00") and appointment["updated_at"][-10] == "."
@@ -320,18 +419,22 @@ async def test_the_live_fields_and_time_format_are_answered(http: aiohttp.Client
         assert name in appointment
 
 
-@pytest.mark.parametrize(("metadata", "reason"), [
-    ({"a": 1, "b": 2, "c": 3, "d": 4}, "can have at most 3 key/value pairs"),
-    ({"k" * 41: 1}, "keys can be at most 40 characters"),
-    ({"k": "v" * 501}, "values can be at most 500 characters"),
-])
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ({"a": 1, "b": 2, "c": 3, "d": 4}, "can have at most 3 key/value pairs"),
+        ({"k" * 41: 1}, "keys can be at most 40 characters"),
+        ({"k": "v" * 501}, "values can be at most 500 characters"),
+    ],
+)
 async def test_metadata_over_the_limits_is_refused(
     http: aiohttp.ClientSession, sandbox: RunningSandbox, metadata: dict[str, Any], reason: str
 ) -> None:
     status, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": slot(metadata=metadata)})
     assert (status, body["error"]["params"]) == (422, {"metadata": [reason]})
-    status, _, _ = await call(http, sandbox, "POST", "/v1/appointments",
-                              {"appointment": slot(metadata={"a": 1, "b": "x" * 500, "k" * 40: 3})})
+    status, _, _ = await call(
+        http, sandbox, "POST", "/v1/appointments", {"appointment": slot(metadata={"a": 1, "b": "x" * 500, "k" * 40: 3})}
+    )
     assert status == 201
 
 
@@ -422,7 +525,10 @@ async def test_every_change_is_sent_signed_and_in_order(
     await wait_until(lambda: len(receiver.attempts) == 4)
     events = [verified(attempt) for attempt in receiver.attempts]
     assert [e["type"] for e in events] == [
-        "appointment.created", "appointment.updated", "appointment.updated", "appointment.deleted",
+        "appointment.created",
+        "appointment.updated",
+        "appointment.updated",
+        "appointment.deleted",
     ]
     assert [e["data"]["appointment"]["version"] for e in events] == [1, 2, 3, 3]
     assert events[1]["data"]["appointment"]["state"] == "Confirmed"

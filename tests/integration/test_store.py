@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,8 @@ from consumer.store import (
     Store,
     StoreUnavailable,
     WorkflowRecord,
+    schema,
 )
-from consumer.store import schema
 from consumer.store.postgres import PostgresStore
 from consumer.store.sqlite import SqliteStore
 from tests.conftest import PG_URL
@@ -73,23 +73,23 @@ async def store(new_store: StoreFactory) -> Store:
     return opened
 
 
-def appointment(
-    appointment_id: int = 1, version: int = 0, state: str = "Pending", **fields: Any
-) -> AppointmentRecord:
+def appointment(appointment_id: int = 1, version: int = 0, state: str = "Pending", **fields: Any) -> AppointmentRecord:
     values: dict[str, Any] = {"patient_id": None, **fields}
     return AppointmentRecord(appointment_id, state, version=version, **values)
 
 
 def log(appointment_id: int = 1, to_state: str = "Pending", **fields: Any) -> StateLogRecord:
-    return StateLogRecord.model_validate({
-        "appointment_id": appointment_id,
-        "to_state": to_state,
-        "machine": "appointment",
-        "from_state": None,
-        "trigger": "observe",
-        "source": "webhook",
-        **fields,
-    })
+    return StateLogRecord.model_validate(
+        {
+            "appointment_id": appointment_id,
+            "to_state": to_state,
+            "machine": "appointment",
+            "from_state": None,
+            "trigger": "observe",
+            "source": "webhook",
+            **fields,
+        }
+    )
 
 
 def workflow(
@@ -127,8 +127,11 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
         before.setattr(schema, "POSTGRES_MIGRATIONS", schema.POSTGRES_MIGRATIONS[:1])
         old = new_store()
         await old.open()
-        for entry in (InboxEntry("c-1", {"outcome": "succeeded"}), InboxEntry("msg_1"),
-                      InboxEntry("reconcile:5:2026-01-01T00:00:00Z")):
+        for entry in (
+            InboxEntry("c-1", {"outcome": "succeeded"}),
+            InboxEntry("msg_1"),
+            InboxEntry("reconcile:5:2026-01-01T00:00:00Z"),
+        ):
             await _insert_v1_inbox(old, entry)  # as that version wrote them (no practice column yet)
         await old.close()
     upgraded = new_store()
@@ -142,18 +145,22 @@ async def test_inbox_rows_written_before_namespacing_keep_deduplicating(
 async def _insert_v1_inbox(store: Store, entry: InboxEntry) -> None:
     result = None if entry.result is None else schema.dumps(entry.result)
     if isinstance(store, SqliteStore):
-        await store._run(lambda db: db.execute(  # noqa: SLF001 (the version-1 table, by hand)
-            "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, '2026-01-01')",
-            (entry.message_id, result)))
+        await store._run(
+            lambda db: db.execute(  # noqa: SLF001 (the version-1 table, by hand)
+                "INSERT INTO inbox (message_id, result, processed_at) VALUES (?, ?, '2026-01-01')",
+                (entry.message_id, result),
+            )
+        )
         return
     assert isinstance(store, PostgresStore)
     async with store._connection() as conn:  # noqa: SLF001
-        await conn.execute("INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())",
-                           entry.message_id, result)
+        await conn.execute(
+            "INSERT INTO inbox (message_id, result, processed_at) VALUES ($1, $2, now())", entry.message_id, result
+        )
 
 
 async def test_commit_round_trips_every_field(store: Store) -> None:
-    stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=timezone.utc)
+    stamp = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
     record = AppointmentRecord(
         appointment_id=7,
         state="Confirmed",
@@ -171,9 +178,7 @@ async def test_commit_round_trips_every_field(store: Store) -> None:
         detail={"reasons": {"state": ["nope"]}},
     )
 
-    written = await store.commit(
-        Commit(appointment=record, logs=[entry], inbox=InboxEntry("m1", {"ok": 1}))
-    )
+    written = await store.commit(Commit(appointment=record, logs=[entry], inbox=InboxEntry("m1", {"ok": 1})))
 
     assert await store.get_appointment(7) == replace(record, version=1)
     assert written[0].seq is not None
@@ -190,7 +195,7 @@ async def test_naive_log_times_are_taken_as_utc(store: Store) -> None:
 
     [found] = await store.history(1)
 
-    assert found.time == datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
+    assert found.time == datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
     assert found.time.utcoffset() is not None
 
 
@@ -206,12 +211,14 @@ async def test_a_stale_commit_is_refused_and_writes_nothing(store: Store) -> Non
     await store.commit(Commit(appointment=appointment(version=1, state="Confirmed")))
 
     with pytest.raises(StaleVersion):
-        await store.commit(Commit(
-            appointment=appointment(version=1, state="Cancelled"),
-            workflow=workflow(),
-            logs=[log(to_state="Cancelled")],
-            inbox=InboxEntry("late"),
-        ))
+        await store.commit(
+            Commit(
+                appointment=appointment(version=1, state="Cancelled"),
+                workflow=workflow(),
+                logs=[log(to_state="Cancelled")],
+                inbox=InboxEntry("late"),
+            )
+        )
 
     assert await store.get_appointment(1) == appointment(version=2, state="Confirmed")
     assert await store.get_workflow("wf-1") is None
@@ -242,9 +249,7 @@ async def test_two_writers_racing_on_one_version_only_one_wins(store: Store) -> 
     confirm = Commit(appointment=appointment(version=1, state="Confirmed"), inbox=InboxEntry("a"))
     cancel = Commit(appointment=appointment(version=1, state="Cancelled"), inbox=InboxEntry("b"))
 
-    outcomes = await asyncio.gather(
-        store.commit(confirm), store.commit(cancel), return_exceptions=True
-    )
+    outcomes = await asyncio.gather(store.commit(confirm), store.commit(cancel), return_exceptions=True)
 
     assert sorted(type(o).__name__ for o in outcomes) == ["StaleVersion", "list"]
     winner = "Confirmed" if isinstance(outcomes[0], list) else "Cancelled"
@@ -281,8 +286,10 @@ async def test_many_writers_creating_one_record_only_one_succeeds(
         await each.open()
 
     outcomes = await asyncio.gather(
-        *(s.commit(Commit(appointment=appointment(state=f"by-{i}"), logs=[log(trigger=f"by-{i}")]))
-          for i, s in enumerate(stores)),
+        *(
+            s.commit(Commit(appointment=appointment(state=f"by-{i}"), logs=[log(trigger=f"by-{i}")]))
+            for i, s in enumerate(stores)
+        ),
         return_exceptions=True,
     )
 
@@ -296,9 +303,7 @@ async def test_a_cancelled_commit_writes_all_or_nothing_and_leaves_the_store_usa
     """Cancelled at a different point each round: mid-transaction must roll back."""
     for round_ in range(10):
         entry = log(to_state=f"s{round_}")
-        task = asyncio.create_task(
-            store.commit(Commit(logs=[entry, entry], inbox=InboxEntry(f"m{round_}")))
-        )
+        task = asyncio.create_task(store.commit(Commit(logs=[entry, entry], inbox=InboxEntry(f"m{round_}"))))
         for _ in range(round_):
             await asyncio.sleep(0)
         task.cancel()
@@ -317,11 +322,13 @@ async def test_a_redelivered_message_is_refused_by_the_inbox(store: Store) -> No
     await store.commit(Commit(appointment=appointment(), inbox=done))
 
     with pytest.raises(StaleVersion):
-        await store.commit(Commit(
-            appointment=appointment(version=1, state="Confirmed"),
-            logs=[log()],
-            inbox=InboxEntry("msg-1", {"outcome": "other"}),
-        ))
+        await store.commit(
+            Commit(
+                appointment=appointment(version=1, state="Confirmed"),
+                logs=[log()],
+                inbox=InboxEntry("msg-1", {"outcome": "other"}),
+            )
+        )
 
     assert await store.inbox_get("msg-1") == done
     assert await store.get_appointment(1) == appointment(version=1)
@@ -352,12 +359,16 @@ async def test_history_is_in_seq_order_and_pages_by_after_seq(store: Store) -> N
 
 async def test_history_finds_workflow_records_through_the_linked_appointment(store: Store) -> None:
     saga = {"machine": "reassignment", "source": "workflow", "workflow_id": "wf-1"}
-    await store.commit(Commit(logs=[
-        log(10, "started", **saga),
-        log(10, "replacement_created", detail={"replacement_id": 11}, **saga),
-        log(11, "Pending", detail={"original_id": 10}),
-        log(12, "Pending"),
-    ]))
+    await store.commit(
+        Commit(
+            logs=[
+                log(10, "started", **saga),
+                log(10, "replacement_created", detail={"replacement_id": 11}, **saga),
+                log(11, "Pending", detail={"original_id": 10}),
+                log(12, "Pending"),
+            ]
+        )
+    )
 
     original = await store.history(10)
     replacement = await store.history(11)
@@ -369,18 +380,32 @@ async def test_history_finds_workflow_records_through_the_linked_appointment(sto
 
 
 async def test_workflow_round_trips_and_keeps_its_creation_time(store: Store) -> None:
-    created = datetime(2024, 3, 1, 9, 30, tzinfo=timezone.utc)
+    created = datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
     started = WorkflowRecord(
-        workflow_id="wf-1", appointment_id=1, new_patient_id=42, state="started",
-        command_id="cmd-1", correlation_id="corr", created_at=created, data={"step": 1},
+        workflow_id="wf-1",
+        appointment_id=1,
+        new_patient_id=42,
+        state="started",
+        command_id="cmd-1",
+        correlation_id="corr",
+        created_at=created,
+        data={"step": 1},
     )
     await store.commit(Commit(workflow=started))
     stored = await store.get_workflow("wf-1")
     assert stored is not None
     moved = WorkflowRecord(
-        workflow_id="wf-1", appointment_id=1, new_patient_id=42, state="replacement_created",
-        command_id="cmd-1", correlation_id="corr", replacement_id=2, last_error="timeout",
-        attempts=3, version=stored.version, data={"step": 2},
+        workflow_id="wf-1",
+        appointment_id=1,
+        new_patient_id=42,
+        state="replacement_created",
+        command_id="cmd-1",
+        correlation_id="corr",
+        replacement_id=2,
+        last_error="timeout",
+        attempts=3,
+        version=stored.version,
+        data={"step": 2},
     )
     await store.commit(Commit(workflow=moved))
     final = await store.get_workflow("wf-1")
@@ -391,7 +416,11 @@ async def test_workflow_round_trips_and_keeps_its_creation_time(store: Store) ->
     assert final.updated_at is not None and final.updated_at.tzinfo is not None
     assert final.updated_at >= (stored.updated_at or final.updated_at)
     assert (final.state, final.replacement_id, final.last_error, final.attempts, final.data) == (
-        "replacement_created", 2, "timeout", 3, {"step": 2},
+        "replacement_created",
+        2,
+        "timeout",
+        3,
+        {"step": 2},
     )
     with pytest.raises(StaleVersion):
         await store.commit(Commit(workflow=moved))  # version 1 was already moved on
@@ -410,9 +439,7 @@ async def test_one_unfinished_workflow_per_appointment(store: Store) -> None:
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL_WORKFLOW_STATES))
-async def test_a_finished_workflow_frees_the_appointment_for_the_next(
-    store: Store, terminal: str
-) -> None:
+async def test_a_finished_workflow_frees_the_appointment_for_the_next(store: Store, terminal: str) -> None:
     await store.commit(Commit(workflow=workflow("wf-1")))
     await store.commit(Commit(workflow=workflow("wf-1", state=terminal, version=1)))
 
@@ -587,9 +614,15 @@ async def test_a_postgres_store_from_before_practices_keeps_its_data_as_the_defa
 
 
 def parked(message_id: str, appointment_id: int = 1, practice: str = "north") -> ParkedMessage:
-    return ParkedMessage(practice=practice, appointment_id=appointment_id, message_id=message_id,
-                         body=f'{{"id": "{message_id}"}}'.encode(), reason="Unauthorised: 401",
-                         reply_to="amq.rabbitmq.reply-to", correlation_id=f"corr-{message_id}")
+    return ParkedMessage(
+        practice=practice,
+        appointment_id=appointment_id,
+        message_id=message_id,
+        body=f'{{"id": "{message_id}"}}'.encode(),
+        reason="Unauthorised: 401",
+        reply_to="amq.rabbitmq.reply-to",
+        correlation_id=f"corr-{message_id}",
+    )
 
 
 async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_kept_again(store: Store) -> None:
@@ -603,17 +636,20 @@ async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_k
     assert first is not None and first[1] == "a"
     assert await store.parked_head("north", 3) is None
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     handed = await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10)
     assert [(m.message_id, m.appointment_id) for m in handed] == [("a", 1), ("b", 2), ("c", 1)]
     assert handed[0] == replace(parked("a", 1), seq=first[0])  # every field round-trips
     assert await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10) == []
-    assert [m.message_id for m in await store.hand_back("north", not_since=now + timedelta(seconds=1),
-                                                        limit=2)] == ["a", "b"]  # long ago: again
+    assert [m.message_id for m in await store.hand_back("north", not_since=now + timedelta(seconds=1), limit=2)] == [
+        "a",
+        "b",
+    ]  # long ago: again
 
     await store.keep_parked(handed[2].seq)
-    assert [m.message_id for m in await store.hand_back("north", not_since=now - timedelta(seconds=60),
-                                                        limit=10)] == ["c"]
+    assert [m.message_id for m in await store.hand_back("north", not_since=now - timedelta(seconds=60), limit=10)] == [
+        "c"
+    ]
     await store.unpark(first[0])
     second = await store.parked_head("north", 1)
     assert second is not None and second[1] == "c"
@@ -621,8 +657,13 @@ async def test_parked_messages_keep_their_order_and_are_handed_back_once_until_k
 
 
 def dead(key: str, **fields: Any) -> DeadLetter:
-    values: dict[str, Any] = {"reason": "invalid message: boom", "reason_class": "invalid", "deliveries": 1,
-                              "body": b'{"command_id": "' + key.encode() + b'"}', **fields}
+    values: dict[str, Any] = {
+        "reason": "invalid message: boom",
+        "reason_class": "invalid",
+        "deliveries": 1,
+        "body": b'{"command_id": "' + key.encode() + b'"}',
+        **fields,
+    }
     return DeadLetter(key=key, **values)
 
 
@@ -630,7 +671,8 @@ async def test_a_dead_letter_is_kept_once_with_its_answer_and_listed_in_arrival_
     failed = {"outcome": "failed", "command_id": "c-1"}
     first = await store.add_dead_letter(
         dead("command:c-1", headers={"x-appt-reason": "boom", "n": 1}, body=b"\xff\x00 not utf-8"),
-        InboxEntry("c-1", failed))
+        InboxEntry("c-1", failed),
+    )
     again = await store.add_dead_letter(dead("command:c-1", reason="later"), InboxEntry("c-1", {"other": 1}))
     await store.add_dead_letter(dead("message:m-2", reason_class="exhausted", type="confirm", practice="p1"))
     await store.add_dead_letter(dead("message:m-3", reason="Gave up 50%_done"))
@@ -646,12 +688,21 @@ async def test_a_dead_letter_is_kept_once_with_its_answer_and_listed_in_arrival_
     assert await store.count_dead_letters() == {"invalid": 2, "exhausted": 1}
 
     by_filters = [
-        DeadLetterQuery(reason="50%_"), DeadLetterQuery(reason="50%x"), DeadLetterQuery(type="confirm"),
-        DeadLetterQuery(practice="p1"), DeadLetterQuery(ids=(listed[0].dead_id, listed[2].dead_id)),
+        DeadLetterQuery(reason="50%_"),
+        DeadLetterQuery(reason="50%x"),
+        DeadLetterQuery(type="confirm"),
+        DeadLetterQuery(practice="p1"),
+        DeadLetterQuery(ids=(listed[0].dead_id, listed[2].dead_id)),
         DeadLetterQuery(key="message:m-2"),
     ]
     assert [[d.key for d in await store.dead_letters(q)] for q in by_filters] == [
-        ["message:m-3"], [], ["message:m-2"], ["message:m-2"], ["command:c-1", "message:m-3"], ["message:m-2"]]
+        ["message:m-3"],
+        [],
+        ["message:m-2"],
+        ["message:m-2"],
+        ["command:c-1", "message:m-3"],
+        ["message:m-2"],
+    ]
 
 
 async def test_a_dead_letter_is_settled_once_and_stays_on_record(store: Store) -> None:
@@ -669,8 +720,12 @@ async def test_a_dead_letter_is_settled_once_and_stays_on_record(store: Store) -
 
 async def test_a_replay_result_supersedes_the_original_entry(store: Store) -> None:
     await store.add_dead_letter(dead("command:c-9"), InboxEntry("c-9", {"outcome": "failed"}))
-    await store.commit(Commit(inbox=InboxEntry("c-9#replay-1", {"outcome": "succeeded"}),
-                              latest=InboxEntry("c-9", {"outcome": "succeeded"})))
+    await store.commit(
+        Commit(
+            inbox=InboxEntry("c-9#replay-1", {"outcome": "succeeded"}),
+            latest=InboxEntry("c-9", {"outcome": "succeeded"}),
+        )
+    )
 
     assert await store.inbox_get("c-9") == InboxEntry("c-9", {"outcome": "succeeded"})
     with pytest.raises(StaleVersion):  # a second copy of the same replay is a duplicate

@@ -11,8 +11,8 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -67,23 +67,38 @@ async def webhook_url(stack: Stack) -> AsyncIterator[str]:
 
 
 def seed(sandbox: Any, appointment_id: int, **fields: Any) -> None:
-    sandbox.state.seed([{"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
-                         "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                         "reason": "Exam", "state": "Pending", **fields}])
+    sandbox.state.seed(
+        [
+            {
+                "id": appointment_id,
+                "patient_id": 1013,
+                "practitioner_id": 1,
+                "start_time": "2030-01-02T09:00:00Z",
+                "finish_time": "2030-01-02T09:30:00Z",
+                "reason": "Exam",
+                "state": "Pending",
+                **fields,
+            }
+        ]
+    )
 
 
 async def post_webhook(url: str, appointment: dict[str, Any]) -> None:
     body = json.dumps({"type": "appointment.updated", "data": {"appointment": appointment}}).encode()
     webhook_id, now = f"msg_{uuid.uuid4().hex}", int(time.time())
-    headers = {"content-type": "application/json", "webhook-id": webhook_id,
-               "webhook-timestamp": str(now), "webhook-signature": sign(SECRET, webhook_id, now, body)}
+    headers = {
+        "content-type": "application/json",
+        "webhook-id": webhook_id,
+        "webhook-timestamp": str(now),
+        "webhook-signature": sign(SECRET, webhook_id, now, body),
+    }
     async with aiohttp.ClientSession() as http, http.post(url, data=body, headers=headers) as answer:
         assert answer.status == 202, await answer.text()
 
 
 def ago(hours: int) -> str:
     """An updated_at in the past (one in the future is refused)."""
-    return (datetime.now(timezone.utc) - timedelta(hours=hours)).isoformat()
+    return (datetime.now(UTC) - timedelta(hours=hours)).isoformat()
 
 
 def in_trace(exporter: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
@@ -137,18 +152,25 @@ async def test_a_command_with_a_traceparent_continues_the_callers_trace_to_its_r
     seed(sandbox, 2201)
     channel = await stack.broker.channel()  # a client of our own, not the service's Broker
     exchange = await channel.get_exchange(INBOUND_EXCHANGE)
-    await exchange.publish(aio_pika.Message(
-        json.dumps({"command_id": "trace-1", "type": "confirm", "appointment_id": 2201}).encode(),
-        message_id="trace-1", content_type="application/json",
-        headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
-    ), routing_key="2201")
+    await exchange.publish(
+        aio_pika.Message(
+            json.dumps({"command_id": "trace-1", "type": "confirm", "appointment_id": 2201}).encode(),
+            message_id="trace-1",
+            content_type="application/json",
+            headers={"traceparent": f"00-{CALLER_TRACE}-{CALLER_SPAN}-01"},
+        ),
+        routing_key="2201",
+    )
     assert (await stack.result("trace-1"))["outcome"] == "succeeded"
 
     async def the_result_publish() -> list[ReadableSpan] | None:
         trace = in_trace(spans, int(CALLER_TRACE, 16))
-        done = any(s.name == "publish appointments.events" and
-                   s.attributes and s.attributes.get("messaging.rabbitmq.destination.routing_key")
-                   == "result.confirm.succeeded" for s in trace)
+        done = any(
+            s.name == "publish appointments.events"
+            and s.attributes
+            and s.attributes.get("messaging.rabbitmq.destination.routing_key") == "result.confirm.succeeded"
+            for s in trace
+        )
         # The worker's span ends last, after the ack.
         return trace if done and any(s.kind == SpanKind.CONSUMER for s in trace) else None
 
@@ -158,8 +180,11 @@ async def test_a_command_with_a_traceparent_continues_the_callers_trace_to_its_r
     calls = [s for s in trace if s.kind == SpanKind.CLIENT]
     assert {s.name for s in calls} >= {"GET", "PUT"}, [s.name for s in calls]
     assert all(parent_of(call, trace) is process for call in calls)
-    result = next(s for s in trace if s.attributes and s.attributes.get(
-        "messaging.rabbitmq.destination.routing_key") == "result.confirm.succeeded")
+    result = next(
+        s
+        for s in trace
+        if s.attributes and s.attributes.get("messaging.rabbitmq.destination.routing_key") == "result.confirm.succeeded"
+    )
     assert parent_of(result, trace) is process
 
 

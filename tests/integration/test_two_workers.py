@@ -77,9 +77,19 @@ async def pms() -> AsyncIterator[RunningSandbox]:
     """A sandbox with budget to spare, so the client's hourly pacing never slows the run."""
     async with running_sandbox(port=0, rate_limit=100_000) as sandbox:
         for appointment_id in APPOINTMENTS:
-            sandbox.state.seed([{"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
-                                 "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                                 "reason": "Exam", "state": "Pending"}])
+            sandbox.state.seed(
+                [
+                    {
+                        "id": appointment_id,
+                        "patient_id": 1013,
+                        "practitioner_id": 1,
+                        "start_time": "2030-01-02T09:00:00Z",
+                        "finish_time": "2030-01-02T09:30:00Z",
+                        "reason": "Exam",
+                        "state": "Pending",
+                    }
+                ]
+            )
         yield sandbox
 
 
@@ -106,9 +116,19 @@ async def workers(
     """One `appt serve` per partition spec, started in order (the first is the active consumer
     of every single-active-consumer queue it shares)."""
     processes = [
-        ServiceProcess(service_env(pms_url=pms_url, store=store_url, amqp_url=amqp_url, APPT_PARTITIONS="4",
-                                   APPT_WORKER_PARTITIONS=spec, APPT_RETRY_DELAY="0.1", APPT_LOG_LEVEL="WARNING"),
-                       tmp_path, name=f"worker-{i}")
+        ServiceProcess(
+            service_env(
+                pms_url=pms_url,
+                store=store_url,
+                amqp_url=amqp_url,
+                APPT_PARTITIONS="4",
+                APPT_WORKER_PARTITIONS=spec,
+                APPT_RETRY_DELAY="0.1",
+                APPT_LOG_LEVEL="WARNING",
+            ),
+            tmp_path,
+            name=f"worker-{i}",
+        )
         for i, spec in enumerate(partitions)
     ]
     try:
@@ -131,10 +151,15 @@ async def publish_all(amqp_url: str) -> list[str]:
     try:
         for n in range(ROUNDS):
             for appointment_id in APPOINTMENTS:
-                body = {"type": "edit_notes", "appointment_id": appointment_id, "notes": f"note {n}",
-                        "command_id": command_id(appointment_id, n)}
-                await broker.publish_inbound(json.dumps(body).encode(), appointment_id=appointment_id,
-                                             message_id=body["command_id"])
+                body = {
+                    "type": "edit_notes",
+                    "appointment_id": appointment_id,
+                    "notes": f"note {n}",
+                    "command_id": command_id(appointment_id, n),
+                }
+                await broker.publish_inbound(
+                    json.dumps(body).encode(), appointment_id=appointment_id, message_id=body["command_id"]
+                )
                 sent.append(body["command_id"])
     finally:
         await broker.close()

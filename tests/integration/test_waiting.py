@@ -24,15 +24,26 @@ PUT = "PUT /v1/appointments/{id}"
 
 
 def seed(sandbox: RunningSandbox, count: int, first: int = 700000001) -> list[int]:
-    rows = [{"id": first + n, "patient_id": 1013, "practitioner_id": 1, "reason": "Exam",
-             "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-             "state": "Pending"} for n in range(count)]
+    rows = [
+        {
+            "id": first + n,
+            "patient_id": 1013,
+            "practitioner_id": 1,
+            "reason": "Exam",
+            "start_time": "2030-01-02T09:00:00Z",
+            "finish_time": "2030-01-02T09:30:00Z",
+            "state": "Pending",
+        }
+        for n in range(count)
+    ]
     return [a["id"] for a in sandbox.state.seed(rows)]
 
 
 def parked_total() -> float:
-    return sum(metrics.MESSAGES.labels(kind, "parked")._value.get()  # noqa: SLF001 (a test reads the counter)
-               for kind in ("confirm", "edit_notes"))
+    return sum(
+        metrics.MESSAGES.labels(kind, "parked")._value.get()  # noqa: SLF001 (a test reads the counter)
+        for kind in ("confirm", "edit_notes")
+    )
 
 
 async def test_a_spent_budget_costs_latency_never_a_command(
@@ -84,9 +95,12 @@ async def two_sandboxes() -> AsyncIterator[dict[str, RunningSandbox]]:
 
 def practices_settings(tmp_path: Path, sandboxes: dict[str, RunningSandbox], tokens: dict[str, str]) -> Settings:
     path = tmp_path / "practices.toml"
-    path.write_text("".join(
-        f'[practices.{name}]\npms_url = "{sb.url}"\ntoken = "{tokens[name]}"\nwebhook_secrets = ["{SECRET}"]\n\n'
-        for name, sb in sandboxes.items()))
+    path.write_text(
+        "".join(
+            f'[practices.{name}]\npms_url = "{sb.url}"\ntoken = "{tokens[name]}"\nwebhook_secrets = ["{SECRET}"]\n\n'
+            for name, sb in sandboxes.items()
+        )
+    )
     return Settings(practices_file=str(path))
 
 
@@ -97,9 +111,11 @@ async def test_a_refused_token_makes_its_practice_wait_while_the_other_flows_and
     settings = practices_settings(tmp_path, two_sandboxes, {"north": "revoked", "south": "south-token"})
     north_ids, south_ids = seed(north, 5), seed(south, 5)
     async with running_stack(amqp_url, sqlite_url, north.url, practices=load_configs(settings)) as stack:
+
         async def send(practice: str, appointment_id: int, notes: str) -> str:
-            return await stack.send({"type": "edit_notes", "practice": practice,
-                                     "appointment_id": appointment_id, "notes": notes})
+            return await stack.send(
+                {"type": "edit_notes", "practice": practice, "appointment_id": appointment_id, "notes": notes}
+            )
 
         north_sent = [await send("north", i, f"n{k}") for k in range(3) for i in north_ids]
         south_sent = [await send("south", i, "s") for i in south_ids]
@@ -131,12 +147,15 @@ async def test_a_spent_budget_makes_only_its_practice_wait_and_it_finishes_after
     settings = practices_settings(tmp_path, two_sandboxes, {"north": "north-token", "south": "south-token"})
     north_ids, south_ids = seed(north, 6), seed(south, 6)
     north.state.set_rate_limit(6, window=3.0)  # 3 commands' worth, then blocked until the window turns
-    async with running_stack(amqp_url, sqlite_url, north.url, practices=load_configs(settings),
-                             pms_max_retry_after=0.5) as stack:
-        north_sent = [await stack.send({"type": "confirm", "practice": "north", "appointment_id": i})
-                      for i in north_ids]
-        south_sent = [await stack.send({"type": "confirm", "practice": "south", "appointment_id": i})
-                      for i in south_ids]
+    async with running_stack(
+        amqp_url, sqlite_url, north.url, practices=load_configs(settings), pms_max_retry_after=0.5
+    ) as stack:
+        north_sent = [
+            await stack.send({"type": "confirm", "practice": "north", "appointment_id": i}) for i in north_ids
+        ]
+        south_sent = [
+            await stack.send({"type": "confirm", "practice": "south", "appointment_id": i}) for i in south_ids
+        ]
 
         for command_id in south_sent:
             assert (await stack.result(command_id))["outcome"] == "succeeded"

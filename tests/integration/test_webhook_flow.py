@@ -33,6 +33,7 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
 @pytest.fixture
 async def receiver(stack: Stack, sandbox: Any) -> AsyncIterator[str]:
     """The service's HTTP app on a free port, subscribed to the sandbox's webhooks."""
+
     async def resources(app: web.Application) -> AsyncIterator[None]:
         app[BROKER_KEY] = stack.broker
         app[STORE_KEY] = stack.store
@@ -52,9 +53,15 @@ async def receiver(stack: Stack, sandbox: Any) -> AsyncIterator[str]:
 
 
 def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
-    defaults = {"id": appointment_id, "patient_id": 1013, "practitioner_id": 1,
-                "start_time": "2030-01-02T09:00:00Z", "finish_time": "2030-01-02T09:30:00Z",
-                "reason": "Exam", "state": "Pending"}
+    defaults = {
+        "id": appointment_id,
+        "patient_id": 1013,
+        "practitioner_id": 1,
+        "start_time": "2030-01-02T09:00:00Z",
+        "finish_time": "2030-01-02T09:30:00Z",
+        "reason": "Exam",
+        "state": "Pending",
+    }
     return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
 
 
@@ -100,24 +107,32 @@ async def test_a_broker_outage_answers_503_and_the_pms_retry_delivers_later(
     await eventually(lambda: _is(stored_state(stack, 1301), "Confirmed"), timeout=15)
 
 
-async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(
-    stack: Stack, sandbox: Any, receiver: str
-) -> None:
+async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(stack: Stack, sandbox: Any, receiver: str) -> None:
     """200 webhooks for 20 appointments, delivered shuffled and each twice."""
     sandbox.state.unsubscribe(receiver)  # we deliver by hand, in a hostile order
     ids = list(range(1401, 1421))
     for appointment_id in ids:
         seed(sandbox, appointment_id, patient_id=None)
     bodies: list[tuple[str, bytes]] = []
-    moves = [{"notes": "a"}, {"patient_id": 7}, {"notes": "b"}, {"state": "Confirmed"}, {"notes": "c"},
-             {"notes": "d"}, {"state": "Arrived"}, {"notes": "e"}, {"state": "In surgery"}]
+    moves = [
+        {"notes": "a"},
+        {"patient_id": 7},
+        {"notes": "b"},
+        {"state": "Confirmed"},
+        {"notes": "c"},
+        {"notes": "d"},
+        {"state": "Arrived"},
+        {"notes": "e"},
+        {"state": "In surgery"},
+    ]
     for appointment_id in ids:
         for index, fields in enumerate(moves + [{"state": "Completed"}]):
             if appointment_id % 2 and index == 9:
                 break
             changed = sandbox.state.change_now(appointment_id, fields)
-            body = json.dumps({"type": "appointment.updated", "timestamp": changed["updated_at"],
-                               "data": {"appointment": changed}}).encode()
+            body = json.dumps(
+                {"type": "appointment.updated", "timestamp": changed["updated_at"], "data": {"appointment": changed}}
+            ).encode()
             bodies.append((f"msg_flow_{appointment_id}_{index}", body))
     deliveries = bodies * 2
     random.Random(7).shuffle(deliveries)
@@ -125,9 +140,12 @@ async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(
     async with aiohttp.ClientSession() as http:
         for webhook_id, body in deliveries:
             now = int(time.time())
-            headers = {"webhook-id": webhook_id, "webhook-timestamp": str(now),
-                       "webhook-signature": sign(SECRET, webhook_id, now, body),
-                       "content-type": "application/json"}
+            headers = {
+                "webhook-id": webhook_id,
+                "webhook-timestamp": str(now),
+                "webhook-signature": sign(SECRET, webhook_id, now, body),
+                "content-type": "application/json",
+            }
             async with http.post(receiver, data=body, headers=headers) as response:
                 assert response.status == 202
 
@@ -143,9 +161,7 @@ async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(
     assert len(deliveries) >= 190
 
 
-async def test_the_reconciler_alone_catches_up_dropped_webhooks(
-    stack: Stack, sandbox: Any, receiver: str
-) -> None:
+async def test_the_reconciler_alone_catches_up_dropped_webhooks(stack: Stack, sandbox: Any, receiver: str) -> None:
     ids = list(range(1501, 1511))
     for appointment_id in ids:
         seed(sandbox, appointment_id, **starts_in(1))  # polling reads the coming days

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aio_pika
@@ -58,17 +58,18 @@ class Service:
 
 
 def payload(appointment_id: int = 42, state: str = "Confirmed", **extra: Any) -> bytes:
-    return json.dumps({
-        "type": "appointment.state_changed",
-        "timestamp": datetime.now(timezone.utc).isoformat(),
-        "data": {"appointment": {"id": appointment_id, "state": state, "patient_id": 7, **extra}},
-    }).encode()
+    return json.dumps(
+        {
+            "type": "appointment.state_changed",
+            "timestamp": datetime.now(UTC).isoformat(),
+            "data": {"appointment": {"id": appointment_id, "state": state, "patient_id": 7, **extra}},
+        }
+    ).encode()
 
 
-def signed(body: bytes, secret: str = OLD_SECRET, msg_id: str = "msg_1",
-           at: float | None = None) -> dict[str, str]:
+def signed(body: bytes, secret: str = OLD_SECRET, msg_id: str = "msg_1", at: float | None = None) -> dict[str, str]:
     """Headers signed by the reference Standard Webhooks library, as a real sender would."""
-    moment = datetime.fromtimestamp(time.time() if at is None else at, tz=timezone.utc)
+    moment = datetime.fromtimestamp(time.time() if at is None else at, tz=UTC)
     return {
         "content-type": "application/json",
         "webhook-id": msg_id,
@@ -126,8 +127,7 @@ async def parts(amqp_url: str, sqlite_url: str) -> AsyncIterator[tuple[Broker, S
     await store.close()
 
 
-async def running(amqp_url: str, parts: tuple[Broker, Store],
-                  **overrides: Any) -> AsyncIterator[Service]:
+async def running(amqp_url: str, parts: tuple[Broker, Store], **overrides: Any) -> AsyncIterator[Service]:
     broker, store = parts
     async for url in serve(make_settings(**overrides), broker, store):
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
@@ -218,9 +218,7 @@ async def test_both_rotated_secrets_are_accepted_and_a_retired_one_is_not(servic
     ],
     ids=["no-signature", "no-id", "garbled", "changed-id"],
 )
-async def test_a_bad_or_missing_signature_is_a_401_and_nothing_is_queued(
-    service: Service, tamper: Any
-) -> None:
+async def test_a_bad_or_missing_signature_is_a_401_and_nothing_is_queued(service: Service, tamper: Any) -> None:
     body = payload()
     headers = signed(body)
     tamper(headers)
@@ -231,8 +229,7 @@ async def test_a_bad_or_missing_signature_is_a_401_and_nothing_is_queued(
 
 async def test_a_401_says_invalid_signature(service: Service) -> None:
     body = payload()
-    async with service.http.post(f"{service.url}/webhooks/pms", data=body + b" ",
-                                 headers=signed(body)) as resp:
+    async with service.http.post(f"{service.url}/webhooks/pms", data=body + b" ", headers=signed(body)) as resp:
         assert resp.status == 401
         assert await resp.json() == {"error": "invalid signature"}
 
@@ -240,8 +237,9 @@ async def test_a_401_says_invalid_signature(service: Service) -> None:
 @pytest.mark.parametrize("offset", [-301, 301])
 async def test_a_timestamp_outside_tolerance_is_refused_as_such(service: Service, offset: int) -> None:
     body = payload()
-    async with service.http.post(f"{service.url}/webhooks/pms", data=body,
-                                 headers=signed(body, at=time.time() + offset)) as resp:
+    async with service.http.post(
+        f"{service.url}/webhooks/pms", data=body, headers=signed(body, at=time.time() + offset)
+    ) as resp:
         assert resp.status == 401
         assert await resp.json() == {"error": "timestamp outside tolerance"}
     assert await queued(service.amqp_url) == []
@@ -260,16 +258,13 @@ async def test_an_oversized_chunked_body_is_a_413(service: Service) -> None:
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(body), 512):
-            yield body[start:start + 512]
+            yield body[start : start + 512]
 
-    async with service.http.post(f"{service.url}/webhooks/pms", data=chunks(),
-                                 headers=signed(body)) as resp:
+    async with service.http.post(f"{service.url}/webhooks/pms", data=chunks(), headers=signed(body)) as resp:
         assert resp.status == 413
 
 
-async def test_a_body_whose_message_would_exceed_the_limit_is_a_413_not_a_later_dead_letter(
-    service: Service
-) -> None:
+async def test_a_body_whose_message_would_exceed_the_limit_is_a_413_not_a_later_dead_letter(service: Service) -> None:
     """The message adds the webhook id and a receive time to the body: both must fit, or no 202."""
     body = payload(notes="")
     body = payload(notes="x" * (MAX_BODY - 5 - len(body)))
@@ -289,9 +284,13 @@ async def test_a_webhook_id_over_200_bytes_is_a_400(service: Service, msg_id: st
 
 
 async def test_an_id_as_a_string_or_bool_or_in_the_future_is_a_400(service: Service) -> None:
-    future = (datetime.now(timezone.utc) + timedelta(days=1)).isoformat()
-    for body in (payload(appointment_id="5"), payload(appointment_id=True),  # type: ignore[arg-type]
-                 payload(updated_at=future), payload(updated_at="2026-01-01T00:00:00")):
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    for body in (
+        payload(appointment_id="5"),
+        payload(appointment_id=True),  # type: ignore[arg-type]
+        payload(updated_at=future),
+        payload(updated_at="2026-01-01T00:00:00"),
+    ):
         resp = await service.post_webhook(body, signed(body))
         assert resp.status == 400, body
     assert await queued(service.amqp_url) == []
@@ -307,11 +306,8 @@ async def test_an_id_as_a_string_or_bool_or_in_the_future_is_a_400(service: Serv
     ],
     ids=["not-json", "no-data", "unknown-type", "id-not-int"],
 )
-async def test_a_signed_but_invalid_payload_is_a_400_with_the_reason(
-    service: Service, body: bytes
-) -> None:
-    async with service.http.post(f"{service.url}/webhooks/pms", data=body,
-                                 headers=signed(body)) as resp:
+async def test_a_signed_but_invalid_payload_is_a_400_with_the_reason(service: Service, body: bytes) -> None:
+    async with service.http.post(f"{service.url}/webhooks/pms", data=body, headers=signed(body)) as resp:
         assert resp.status == 400
         error = (await resp.json())["error"]
     assert error and "seven" not in error  # the reason, without echoing the body
@@ -321,8 +317,7 @@ async def test_a_signed_but_invalid_payload_is_a_400_with_the_reason(
 async def test_the_dentally_scheme_is_verified_with_its_own_secret(service: Service) -> None:
     body = payload(appointment_id=5)
     good = hmac.new(DENTALLY_SECRET.encode(), body, hashlib.sha256).hexdigest()
-    headers = {"content-type": "application/json", "X-Dentally-Signature": good,
-               "X-Dentally-Delivery": "dly_77"}
+    headers = {"content-type": "application/json", "X-Dentally-Signature": good, "X-Dentally-Delivery": "dly_77"}
     assert (await service.post_webhook(body, headers)).status == 202
     no_id = {"content-type": "application/json", "X-Dentally-Signature": good}
     assert (await service.post_webhook(body, no_id)).status == 202
@@ -333,9 +328,7 @@ async def test_the_dentally_scheme_is_verified_with_its_own_secret(service: Serv
     assert ids == ["sha256:" + hashlib.sha256(body).hexdigest()] * 2
 
 
-async def test_with_no_secret_configured_every_webhook_is_refused(
-    amqp_url: str, parts: tuple[Broker, Store]
-) -> None:
+async def test_with_no_secret_configured_every_webhook_is_refused(amqp_url: str, parts: tuple[Broker, Store]) -> None:
     async for svc in running(amqp_url, parts, webhook_secrets=[], dentally_signing_secret=None):
         body = payload()
         assert (await svc.post_webhook(body, signed(body))).status == 401
@@ -345,8 +338,7 @@ async def test_with_no_secret_configured_every_webhook_is_refused(
 async def test_with_the_broker_down_the_answer_is_503_so_the_sender_retries(service: Service) -> None:
     await service.broker.close()
     body = payload()
-    async with service.http.post(f"{service.url}/webhooks/pms", data=body,
-                                 headers=signed(body)) as resp:
+    async with service.http.post(f"{service.url}/webhooks/pms", data=body, headers=signed(body)) as resp:
         assert resp.status == 503
         assert await resp.json() == {"error": "queue unavailable, retry"}
 
@@ -394,8 +386,13 @@ async def test_readyz_is_503_naming_the_store_when_it_is_closed(service: Service
 
 def log_record(appointment_id: int, to_state: str, from_state: str | None) -> StateLogRecord:
     return StateLogRecord(
-        appointment_id=appointment_id, machine="appointment", from_state=from_state,
-        to_state=to_state, trigger="reconcile", source="webhook", webhook_id=f"msg_{to_state}",
+        appointment_id=appointment_id,
+        machine="appointment",
+        from_state=from_state,
+        to_state=to_state,
+        trigger="reconcile",
+        source="webhook",
+        webhook_id=f"msg_{to_state}",
     )
 
 
@@ -404,10 +401,10 @@ async def committed_history(store: Store, appointment_id: int) -> list[StateLogR
     written: list[StateLogRecord] = []
     previous = None
     for version, state in enumerate(states):
-        record = AppointmentRecord(appointment_id, state, 7, version=version,
-                                   upstream_updated_at=f"2030-01-01T09:0{version}:00Z")
-        written += await store.commit(Commit(appointment=record,
-                                             logs=[log_record(appointment_id, state, previous)]))
+        record = AppointmentRecord(
+            appointment_id, state, 7, version=version, upstream_updated_at=f"2030-01-01T09:0{version}:00Z"
+        )
+        written += await store.commit(Commit(appointment=record, logs=[log_record(appointment_id, state, previous)]))
         previous = state
     return written
 
@@ -420,9 +417,7 @@ async def test_read_endpoints_refuse_a_missing_or_wrong_token(service: Service) 
         assert (await service.get(path))[0] == 200
 
 
-async def test_read_endpoints_are_shut_when_no_token_is_configured(
-    amqp_url: str, parts: tuple[Broker, Store]
-) -> None:
+async def test_read_endpoints_are_shut_when_no_token_is_configured(amqp_url: str, parts: tuple[Broker, Store]) -> None:
     async for svc in running(amqp_url, parts, api_token=None):
         status, body = await svc.get("/appointments/11/history", token="anything")
         assert (status, body) == (503, {"error": "APPT_API_TOKEN not configured"})
@@ -433,8 +428,14 @@ async def test_the_current_record_is_served(service: Service) -> None:
     await committed_history(service.store, 11)
     status, body = await service.get("/appointments/11")
     assert status == 200
-    assert body == {"practice": "default", "appointment_id": 11, "state": "Completed", "patient_id": 7, "version": 5,
-                    "upstream_updated_at": "2030-01-01T09:04:00Z"}
+    assert body == {
+        "practice": "default",
+        "appointment_id": 11,
+        "state": "Completed",
+        "patient_id": 7,
+        "version": 5,
+        "upstream_updated_at": "2030-01-01T09:04:00Z",
+    }
 
 
 async def test_history_pages_through_records_in_seq_order(service: Service) -> None:
@@ -451,9 +452,7 @@ async def test_history_pages_through_records_in_seq_order(service: Service) -> N
         pages += 1
     assert pages == 3
     assert [r["seq"] for r in seen] == [r.seq for r in written]
-    assert [r["to_state"] for r in seen] == [
-        "Pending", "Confirmed", "Arrived", "In surgery", "Completed"
-    ]
+    assert [r["to_state"] for r in seen] == ["Pending", "Confirmed", "Arrived", "In surgery", "Completed"]
     assert {r["appointment_id"] for r in seen} == {11}
     assert [StateLogRecord.model_validate(r) for r in seen] == written
 
@@ -464,9 +463,7 @@ async def test_unknown_appointments_are_404(service: Service) -> None:
 
 
 @pytest.mark.parametrize("path_id", [str(2**63), "9" * 5000, "०११", "011", "0"])
-async def test_ids_outside_ascii_digits_or_the_id_range_are_404_never_500(
-    service: Service, path_id: str
-) -> None:
+async def test_ids_outside_ascii_digits_or_the_id_range_are_404_never_500(service: Service, path_id: str) -> None:
     await committed_history(service.store, 11)
     for suffix in ("", "/history"):
         assert (await service.get(f"/appointments/{path_id}{suffix}"))[0] == 404

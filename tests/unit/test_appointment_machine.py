@@ -75,9 +75,7 @@ def test_confirm_plans_only_the_state_field_from_pending() -> None:
         assert appt.state == "Pending"
 
 
-@pytest.mark.parametrize(
-    "state", ["Confirmed", "Arrived", "In surgery", "Completed", "Cancelled", "Did not attend"]
-)
+@pytest.mark.parametrize("state", ["Confirmed", "Arrived", "In surgery", "Completed", "Cancelled", "Did not attend"])
 def test_confirm_refused_unless_pending(state: str) -> None:
     with bound(snap(state), APPT) as appt:
         assert refusal(appt, "plan_confirm") == {"state": [status(state)]}
@@ -101,9 +99,7 @@ def test_cancel_without_reason_id_omits_the_key() -> None:
 
 def test_cancel_with_blank_reason_is_refused() -> None:
     with bound(snap("Pending"), APPT) as appt:
-        assert refusal(appt, "plan_cancel", "   ") == {
-            "appointment_cancellation_reason_id": ["can't be blank"]
-        }
+        assert refusal(appt, "plan_cancel", "   ") == {"appointment_cancellation_reason_id": ["can't be blank"]}
 
 
 def test_cancel_when_arrived_is_refused_by_status() -> None:
@@ -129,9 +125,7 @@ def test_set_patient_allowed_while_none_is_set(state: str) -> None:
         assert appt.plan_set_patient(OTHER) == Write("set_patient", {"patient_id": OTHER})
 
 
-@pytest.mark.parametrize(
-    "state", ["Confirmed", "Cancelled", "Completed", "Did not attend", "Deleted"]
-)
+@pytest.mark.parametrize("state", ["Confirmed", "Cancelled", "Completed", "Did not attend", "Deleted"])
 def test_set_patient_refused_by_status(state: str) -> None:
     with bound(snap(state, patient_id=None), APPT) as appt:
         assert refusal(appt, "plan_set_patient", OTHER) == {"patient_id": [status(state)]}
@@ -189,9 +183,7 @@ def test_terminal_states_accept_no_write_at_all(state: str) -> None:
 
 def test_unknown_fields_and_states_named_with_everything_else() -> None:
     with bound(snap("Pending"), APPT) as appt:
-        reasons = refusal(
-            appt, "plan_edit", {"colour": "red", "state": "Rescheduled", "notes": "fine"}
-        )
+        reasons = refusal(appt, "plan_edit", {"colour": "red", "state": "Rescheduled", "notes": "fine"})
     assert reasons == {
         "colour": ["is not a permitted attribute"],
         "state": ["is not included in the list"],
@@ -209,9 +201,7 @@ def test_state_edits_follow_the_legal_move_table(source: str, dest: str) -> None
 
 def test_removing_the_patient_is_changing_it() -> None:
     with bound(snap("Pending"), APPT) as appt:
-        assert refusal(appt, "plan_edit", {"patient_id": None}) == {
-            "patient_id": ["can not change patients"]
-        }
+        assert refusal(appt, "plan_edit", {"patient_id": None}) == {"patient_id": ["can not change patients"]}
 
 
 # --- applied ---------------------------------------------------------------------
@@ -222,9 +212,7 @@ def test_applied_confirm_records_the_move_and_no_drift_when_the_pms_agrees() -> 
         write = appt.plan_confirm()
         records = appt.applied(write, snap("Confirmed"))
         assert appt.state == "Confirmed"
-    assert [(r.trigger, r.from_state, r.to_state) for r in records] == [
-        ("confirm", "Pending", "Confirmed")
-    ]
+    assert [(r.trigger, r.from_state, r.to_state) for r in records] == [("confirm", "Pending", "Confirmed")]
     assert records[0].machine == "appointment"
     assert records[0].appointment_id == APPT
     assert records[0].detail == {"fields": {"state": "Confirmed"}}
@@ -393,9 +381,7 @@ def test_snapshot_for_another_appointment_is_a_programming_error() -> None:
 
 # --- property: whatever happens, only Refused escapes and the state stays known ---
 
-_field_values = st.one_of(
-    st.sampled_from([*STATES, "Rescheduled"]), st.integers(0, 3), st.none(), st.text(max_size=3)
-)
+_field_values = st.one_of(st.sampled_from([*STATES, "Rescheduled"]), st.integers(0, 3), st.none(), st.text(max_size=3))
 _fields = st.dictionaries(
     st.sampled_from(
         [
@@ -449,8 +435,6 @@ def test_any_sequence_only_refuses_and_stays_in_a_known_state(
                 continue
             if isinstance(outcome, Write) and outcome.fields:
                 records = appt.applied(outcome, results)
-                assert records[0].trigger == outcome.trigger, (
-                    "a planned write must be one the machine accepts"
-                )
+                assert records[0].trigger == outcome.trigger, "a planned write must be one the machine accepts"
                 assert "state" not in outcome.fields or "patient_id" not in outcome.fields
             assert appt.state in MACHINE_STATES

@@ -30,16 +30,19 @@ def _resolving(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_the_cli_prints_the_document() -> None:
-    done = subprocess.run([sys.executable, "-m", "consumer.cli", "asyncapi"],
-                          capture_output=True, text=True, timeout=60, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "asyncapi"], capture_output=True, text=True, timeout=60, check=True
+    )
     assert json.loads(done.stdout) == json.loads(json.dumps(DOCUMENT))
 
 
 def test_the_document_is_valid_against_the_asyncapi_3_0_schema() -> None:
     assert SPEC.exists(), f"{SPEC} missing: run scripts/bootstrap.sh (npm install @asyncapi/specs)"
     spec = json.loads(SPEC.read_text())
-    errors = sorted(jsonschema.Draft7Validator(spec).iter_errors(json.loads(json.dumps(DOCUMENT))),
-                    key=lambda e: list(e.absolute_path))
+    errors = sorted(
+        jsonschema.Draft7Validator(spec).iter_errors(json.loads(json.dumps(DOCUMENT))),
+        key=lambda e: list(e.absolute_path),
+    )
     assert not errors, "\n".join(f"{list(e.absolute_path)}: {e.message[:300]}" for e in errors[:10])
 
 
@@ -59,10 +62,14 @@ def test_it_has_the_channels_and_operations_of_the_contract() -> None:
     assert set(DOCUMENT["channels"]["observed"]["messages"]) == {"observed_event"}
     assert DOCUMENT["operations"]["receiveObservedEvent"]["channel"] == {"$ref": "#/channels/observed"}
     actions = {name: op["action"] for name, op in DOCUMENT["operations"].items()}
-    assert actions == {"receiveCommand": "receive", "receiveObservedEvent": "receive",
-                       "sendResult": "send", "sendStateLog": "send", "sendDeadLetter": "send"}
-    assert DOCUMENT["operations"]["receiveCommand"]["reply"]["address"]["location"] == (
-        "$message.header#/reply_to")
+    assert actions == {
+        "receiveCommand": "receive",
+        "receiveObservedEvent": "receive",
+        "sendResult": "send",
+        "sendStateLog": "send",
+        "sendDeadLetter": "send",
+    }
+    assert DOCUMENT["operations"]["receiveCommand"]["reply"]["address"]["location"] == ("$message.header#/reply_to")
     assert "x-appt-reason" in MESSAGES["dead_letter"]["headers"]["properties"]
     for name in COMMAND_TYPES:
         assert {"message_id", "correlation_id", "reply_to"} <= set(MESSAGES[name]["headers"]["properties"])

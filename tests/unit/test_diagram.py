@@ -33,9 +33,7 @@ def test_appointment_diagram_starts_new_and_ends_in_final_states() -> None:
 def test_reassignment_diagram_ends_exactly_in_the_terminal_states() -> None:
     text = mermaid("reassignment")
     assert "[*] --> requested" in text
-    ends = {
-        line.split(" --> ")[0].strip() for line in text.splitlines() if line.endswith("--> [*]")
-    }
+    ends = {line.split(" --> ")[0].strip() for line in text.splitlines() if line.endswith("--> [*]")}
     assert ends == reassignment.TERMINAL
     assert "compensation_failed --> compensating : retry" in text
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +13,7 @@ from consumer.messages import ObservedEvent, check_upstream_time, routing_key_na
 from consumer.records import is_not_newer
 from consumer.worker import InvalidMessage, check_trusted, message_key, parse, reply_queue
 
-NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 
 
 def command(**fields: Any) -> bytes:
@@ -21,16 +21,18 @@ def command(**fields: Any) -> bytes:
 
 
 def event(**fields: Any) -> dict[str, Any]:
-    return {"type": "appointment.updated", "event_id": "e-1", "source": "webhook",
-            "appointment": {"id": 42, **fields}}
+    return {"type": "appointment.updated", "event_id": "e-1", "source": "webhook", "appointment": {"id": 42, **fields}}
 
 
-@pytest.mark.parametrize("body", [
-    b'{"type": "confirm", "command_id": "c", "appointment_id": ' + b"9" * 5000 + b"}",  # int() digit limit
-    b"[" * 100_000 + b"]" * 100_000,
-    b"\xff\xfe",
-    b'{"type": "confirm", "command_id": "c\\u0000", "appointment_id": 1e400}',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"type": "confirm", "command_id": "c", "appointment_id": ' + b"9" * 5000 + b"}",  # int() digit limit
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe",
+        b'{"type": "confirm", "command_id": "c\\u0000", "appointment_id": 1e400}',
+    ],
+)
 def test_any_bytes_either_parse_or_are_invalid(body: bytes) -> None:
     with pytest.raises(InvalidMessage):
         parse(body)
@@ -49,10 +51,13 @@ def test_the_size_limit_is_the_one_given() -> None:
         parse(body, len(body) - 1)
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("command_id", "é" * 101),  # 101 characters, 202 bytes
-    ("correlation_id", "c" * 256),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("command_id", "é" * 101),  # 101 characters, 202 bytes
+        ("correlation_id", "c" * 256),
+    ],
+)
 def test_strings_that_become_amqp_properties_are_limited_in_bytes(field: str, value: str) -> None:
     with pytest.raises(InvalidMessage, match=field):
         parse(command(**{field: value}))
@@ -72,31 +77,44 @@ def test_an_upstream_time_within_the_skew_is_taken() -> None:
 
 
 def test_an_observed_event_with_a_future_time_is_invalid() -> None:
-    future = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     with pytest.raises(InvalidMessage, match="updated_at"):
         parse(json.dumps(event(updated_at=future)).encode())
 
 
-@pytest.mark.parametrize(("candidate", "stored", "expected"), [
-    ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", True),
-    ("2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z", False),
-    ("2026-01-01T00:00:00Z", "2099-01-01T00:00:00Z", False),  # a poisoned stored time is not trusted
-    ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00", False),  # naive: incomparable, never raises
-    ("2026-01-01T00:00:00", "2026-01-02T00:00:00Z", False),
-    ("garbage", "2026-01-02T00:00:00Z", False),
-    (None, "2026-01-02T00:00:00Z", False),
-])
+@pytest.mark.parametrize(
+    ("candidate", "stored", "expected"),
+    [
+        ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00Z", True),
+        ("2026-01-03T00:00:00Z", "2026-01-02T00:00:00Z", False),
+        ("2026-01-01T00:00:00Z", "2099-01-01T00:00:00Z", False),  # a poisoned stored time is not trusted
+        ("2026-01-01T00:00:00Z", "2026-01-02T00:00:00", False),  # naive: incomparable, never raises
+        ("2026-01-01T00:00:00", "2026-01-02T00:00:00Z", False),
+        ("garbage", "2026-01-02T00:00:00Z", False),
+        (None, "2026-01-02T00:00:00Z", False),
+    ],
+)
 def test_staleness_never_raises_and_never_trusts_a_bad_stored_time(
     candidate: str | None, stored: str, expected: bool
 ) -> None:
     assert is_not_newer(candidate, stored) is expected
 
 
-@pytest.mark.parametrize(("routing_key", "practice", "expected"), [
-    ("42", "default", True), ("default.42", "default", True), ("north.42", "north", True),
-    ("42", "north", False), ("south.42", "north", False), ("north.42", "default", False),
-    ("43", "default", False), ("042", "default", False), ("", "default", False), ("42.43", "default", False),
-])
+@pytest.mark.parametrize(
+    ("routing_key", "practice", "expected"),
+    [
+        ("42", "default", True),
+        ("default.42", "default", True),
+        ("north.42", "north", True),
+        ("42", "north", False),
+        ("south.42", "north", False),
+        ("north.42", "default", False),
+        ("43", "default", False),
+        ("042", "default", False),
+        ("", "default", False),
+        ("42.43", "default", False),
+    ],
+)
 def test_the_routing_key_must_name_the_bodys_practice_and_appointment(
     routing_key: str, practice: str, expected: bool
 ) -> None:
@@ -121,9 +139,16 @@ def test_only_the_observed_exchange_may_carry_observed_events() -> None:
         check_trusted(observed, INBOUND_EXCHANGE)
 
 
-@pytest.mark.parametrize(("reply_to", "expected"), [
-    ("caller.replies", "caller.replies"), ("amq.rabbitmq.reply-to", "amq.rabbitmq.reply-to"),
-    ("appointments.dead", None), ("appointments.inbound.p0", None), ("", None), (None, None),
-])
+@pytest.mark.parametrize(
+    ("reply_to", "expected"),
+    [
+        ("caller.replies", "caller.replies"),
+        ("amq.rabbitmq.reply-to", "amq.rabbitmq.reply-to"),
+        ("appointments.dead", None),
+        ("appointments.inbound.p0", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_replies_never_go_to_the_services_own_queues(reply_to: str | None, expected: str | None) -> None:
     assert reply_queue(reply_to) == expected

@@ -49,9 +49,7 @@ SUFFIXES = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"], "
 
 def _exported_names() -> set[str]:
     """Every series name the process can export, also for labelled metrics not yet used."""
-    return {
-        metric.name + suffix for metric in REGISTRY.collect() for suffix in SUFFIXES[metric.type]
-    }
+    return {metric.name + suffix for metric in REGISTRY.collect() for suffix in SUFFIXES[metric.type]}
 
 
 def _metric_names(expr: str) -> set[str]:

@@ -35,7 +35,9 @@ def test_without_a_file_there_is_one_default_practice_from_the_single_practice_v
 
 def test_the_file_names_each_practice_with_a_token_or_a_token_file(tmp_path: Path) -> None:
     (tmp_path / "south.token").write_text("south-token\n")
-    settings = write(tmp_path, f"""
+    settings = write(
+        tmp_path,
+        f"""
 [practices.north]
 pms_url = "http://north"
 token = "north-token"
@@ -44,8 +46,9 @@ dentally_signing_secret = "d-north"
 
 [practices.south]
 pms_url = "http://south"
-token_file = "{tmp_path / 'south.token'}"
-""")
+token_file = "{tmp_path / "south.token"}"
+""",
+    )
     configs = load_configs(settings)
     assert sorted(configs) == ["north", "south"]
     assert configs["north"].webhook_secrets == [SECRET]
@@ -54,18 +57,19 @@ token_file = "{tmp_path / 'south.token'}"
     assert configs["south"].read_token() == "south-token"  # stripped of the newline
 
 
-@pytest.mark.parametrize(("text", "names"), [
-    ('[practices.north]\npms_url = "x"\n', "exactly one of token or token_file"),
-    ('[practices.north]\npms_url = "x"\ntoken = "a"\ntoken_file = "/f"\n', "exactly one of token"),
-    ('[practices."No.Dots"]\npms_url = "x"\ntoken = "a"\n', "practice name 'No.Dots'"),
-    ('[practices.north]\npms_url = "x"\ntoken = "a"\nwebhook_secrets = ["whsec_%%%"]\n', "practices.north"),
-    ('[practices.north]\npms_url = "x"\ntoken = "a"\ncolour = "red"\n', "colour"),
-    ("[other]\n", "no [practices.<name>] table"),
-    ("not toml [", "Expected '='"),
-])
-def test_a_bad_file_stops_the_load_with_a_line_naming_the_problem(
-    tmp_path: Path, text: str, names: str
-) -> None:
+@pytest.mark.parametrize(
+    ("text", "names"),
+    [
+        ('[practices.north]\npms_url = "x"\n', "exactly one of token or token_file"),
+        ('[practices.north]\npms_url = "x"\ntoken = "a"\ntoken_file = "/f"\n', "exactly one of token"),
+        ('[practices."No.Dots"]\npms_url = "x"\ntoken = "a"\n', "practice name 'No.Dots'"),
+        ('[practices.north]\npms_url = "x"\ntoken = "a"\nwebhook_secrets = ["whsec_%%%"]\n', "practices.north"),
+        ('[practices.north]\npms_url = "x"\ntoken = "a"\ncolour = "red"\n', "colour"),
+        ("[other]\n", "no [practices.<name>] table"),
+        ("not toml [", "Expected '='"),
+    ],
+)
+def test_a_bad_file_stops_the_load_with_a_line_naming_the_problem(tmp_path: Path, text: str, names: str) -> None:
     with pytest.raises(PracticesError) as raised:
         load_configs(write(tmp_path, text))
     assert str(raised.value).startswith("APPT_PRACTICES_FILE ") and names in str(raised.value)
@@ -129,11 +133,9 @@ async def test_a_reload_that_cannot_read_a_token_changes_nothing(tmp_path: Path)
 
 def test_commands_name_their_practice_and_the_routing_key_carries_it() -> None:
     bare = COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9})
-    north = COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9,
-                                     "practice": "north"})
+    north = COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9, "practice": "north"})
     assert (bare.practice, north.practice) == ("default", "north")
     assert inbound_routing_key("default", 9) == "9"  # unchanged for single-practice deployments
     assert inbound_routing_key("north", 9) == "north.9"
     with pytest.raises(ValueError):
-        COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9,
-                                 "practice": "north.9"})
+        COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9, "practice": "north.9"})

@@ -90,9 +90,7 @@ def test_cancel_failing_before_anything_was_booked_has_nothing_to_undo() -> None
 
 
 def test_failing_compensation_parks_and_retry_resumes_it() -> None:
-    with bound_reassignment(
-        WORKFLOW, ORIGINAL, NEW_PATIENT, state="compensating", replacement_id=REPLACEMENT
-    ) as saga:
+    with bound_reassignment(WORKFLOW, ORIGINAL, NEW_PATIENT, state="compensating", replacement_id=REPLACEMENT) as saga:
         parked = saga.compensation_error("503 from PMS")
         assert saga.next_step() == Step.NONE
         assert saga.last_error == "503 from PMS"
@@ -142,12 +140,7 @@ VALID_FROM = {
 
 @pytest.mark.parametrize(
     ("state", "outcome"),
-    [
-        (state, outcome)
-        for state in STATES
-        for outcome in OUTCOMES
-        if state not in VALID_FROM[outcome]
-    ],
+    [(state, outcome) for state in STATES for outcome in OUTCOMES if state not in VALID_FROM[outcome]],
 )
 def test_outcome_out_of_order_raises_and_changes_nothing(state: str, outcome: str) -> None:
     with bound_reassignment(WORKFLOW, ORIGINAL, NEW_PATIENT, state=state) as saga:
@@ -187,8 +180,11 @@ def test_a_replacement_changed_by_someone_else_ends_the_saga_with_nothing_to_und
 
 def test_slots_compare_instants_not_spellings() -> None:
     utc = {"practitioner_id": 7, "start_time": "2030-03-04T10:00:00Z", "finish_time": "2030-03-04T10:30:00Z"}
-    local = {"practitioner_id": 7, "start_time": "2030-03-04T11:00:00.000+01:00",
-             "finish_time": "2030-03-04T11:30:00+01:00"}
+    local = {
+        "practitioner_id": 7,
+        "start_time": "2030-03-04T11:00:00.000+01:00",
+        "finish_time": "2030-03-04T11:30:00+01:00",
+    }
     assert slot_of(utc) == slot_of(local)
     assert slot_of(utc) != slot_of({**utc, "start_time": "2030-03-04T10:15:00Z"})
     assert slot_of(utc) != slot_of({**utc, "practitioner_id": 8})

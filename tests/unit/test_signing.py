@@ -6,7 +6,7 @@ import base64
 import hashlib
 import hmac
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 from standardwebhooks.webhooks import Webhook
@@ -28,10 +28,9 @@ BODY = b'{"type":"appointment.updated","data":{"appointment":{"id":7,"state":"Pe
 MSG_ID = "msg_2Lx3kY"
 
 
-def signed_headers(secret: str, *, msg_id: str = MSG_ID, at: float | None = None,
-                   body: bytes = BODY) -> dict[str, str]:
+def signed_headers(secret: str, *, msg_id: str = MSG_ID, at: float | None = None, body: bytes = BODY) -> dict[str, str]:
     """Headers as a Standard Webhooks sender makes them, by the reference library."""
-    moment = datetime.fromtimestamp(time.time() if at is None else at, tz=timezone.utc)
+    moment = datetime.fromtimestamp(time.time() if at is None else at, tz=UTC)
     return {
         "webhook-id": msg_id,
         "webhook-timestamp": str(int(moment.timestamp())),
@@ -170,10 +169,9 @@ def test_a_forged_stale_message_is_a_bad_signature_not_a_stale_one() -> None:
 def test_a_secret_without_prefix_is_base64_as_in_the_reference_library() -> None:
     raw = base64.b64encode(b"shared-key-bytes").decode()
     assert secret_key(raw) == secret_key("whsec_" + raw) == b"shared-key-bytes"
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     signature = Webhook(raw).sign(MSG_ID, now, BODY.decode())
-    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(int(now.timestamp())),
-               "webhook-signature": signature}
+    headers = {"webhook-id": MSG_ID, "webhook-timestamp": str(int(now.timestamp())), "webhook-signature": signature}
     assert verify([raw], headers, BODY) == MSG_ID
 
 
