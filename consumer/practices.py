@@ -156,8 +156,8 @@ class Practice:
             metrics.PRACTICE_STATUS.labels(self.name, status).set(1 if status == self.status else 0)
 
 
-def describe(practice: Practice, parked: int) -> dict[str, Any]:
-    """One practice as `appt practices` and ``GET /practices`` show it."""
+def describe(practice: Practice, parked: int, webhooks: dict[str, Any]) -> dict[str, Any]:
+    """One practice as `appt practices` and ``GET /practices`` show it (``webhooks``: its silence report)."""
     return {
         "practice": practice.name,
         "status": practice.status,
@@ -165,6 +165,7 @@ def describe(practice: Practice, parked: int) -> dict[str, Any]:
         "reason": practice.reason or None,
         "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"])},
         "waiting_messages": parked,
+        "webhooks": webhooks,
     }
 
 

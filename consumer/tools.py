@@ -299,6 +299,8 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
               f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
               f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
               + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+              + (f"  webhooks silent ({row['webhooks']['missed_changes']} changes only polling found)"
+                 if row["webhooks"]["status"] == "silent" else "")
               + (f"  ({row['reason']})" if row["reason"] else ""))
     return EXIT_OK
 
