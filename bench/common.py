@@ -28,6 +28,7 @@ import asyncpg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from consumer.commands import ReadBeforeWrite  # noqa: E402
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
 from consumer.logs import configure  # noqa: E402
 from consumer.messages import DEFAULT_PRACTICE  # noqa: E402
@@ -245,7 +246,7 @@ class Pipeline:
 @contextlib.asynccontextmanager
 async def running_pipeline(
     amqp_url: str, store_url: str, pms_url: str, *, prefetch: int, pms_concurrency: int,
-    partitions: int = 4, practice_urls: dict[str, str] | None = None,
+    partitions: int = 4, practice_urls: dict[str, str] | None = None, read_before_write: ReadBeforeWrite = "always",
 ) -> AsyncIterator[Pipeline]:
     """The objects ``appt serve`` wires (minus HTTP), with the worker not yet started.
 
@@ -262,7 +263,7 @@ async def running_pipeline(
     )
     workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
     worker = Worker(broker=broker, store=store, practices=practices, reassign=workflows.reassign,
-                    partitions=list(range(partitions)), retry_delay=0.1)
+                    partitions=list(range(partitions)), retry_delay=0.1, read_before_write=read_before_write)
     results = await bind_results(broker)
     try:
         yield Pipeline(broker, store, practices.get(next(iter(urls))).pms, worker, results)

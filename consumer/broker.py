@@ -9,6 +9,7 @@ silent drop) and bounded in time (a publish during an outage must not hang).
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
@@ -21,11 +22,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 from aio_pika.exceptions import (
+    AMQPConnectionError,
     AMQPError,
     ChannelInvalidStateError,
     DeliveryError,
     PublishError,
 )
+from aio_pika.robust_connection import RobustConnection
 
 from consumer import tracing
 from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
@@ -56,13 +59,58 @@ def partition_queue(index: int) -> str:
     return f"{INBOUND_EXCHANGE}.p{index}"
 
 
+def broker_addresses(amqp_url: str) -> list[str]:
+    """``APPT_AMQP_URL`` is one URL or a comma-separated list (one per cluster node)."""
+    addresses = [url.strip() for url in amqp_url.split(",") if url.strip()]
+    if not addresses:
+        raise ValueError("no broker URL given")
+    return addresses
+
+
+class FailoverConnection(RobustConnection):
+    """aio-pika's robust connection over an address list: each (re)connection attempt takes
+    the next address in turn, so a dead cluster node is left for a live one instead of being
+    retried forever. Channels, queues and consumers are restored on the new node by aio-pika
+    as after any reconnect (a quorum queue lives on every node of the cluster).
+    """
+
+    def __init__(self, addresses: list[str], **kwargs: Any) -> None:
+        super().__init__(aio_pika.connection.make_url(addresses[0]), **kwargs)
+        self._addresses = addresses
+        self._next = 0
+
+    async def _RobustConnection__connect_transport(self) -> None:
+        """RobustConnection's one step that opens a socket (to ``self.url``), in its reconnect
+        loop and on first connect: point ``self.url`` at the next address first."""
+        self.url = aio_pika.connection.make_url(self._addresses[self._next % len(self._addresses)])
+        self._next += 1
+        await getattr(super(), "_RobustConnection__connect_transport")()
+
+
+async def connect_failover(addresses: list[str], *, timeout: float) -> AbstractRobustConnection:
+    """Connect to the first address that answers, trying them in a shuffled order (so
+    processes spread over the nodes); raise the last error when none does."""
+    order = random.sample(addresses, len(addresses))
+    error: Exception = AMQPConnectionError("no broker address")
+    for start in range(len(order)):
+        connection = FailoverConnection(order[start:] + order[:start])
+        try:
+            await connection.connect(timeout=timeout)
+            return connection
+        except (AMQPConnectionError, ConnectionError, OSError, TimeoutError) as exc:
+            await connection.close()
+            error = exc
+    raise error
+
+
 class Broker:
-    """One robust connection, a confirm channel for publishing, one for consuming."""
+    """One robust connection (failing over along the address list), a confirm channel for
+    publishing, one for consuming."""
 
     def __init__(
         self, url: str, *, partitions: int = 4, prefetch: int = 64, publish_timeout: float = 5.0
     ) -> None:
-        self._url = url
+        self._addresses = broker_addresses(url)
         self._partitions = partitions
         self._prefetch = prefetch
         self._publish_timeout = publish_timeout
@@ -80,7 +128,7 @@ class Broker:
 
     async def connect(self, *, timeout: float = 10.0) -> None:
         """Connected once the topology is declared: no publish sees a half-made broker."""
-        connection = await aio_pika.connect_robust(self._url, timeout=timeout)
+        connection = await connect_failover(self._addresses, timeout=timeout)
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
             await self.declare_topology(channel)

@@ -3,12 +3,17 @@
 Fresh GET, reconcile (the PMS is the truth), guard, send only the allowed
 fields; on a 422 that names another current status, GET again, reconcile and
 decide once more. Transient PMS errors propagate: the worker retries them.
+
+Under ``APPT_READ_BEFORE_WRITE=on_conflict`` the fresh GET is skipped when a
+stored record can decide: the write goes straight from it, and the protocol
+above runs only if it can't (no record, the record says refused or already
+done, which a stale record may say wrongly) or the PMS refuses the write.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Literal
 
 from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
 from consumer.pms.client import PmsClient
@@ -27,6 +32,7 @@ from statemachines.appointment import Appointment, Refused, Write, bound
 STATUS_REASON = "The appointment can not be updated as the current status is:"
 
 SimpleCommand = Confirm | Cancel | SetPatient | EditNotes
+ReadBeforeWrite = Literal["always", "on_conflict"]
 
 
 def already_done(appt: Appointment, command: SimpleCommand) -> bool:
@@ -73,9 +79,39 @@ async def plan(pms: PmsClient, appt: Appointment, command: SimpleCommand) -> Wri
 
 
 async def execute(
-    command: SimpleCommand, pms: PmsClient, store: Store, origin: Origin
+    command: SimpleCommand, pms: PmsClient, store: Store, origin: Origin,
+    read_before_write: ReadBeforeWrite = "always",
 ) -> Decision:
     stored = await store.get_appointment(command.appointment_id, command.practice)
+    if read_before_write == "on_conflict" and stored is not None:
+        written = await _write_from_record(command, pms, stored, origin)
+        if written is not None:
+            return written
+    return await _read_then_write(command, pms, stored, origin)
+
+
+async def _write_from_record(
+    command: SimpleCommand, pms: PmsClient, stored: AppointmentRecord, origin: Origin
+) -> Decision | None:
+    """Write as the stored record says; ``None`` when only a fresh read can decide."""
+    with bound(snapshot_from_record(stored), command.appointment_id) as appt:
+        if already_done(appt, command):
+            return None
+        try:
+            write = await plan(pms, appt, command)
+            answer = await pms.update_appointment(command.appointment_id, write.fields)
+        except (Refused, Rejected):
+            return None
+        except NotFound:
+            return _gone(command, stored, origin)
+        upstream = answer.model_dump(mode="json")
+        logs = origin.logs(appt.applied(write, snapshot_from_pms(upstream)))
+        return _decided(command, stored, appt, upstream, logs, "succeeded")
+
+
+async def _read_then_write(
+    command: SimpleCommand, pms: PmsClient, stored: AppointmentRecord | None, origin: Origin
+) -> Decision:
     try:
         upstream = (await pms.get_appointment(command.appointment_id)).model_dump(mode="json")
     except NotFound:

@@ -29,10 +29,10 @@ from consumer.broker import (
     PublishFailed,
     json_properties,
 )
+from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from consumer.failpoints import failpoint
 from consumer.settings import Settings
-from consumer.store.base import DeadLetter, DeadLetterQuery
-from consumer.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_USAGE
+from consumer.store.base import DeadLetter, DeadLetterQuery, Store
 from consumer.tools import connected_broker, name_store, opened_store
 
 # Headers describing one death (ours and RabbitMQ's): a replay starts without them.
@@ -119,12 +119,10 @@ async def dead_replay(settings: Settings, query: DeadLetterQuery, *, as_json: bo
             return EXIT_USAGE
         for letter in letters:
             try:
-                await _publish_replay(broker, letter)
+                await replay_letter(store, broker, letter)
             except PublishFailed as exc:
                 print(f"appt dead replay: {letter.dead_id} not replayed: {exc}", file=sys.stderr)
                 return EXIT_FAILED
-            failpoint("after_replay_publish")
-            await store.settle_dead_letter(letter.dead_id, "replayed")
             _report({"replayed": letter.dead_id, "replay": letter.replay + 1, "type": letter.type,
                      "command_id": letter.command_id, "appointment_id": letter.appointment_id}, as_json)
     if not as_json:
@@ -148,6 +146,13 @@ async def dead_purge(settings: Settings, query: DeadLetterQuery, *, yes: bool, a
             if await store.settle_dead_letter(letter.dead_id, "purged"):
                 _report({"purged": letter.dead_id, "type": letter.type, "command_id": letter.command_id}, as_json)
     return EXIT_OK
+
+
+async def replay_letter(store: Store, broker: Broker, letter: DeadLetter) -> None:
+    """Publish (confirmed), then mark replayed: killed in between, the letter stays listed."""
+    await _publish_replay(broker, letter)
+    failpoint("after_replay_publish")
+    await store.settle_dead_letter(letter.dead_id, "replayed")
 
 
 async def _publish_replay(broker: Broker, letter: DeadLetter) -> None:

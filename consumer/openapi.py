@@ -192,12 +192,19 @@ OPERATIONS.update({
 })
 
 
+# Served, deliberately left out: the operator console's HTML pages and form posts
+# (consumer.console) are for a logged-in browser, not part of the API contract.
+UNDOCUMENTED_PREFIX = "/console"
+
+
 def _paths(router: web.UrlDispatcher) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for route in router.routes():
         if route.method == "HEAD" or route.resource is None:
             continue
         path = route.resource.canonical
+        if path == UNDOCUMENTED_PREFIX or path.startswith(UNDOCUMENTED_PREFIX + "/"):
+            continue
         operation = OPERATIONS.get((route.method, path))
         if operation is None:
             raise LookupError(f"{route.method} {path} is served but not documented: add it to"

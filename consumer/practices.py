@@ -111,6 +111,7 @@ def client_factory(settings: Settings) -> ClientFactory:
         return PmsClient(
             config.pms_url, token, timeout=settings.pms_timeout,
             concurrency=settings.pms_concurrency, retry_attempts=settings.pms_retry_attempts,
+            reasons_ttl=settings.pms_reasons_ttl,
             on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
             on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
         )
@@ -163,7 +164,8 @@ def describe(practice: Practice, parked: int, webhooks: dict[str, Any]) -> dict[
         "status": practice.status,
         "retry_at": _iso(practice.retry_at),
         "reason": practice.reason or None,
-        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"])},
+        "budget": {**practice.pms.budget(), "reset": _iso(practice.pms.budget()["reset"]),
+                   "spent_this_hour": practice.pms.spent()},
         "waiting_messages": parked,
         "webhooks": webhooks,
     }

@@ -31,7 +31,7 @@ from consumer.broker import Broker
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, ObservedEvent
 from consumer.pms import PmsAppointment, PmsClient
-from consumer.pms.client import MAX_PER_PAGE
+from consumer.pms.client import MAX_PER_PAGE, spending_for
 from consumer.practices import Practice, Practices
 from consumer.silence import WebhookSilence
 from consumer.store.base import Store
@@ -149,11 +149,12 @@ class Reconciler:
         today = now.replace(hour=0, minute=0, second=0, microsecond=0)
         updated_after = await self._updated_after(window)
         retries_before = self.pms.retries
-        rows = await self.pms.list_appointments(
-            after=_iso(today + timedelta(days=window.first_day)),
-            before=_iso(today + timedelta(days=window.last_day)),
-            cancelled=True, updated_after=updated_after, per_page=MAX_PER_PAGE,
-        )
+        with spending_for("polling"):
+            rows = await self.pms.list_appointments(
+                after=_iso(today + timedelta(days=window.first_day)),
+                before=_iso(today + timedelta(days=window.last_day)),
+                cancelled=True, updated_after=updated_after, per_page=MAX_PER_PAGE,
+            )
         cost = len(rows) // MAX_PER_PAGE + 1 + self.pms.retries - retries_before
         self.spent += cost
         self._cost[window.name] = cost

@@ -22,6 +22,7 @@ from aiohttp import web
 
 from consumer import metrics, tracing
 from consumer.broker import Broker
+from consumer.console import add_console
 from consumer.deadletters import DeadLetterCollector
 from consumer.http import listen, make_runner
 from consumer.logs import configure, get_logger
@@ -90,6 +91,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 broker=broker, store=store, practices=practices, reassign=workflows.reassign,
                 partitions=settings.consumed_partitions(), max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay, max_message_bytes=settings.max_message_bytes,
+                read_before_write=settings.read_before_write,
             )
             started.push_async_callback(worker.stop)  # first to run on the way out (both consumers)
             await worker.start()
@@ -128,6 +130,7 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         if with_sandbox:
             settings = await _start_sandbox(stack, settings)
         app = create_app(settings, service_resources(settings))
+        add_console(app)
         runner = make_runner(app, settings)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

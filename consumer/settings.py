@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     pms_timeout: float = Field(10.0, gt=0)
     pms_concurrency: int = Field(8, ge=1, le=256)
     pms_retry_attempts: int = Field(4, ge=1, le=20)
+    pms_reasons_ttl: float = Field(3600.0, ge=0)
+    read_before_write: Literal["always", "on_conflict"] = "always"
     webhook_secrets: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_tolerance: int = Field(300, ge=1)
     # One limit for a webhook's body and an inbound message, so a 202 always means "will be

@@ -13,6 +13,7 @@ import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -25,7 +26,9 @@ from consumer.messages import COMMAND, StateLogRecord
 from consumer.practices import Practices, client_factory, load_configs
 from consumer.pms.errors import PmsError
 from consumer.settings import Settings
-from consumer.store.base import TERMINAL_WORKFLOW_STATES, NoStore, Store, StoreUnavailable, iter_history, open_store
+from consumer.store.base import (
+    TERMINAL_WORKFLOW_STATES, NoStore, Store, StoreUnavailable, WorkflowRecord, iter_history, open_store,
+)
 
 # The flag each command type needs, by the message field it fills.
 SEND_FLAGS = {"patient_id": "--patient", "reason": "--reason", "notes": "--notes",
@@ -252,29 +255,53 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
 
 async def sagas_retry(settings: Settings, workflow_id: str) -> int:
     """A parked workflow is compensated again here; an unfinished one is handed back to the pipeline."""
+    async with opened_store(settings) as store, connected_broker(settings) as broker, \
+            opened_practices(settings) as practices:
+        try:
+            outcome = await retry_saga(settings, store, broker, practices, workflow_id)
+        except LookupError:
+            raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
+                           "(appt sagas lists them)", EXIT_USAGE) from None
+    print(json.dumps(outcome.report()))
+    return EXIT_OK if outcome.finished or outcome.note else EXIT_FAILED
+
+
+@dataclass(frozen=True)
+class SagaRetry:
+    """What `appt sagas retry` (or the console's retry button) did to one workflow."""
+
+    workflow: WorkflowRecord
+    note: str | None = None
+    """Set when nothing was compensated here: already finished, or handed back to the pipeline."""
+
+    @property
+    def finished(self) -> bool:
+        return self.workflow.state in TERMINAL_WORKFLOW_STATES
+
+    def report(self) -> dict[str, Any]:
+        w = self.workflow
+        if self.note:
+            return {"workflow_id": w.workflow_id, "state": w.state, "note": self.note}
+        return {"workflow_id": w.workflow_id, "state": w.state, "last_error": w.last_error}
+
+
+async def retry_saga(
+    settings: Settings, store: Store, broker: Broker, practices: Practices, workflow_id: str
+) -> SagaRetry:
+    """Compensate a parked workflow again, or hand an unfinished one back; LookupError if unknown."""
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
-    async with opened_store(settings) as store, connected_broker(settings) as broker:
-        async with opened_practices(settings) as practices:
-            runner = WorkflowRunner(
-                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
-            workflow = await store.get_workflow(workflow_id)
-            if workflow is None:
-                raise CliError(f"no workflow {workflow_id} in {public_url(settings.store)} "
-                               "(appt sagas lists them)", EXIT_USAGE)
-            if workflow.state in TERMINAL_WORKFLOW_STATES:
-                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state, "note": "already finished"}))
-                return EXIT_OK
-            if workflow.state != COMPENSATION_FAILED:
-                await runner.requeue(workflow)
-                print(json.dumps({"workflow_id": workflow_id, "state": workflow.state,
-                                  "note": "handed back to the pipeline: watch appt history"}))
-                return EXIT_OK
-            workflow = await runner.retry(workflow_id)
-    print(json.dumps({"workflow_id": workflow.workflow_id, "state": workflow.state,
-                      "last_error": workflow.last_error}))
-    return EXIT_OK if workflow.state in TERMINAL_WORKFLOW_STATES else EXIT_FAILED
+    workflow = await store.get_workflow(workflow_id)
+    if workflow is None:
+        raise LookupError(f"no workflow {workflow_id}")
+    if workflow.state in TERMINAL_WORKFLOW_STATES:
+        return SagaRetry(workflow, "already finished")
+    runner = WorkflowRunner(practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
+    if workflow.state != COMPENSATION_FAILED:
+        await runner.requeue(workflow)
+        return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
+    return SagaRetry(await runner.retry(workflow_id))
 
 
 async def practices(settings: Settings, *, as_json: bool) -> int:
@@ -298,6 +325,7 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
         print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
               f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
               f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
+              + "  spent " + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
               + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
               + (f"  webhooks silent ({row['webhooks']['missed_changes']} changes only polling found)"
                  if row["webhooks"]["status"] == "silent" else "")

@@ -18,7 +18,7 @@ from typing import Any
 
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
-from aio_pika.exceptions import ChannelInvalidStateError
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 from pydantic import ValidationError
 from tenacity import (
     AsyncRetrying,
@@ -29,7 +29,7 @@ from tenacity import (
 
 from consumer import metrics, tracing
 from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
-from consumer.commands import execute
+from consumer.commands import ReadBeforeWrite, execute
 from consumer.logs import get_logger
 from consumer.messages import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -58,6 +58,7 @@ from consumer.waiting import PARKED_SEQ_HEADER, WAIT_ERRORS, waiting_status
 
 log = get_logger(__name__)
 
+STORE_PROBE_INTERVAL = 1.0  # seconds between pings while the store is down
 TRANSIENT = (Unavailable, StoreUnavailable, StaleVersion, PublishFailed)
 # Replies may not be sent into the service's own queues (the partitions, the dead letters).
 RESERVED_QUEUE_PREFIX = "appointments."
@@ -222,8 +223,10 @@ class Worker:
         attempts: int = 3,
         probe_interval: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        read_before_write: ReadBeforeWrite = "always",
     ) -> None:
         self._broker = broker
+        self._read_before_write = read_before_write
         self._store = store
         self._practices = practices
         self._reassign = reassign
@@ -235,6 +238,7 @@ class Worker:
         self._max_message_bytes = max_message_bytes
         self._serializer = KeyedSerializer()
         self._stopping = False
+        self._store_probe = asyncio.Lock()  # one prober for all messages waiting on the store
         self._last_unforeseen: float | None = None
 
     @property
@@ -458,7 +462,7 @@ class Worker:
             return await self._reassign(inbound)
         origin = Origin("command", practice=inbound.practice, command_id=inbound.command_id,
                         correlation_id=inbound.correlation_id)
-        return await execute(inbound, pms, self._store, origin)
+        return await execute(inbound, pms, self._store, origin, self._read_before_write)
 
     async def _publish(
         self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
@@ -497,6 +501,8 @@ class Worker:
     ) -> str:
         deliveries = deliveries_of(message)
         reason = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, StoreUnavailable):
+            return await self._requeue_when_store_answers(message, key, reason)
         if deliveries >= self._max_deliveries:
             if await self._left_to_its_workflow(inbound):
                 log.warning("reassign left to its workflow's deadline, not dead-lettered", message_id=key,
@@ -509,6 +515,24 @@ class Worker:
         metrics.RETRIES.labels("redelivery").inc()
         if not self._stopping:
             await asyncio.sleep(self._retry_delay * deliveries)
+        await _settle(message.nack(requeue=True))
+        return "retried"
+
+    async def _requeue_when_store_answers(self, message: AbstractIncomingMessage, key: str, reason: str) -> str:
+        """The store is down (a PostgreSQL restart, a full disk): no fault of the message, so it
+        is never dead-lettered for it. It keeps its prefetch slot until the store answers again,
+        then goes back to the queue: the partition waits instead of spinning through deliveries."""
+        log.error("store unavailable, message held until it answers", message_id=key, error=reason)
+        metrics.RETRIES.labels("store").inc()
+        if not self._stopping:  # never straight back, even if a ping answers (a write may still fail)
+            await asyncio.sleep(STORE_PROBE_INTERVAL)
+        async with self._store_probe:
+            while not self._stopping:
+                try:
+                    await self._store.ping()
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(STORE_PROBE_INTERVAL)
         await _settle(message.nack(requeue=True))
         return "retried"
 
@@ -558,5 +582,5 @@ async def _settle(action: Awaitable[None]) -> None:
     """Ack/nack; after a reconnect the delivery is gone and the broker redelivers it."""
     try:
         await action
-    except ChannelInvalidStateError:
+    except (ChannelInvalidStateError, AMQPError):  # AMQPError: the connection died under the ack
         log.warning("could not settle a message from a closed channel; it will be redelivered")

@@ -26,7 +26,7 @@ from consumer.failpoints import failpoint
 from consumer.periodic import every
 from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, CommandResult, Reassign, SetPatient, StateLogRecord
-from consumer.pms.client import PmsClient
+from consumer.pms.client import PmsClient, spending_for
 from consumer.practices import Practices
 from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
 from consumer.records import (
@@ -121,14 +121,19 @@ class WorkflowRunner:
 
     async def reassign(self, command: Reassign) -> Decision:
         """Handle a ``reassign`` command (called by the worker, serialised on the appointment)."""
+        with spending_for("workflows"):
+            return await self._reassign(command)
+
+    async def _reassign(self, command: Reassign) -> Decision:
         workflow = await self._store.get_workflow(workflow_id_for(command.command_id, command.practice))
         redelivered = workflow is not None
+        original: dict[str, Any] | None = None  # read by this call, before anything was booked
         if workflow is None:
             started = await self._start(command)
             if isinstance(started, Decision):
                 return started
-            workflow = started
-        workflow = await self._drive(workflow)
+            workflow, original = started
+        workflow = await self._drive(workflow, original)
         decision = Decision(result=result_of(command, workflow))
         if redelivered or workflow.workflow_id in self._unpublished:
             # A crash (or a broker failure) may have come between a step's commit and its publish.
@@ -179,7 +184,8 @@ class WorkflowRunner:
         if workflow.state != COMPENSATION_FAILED:
             raise ValueError(f"workflow {workflow_id} is {workflow.state}, not {COMPENSATION_FAILED}")
         workflow = await self._record(workflow, lambda saga: saga.retry(), attempts=workflow.attempts + 1)
-        return await self._drive(workflow)
+        with spending_for("workflows"):
+            return await self._drive(workflow)
 
     async def watch(self, stop: asyncio.Event, interval: float = 5.0) -> None:
         """Keep the workflow gauges, alarms and deadlines: see ``tick``."""
@@ -226,7 +232,7 @@ class WorkflowRunner:
 
     # ---- starting -----------------------------------------------------------
 
-    async def _start(self, command: Reassign) -> WorkflowRecord | Decision:
+    async def _start(self, command: Reassign) -> tuple[WorkflowRecord, dict[str, Any]] | Decision:
         """Decide whether a workflow is needed at all; if so, persist it before any remote call."""
         try:
             original = (await self._pms(command.practice).get_appointment(command.appointment_id)).model_dump(mode="json")
@@ -263,7 +269,7 @@ class WorkflowRunner:
                     "new_patient_id": command.patient_id},
         )
         await self._commit(Commit(workflow=workflow, logs=[start]))
-        return dataclasses.replace(workflow, version=1)
+        return dataclasses.replace(workflow, version=1), original
 
     async def _plain_set_patient(self, command: Reassign) -> Decision:
         """No patient yet: the PMS allows setting one, so no workflow is needed."""
@@ -279,28 +285,39 @@ class WorkflowRunner:
 
     # ---- driving ------------------------------------------------------------
 
-    async def _drive(self, workflow: WorkflowRecord) -> WorkflowRecord:
+    async def _drive(self, workflow: WorkflowRecord, original: dict[str, Any] | None = None) -> WorkflowRecord:
+        """Run the saga's steps to the end (or to a park).
+
+        ``original`` is the original as this call read it just before persisting a new
+        workflow (a first attempt): nothing can have been booked yet, so the link-marker
+        lookup is skipped, and that read (with the POST's answer for the replacement) is
+        the evidence for the cancel. Every request is budget: a first attempt spends 3
+        (GET, POST, PUT). ``None`` (a resumed workflow) reads everything afresh.
+        """
         while True:
             with self._saga(workflow) as saga:
                 step = saga.next_step()
             if step is Step.NONE:
                 return workflow
             if step is Step.CREATE_REPLACEMENT:
-                workflow = await self._create_replacement(workflow)
+                workflow = await self._create_replacement(workflow, original)
             elif step is Step.CANCEL_ORIGINAL:
-                workflow = await self._cancel_original(workflow)
+                workflow = await self._cancel_original(workflow, original)
+                original = None
             elif step is Step.FINISH:
                 workflow = await self._record(workflow, lambda saga: saga.finish())
             elif step is Step.REMOVE_REPLACEMENT:
                 workflow = await self._remove_replacement(workflow)
 
-    async def _create_replacement(self, workflow: WorkflowRecord) -> WorkflowRecord:
-        # Look for a replacement booked before a crash first: once booked, it must be recorded
-        # (and undone by compensation if need be), whatever the original has become since.
-        found = await self._find_replacement(workflow)
+    async def _create_replacement(self, workflow: WorkflowRecord, held: dict[str, Any] | None) -> WorkflowRecord:
+        # Resuming: look for a replacement booked before a crash first: once booked, it must be
+        # recorded (and undone by compensation if need be), whatever the original has become since.
+        # A first attempt (``held``: the original as just read) has booked nothing yet.
+        found = None if held is not None else await self._find_replacement(workflow)
         if found is None:
             try:
-                original = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
+                original = held or (await self._pms(workflow.practice).get_appointment(
+                    workflow.appointment_id)).model_dump(mode="json")
             except NotFound:
                 reason = "original was deleted by someone else before the replacement was booked"
                 return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
@@ -373,8 +390,13 @@ class WorkflowRunner:
                 return candidate.model_dump(mode="json")
         return None
 
-    async def _cancel_original(self, workflow: WorkflowRecord) -> WorkflowRecord:
+    async def _cancel_original(self, workflow: WorkflowRecord, held: dict[str, Any] | None) -> WorkflowRecord:
         """Cancel the original "Booked in error", once the replacement is known to hold its slot.
+
+        On a first attempt (``held``: the original as read before the POST) the POST's answer
+        is that evidence and the held read plans the cancel: a change since shows in the PUT's
+        answer (moved), its 422 (read again, decide once more) or its 404. A resumed workflow
+        reads the original and the replacement first.
 
         Only a failed or refused cancel is a reason to compensate. A read that fails
         propagates: it changed nothing, so the step is retried (a redelivery, or the
@@ -388,13 +410,17 @@ class WorkflowRunner:
             reason = f"original can not be cancelled: {exc}"
             return await self._record(workflow, lambda saga: saga.cancel_failed(reason))
         for attempt in (1, 2):
-            try:
-                upstream = (await self._pms(workflow.practice).get_appointment(workflow.appointment_id)).model_dump(mode="json")
-            except NotFound:
-                return await self._original_deleted(workflow)
-            if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
-                return await self._original_done(workflow, None, upstream, None)
-            if attempt == 1:
+            if attempt == 1 and held is not None:
+                upstream = held
+            else:
+                try:
+                    upstream = (await self._pms(workflow.practice).get_appointment(
+                        workflow.appointment_id)).model_dump(mode="json")
+                except NotFound:
+                    return await self._original_deleted(workflow)
+                if upstream.get("state") == "Cancelled":  # done before a crash, or by someone else
+                    return await self._original_done(workflow, None, upstream, None)
+            if attempt == 1 and held is None:
                 workflow = await self._replacement_holds_slot(workflow, upstream)
                 if workflow.state != REPLACEMENT_CREATED:
                     return workflow

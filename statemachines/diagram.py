@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from statemachines import appointment, reassignment
@@ -16,6 +17,28 @@ DEFINITIONS: dict[str, Callable[[], Definition]] = {
 }
 
 
+@dataclass(frozen=True)
+class Graph:
+    """A machine's states and arrows, for drawing it elsewhere (the console) as ``mermaid`` does."""
+
+    states: tuple[str, ...]
+    edges: dict[tuple[str, str], list[str]]
+    """(source, dest) -> the triggers that move between them."""
+    wildcard: dict[str, list[str]]
+    """Triggers allowed from any state -> where they lead."""
+
+
+def graph(machine_name: str) -> Graph:
+    try:
+        states, table = DEFINITIONS[machine_name]()
+    except KeyError:
+        raise ValueError(
+            f"unknown machine {machine_name!r}; known: {', '.join(DEFINITIONS)}"
+        ) from None
+    edges, wildcard = _edges(table)
+    return Graph(states, edges, wildcard)
+
+
 def mermaid(machine_name: str) -> str:
     """A ``stateDiagram-v2`` of one machine.
 
@@ -24,14 +47,9 @@ def mermaid(machine_name: str) -> str:
     any state ("*") is a note on the initial state, since drawing it from
     every state would hide everything else.
     """
-    try:
-        states, table = DEFINITIONS[machine_name]()
-    except KeyError:
-        raise ValueError(
-            f"unknown machine {machine_name!r}; known: {', '.join(DEFINITIONS)}"
-        ) from None
+    drawn = graph(machine_name)
+    states, edges, wildcard = drawn.states, drawn.edges, drawn.wildcard
     initial = states[0]
-    edges, wildcard = _edges(table)
     lines = ["stateDiagram-v2"]
     lines += [f'    state "{state}" as {_node(state)}' for state in states]
     lines.append(f"    [*] --> {_node(initial)}")

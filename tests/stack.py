@@ -85,12 +85,15 @@ async def running_stack(
     pms_timeout: float = 5.0, pms_concurrency: int = 16, compensation_backoff: float = 0.01,
     practices: dict[str, PracticeConfig] | None = None, pms_max_retry_after: float = 60.0,
     probe_interval: float = 0.2, workflow_deadline: float = 300.0, watch_interval: float | None = None,
+    broker_addresses: str | None = None,
 ) -> AsyncIterator[Stack]:
     """``practices`` defaults to one, ``default``, on ``pms_url`` with the sandbox's token;
-    ``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does."""
+    ``watch_interval`` runs the workflow watcher (gauges, and the overdue sweep) as `appt serve` does;
+    ``broker_addresses``: the service's ``APPT_AMQP_URL`` when it is not ``amqp_url`` (an address
+    list); the test's observer always uses ``amqp_url``."""
     store = open_store(store_url)
     await store.open()
-    broker = Broker(amqp_url, partitions=partitions, prefetch=prefetch)
+    broker = Broker(broker_addresses or amqp_url, partitions=partitions, prefetch=prefetch)
     await broker.connect()
     registry = Practices(
         practices or {DEFAULT_PRACTICE: PracticeConfig(pms_url=pms_url, token="sandbox-token")},

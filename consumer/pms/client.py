@@ -23,9 +23,11 @@ protocol handles that (GET again, reconcile), not this client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -133,6 +135,20 @@ class Pacer:
         return wait
 
 
+PURPOSES = ("commands", "workflows", "polling")
+_purpose: ContextVar[str] = ContextVar("pms_purpose", default="commands")
+
+
+@contextlib.contextmanager
+def spending_for(purpose: str) -> Iterator[None]:
+    """Count the PMS requests made inside (tasks started inside too) as spent for ``purpose``."""
+    token = _purpose.set(purpose)
+    try:
+        yield
+    finally:
+        _purpose.reset(token)
+
+
 class PmsClient:
     def __init__(
         self,
@@ -145,6 +161,7 @@ class PmsClient:
         backoff_base: float = 0.5,
         max_backoff: float = 30.0,
         max_retry_after: float = 60.0,
+        reasons_ttl: float = 3600.0,
         user_agent: str = "appointment-consumer/0.1",
         on_response: OnResponse | None = None,
         on_retry: OnRetry | None = None,
@@ -163,6 +180,10 @@ class PmsClient:
         self._pacer = Pacer(low_water=concurrency)
         self._session: aiohttp.ClientSession | None = None
         self._reasons: list[CancellationReason] | None = None
+        self._reasons_ttl = reasons_ttl
+        self._reasons_expire = 0.0
+        self._spent_hour = -1
+        self._spent = dict.fromkeys(PURPOSES, 0)
         self.on_response = on_response
         self.on_retry = on_retry
         self.retries = 0
@@ -181,6 +202,17 @@ class PmsClient:
     def budget(self) -> dict[str, float | None]:
         """The hourly budget as the PMS last reported it (remaining and reset None before its first answer)."""
         return {"limit": self._pacer.limit, "remaining": self._pacer.remaining, "reset": self._pacer.reset_at}
+
+    def spent(self) -> dict[str, int]:
+        """Requests this client sent in the current clock hour, by purpose (commands, workflows,
+        polling): what this service took of the budget, and for what."""
+        self._count_for_hour()
+        return dict(self._spent)
+
+    def _count_for_hour(self) -> None:
+        hour = int(time.time() // 3600)
+        if hour != self._spent_hour:
+            self._spent_hour, self._spent = hour, dict.fromkeys(PURPOSES, 0)
 
     # ---- API ----------------------------------------------------------------
 
@@ -248,10 +280,13 @@ class PmsClient:
         await self._retried("DELETE", DELETE_ROUTE, f"/appointments/{appointment_id}")
 
     async def cancellation_reasons(self) -> list[CancellationReason]:
-        """The practice's reasons; they rarely change, so fetched once per client."""
-        if self._reasons is None:
+        """The practice's reasons (a client is one practice's). They rarely change and every
+        request is budget, so they are kept for ``reasons_ttl`` seconds, then fetched again
+        (a reason archived or added in the PMS is seen within that time)."""
+        if self._reasons is None or time.monotonic() >= self._reasons_expire:
             body = await self._retried("GET", REASONS_ROUTE, "/appointment_cancellation_reasons")
             self._reasons = [_parse(CancellationReason, r) for r in body["appointment_cancellation_reasons"]]
+            self._reasons_expire = time.monotonic() + self._reasons_ttl
         return self._reasons
 
     async def live_cancellation_reasons(self) -> list[CancellationReason]:
@@ -330,6 +365,8 @@ class PmsClient:
         raise _error(status, headers, body, route)
 
     def _report(self, method: str, route: str, status: int) -> None:
+        self._count_for_hour()
+        self._spent[_purpose.get()] += 1
         if self.on_response is not None:
             self.on_response(method, route, status)
 

@@ -181,7 +181,7 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Raise ``StoreUnavailable`` if the store does not answer."""
+        """Raise ``StoreUnavailable`` if the store does not answer or could not take a commit."""
 
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         """Apply atomically; return the log records with ``seq`` assigned.

@@ -40,6 +40,9 @@ from consumer.store.base import (
     WorkflowRecord,
 )
 
+# Below this much free space on the file's disk the store reports itself unavailable: a commit
+# there fails with "database or disk is full", while a read (SELECT 1) still answers.
+MIN_FREE_BYTES = 1024 * 1024
 _AUTO_VACUUM_INCREMENTAL = 2
 _UNIQUE_ERRORS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
@@ -91,7 +94,11 @@ class SqliteStore:
         await asyncio.to_thread(thread.shutdown, wait=True)
 
     async def ping(self) -> None:
+        """Answers reads, and has room for a commit: a full disk is a store that is down."""
         await self._run(lambda db: db.execute("SELECT 1").fetchone())
+        disk = os.statvfs(os.path.dirname(os.path.abspath(self._path)))
+        if disk.f_bavail * disk.f_frsize < MIN_FREE_BYTES:
+            raise StoreUnavailable(f"disk full: {disk.f_bavail * disk.f_frsize} bytes free for {self._path}")
 
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
         return await self._in_transaction(partial(_commit, commit=commit))

@@ -140,7 +140,7 @@ async def begin(trial: Trial, sandbox: SandboxProcess, broker: Broker) -> None:
     if trial.refuse_cancel:
         await sandbox.knob("refuse_cancel", appointment_id=trial.original_id)
     if trial.moved_mid_saga:  # the cancel's answer shows the move, and the replacement is moved after it
-        await sandbox.knob("change", appointment_id=trial.original_id, after_reads=3, fields=_shifted(slot, hours=2))
+        await sandbox.knob("change", appointment_id=trial.original_id, after_reads=1, fields=_shifted(slot, hours=2))
     command = Reassign(command_id=trial.command_id, appointment_id=trial.original_id, patient_id=NEW_PATIENT)
     await broker.publish_inbound(command.model_dump_json().encode(), appointment_id=trial.original_id,
                                  message_id=trial.command_id)

@@ -83,6 +83,17 @@ async def test_cancellation_reasons_are_fetched_once(client: PmsClient, sandbox:
     assert sandbox.state.call_count("GET /v1/appointment_cancellation_reasons") == 1
 
 
+async def test_cancellation_reasons_are_fetched_again_once_expired(sandbox: RunningSandbox) -> None:
+    """A reason archived in the PMS is seen after the expiry, without a restart."""
+    async with PmsClient(sandbox.url, "sandbox-token", reasons_ttl=0.2) as pms:
+        await pms.cancellation_reason_id("Booked in error")
+        await pms.cancellation_reason_id("Booked in error")
+        assert sandbox.state.call_count("GET /v1/appointment_cancellation_reasons") == 1
+        await asyncio.sleep(0.3)
+        await pms.cancellation_reason_id("Booked in error")
+    assert sandbox.state.call_count("GET /v1/appointment_cancellation_reasons") == 2
+
+
 # ---- the unconfirmed live behaviours, both ways ---------------------------------
 
 MODES = [

@@ -20,7 +20,7 @@ from consumer.messages import Reassign
 from consumer.reconciler import parse_time
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.sandbox.state import FIRST_ID
-from consumer.store.base import AppointmentRecord, Commit, WorkflowRecord
+from consumer.store.base import AppointmentRecord, Commit
 from statemachines.reassignment import CANCEL_REASON, link_marker, slot_of
 from tests.helpers import eventually
 from tests.stack import Stack, running_stack
@@ -169,9 +169,9 @@ async def test_a_cancel_whose_answer_was_lost_is_not_compensated(stack: Stack, s
     """The PUTs fail, but the original is Cancelled after all (as if the PUT applied before its
     answer was lost): deleting the replacement now would leave the slot with nobody in it."""
     seed(sandbox, 451)
-    # The saga's third GET of the original is the one its cancel is planned on.
+    # A first attempt reads the original once: its cancel is planned on that read.
     sandbox.state.change_behind_back(451, {"state": "Cancelled", "appointment_cancellation_reason_id": 1},
-                                     after_reads=3)
+                                     after_reads=1)
     sandbox.state.fail_next("PUT /v1/appointments/{id}", 3, 503)
 
     result = await reassign(stack, 451)
@@ -326,7 +326,7 @@ async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(
     seed(sandbox, 1201)
     command = Reassign(command_id="left-1", appointment_id=1201, patient_id=NEW_PATIENT)
     started = await stack.workflows._start(command)  # persisted as a crash would leave it
-    assert isinstance(started, WorkflowRecord) and started.state == "requested"
+    assert isinstance(started, tuple) and started[0].state == "requested"
 
     assert await stack.workflows.resume_unfinished() == 1
     assert await stack.workflows.resume_unfinished() == 1
@@ -348,7 +348,10 @@ def replacements_of(sandbox: Any, original_id: int) -> list[dict[str, Any]]:
             if (a.get("metadata") or {}).get("reassigned_from") == original_id]
 
 
-async def test_original_moved_after_the_first_read_is_rebooked_at_its_new_time(stack: Stack, sandbox: Any) -> None:
+async def test_original_moved_after_the_first_read_ends_with_the_replacement_at_its_new_time(
+    stack: Stack, sandbox: Any
+) -> None:
+    """Booked where it was read (a first attempt reads once); the cancel's answer shows the move."""
     seed(sandbox, 1301)
     sandbox.state.change_behind_back(1301, MOVED, after_reads=1)  # a receptionist moves it to 12:00
 
@@ -378,7 +381,7 @@ async def test_original_moved_while_the_booking_backs_off_is_rebooked_at_its_new
 
 async def test_original_moved_after_the_booking_takes_the_replacement_with_it(stack: Stack, sandbox: Any) -> None:
     seed(sandbox, 1361)
-    sandbox.state.change_behind_back(1361, MOVED, after_reads=3)  # just after the cancel step's read of it
+    sandbox.state.change_behind_back(1361, MOVED, before_next="PUT")  # just before the cancel
 
     result = await reassign(stack, 1361)
 
@@ -391,9 +394,10 @@ async def test_original_moved_after_the_booking_takes_the_replacement_with_it(st
 
 
 @pytest.mark.parametrize("change", ["cancelled", "deleted"])
-async def test_replacement_gone_before_the_cancel_keeps_the_original(
+async def test_replacement_gone_during_the_cancel_s_backoff_keeps_the_original(
     stack: Stack, sandbox: Any, change: str
 ) -> None:
+    """A first attempt's cancel rests on the POST's answer; a retried cancel looks at the replacement again."""
     seed(sandbox, 1401)
     sandbox.state.set_delete_mode("remove")  # a DELETE that cancels is the "cancelled" case
 
@@ -404,7 +408,9 @@ async def test_replacement_gone_before_the_cancel_keeps_the_original(
         else:
             sandbox.state.delete(replacement["id"])
 
-    sandbox.state.before_call(5, someone_else)  # after the POST: just before the cancel step's reads
+    sandbox.state.fail_next("PUT /v1/appointments/{id}", 1, 503)
+    # Calls: GET original, POST, the reasons list, the failed PUT; then the look before its retry.
+    sandbox.state.before_call(5, someone_else)
 
     result = await reassign(stack, 1401)
 
@@ -414,7 +420,7 @@ async def test_replacement_gone_before_the_cancel_keeps_the_original(
     assert result["reasons"]["original"] == ["left as it was: not cancelled"]
     assert sandbox.state.get(1401)["state"] == "Pending"  # the slot is still held
     assert not [a for a in replacements_of(sandbox, 1401) if a["state"] != "Cancelled"]
-    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 1
     assert stack.observer.dead == []
     assert await workflow_states(stack, 1401) == ["requested", "replacement_created", "compensated"]
 
@@ -422,7 +428,7 @@ async def test_replacement_gone_before_the_cancel_keeps_the_original(
 async def test_original_deleted_after_the_booking_counts_as_done(stack: Stack, sandbox: Any) -> None:
     seed(sandbox, 1501)
     sandbox.state.set_delete_mode("remove")
-    sandbox.state.before_call(5, lambda: sandbox.state.delete(1501))  # after the POST
+    sandbox.state.before_call(3, lambda: sandbox.state.delete(1501))  # after the POST (call 2)
 
     result = await reassign(stack, 1501)
 

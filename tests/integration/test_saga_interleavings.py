@@ -17,7 +17,7 @@ sandbox, and the case -> outcome table is printed (the README quotes it):
 - one result per reassign, never a dead letter, its outcome true to the sandbox.
 
 Deletes run both ways the live PMS may do them (remove, or cancel). The CI form
-runs every cell once (135 runs, ~45 s); the cells are deterministic.
+runs every cell once (63 runs on the 3-request first attempt, ~15 s); the cells are deterministic.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ async def test_every_outside_change_at_every_step_boundary_keeps_the_saga_s_prom
     assert stack.observer.dead == []
     print(f"\ninterleavings runs={len(runs)} protocol={' '.join(_short(r) for r in routes)}")
     print(table(runs))
-    assert sum(run.applied for run in runs) >= len(CHANGES) * 5  # the changes really landed mid-saga
+    assert sum(run.applied for run in runs) >= len(CHANGES) * 4  # the changes really landed mid-saga
 
 
 def table(runs: list[Run]) -> str:
