@@ -74,11 +74,11 @@ def practices_file(path: Path, pms: Any, north: Any) -> Path:
 
 async def mixed_load(
     broker: Broker, sandboxes: dict[str, Any], ids: list[int], rng: random.Random, sent: list[str],
-    stop: asyncio.Event, last_notes: dict[int, str],
+    stop: asyncio.Event, last_notes: dict[int, str] | None = None,
 ) -> None:
     """Commands on the queue and PMS-side changes (which the PMS announces by webhook), one in
-    four to the second practice (same appointment ids, its own PMS). Every tick also edits the
-    notes of one of the ``last_notes`` appointments (nothing else touches them), remembering the
+    four to the second practice (same appointment ids, its own PMS). If given ``last_notes``, every
+    tick also edits the notes of one of its appointments (nothing else touches them), remembering the
     last notes sent to each.
 
     A trickle with a burst now and then: the service drains a trickle as fast
@@ -91,12 +91,13 @@ async def mixed_load(
             command = {**random_command(rng, ids), "practice": practice}
             await publish_until_confirmed(broker, command)
             sent.append(command["command_id"])
-        ordered = rng.choice(list(last_notes))
-        edit = {"type": "edit_notes", "appointment_id": ordered, "notes": f"edit {tick}",
-                "command_id": f"ordered-{uuid.uuid4().hex[:12]}"}
-        await publish_until_confirmed(broker, edit)
-        sent.append(edit["command_id"])
-        last_notes[ordered] = edit["notes"]
+        if last_notes:
+            ordered = rng.choice(list(last_notes))
+            edit = {"type": "edit_notes", "appointment_id": ordered, "notes": f"edit {tick}",
+                    "command_id": f"ordered-{uuid.uuid4().hex[:12]}"}
+            await publish_until_confirmed(broker, edit)
+            sent.append(edit["command_id"])
+            last_notes[ordered] = edit["notes"]
         if tick % 3 == 0:
             pms_side_change(rng, sandboxes["north" if tick % 12 == 0 else "default"], ids)
         tick += 1
