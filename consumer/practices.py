@@ -162,8 +162,8 @@ class Practice:
             metrics.PRACTICE_STATUS.labels(self.name, status).set(1 if status == self.status else 0)
 
 
-def describe(practice: Practice, parked: int) -> dict[str, Any]:
-    """One practice as `appt practices` and ``GET /practices`` show it."""
+def describe(practice: Practice, parked: int, webhooks: dict[str, Any]) -> dict[str, Any]:
+    """One practice as `appt practices` and ``GET /practices`` show it (``webhooks``: its silence report)."""
     return {
         "practice": practice.name,
         "status": practice.status,
@@ -175,6 +175,7 @@ def describe(practice: Practice, parked: int) -> dict[str, Any]:
             "spent_this_hour": practice.pms.spent(),
         },
         "waiting_messages": parked,
+        "webhooks": webhooks,
     }
 
 

@@ -30,7 +30,7 @@ from consumer.practices import Practice, Practices, PracticesError, load_configs
 from consumer.reconciler import Reconciler, run_reconciler
 from consumer.retention import run_pruner
 from consumer.settings import Settings, default_store, default_store_path
-from consumer.silence import WebhookSilence
+from consumer.silence import WebhookSilences
 from consumer.store.base import open_store
 from consumer.waiting import Resumer
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
@@ -69,12 +69,19 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await workflows.resume_unfinished()
             dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
+<<<<<<< HEAD
             background = [
                 asyncio.create_task(workflows.watch(stop)),
                 asyncio.create_task(dead_letters.watch(stop)),
                 asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop)),
             ]
             silence = WebhookSilence()
+=======
+            background = [asyncio.create_task(workflows.watch(stop)),
+                          asyncio.create_task(dead_letters.watch(stop)),
+                          asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
+            silences = WebhookSilences()
+>>>>>>> main
             if settings.reconcile_interval > 0:
 
                 def reconciler_for(practice: Practice) -> Reconciler:
@@ -85,8 +92,12 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                         practice=practice.name,
                         horizon_days=settings.reconcile_horizon_days,
                         budget_share=settings.reconcile_budget_share,
+<<<<<<< HEAD
                         use_updated_after=settings.reconcile_updated_after,
                         silence=silence,
+=======
+                        use_updated_after=settings.reconcile_updated_after, silence=silences.of(practice.name),
+>>>>>>> main
                         silence_grace=timedelta(seconds=settings.webhook_silence_grace),
                     )
 
@@ -112,7 +123,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await dead_letters.start()
             app[BROKER_KEY] = broker
             app[STORE_KEY] = store
-            app[SILENCE_KEY] = silence
+            app[SILENCE_KEY] = silences
             app[WORKER_FAILING_KEY] = lambda: worker.failing
             log.info(
                 "service ready",

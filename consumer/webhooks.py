@@ -34,6 +34,10 @@ from consumer.practices import (
     load_configs,
 )
 from consumer.settings import Settings
+<<<<<<< HEAD
+=======
+from consumer.silence import WebhookSilences
+>>>>>>> main
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -48,7 +52,7 @@ SETTINGS_KEY = web.AppKey("settings", Settings)
 BROKER_KEY = web.AppKey("broker", Broker)
 STORE_KEY: web.AppKey[Store] = web.AppKey("store")
 PRACTICES_KEY = web.AppKey("practices", Practices)
-SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilence)
+SILENCE_KEY = web.AppKey("webhook_silence", WebhookSilences)
 # Optional: set by `appt serve`, so /readyz can say when the worker's handler is failing.
 WORKER_FAILING_KEY: web.AppKey[Callable[[], bool]] = web.AppKey("worker_failing")
 
@@ -266,9 +270,15 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
     # A waiting practice is named but leaves the process ready: the others are being served.
     body["waiting_practices"] = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
+<<<<<<< HEAD
     silence = request.app.get(SILENCE_KEY)
     if silence is not None:
         body["webhooks"] = silence.report(datetime.now(UTC))
+=======
+    silences = request.app.get(SILENCE_KEY)
+    if silences is not None:
+        body["webhooks"] = silences.report([p.name for p in request.app[PRACTICES_KEY]], datetime.now(timezone.utc))
+>>>>>>> main
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -278,7 +288,13 @@ async def list_practices(request: web.Request) -> web.Response:
     Open like /readyz and /metrics: it names practices, never an appointment or a token.
     """
     parked = await request.app[STORE_KEY].parked_counts()
+<<<<<<< HEAD
     return web.json_response({"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
+=======
+    silences, now = request.app.get(SILENCE_KEY, WebhookSilences()), datetime.now(timezone.utc)
+    return web.json_response({"practices": [
+        describe(p, parked.get(p.name, 0), silences.of(p.name).report(now)) for p in request.app[PRACTICES_KEY]]})
+>>>>>>> main
 
 
 async def render_metrics(request: web.Request) -> web.Response:

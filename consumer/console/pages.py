@@ -16,9 +16,10 @@ from consumer.dead_tools import detail, reason_group, replay_letter
 from consumer.messages import StateLogRecord
 from consumer.pms.errors import PmsError
 from consumer.practices import describe
+from consumer.silence import WebhookSilences
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, DeadLetterQuery, Store, WorkflowRecord, iter_history
 from consumer.tools import retry_saga
-from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SETTINGS_KEY, STORE_KEY
+from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SETTINGS_KEY, SILENCE_KEY, STORE_KEY
 from consumer.workflows import is_stuck, workflow_id_for
 from statemachines.diagram import graph
 
@@ -71,8 +72,12 @@ async def overview(request: web.Request) -> dict[str, Any]:
     unfinished = await store.list_workflows(unfinished=True)  # parked ones included
     letters = await store.dead_letters(DeadLetterQuery())
     parked = await store.parked_counts()
+    silences, now = request.config_dict.get(SILENCE_KEY, WebhookSilences()), datetime.now(timezone.utc)
     return {
-        "practices": [describe(p, parked.get(p.name, 0)) for p in request.config_dict[PRACTICES_KEY]],
+        "practices": [
+            describe(p, parked.get(p.name, 0), silences.of(p.name).report(now))
+            for p in request.config_dict[PRACTICES_KEY]
+        ],
         "in_flight": [w for w in unfinished if w.state != "compensation_failed"],
         "stuck": [w for w in unfinished if _stuck(request, w)],
         "by_reason": Counter(reason_group(letter.reason) for letter in letters).most_common(),

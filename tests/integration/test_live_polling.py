@@ -12,6 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -24,7 +25,7 @@ from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.sandbox.webhooks_out import MAX_CONSECUTIVE_FAILURES
 from consumer.settings import Settings
 from consumer.signing import sign
-from consumer.silence import WebhookSilence
+from consumer.silence import WebhookSilence, WebhookSilences
 from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
 from tests.helpers import eventually, starts_in
 from tests.stack import Stack, running_stack
@@ -46,19 +47,33 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: RunningSandbox) -> Asyn
 
 
 @pytest.fixture
-async def silence() -> WebhookSilence:
-    return WebhookSilence(practice="test-live-polling")
+async def silences() -> WebhookSilences:
+    return WebhookSilences()
 
 
 @pytest.fixture
-async def service_url(stack: Stack, silence: WebhookSilence) -> AsyncIterator[str]:
-    """The service's HTTP app on a free port (webhooks in, /readyz)."""
+async def silence(silences: WebhookSilences) -> WebhookSilence:
+    """The default practice's: the one the stack serves and the sandbox's webhooks reach."""
+    return silences.of("default")
+
+
+@pytest.fixture
+async def service_url(
+    stack: Stack, sandbox: RunningSandbox, silences: WebhookSilences, tmp_path: Path
+) -> AsyncIterator[str]:
+    """The service's HTTP app on a free port (webhooks in, /readyz, /practices), serving the
+    default practice and a second one, ``quiet``, whose webhooks nobody broke."""
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        app[BROKER_KEY], app[STORE_KEY], app[SILENCE_KEY] = stack.broker, stack.store, silence
+        app[BROKER_KEY], app[STORE_KEY], app[SILENCE_KEY] = stack.broker, stack.store, silences
         yield
 
-    runner = web.AppRunner(create_app(Settings(webhook_secrets=[SECRET]), resources))
+    practices_file = tmp_path / "practices.toml"
+    practices_file.write_text(
+        f'[practices.default]\npms_url = "{sandbox.url}"\ntoken = "sandbox-token"\nwebhook_secrets = ["{SECRET}"]\n'
+        f'[practices.quiet]\npms_url = "{sandbox.url}"\ntoken = "quiet-token"\n'
+    )
+    runner = web.AppRunner(create_app(Settings(practices_file=str(practices_file)), resources))
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -83,9 +98,13 @@ def seed_tomorrow(sandbox: RunningSandbox) -> int:
     return int(seeded["id"])
 
 
-async def readyz(service_url: str) -> dict[str, Any]:
-    async with aiohttp.ClientSession() as http, http.get(service_url + "/readyz") as resp:
+async def get_json(url: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url) as resp:
         return await resp.json()  # type: ignore[no-any-return]
+
+
+async def readyz(service_url: str) -> dict[str, Any]:
+    return await get_json(service_url + "/readyz")
 
 
 async def test_polling_alone_brings_a_cancellation_behind_our_back_to_the_record(
@@ -125,7 +144,7 @@ async def test_webhooks_switched_off_by_the_pms_are_reported_within_one_polling_
     subscriber = sandbox.state.webhooks.subscribers[service_url + "/webhooks/pms"]
     await eventually(lambda: not subscriber.enabled, timeout=20)
     assert subscriber.consecutive_failures == MAX_CONSECUTIVE_FAILURES
-    missed_before = metrics.WEBHOOK_MISSED.labels("test-live-polling")._value.get()
+    missed_before = metrics.WEBHOOK_MISSED.labels("default")._value.get()
 
     await asyncio.sleep(GRACE.total_seconds())
     await reconciler.poll()  # one cycle
@@ -133,7 +152,12 @@ async def test_webhooks_switched_off_by_the_pms_are_reported_within_one_polling_
     body = await readyz(service_url)
     assert body["status"] == "ready"  # informative: an unready service would get no webhooks at all
     assert body["webhooks"]["status"] == "silent" and body["webhooks"]["missed_changes"] == 1
-    assert metrics.WEBHOOK_MISSED.labels("test-live-polling")._value.get() == missed_before + 1
+    assert body["webhooks"]["silent_practices"] == ["default"]
+    assert metrics.WEBHOOK_MISSED.labels("default")._value.get() == missed_before + 1
+    # `appt practices` (GET /practices) says which practice's subscription went quiet, and only it.
+    rows = {row["practice"]: row["webhooks"] for row in (await get_json(service_url + "/practices"))["practices"]}
+    assert (rows["default"]["status"], rows["default"]["missed_changes"]) == ("silent", 1)
+    assert (rows["quiet"]["status"], rows["quiet"]["missed_changes"]) == ("ok", 0)
     await eventually(lambda: _is(stored_state(stack, appointment_id), "Confirmed"), timeout=15)
 
 
