@@ -69,19 +69,12 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await workflows.resume_unfinished()
             dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
-<<<<<<< HEAD
             background = [
                 asyncio.create_task(workflows.watch(stop)),
                 asyncio.create_task(dead_letters.watch(stop)),
                 asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop)),
             ]
-            silence = WebhookSilence()
-=======
-            background = [asyncio.create_task(workflows.watch(stop)),
-                          asyncio.create_task(dead_letters.watch(stop)),
-                          asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop))]
             silences = WebhookSilences()
->>>>>>> main
             if settings.reconcile_interval > 0:
 
                 def reconciler_for(practice: Practice) -> Reconciler:
@@ -92,12 +85,8 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                         practice=practice.name,
                         horizon_days=settings.reconcile_horizon_days,
                         budget_share=settings.reconcile_budget_share,
-<<<<<<< HEAD
                         use_updated_after=settings.reconcile_updated_after,
-                        silence=silence,
-=======
-                        use_updated_after=settings.reconcile_updated_after, silence=silences.of(practice.name),
->>>>>>> main
+                        silence=silences.of(practice.name),
                         silence_grace=timedelta(seconds=settings.webhook_silence_grace),
                     )
 

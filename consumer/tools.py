@@ -370,7 +370,6 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
             print(json.dumps(row))
             continue
         budget = row["budget"]
-<<<<<<< HEAD
         print(
             f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
             f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
@@ -378,18 +377,13 @@ async def practices(settings: Settings, *, as_json: bool) -> int:
             + "  spent "
             + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
             + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
+            + (
+                f"  webhooks silent ({row['webhooks']['missed_changes']} changes only polling found)"
+                if row["webhooks"]["status"] == "silent"
+                else ""
+            )
             + (f"  ({row['reason']})" if row["reason"] else "")
         )
-=======
-        print(f"{row['practice']:<20} {row['status']:<14} waiting {row['waiting_messages']:>6}  "
-              f"budget {budget['remaining'] if budget['remaining'] is not None else '?'}"
-              f"/{budget['limit'] if budget['limit'] is not None else '?'} reset {budget['reset'] or '-'}"
-              + "  spent " + " ".join(f"{k} {v}" for k, v in budget.get("spent_this_hour", {}).items())
-              + (f"  retry at {row['retry_at']}" if row["retry_at"] else "")
-              + (f"  webhooks silent ({row['webhooks']['missed_changes']} changes only polling found)"
-                 if row["webhooks"]["status"] == "silent" else "")
-              + (f"  ({row['reason']})" if row["reason"] else ""))
->>>>>>> main
     return EXIT_OK
 
 

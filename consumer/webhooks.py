@@ -34,10 +34,6 @@ from consumer.practices import (
     load_configs,
 )
 from consumer.settings import Settings
-<<<<<<< HEAD
-=======
-from consumer.silence import WebhookSilences
->>>>>>> main
 from consumer.signing import (
     FutureTimestamp,
     SignatureError,
@@ -45,7 +41,7 @@ from consumer.signing import (
     verify,
     verify_dentally,
 )
-from consumer.silence import WebhookSilence
+from consumer.silence import WebhookSilences
 from consumer.store.base import Store
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
@@ -270,15 +266,9 @@ async def readyz(request: web.Request) -> web.Response:
     body: dict[str, Any] = {"status": "ready" if ready else "not ready", **checks}
     # A waiting practice is named but leaves the process ready: the others are being served.
     body["waiting_practices"] = [p.name for p in request.app[PRACTICES_KEY] if p.waiting]
-<<<<<<< HEAD
-    silence = request.app.get(SILENCE_KEY)
-    if silence is not None:
-        body["webhooks"] = silence.report(datetime.now(UTC))
-=======
     silences = request.app.get(SILENCE_KEY)
     if silences is not None:
-        body["webhooks"] = silences.report([p.name for p in request.app[PRACTICES_KEY]], datetime.now(timezone.utc))
->>>>>>> main
+        body["webhooks"] = silences.report([p.name for p in request.app[PRACTICES_KEY]], datetime.now(UTC))
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -288,13 +278,14 @@ async def list_practices(request: web.Request) -> web.Response:
     Open like /readyz and /metrics: it names practices, never an appointment or a token.
     """
     parked = await request.app[STORE_KEY].parked_counts()
-<<<<<<< HEAD
-    return web.json_response({"practices": [describe(p, parked.get(p.name, 0)) for p in request.app[PRACTICES_KEY]]})
-=======
-    silences, now = request.app.get(SILENCE_KEY, WebhookSilences()), datetime.now(timezone.utc)
-    return web.json_response({"practices": [
-        describe(p, parked.get(p.name, 0), silences.of(p.name).report(now)) for p in request.app[PRACTICES_KEY]]})
->>>>>>> main
+    silences, now = request.app.get(SILENCE_KEY, WebhookSilences()), datetime.now(UTC)
+    return web.json_response(
+        {
+            "practices": [
+                describe(p, parked.get(p.name, 0), silences.of(p.name).report(now)) for p in request.app[PRACTICES_KEY]
+            ]
+        }
+    )
 
 
 async def render_metrics(request: web.Request) -> web.Response:

@@ -72,7 +72,7 @@ async def overview(request: web.Request) -> dict[str, Any]:
     unfinished = await store.list_workflows(unfinished=True)  # parked ones included
     letters = await store.dead_letters(DeadLetterQuery())
     parked = await store.parked_counts()
-    silences, now = request.config_dict.get(SILENCE_KEY, WebhookSilences()), datetime.now(timezone.utc)
+    silences, now = request.config_dict.get(SILENCE_KEY, WebhookSilences()), datetime.now(UTC)
     return {
         "practices": [
             describe(p, parked.get(p.name, 0), silences.of(p.name).report(now))
