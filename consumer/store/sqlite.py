@@ -30,11 +30,14 @@ from consumer.store.base import (
     AppointmentRecord,
     Collected,
     Commit,
+    CommitOutcome,
     DeadLetter,
     DeadLetterQuery,
+    GroupCommit,
     InboxEntry,
     NoStore,
     ParkedMessage,
+    Seen,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -57,6 +60,7 @@ class SqliteStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
+        self._group = GroupCommit(self.commit_batch)
 
     async def open(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="appt-sqlite")
@@ -101,7 +105,10 @@ class SqliteStore:
             raise StoreUnavailable(f"disk full: {disk.f_bavail * disk.f_frsize} bytes free for {self._path}")
 
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
-        return await self._in_transaction(partial(_commit, commit=commit))
+        return await self._group.commit(commit)
+
+    async def commit_batch(self, commits: Sequence[Commit]) -> list[CommitOutcome]:
+        return await self._in_transaction(partial(_commit_batch, commits=commits))
 
     async def get_appointment(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> AppointmentRecord | None:
         row = await self._fetchone(
@@ -116,6 +123,11 @@ class SqliteStore:
             (practice, message_id),
         )
         return None if row is None else schema.inbox_from_row(row)
+
+    async def seen(self, message_id: str, practice: str, appointment_id: int) -> Seen:
+        row = await self._fetchone(schema.SEEN_SQL, schema.seen_params(message_id, practice, appointment_id))
+        assert row is not None, "SEEN_SQL answers one row"
+        return schema.seen_from_row(row, message_id, practice, appointment_id)
 
     async def history(
         self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
@@ -349,6 +361,21 @@ def _transaction(work: Callable[[Connection], T], db: Connection) -> T:
         _rollback(db)
         raise
     return result
+
+
+def _commit_batch(db: Connection, commits: Sequence[Commit]) -> list[CommitOutcome]:
+    """Each commit in a savepoint: a stale one is rolled back alone, anything else ends the batch."""
+    outcomes: list[CommitOutcome] = []
+    for commit in commits:
+        db.execute("SAVEPOINT one_commit")
+        try:
+            with _store_errors():
+                outcomes.append(_commit(db, commit))
+        except StaleVersion as stale:
+            db.execute("ROLLBACK TO one_commit")
+            outcomes.append(stale)
+        db.execute("RELEASE one_commit")
+    return outcomes
 
 
 def _commit(db: Connection, commit: Commit) -> list[StateLogRecord]:
