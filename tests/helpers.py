@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+
+from consumer.store import Store
+from consumer.store.postgres import PostgresStore
+from consumer.store.sqlite import SqliteStore
+from tests.conftest import PG_URL
 
 APPT = Path(sys.executable).parent / "appt"
 
@@ -178,3 +186,53 @@ class RabbitNode:
 
     def _run(self, *args: str, timeout: float) -> None:
         subprocess.run([str(self.SCRIPT), *args], check=True, capture_output=True, timeout=timeout)
+
+
+async def fail_transactions_writing(store: Store, message_id: str) -> None:
+    """Make a transaction that writes ``message_id`` to the inbox fail as a whole, by the
+    database's own means: on PostgreSQL at its COMMIT (a deferred constraint trigger), on
+    SQLite mid-transaction (a trigger's RAISE(ROLLBACK) ends the whole transaction)."""
+    if isinstance(store, SqliteStore):
+        db = sqlite3.connect(store._path)
+        try:
+            db.execute(
+                f"CREATE TRIGGER fail_batch BEFORE INSERT ON inbox WHEN NEW.message_id = '{message_id}'"
+                " BEGIN SELECT RAISE(ROLLBACK, 'injected failure of the whole transaction'); END"
+            )
+            db.commit()
+        finally:
+            db.close()
+        return
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(PG_URL, timeout=5, server_settings={"search_path": store._schema or "public"})
+    try:
+        await conn.execute(
+            "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.message_id = '{message_id}' THEN"
+            " RAISE EXCEPTION 'injected COMMIT failure' USING ERRCODE = 'disk_full'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        await conn.execute(
+            "CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON inbox"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()"
+        )
+    finally:
+        await conn.close()
+
+
+async def stop_failing_transactions(store: Store) -> None:
+    """Undo ``fail_transactions_writing``."""
+    if isinstance(store, SqliteStore):
+        db = sqlite3.connect(store._path)
+        try:
+            db.execute("DROP TRIGGER fail_batch")
+            db.commit()
+        finally:
+            db.close()
+        return
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(PG_URL, timeout=5, server_settings={"search_path": store._schema or "public"})
+    try:
+        await conn.execute("DROP TRIGGER fail_commit ON inbox")
+    finally:
+        await conn.close()

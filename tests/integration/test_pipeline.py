@@ -6,15 +6,18 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 
+from consumer import metrics
 from consumer.broker import INBOUND_EXCHANGE, REASON_HEADER
-from tests.helpers import eventually
+from tests.helpers import eventually, fail_transactions_writing, stop_failing_transactions
 from tests.stack import Stack, running_stack
 
 STATUS = "The appointment can not be updated as the current status is:"
@@ -270,3 +273,53 @@ async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion
     assert record is not None and record.state == "Deleted"
     last = (await stack.store.history(951))[-1]
     assert (last.from_state, last.to_state, last.source) == ("Confirmed", "Deleted", "reconcile")
+
+
+@pytest.fixture
+async def pg_stack(amqp_url: str, pg_url: str, sandbox: Any) -> AsyncIterator[Stack]:
+    """The pipeline on PostgreSQL, in a schema of this test's own (dropped after)."""
+    schema = f"appt_{uuid.uuid4().hex[:12]}"
+    try:
+        async with running_stack(amqp_url, f"{pg_url}?schema={schema}", sandbox.url) as running:
+            yield running
+    finally:
+        connection = await asyncpg.connect(pg_url)
+        try:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await connection.close()
+
+
+async def test_a_failed_commit_fails_its_whole_batch_and_nothing_of_it_is_acked(pg_stack: Stack, sandbox: Any) -> None:
+    """Group commit: while every transaction holding the poisoned command fails at its COMMIT,
+    that command stays unacked and unanswered, and the commands that shared its batches are
+    retried and applied once; once COMMIT works again, the poisoned one is applied once too."""
+    for appointment_id in range(801, 831):
+        seed(sandbox, appointment_id)
+    await fail_transactions_writing(pg_stack.store, "command:poison")
+    retries_before = worker_retries()
+    poison = await pg_stack.send({"type": "edit_notes", "appointment_id": 801, "notes": "late", "command_id": "poison"})
+    others = [
+        await pg_stack.send({"type": "edit_notes", "appointment_id": i, "notes": f"note {i}"}) for i in range(802, 831)
+    ]
+
+    await eventually(lambda: all(o in pg_stack.observer.results for o in others), timeout=30)
+    await asyncio.sleep(1.0)  # the poisoned command goes on failing meanwhile
+    assert poison not in pg_stack.observer.results
+    assert await pg_stack.store.inbox_get("command:poison") is None
+    # Neither acked nor parked nor dead-lettered: the broker still holds it, so it comes back.
+    assert await pg_stack.store.parked_head("default", 801) is None and not pg_stack.observer.dead
+    assert worker_retries() > retries_before  # batches did fail
+
+    await stop_failing_transactions(pg_stack.store)
+    assert (await pg_stack.result(poison, timeout=30))["outcome"] == "succeeded"  # not sent again
+    assert {pg_stack.observer.results[o]["outcome"] for o in others} == {"succeeded"}
+    assert all(pg_stack.observer.result_counts[o] == 1 for o in [poison, *others])
+    # Applied once each: a retry after a failed batch finds its write done (a fresh GET), and answers.
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 30
+    assert [sandbox.state.get(i)["notes"] for i in range(802, 831)] == [f"note {i}" for i in range(802, 831)]
+    assert sandbox.state.get(801)["notes"] == "late"
+
+
+def worker_retries() -> float:
+    return metrics.REGISTRY.get_sample_value("appt_retries_total", {"where": "worker"}) or 0.0

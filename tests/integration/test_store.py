@@ -37,6 +37,7 @@ from consumer.store import (
 from consumer.store.postgres import PostgresStore
 from consumer.store.sqlite import SqliteStore
 from tests.conftest import PG_URL
+from tests.helpers import fail_transactions_writing
 
 StoreFactory = Callable[[], Store]
 
@@ -768,38 +769,6 @@ async def test_commits_made_together_fail_alone_when_stale(store: Store) -> None
     assert [type(o).__name__ for o in outcomes] == ["StaleVersion", "list", "list", "list", "list"]
     assert [await store.get_appointment(i) for i in range(1, 6)] == [appointment(i, version=1) for i in range(1, 6)]
     assert await store.inbox_get("m1") is None
-
-
-async def fail_transactions_writing(store: Store, message_id: str) -> None:
-    """Make a transaction that writes ``message_id`` to the inbox fail as a whole, by the
-    database's own means: on PostgreSQL at its COMMIT (a deferred constraint trigger), on
-    SQLite mid-transaction (a trigger's RAISE(ROLLBACK) ends the whole transaction)."""
-    if isinstance(store, SqliteStore):
-        db = sqlite3.connect(store._path)
-        try:
-            db.execute(
-                f"CREATE TRIGGER fail_batch BEFORE INSERT ON inbox WHEN NEW.message_id = '{message_id}'"
-                " BEGIN SELECT RAISE(ROLLBACK, 'injected failure of the whole transaction'); END"
-            )
-            db.commit()
-        finally:
-            db.close()
-        return
-    assert isinstance(store, PostgresStore)
-    conn = await asyncpg.connect(PG_URL, timeout=5, server_settings={"search_path": store._schema or "public"})
-    try:
-        await conn.execute(
-            "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
-            f" IF NEW.message_id = '{message_id}' THEN"
-            " RAISE EXCEPTION 'injected COMMIT failure' USING ERRCODE = 'disk_full'; END IF;"
-            " RETURN NEW; END $$"
-        )
-        await conn.execute(
-            "CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON inbox"
-            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()"
-        )
-    finally:
-        await conn.close()
 
 
 async def test_a_failed_transaction_fails_every_commit_of_its_batch_and_writes_none(store: Store) -> None:
