@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -74,6 +75,15 @@ class AlreadyProcessed(Exception):
     def __init__(self, entry: InboxEntry) -> None:
         super().__init__(entry.message_id)
         self.entry = entry
+
+
+@dataclass(frozen=True)
+class Decided:
+    """A decision committed: its log records as stored (``seq`` assigned), and its result's body."""
+
+    decision: Decision
+    logs: list[StateLogRecord]
+    result_body: str | None
 
 
 class InvalidMessage(Exception):
@@ -140,15 +150,23 @@ def deliveries_of(message: AbstractIncomingMessage) -> int:
 
 
 def result_publishes(
-    broker: Broker, result: CommandResult, *, reply_to: str | None, correlation_id: str | None
+    broker: Broker,
+    result: CommandResult,
+    *,
+    reply_to: str | None,
+    correlation_id: str | None,
+    body: str | None = None,
 ) -> list[Awaitable[None]]:
-    """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one."""
-    body = result.model_dump_json().encode()
+    """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one.
+    ``body``: the result already serialised (``result.model_dump_json()``), if it was."""
+    payload = (body if body is not None else result.model_dump_json()).encode()
     publishes: list[Awaitable[None]] = [
-        broker.publish_event(result.routing_key(), body, message_id=result.message_id())
+        broker.publish_event(result.routing_key(), payload, message_id=result.message_id())
     ]
     if reply_to := reply_queue(reply_to):
-        publishes.append(broker.publish_reply(reply_to, body, correlation_id=correlation_id or result.correlation_id))
+        publishes.append(
+            broker.publish_reply(reply_to, payload, correlation_id=correlation_id or result.correlation_id)
+        )
     return publishes
 
 
@@ -315,14 +333,15 @@ class Worker:
             entry = seen.inbox
             if entry is None:
                 try:
-                    decision, logs = await self._decide_and_commit(key, inbound, replay, seen.record)
+                    decided = await self._decide_and_commit(key, inbound, replay, seen.record)
                 except AlreadyProcessed as done:  # the same id, delivered twice at once
                     entry = done.entry
             if entry is not None:
                 await self._republish(message, inbound, entry)
                 await self._done(message, parked)
                 return "duplicate"
-            await self._publish(message, decision.republish + logs, decision.result)
+            decision, logs = decided.decision, decided.logs
+            await self._publish(message, decision.republish + logs, decision.result, decided.result_body)
             await self._done(message, parked)
         except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
             return await self._wait(message, inbound, key, parked, exc)
@@ -431,26 +450,29 @@ class Worker:
 
     async def _decide_and_commit(
         self, key: str, inbound: Any, replay: int, stored: AppointmentRecord | None
-    ) -> tuple[Decision, list[StateLogRecord]]:
+    ) -> Decided:
         """Decide and commit; a transient failure is tried again (``_retrying``), from a fresh read."""
 
-        async def attempt(number: int) -> tuple[Decision, list[StateLogRecord]]:
+        async def attempt(number: int) -> Decided:
             if number > 1:
                 await self._raise_if_processed(key, inbound.practice)  # the conflict may have been this very message
             decision = await self._decide(inbound, stored if number == 1 else UNREAD)
             if replay and decision.result:
                 decision.result = decision.result.model_copy(update={"replay": replay})
-            result = decision.result.model_dump(mode="json") if decision.result else None
+            # Serialised once: the inbox keeps the very text the result's publish sends.
+            body = decision.result.model_dump_json() if decision.result else None
             logs = await self._store.commit(
                 Commit(
                     appointment=decision.record,
                     workflow=decision.workflow,
                     logs=decision.logs,
-                    inbox=InboxEntry(key, result, inbound.practice),
-                    latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
+                    inbox=InboxEntry(key, practice=inbound.practice, result_json=body),
+                    latest=InboxEntry(message_key(inbound), practice=inbound.practice, result_json=body)
+                    if replay
+                    else None,
                 )
             )
-            return decision, logs
+            return Decided(decision, logs, body)
 
         return await first_then_retried(attempt, self._retrying)
 
@@ -500,8 +522,13 @@ class Worker:
         return await execute(inbound, pms, self._store, origin, self._read_before_write, stored=stored)
 
     async def _publish(
-        self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
+        self,
+        message: AbstractIncomingMessage,
+        logs: list[StateLogRecord],
+        result: CommandResult | None,
+        result_body: str | None = None,
     ) -> None:
+        """``result_body``: the result as already serialised for the inbox, if it was."""
         publishes: list[Awaitable[None]] = [
             self._broker.publish_event(
                 record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
@@ -510,7 +537,11 @@ class Worker:
         ]
         if result is not None:
             publishes += result_publishes(
-                self._broker, result, reply_to=message.reply_to, correlation_id=message.correlation_id
+                self._broker,
+                result,
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+                body=result_body,
             )
         # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
         outcomes = await asyncio.gather(*publishes, return_exceptions=True)

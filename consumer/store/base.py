@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
+from pydantic_core import to_json
+
 from consumer.messages import DEFAULT_PRACTICE, StateLogRecord
 
 
@@ -76,6 +78,15 @@ class InboxEntry:
     message_id: str
     result: dict[str, Any] | None = None
     practice: str = DEFAULT_PRACTICE
+    result_json: str | None = None
+    """The result already serialised (the body its publish sends), written as is instead of
+    ``result``: the worker serialises each result once. Entries read back carry ``result``."""
+
+    def result_text(self) -> str | None:
+        """The result as stored: JSON text, or None."""
+        if self.result_json is not None:
+            return self.result_json
+        return None if self.result is None else to_json(self.result).decode()
 
 
 @dataclass(frozen=True)

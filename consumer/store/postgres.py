@@ -370,7 +370,7 @@ async def _commit(conn: asyncpg.Connection, commit: Commit) -> list[StateLogReco
             "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())",
             commit.inbox.practice,
             commit.inbox.message_id,
-            None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
+            commit.inbox.result_text(),
         )
     if commit.latest is not None:
         await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
@@ -453,5 +453,4 @@ async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> State
 
 
 async def _write_inbox(conn: asyncpg.Connection, sql: str, entry: InboxEntry) -> None:
-    result = None if entry.result is None else schema.dumps(entry.result)
-    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, result, utcnow())
+    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, entry.result_text(), utcnow())
