@@ -135,8 +135,8 @@ class Practice:
     pms: PmsClient
     status: Status = "ok"
     retry_at: float | None = None
-    """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe);
-    None while it waits for a reload (a refused token)."""
+    """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe of a
+    refused token or an unreachable PMS); None while it is served."""
     reason: str = ""
 
     def __post_init__(self) -> None:
