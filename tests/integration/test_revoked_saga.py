@@ -3,8 +3,9 @@
 The in-process pipeline (real RabbitMQ, SQLite, the sandbox over HTTP), whose sandbox can
 revoke the token at an exact request: just before that request is authorised. The
 regressions: a compensation that met a refused token spent its attempts on it and parked
-in ``compensation_failed``; a refused token waited for a reload only (no probe); and a saga
-waiting past its deadline was handed back again, parking a second copy of its command.
+in ``compensation_failed``; a refused token waited for a reload only (no probe), and a
+probe meeting the same refusal wrote the wait's error line again; and a saga waiting past
+its deadline was handed back again, its copy re-sending the result once the first had ended.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ async def _parked(stack: Stack, count: int) -> bool:
 
 
 async def test_a_compensation_meeting_a_revoked_token_waits_instead_of_parking_as_failed(
-    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox
+    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sandbox.state.refuse_cancel(ORIGINAL)
     revoke_at(sandbox.state, "DELETE /v1/appointments/{id}")
@@ -70,6 +71,7 @@ async def test_a_compensation_meeting_a_revoked_token_waits_instead_of_parking_a
         await waits(stack, command_id, "compensating")
         await asyncio.sleep(0.5)  # several probes (every 0.2 s here) meet the revoked token
         assert await _parked(stack, 1)
+        assert capsys.readouterr().out.count("practice waiting") == 1  # one error line, not one per probe
 
         sandbox.state.set_token(TOKEN)  # accepted again on the PMS's side: no reload
 
