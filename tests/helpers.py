@@ -47,6 +47,20 @@ def starts_in(days: float) -> dict[str, str]:
     return {"start_time": start.isoformat(), "finish_time": (start + timedelta(minutes=30)).isoformat()}
 
 
+def seed_pending(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
+    """One Pending exam for patient 1013 in the sandbox (``fields`` override), as stored."""
+    defaults = {
+        "id": appointment_id,
+        "patient_id": 1013,
+        "practitioner_id": 1,
+        "start_time": "2030-01-02T09:00:00Z",
+        "finish_time": "2030-01-02T09:30:00Z",
+        "reason": "Exam",
+        "state": "Pending",
+    }
+    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class Ran:
     returncode: int
