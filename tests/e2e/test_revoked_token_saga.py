@@ -42,6 +42,9 @@ PRACTICE, ORIGINAL, PRACTITIONER = "north", 4242, 1
 OLD_PATIENT, NEW_PATIENT = 1013, 2001
 SLOT = {"start_time": "2031-02-03T09:00:00Z", "finish_time": "2031-02-03T09:30:00Z"}
 TOKEN, ROTATED = "sandbox-token", "rotated-token"
+PROBE_INTERVAL = 3
+"""Seconds: the test revokes the token for real within this of the injected 401 (a probe before
+that would meet the old token still valid); shorter than the default 5 s, for the probe cases."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,13 @@ async def test_a_token_revoked_mid_reassignment_waits_and_the_saga_ends_once_res
     practices_file = tmp_path / "practices.toml"
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
     service = ServiceProcess(
-        service_env(pms_url=sandbox.url, store=store_url, amqp_url=amqp_url, APPT_PRACTICES_FILE=str(practices_file)),
+        service_env(
+            pms_url=sandbox.url,
+            store=store_url,
+            amqp_url=amqp_url,
+            APPT_PRACTICES_FILE=str(practices_file),
+            APPT_PRACTICE_PROBE_INTERVAL=str(PROBE_INTERVAL),
+        ),
         tmp_path,
     )
     broker = Broker(amqp_url)

@@ -2,9 +2,10 @@
 
 The in-process pipeline (real RabbitMQ, SQLite, the sandbox over HTTP), whose sandbox can
 revoke the token at an exact request: just before that request is authorised. The
-regressions: a compensation that met a refused token spent its attempts on it and parked
-in ``compensation_failed``; a refused token waited for a reload only (no probe); and a saga
-waiting past its deadline was handed back again, parking a second copy of its command.
+regressions: a compensation that met a refused token (or a spent budget) spent its attempts
+on it and parked in ``compensation_failed``; a refused token waited for a reload only (no probe), and a
+probe meeting the same refusal wrote the wait's error line again; and a saga waiting past
+its deadline was handed back again, its copy re-sending the result once the first had ended.
 """
 
 from __future__ import annotations
@@ -50,8 +51,7 @@ async def waits(stack: Stack, command_id: str, state: str) -> None:
     """The practice waits on its token, the reassign is parked, its workflow is at ``state``."""
     await eventually(lambda: stack.practices.get("default").status == "token_refused")
     await eventually(lambda: _parked(stack, 1))
-    workflow = await stack.store.get_workflow(workflow_id_for(command_id))
-    assert workflow is not None and workflow.state == state
+    assert await workflow_state(stack, command_id) == state
     assert command_id not in stack.observer.results
     assert stack.observer.dead == []
 
@@ -61,7 +61,7 @@ async def _parked(stack: Stack, count: int) -> bool:
 
 
 async def test_a_compensation_meeting_a_revoked_token_waits_instead_of_parking_as_failed(
-    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox
+    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox, capsys: pytest.CaptureFixture[str]
 ) -> None:
     sandbox.state.refuse_cancel(ORIGINAL)
     revoke_at(sandbox.state, "DELETE /v1/appointments/{id}")
@@ -70,6 +70,7 @@ async def test_a_compensation_meeting_a_revoked_token_waits_instead_of_parking_a
         await waits(stack, command_id, "compensating")
         await asyncio.sleep(0.5)  # several probes (every 0.2 s here) meet the revoked token
         assert await _parked(stack, 1)
+        assert capsys.readouterr().out.count("practice waiting") == 1  # one error line, not one per probe
 
         sandbox.state.set_token(TOKEN)  # accepted again on the PMS's side: no reload
 
@@ -80,6 +81,27 @@ async def test_a_compensation_meeting_a_revoked_token_waits_instead_of_parking_a
         assert stack.observer.result_counts[command_id] == 1
     kept = [(a["id"] == ORIGINAL, a["state"]) for a in sandbox.state.all_appointments()]  # by id
     assert kept == [(True, "Pending"), (False, "Cancelled")]  # the original kept, the one replacement undone
+
+
+async def test_a_compensation_meeting_a_spent_budget_waits_for_the_reset(
+    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox
+) -> None:
+    """The other refusal that is no answer about the appointment: the 403 block of a spent budget."""
+    sandbox.state.refuse_cancel(ORIGINAL)
+    sandbox.state.fail_next("DELETE /v1/appointments/{id}", 1, 403, retry_after=1.0)  # the reset in 1 s
+    async with running_stack(amqp_url, sqlite_url, sandbox.url, pms_max_retry_after=0.1) as stack:
+        command_id = await stack.send({"type": "reassign", "appointment_id": ORIGINAL, "patient_id": NEW_PATIENT})
+        await eventually(lambda: stack.practices.get("default").status == "budget_spent")
+        assert await workflow_state(stack, command_id) == "compensating"
+
+        assert (await stack.result(command_id))["outcome"] == "failed"
+        assert await workflow_state(stack, command_id) == "compensated"
+        assert stack.observer.dead == []
+
+
+async def workflow_state(stack: Stack, command_id: str) -> str | None:
+    workflow = await stack.store.get_workflow(workflow_id_for(command_id))
+    return None if workflow is None else workflow.state
 
 
 @pytest.mark.parametrize(
