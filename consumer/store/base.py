@@ -200,6 +200,9 @@ CommitOutcome = list[StateLogRecord] | StaleVersion
 refused it alone (its savepoint rolled back, the rest of the batch unaffected)."""
 
 
+GATHER_TURNS = 8  # at most, before a batch is written (see GroupCommit._gather)
+
+
 class GroupCommit:
     """Commits handed in together go to the store as one transaction, a savepoint each.
 
@@ -235,10 +238,25 @@ class GroupCommit:
     async def _write_all(self) -> None:
         try:
             while self._pending:
+                await self._gather()
                 batch, self._pending = self._pending, []
                 await self._write(batch)
         finally:
             self._writer = None
+
+    async def _gather(self) -> None:
+        """Let the event loop turn while each turn brings more commits (up to ``GATHER_TURNS``).
+
+        A transaction costs ~250 us of CPU here, most of it its COMMIT, whatever
+        it holds. Under load every turn of the loop completes more messages, so a
+        few turns make a batch several times larger; when idle, the first turn
+        brings nothing and the batch goes at once.
+        """
+        for _ in range(GATHER_TURNS):
+            waiting = len(self._pending)
+            await asyncio.sleep(0)
+            if len(self._pending) == waiting:
+                return
 
     async def _write(self, batch: list[tuple[Commit, asyncio.Future[list[StateLogRecord]]]]) -> None:
         try:
