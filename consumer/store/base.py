@@ -306,11 +306,11 @@ class Store(Protocol):
         """
 
     async def commit_batch(self, commits: Sequence[Commit]) -> list[CommitOutcome]:
-        """Apply each commit in its own savepoint of one transaction; one outcome per commit.
+        """Apply the commits in one transaction, one outcome per commit.
 
         A commit refused by a version check or a taken inbox id is rolled back
-        alone (its outcome is the ``StaleVersion``). Any other failure,
-        the COMMIT's included, rolls back the whole batch and raises.
+        alone (a savepoint each; its outcome is the ``StaleVersion``). Any other
+        failure, the COMMIT's included, rolls back the whole batch and raises.
         """
 
     # Appointment ids are unique only inside a practice: every keyed read names one.
