@@ -5,8 +5,10 @@ The cluster is the test's own (``scripts/rabbitmq-cluster``: three nodes with th
 ports, data directories and cookie), never the machine's shared broker. `appt serve` gets the
 three nodes as its address list and declares the partition queues first, so they are quorum queues
 replicated on the three and led by the node it is connected to (RabbitMQ's default leader locator
-is client-local): the node killed is both the queues' leader and the service's own node, so its
-consumers and publisher must move to a survivor while the queues elect a new leader. The load is
+is client-local): the first node killed is both the queues' leader and the service's own node, so
+its consumers and publisher must move to a survivor while the queues elect a new leader. The long
+form kills five times, each time the service's node again if it leads a queue, else the node
+leading the most (the service then keeps its connection and loses only the leaders). The load is
 the kill -9 test's (commands of two practices, PMS-side changes announced by webhooks, polling);
 the test's own publisher resends what the broker did not confirm, as any client would.
 """
@@ -115,21 +117,24 @@ def cluster(tmp_path: Path) -> Iterator[RabbitCluster]:
 
 @dataclass
 class Kill:
-    """One kill -9 of the service's node, and what it cost."""
+    """One kill -9 of a node leading partition queues, and what it cost."""
 
     victim: int
     led: int  # partition queues the victim led when it was killed
+    service_node: bool  # the service was connected to the victim
     recovery_s: float | None  # kill to the first result of a command sent after it; None: not within 60 s
     back_in_s: float  # kill to the victim serving again
 
 
 async def kill_and_bring_back(cluster: RabbitCluster, collector: Collector, sent: list[str]) -> Kill:
-    """Once 50 more commands have been answered, kill -9 the node the service is connected to,
-    wait for the pipeline to work without it, then start it again (after DOWN_FOR at least)."""
+    """Once 50 more commands have been answered, kill -9 a node leading partition queues (the
+    service's own node when it leads any), wait for the pipeline to work without it, then start
+    it again (after DOWN_FOR at least)."""
     answered = len(collector.results)
     await wait_for(lambda: len(collector.results) >= answered + 50, 30)
-    victim = (await asyncio.to_thread(cluster.connection_nodes, 1, SERVICE_CONNECTION))[0]
-    leaders = await asyncio.to_thread(cluster.leaders, victim % 3 + 1)
+    service_node = (await asyncio.to_thread(cluster.connection_nodes, 1, SERVICE_CONNECTION))[0]
+    leaders = list((await asyncio.to_thread(cluster.leaders, 1)).values())
+    victim = service_node if service_node in leaders else max(leaders, key=leaders.count)
     killed = time.monotonic()
     await asyncio.to_thread(cluster.kill, victim)
     after_kill = len(sent)
@@ -139,8 +144,7 @@ async def kill_and_bring_back(cluster: RabbitCluster, collector: Collector, sent
     recovery = time.monotonic() - killed if recovered else None
     await asyncio.sleep(max(0.0, killed + DOWN_FOR - time.monotonic()))
     await asyncio.to_thread(cluster.start_node, victim)
-    led = sum(1 for node in leaders.values() if node == victim)
-    return Kill(victim, led, recovery, time.monotonic() - killed)
+    return Kill(victim, leaders.count(victim), victim == service_node, recovery, time.monotonic() - killed)
 
 
 async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_nothing_twice(
@@ -181,13 +185,15 @@ async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_not
     recovery = [k.recovery_s for k in kills]
     print(
         f"\nchaos cluster_failover kills={len(kills)} victims={[k.victim for k in kills]} "
-        f"partitions_led={[k.led for k in kills]} commands={len(sent)} results={len(collector.results)} "
+        f"partitions_led={[k.led for k in kills]} service_node={[k.service_node for k in kills]} "
+        f"commands={len(sent)} results={len(collector.results)} "
         f"lost={figures['lost']} applied_twice={figures['applied_twice']} dead={figures['dead']} "
         f"duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
         f"double_bookings={figures['double_bookings']} orphans={figures['orphans']} "
         f"back_in_s={','.join(f'{k.back_in_s:.1f}' for k in kills)} "
         f"recovery_s={','.join('none' if r is None else f'{r:.1f}' for r in recovery)} seed={seed}"
     )
-    assert kills and all(k.led > 0 for k in kills), "each node killed led partition queues"
+    assert kills[0].service_node, "the first node killed is the service's own (it declared the queues)"
+    assert all(k.led > 0 for k in kills), "each node killed led partition queues"
     assert figures["details"] == {}, figures["details"]
     assert None not in recovery and same_process, "recovered with the node down, in the same process"
