@@ -1,34 +1,42 @@
-"""Command pipeline: how fast the worker drains commands, against a bare consume+ack loop.
+"""Command pipeline: the worker's CPU per command against the protocol floor's, and its rate against raw.
 
-Run: ``python bench/bench_pipeline.py [--commands 2000 --appointments 200]``.
-N edit_notes commands over 200 appointments are published before the worker
-starts; the worker (store SQLite, PMS client, same settings as ``appt serve``)
-drains them against the sandbox at zero latency, the sandbox running in its
-own process so its CPU is not charged to the worker. The baseline, in the
-same run and on the same queues, is aio-pika consuming and acking N messages
-and doing nothing else: the most any consumer could do here.
+Run: ``python bench/bench_pipeline.py [--commands 2000 --appointments 200 --rounds 3 --store sqlite|postgres]``.
+Each round measures, one after the other on the same queues and sandbox:
 
-A second baseline, the protocol floor, does per message only the I/O that the
-design makes every command do, with the bare libraries: aiohttp GET and PUT
-against the same sandbox, two confirmed publishes (state log, result), ack.
-No store, no inbox, no ordering, no domain, no logs: what is left between
-the floor and the worker is the price of the safety this service adds.
+- raw consume+ack: aio-pika consuming and acking N messages, doing nothing
+  else: the most any consumer could do here;
+- the protocol floor: per message only the I/O the design makes every
+  command do, with the bare libraries: aiohttp GET and PUT against the
+  sandbox, two confirmed publishes (state log, result), ack. No store, no
+  inbox, no ordering, no domain, no logs;
+- the worker (store, PMS client, settings as ``appt serve``) draining N
+  edit_notes commands published beforehand, once under each
+  ``APPT_READ_BEFORE_WRITE`` policy (``always``, ``on_conflict``; which goes
+  first alternates by round), each policy with its own store kept across rounds.
 
-The domain's share is measured apart on the same N commands: bind a model
-to the shared machine, reconcile, plan, record the applied write, unbind.
+The sandbox runs in its own process (zero latency) so its CPU is not charged
+to what is measured. CPU is the process's user + system time: other load on
+a shared machine moves wall time, much less CPU per command. Each ratio is
+taken within its round, then the median over rounds is reported.
+
+The domain's share is measured apart on N commands: bind a model to the
+shared machine, reconcile, plan, record the applied write, unbind.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import aio_pika
@@ -47,14 +55,17 @@ from bench.common import (  # noqa: E402
     sandbox_process,
     seed_sandbox,
     sqlite_url,
+    throwaway_schema,
     throwaway_vhost,
 )
-from consumer.broker import EVENTS_EXCHANGE, partition_queue  # noqa: E402
+from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
+from consumer.commands import ReadBeforeWrite  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from statemachines.appointment import Snapshot, bound  # noqa: E402
 
 FIRST_ID = 10_000
-TARGET_RATIO = 0.3
+TARGET_RATIO = 0.08  # of raw consume+ack's rate (issue 18)
+TARGET_CPU_PER_FLOOR = 1.5  # worker CPU per command over the floor's (issue 18)
 TIMEOUT = 180.0
 
 
@@ -139,79 +150,155 @@ def domain_seconds(commands: list[dict[str, Any]]) -> float:
     return time.perf_counter() - started
 
 
-async def run(count: int, appointment_count: int) -> None:
+POLICIES: tuple[ReadBeforeWrite, ...] = ("always", "on_conflict")
+
+
+@dataclass
+class Figures:
+    """One measured drain: wall seconds and process CPU seconds for ``count`` messages."""
+
+    seconds: float
+    cpu: float
+
+    def rate(self, count: int) -> float:
+        return count / self.seconds
+
+    def cpu_us(self, count: int) -> float:
+        return self.cpu / count * 1e6
+
+
+async def measured(drain: Awaitable[float]) -> Figures:
+    cpu = cpu_seconds()
+    seconds = await drain
+    return Figures(seconds, cpu_seconds() - cpu)
+
+
+async def worker_round(
+    amqp_url: str, store_url: str, sandbox_url: str, commands: list[dict[str, Any]], policy: ReadBeforeWrite
+) -> Figures:
+    """The worker, wired as ``appt serve`` wires it, draining ``commands`` published beforehand."""
     settings = Settings()
+    async with running_pipeline(
+        amqp_url,
+        store_url,
+        sandbox_url,
+        prefetch=settings.prefetch,
+        pms_concurrency=settings.pms_concurrency,
+        partitions=settings.partitions,
+        read_before_write=policy,
+    ) as pipeline:
+        await publish_commands(pipeline.broker, commands)
+
+        async def drain() -> float:
+            await pipeline.worker.start()
+            return await pipeline.drain(len(commands), TIMEOUT)
+
+        figures = await measured(drain())
+        outcomes = await pipeline.results.take(len(commands))
+    if outcomes != {"succeeded": len(commands)}:
+        raise RuntimeError(f"the worker's round under {policy} did not succeed throughout: {outcomes}")
+    return figures
+
+
+async def baseline_round(
+    amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str
+) -> tuple[Figures, Figures]:
+    """Raw consume+ack and the protocol floor, each over ``count`` freshly published messages."""
+    settings = Settings()
+    broker = Broker(amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
+    await broker.connect()
+    try:
+        await publish_commands(broker, edit_commands(ids, count, f"raw-{tag}"))
+        raw = await measured(raw_consume(amqp_url, count, settings.prefetch, settings.partitions))
+        await publish_commands(broker, edit_commands(ids, count, f"floor-{tag}"))
+        floor = await measured(floor_consume(amqp_url, sandbox_url, count, settings.prefetch, settings.partitions))
+    finally:
+        await broker.close()
+    return raw, floor
+
+
+@contextlib.asynccontextmanager
+async def store_urls(kind: str, workdir: str) -> AsyncIterator[dict[ReadBeforeWrite, str]]:
+    """One store per read policy, kept across rounds (as a running service keeps its own)."""
+    if kind == "sqlite":
+        yield {policy: sqlite_url(workdir, f"{policy}.sqlite3") for policy in POLICIES}
+        return
+    async with throwaway_schema() as always, throwaway_schema() as on_conflict:
+        yield {"always": always, "on_conflict": on_conflict}
+
+
+async def run(count: int, appointment_count: int, rounds: int, store: str) -> None:
     ids = list(range(FIRST_ID, FIRST_ID + appointment_count))
+    raws: list[Figures] = []
+    floors: list[Figures] = []
+    workers: dict[ReadBeforeWrite, list[Figures]] = {policy: [] for policy in POLICIES}
+    last_commands: list[dict[str, Any]] = []
     with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:
         log_to_file(Path(workdir) / "worker.log")
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
-        async with running_pipeline(
-            amqp_url,
-            sqlite_url(workdir, "pipeline.sqlite3"),
-            sandbox.url,
-            prefetch=settings.prefetch,
-            pms_concurrency=settings.pms_concurrency,
-            partitions=settings.partitions,
-        ) as pipeline:
-            await publish_commands(pipeline.broker, edit_commands(ids, count, "raw"))
-            cpu = cpu_seconds()
-            raw = await raw_consume(amqp_url, count, settings.prefetch, settings.partitions)
-            raw_cpu = cpu_seconds() - cpu
-            print(
-                f"raw consume+ack: {count} messages in {raw:.2f} s = {count / raw:.0f} msg/s, "
-                f"{raw_cpu / count * 1e6:.0f} us CPU/msg",
-                flush=True,
-            )
+        async with store_urls(store, workdir) as stores:
+            for number in range(1, rounds + 1):
+                raw, floor = await baseline_round(amqp_url, sandbox.url, ids, count, str(number))
+                raws.append(raw)
+                floors.append(floor)
+                print(
+                    f"round {number}: raw consume+ack {raw.rate(count):.0f} msg/s, {raw.cpu_us(count):.0f} us CPU/msg;"
+                    f" floor {floor.rate(count):.0f} commands/s, {floor.cpu_us(count):.0f} us CPU/command",
+                    flush=True,
+                )
+                # Alternate which policy goes first, so neither always runs on a warmer machine.
+                for policy in POLICIES if number % 2 else POLICIES[::-1]:
+                    last_commands = edit_commands(ids, count, f"{policy}-{number}")
+                    worker = await worker_round(amqp_url, stores[policy], sandbox.url, last_commands, policy)
+                    workers[policy].append(worker)
+                    print(
+                        f"round {number}: worker ({policy}) {worker.rate(count):.0f} commands/s,"
+                        f" {worker.cpu_us(count):.0f} us CPU/command = {worker.cpu / floor.cpu:.2f}x the floor's CPU,"
+                        f" {worker.rate(count) / raw.rate(count):.3f} of raw",
+                        flush=True,
+                    )
+    domain_us = domain_seconds(last_commands) / count * 1e6
+    for policy in POLICIES:
+        report(policy, count, appointment_count, store, raws, floors, workers[policy], domain_us)
 
-            await publish_commands(pipeline.broker, edit_commands(ids, count, "floor"))
-            cpu = cpu_seconds()
-            floor = await floor_consume(amqp_url, sandbox.url, count, settings.prefetch, settings.partitions)
-            floor_cpu = cpu_seconds() - cpu
-            print(
-                f"protocol floor (GET, PUT, 2 confirmed publishes, ack; bare libraries): {count} in "
-                f"{floor:.2f} s = {count / floor:.0f} commands/s, {floor_cpu / count * 1e6:.0f} us CPU/command",
-                flush=True,
-            )
 
-            commands = edit_commands(ids, count, "cmd")
-            await publish_commands(pipeline.broker, commands)
-            cpu = cpu_seconds()
-            await pipeline.worker.start()
-            drained = await pipeline.drain(count, TIMEOUT)
-            worker_cpu = cpu_seconds() - cpu
-            outcomes = await pipeline.results.take(count)
-    rate, raw_rate, floor_rate = count / drained, count / raw, count / floor
-    worker_cpu_us = worker_cpu / count * 1e6
-    domain_us = domain_seconds(commands) / count * 1e6
+def report(
+    policy: ReadBeforeWrite,
+    count: int,
+    appointment_count: int,
+    store: str,
+    raws: list[Figures],
+    floors: list[Figures],
+    workers: list[Figures],
+    domain_us: float,
+) -> None:
+    """Each ratio is taken within its round (same machine state), then the median over rounds."""
+    cpu_ratio = median(w.cpu / f.cpu for w, f in zip(workers, floors, strict=True))
+    rate_ratio = median(r.seconds / w.seconds for w, r in zip(workers, raws, strict=True))
+    worker_cpu_us = median(w.cpu_us(count) for w in workers)
     print(
-        f"worker: {count} commands in {drained:.2f} s = {rate:.0f} commands/s, "
-        f"{worker_cpu_us:.0f} us CPU/command, outcomes {outcomes}"
-    )
-    print(
-        f"ratio worker / raw consume = {rate / raw_rate:.3f} (target >= {TARGET_RATIO}); "
-        f"protocol floor / raw consume = {floor_rate / raw_rate:.3f}; worker / floor = {rate / floor_rate:.2f}"
-    )
-    print(
-        f"domain (bind+reconcile+plan+applied+unbind): {domain_us:.0f} us/command "
-        f"= {domain_us / worker_cpu_us:.1%} of the worker's CPU per command"
+        f"{policy}: worker CPU = {cpu_ratio:.2f}x the floor's (target <= {TARGET_CPU_PER_FLOOR}),"
+        f" rate = {rate_ratio:.3f} of raw consume+ack (target >= {TARGET_RATIO}), medians over {len(workers)} rounds;"
+        f" domain {domain_us:.0f} us/command = {domain_us / worker_cpu_us:.1%} of the worker's CPU"
     )
     print(
         result_line(
             "pipeline",
+            store=store,
+            read_before_write=policy,
             commands=count,
             appointments=appointment_count,
-            commands_per_s=rate,
-            raw_msgs_per_s=raw_rate,
-            ratio=rate / raw_rate,
-            floor_commands_per_s=floor_rate,
-            floor_ratio=floor_rate / raw_rate,
-            worker_per_floor=rate / floor_rate,
+            rounds=len(workers),
+            commands_per_s=median(w.rate(count) for w in workers),
+            raw_msgs_per_s=median(r.rate(count) for r in raws),
+            floor_commands_per_s=median(f.rate(count) for f in floors),
+            ratio=rate_ratio,
             worker_cpu_us=worker_cpu_us,
-            raw_cpu_us=raw_cpu / count * 1e6,
-            floor_cpu_us=floor_cpu / count * 1e6,
+            raw_cpu_us=median(r.cpu_us(count) for r in raws),
+            floor_cpu_us=median(f.cpu_us(count) for f in floors),
+            cpu_per_floor=cpu_ratio,
             domain_us=domain_us,
-            domain_share=domain_us / worker_cpu_us,
-            succeeded=outcomes.get("succeeded", 0),
+            met=cpu_ratio <= TARGET_CPU_PER_FLOOR and rate_ratio >= TARGET_RATIO,
         )
     )
 
@@ -220,8 +307,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--appointments", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
-    asyncio.run(run(args.commands, args.appointments))
+    asyncio.run(run(args.commands, args.appointments, args.rounds, args.store))
 
 
 if __name__ == "__main__":

@@ -19,12 +19,15 @@ from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound, Rejected
 from consumer.records import (
+    UNREAD,
     Decision,
     Origin,
+    Unread,
     new_record,
     result_for,
     snapshot_from_pms,
     snapshot_from_record,
+    stored_record,
 )
 from consumer.store.base import AppointmentRecord, Store
 from statemachines.appointment import Appointment, Refused, Write, bound
@@ -85,8 +88,11 @@ async def execute(
     store: Store,
     origin: Origin,
     read_before_write: ReadBeforeWrite = "always",
+    *,
+    stored: AppointmentRecord | None | Unread = UNREAD,
 ) -> Decision:
-    stored = await store.get_appointment(command.appointment_id, command.practice)
+    """``stored``: the appointment's record if the caller has read it (else it is read here)."""
+    stored = await stored_record(store, command.appointment_id, command.practice, stored)
     if read_before_write == "on_conflict" and stored is not None:
         written = await _write_from_record(command, pms, stored, origin)
         if written is not None:

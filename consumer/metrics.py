@@ -6,6 +6,8 @@ the README's "Operating it" section explains each.
 
 from __future__ import annotations
 
+import functools
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -109,6 +111,19 @@ OLDEST_ROW = Gauge(
     ["table"],
     registry=REGISTRY,
 )
+
+
+@functools.cache
+def messages(kind: str, outcome: str) -> Counter:
+    """``MESSAGES`` for these labels, bound once (``labels()`` looks them up under a lock
+    on every call). Both are small closed sets: command types or events, outcomes."""
+    return MESSAGES.labels(kind, outcome)
+
+
+@functools.cache
+def processing_seconds(kind: str) -> Histogram:
+    """``PROCESSING_SECONDS`` for this kind, bound once (see ``messages``)."""
+    return PROCESSING_SECONDS.labels(kind)
 
 
 def render() -> bytes:

@@ -15,22 +15,28 @@ from consumer.messages import ObservedEvent
 from consumer.pms.client import PmsClient
 from consumer.pms.errors import NotFound
 from consumer.records import (
+    UNREAD,
     Decision,
     Origin,
+    Unread,
     is_not_newer,
     new_record,
     snapshot_from_pms,
     snapshot_from_record,
+    stored_record,
 )
-from consumer.store.base import Store
+from consumer.store.base import AppointmentRecord, Store
 from statemachines.appointment import bound
 
 log = get_logger(__name__)
 
 
-async def observe(event: ObservedEvent, pms: PmsClient, store: Store) -> Decision:
+async def observe(
+    event: ObservedEvent, pms: PmsClient, store: Store, known: AppointmentRecord | None | Unread = UNREAD
+) -> Decision:
+    """``known``: the appointment's record if the caller has read it (else it is read here)."""
     origin = Origin(event.source, practice=event.practice, webhook_id=event.event_id)
-    stored = await store.get_appointment(event.appointment_id, event.practice)
+    stored = await stored_record(store, event.appointment_id, event.practice, known)
     deleted = event.type == "appointment.deleted"
     snapshot = snapshot_from_pms(event.appointment, deleted=deleted)
     if stored is not None and not deleted and is_not_newer(snapshot.updated_at, stored.upstream_updated_at):

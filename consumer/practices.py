@@ -31,6 +31,8 @@ UNKNOWN_PRACTICE = {"practice": ["unknown practice"]}
 
 Status = Literal["ok", "budget_spent", "token_refused", "unreachable"]
 STATUSES: tuple[Status, ...] = get_args(Status)
+REFUSALS = (401, 403, 429)
+"""HTTP statuses by which the PMS refuses a practice's token or budget rather than answer it."""
 
 
 class PracticesError(Exception):
@@ -135,9 +137,12 @@ class Practice:
     pms: PmsClient
     status: Status = "ok"
     retry_at: float | None = None
-    """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe);
-    None while it waits for a reload (a refused token)."""
+    """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe of a
+    refused token or an unreachable PMS); None while it is served."""
     reason: str = ""
+    unanswered: bool = False
+    """Waiting, or tried again by a probe the PMS has not answered yet: a failure now is the
+    same wait going on, so it is alerted once, not at every probe."""
 
     def __post_init__(self) -> None:
         self._report()
@@ -147,11 +152,17 @@ class Practice:
         return self.status != "ok"
 
     def wait(self, status: Status, retry_at: float | None, reason: str) -> bool:
-        """Start (or go on) waiting; True when the practice was being served until now."""
-        started = not self.waiting
-        self.status, self.retry_at, self.reason = status, retry_at, reason
+        """Start (or go on) waiting; True when the PMS had answered the practice since its last wait."""
+        started = not self.unanswered
+        self.status, self.retry_at, self.reason, self.unanswered = status, retry_at, reason, True
         self._report()
         return started
+
+    def answered(self, status: int) -> None:
+        """A response of the PMS to this practice: an answer (not a refusal of its token or
+        budget, nor a failure) ends its last wait, so the next one is alerted again."""
+        if 0 < status < 500 and status not in REFUSALS:
+            self.unanswered = False
 
     def resume(self) -> None:
         self.status, self.retry_at, self.reason = "ok", None, ""
@@ -191,7 +202,17 @@ class Practices:
         self._practices = {name: self._practice(name, config, config.read_token()) for name, config in configs.items()}
 
     def _practice(self, name: str, config: PracticeConfig, token: str) -> Practice:
-        return Practice(name, config, token, self._make_client(config, token))
+        """The practice and its client, which tells it of every response (see ``Practice.answered``)."""
+        practice = Practice(name, config, token, self._make_client(config, token))
+        report = practice.pms.on_response
+
+        def on_response(method: str, route: str, status: int) -> None:
+            practice.answered(status)
+            if report is not None:
+                report(method, route, status)
+
+        practice.pms.on_response = on_response
+        return practice
 
     def get(self, name: str) -> Practice:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from typing import Any
 
 from consumer.messages import (
@@ -20,10 +21,28 @@ from consumer.messages import (
     parse_time,
     utcnow,
 )
-from consumer.store.base import AppointmentRecord, WorkflowRecord
+from consumer.store.base import AppointmentRecord, Store, WorkflowRecord
 from statemachines.appointment import Snapshot, Transition
 
 DELETED = "Deleted"
+
+
+class Unread(Enum):
+    """A record not read yet (as opposed to ``None``: read, and not there)."""
+
+    UNREAD = "unread"
+
+
+UNREAD = Unread.UNREAD
+
+
+async def stored_record(
+    store: Store, appointment_id: int, practice: str, known: AppointmentRecord | None | Unread
+) -> AppointmentRecord | None:
+    """``known`` when the caller read it already (the worker reads it with the inbox entry), else the store's."""
+    if known is UNREAD:
+        return await store.get_appointment(appointment_id, practice)
+    return known
 
 
 def snapshot_from_pms(appointment: dict[str, Any], *, deleted: bool = False) -> Snapshot:

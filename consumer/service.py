@@ -104,6 +104,7 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
                 partitions=settings.consumed_partitions(),
                 max_deliveries=settings.max_deliveries,
                 retry_delay=settings.retry_delay,
+                probe_interval=settings.practice_probe_interval,
                 max_message_bytes=settings.max_message_bytes,
                 read_before_write=settings.read_before_write,
             )

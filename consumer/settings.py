@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     reconcile_updated_after: bool = False
     webhook_silence_grace: float = Field(120.0, gt=0)
     workflow_deadline: float = Field(300.0, gt=0)
+    practice_probe_interval: float = Field(5.0, gt=0)
     # Retention, in seconds; 0 keeps for good. Why these defaults: README "Retention".
     inbox_retention: float = Field(7 * DAY, ge=0)
     workflow_retention: float = Field(30 * DAY, ge=0)

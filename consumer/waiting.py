@@ -12,7 +12,7 @@ The ``Resumer`` hands parked messages back to the pipeline (published to
 ``appointments.inbound`` with their routing key, id and ``reply_to``, plus
 the ``x-appt-parked-seq`` header) when the practice can be served again: at
 the budget reset, after a reload that replaced its token, or at the next
-probe of an unreachable PMS. Order per appointment holds because a handed
+probe of a refused token or an unreachable PMS. Order per appointment holds because a handed
 back message is processed only while it is its appointment's oldest parked
 one, and a live message never overtakes a parked one. Durability: the park is
 committed before the ack, and a parked message is forgotten only after it
@@ -38,13 +38,19 @@ PARKED_SEQ_HEADER = "x-appt-parked-seq"
 WAIT_ERRORS = (RateLimited, Unauthorised, Unavailable)
 
 
-def waiting_status(error: BaseException, *, probe_interval: float) -> tuple[Status, float | None]:
-    """What a PMS failure says about the practice, and when to try it again (None: after a reload)."""
+def waiting_status(error: BaseException, *, probe_interval: float) -> tuple[Status, float]:
+    """What a PMS failure says about the practice, and when to try it again.
+
+    A refused token is probed like an unreachable PMS, not only fixed by a reload: a token
+    the PMS refused for a while (revoked, then restored on the PMS's side) is accepted
+    again without anyone touching the service, and the practice's parked messages,
+    a reassignment's saga among them, go on by themselves.
+    """
     now = time.time()
     if isinstance(error, RateLimited):
         return "budget_spent", now + error.retry_after
     if isinstance(error, Unauthorised):
-        return "token_refused", None
+        return "token_refused", now + probe_interval
     return "unreachable", now + probe_interval
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -43,8 +43,10 @@ from consumer.messages import (
 from consumer.observed import observe
 from consumer.pms.errors import Unavailable
 from consumer.practices import UNKNOWN_PRACTICE, Practices
-from consumer.records import Decision, Origin, result_for
+from consumer.records import UNREAD, Decision, Origin, Unread, result_for
+from consumer.retrying import first_then_retried
 from consumer.store.base import (
+    AppointmentRecord,
     Commit,
     DeadLetterQuery,
     InboxEntry,
@@ -75,22 +77,31 @@ class AlreadyProcessed(Exception):
         self.entry = entry
 
 
+@dataclass(frozen=True)
+class Decided:
+    """A decision committed: its log records as stored (``seq`` assigned), and its result's body."""
+
+    decision: Decision
+    logs: list[StateLogRecord]
+    result_body: str | None
+
+
 class InvalidMessage(Exception):
     """The message can never be processed: dead-letter it with this reason."""
 
 
 def parse(body: bytes, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Any:
+    """Decode and validate in one pass (pydantic's own JSON parser: no dict built twice)."""
     if len(body) > max_bytes:
         raise InvalidMessage(f"body of {len(body)} bytes exceeds the limit of {max_bytes}")
     try:
-        data = json.loads(body)
+        return INBOUND.validate_json(body)
+    except ValidationError as exc:
+        if exc.errors(include_url=False)[0]["type"] == "json_invalid":
+            raise InvalidMessage(f"not JSON: {str(exc)[:200]}") from None
+        raise InvalidMessage(f"invalid message: {exc}") from None
     except (ValueError, RecursionError) as exc:
-        # ValueError covers bad UTF-8, bad JSON and an integer of more than 4,300 digits;
-        # RecursionError deep nesting. Either, left uncaught, left the message unsettled.
-        raise InvalidMessage(f"not JSON: {str(exc)[:200]}") from None
-    try:
-        return INBOUND.validate_python(data)
-    except (ValidationError, ValueError, RecursionError) as exc:
+        # Left uncaught, either left the message unsettled.
         raise InvalidMessage(f"invalid message: {exc}") from None
 
 
@@ -139,15 +150,23 @@ def deliveries_of(message: AbstractIncomingMessage) -> int:
 
 
 def result_publishes(
-    broker: Broker, result: CommandResult, *, reply_to: str | None, correlation_id: str | None
+    broker: Broker,
+    result: CommandResult,
+    *,
+    reply_to: str | None,
+    correlation_id: str | None,
+    body: str | None = None,
 ) -> list[Awaitable[None]]:
-    """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one."""
-    body = result.model_dump_json().encode()
+    """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one.
+    ``body``: the result already serialised (``result.model_dump_json()``), if it was."""
+    payload = (body if body is not None else result.model_dump_json()).encode()
     publishes: list[Awaitable[None]] = [
-        broker.publish_event(result.routing_key(), body, message_id=result.message_id())
+        broker.publish_event(result.routing_key(), payload, message_id=result.message_id())
     ]
     if reply_to := reply_queue(reply_to):
-        publishes.append(broker.publish_reply(reply_to, body, correlation_id=correlation_id or result.correlation_id))
+        publishes.append(
+            broker.publish_reply(reply_to, payload, correlation_id=correlation_id or result.correlation_id)
+        )
     return publishes
 
 
@@ -170,42 +189,41 @@ def reply_queue(reply_to: str | None) -> str | None:
 
 
 class KeyedSerializer:
-    """FIFO per key, concurrent across keys.
+    """FIFO per key, concurrent across keys, in the delivery's own task (no task of its own).
 
-    ``submit`` is called synchronously in delivery order, and each task waits
-    for the previous task of its key, so arrival order is application order.
+    ``run`` is entered in delivery order (each delivery's task starts in the
+    order the broker delivered), registers itself as its key's tail before its
+    first await, and waits for the previous tail of its key: arrival order is
+    application order.
     """
 
     def __init__(self) -> None:
-        self._tails: dict[str, asyncio.Task[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._running: set[asyncio.Future[None]] = set()
 
-    def submit(self, key: str, work: Callable[[], Awaitable[None]]) -> asyncio.Task[None]:
-        task = asyncio.create_task(self._after(self._tails.get(key), work))
-        self._tails[key] = task
-        self._tasks.add(task)
-        task.add_done_callback(lambda done: self._forget(key, done))
-        return task
-
-    @staticmethod
-    async def _after(previous: asyncio.Task[None] | None, work: Callable[[], Awaitable[None]]) -> None:
-        if previous is not None:
-            await asyncio.wait([previous])
-        await work()
-
-    def _forget(self, key: str, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if self._tails.get(key) is task:
-            del self._tails[key]
+    async def run(self, key: str, work: Callable[[], Awaitable[None]]) -> None:
+        previous = self._tails.get(key)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._tails[key] = done
+        self._running.add(done)
+        try:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await work()
+        finally:
+            done.set_result(None)
+            self._running.discard(done)
+            if self._tails.get(key) is done:
+                del self._tails[key]
 
     @property
     def in_flight(self) -> int:
-        return len(self._tasks)
+        return len(self._running)
 
     async def drain(self, timeout: float) -> bool:
-        if not self._tasks:
+        if not self._running:
             return True
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        _, pending = await asyncio.wait(set(self._running), timeout=timeout)
         return not pending
 
 
@@ -259,7 +277,9 @@ class Worker:
         log.info("worker stopped", drained=drained, in_flight=self._serializer.in_flight)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        self._serializer.submit(message.routing_key or "", lambda: tracing.processing(message, self._handle(message)))
+        await self._serializer.run(
+            message.routing_key or "", lambda: tracing.processing(message, self._handle(message))
+        )
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every delivery is settled, whatever its bytes: a message left unsettled holds its
@@ -268,7 +288,7 @@ class Worker:
             await self._handle_delivery(message)
         except Exception:
             self._last_unforeseen = time.monotonic()
-            metrics.MESSAGES.labels("unknown", "unforeseen").inc()
+            metrics.messages("unknown", "unforeseen").inc()
             log.exception(
                 "unforeseen failure handling a message; the broker dead-letters it", message_id=message.message_id
             )
@@ -292,8 +312,8 @@ class Worker:
                 outcome = await self._process(message, inbound)
         except InvalidMessage as exc:
             outcome = await self._dead_letter(message, str(exc), "invalid", deliveries_of(message))
-        metrics.MESSAGES.labels(kind, outcome).inc()
-        metrics.PROCESSING_SECONDS.labels(kind).observe(time.perf_counter() - started)
+        metrics.messages(kind, outcome).inc()
+        metrics.processing_seconds(kind).observe(time.perf_counter() - started)
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
         if not routing_key_names(message.routing_key or "", inbound.practice, inbound.appointment_id):
@@ -305,19 +325,23 @@ class Worker:
         try:
             replay = await self._replay_of(message, inbound)
             key = replay_key(key, replay)
-            if inbound.practice in self._practices and (held := await self._hold(message, inbound, key, parked)):
+            seen = await self._store.seen(key, inbound.practice, inbound.appointment_id)
+            if inbound.practice in self._practices and (
+                held := await self._hold(message, inbound, key, parked, seen.parked_head)
+            ):
                 return held
-            entry = await self._store.inbox_get(key, inbound.practice)
+            entry = seen.inbox
             if entry is None:
                 try:
-                    decision, logs = await self._decide_and_commit(key, inbound, replay)
+                    decided = await self._decide_and_commit(key, inbound, replay, seen.record)
                 except AlreadyProcessed as done:  # the same id, delivered twice at once
                     entry = done.entry
             if entry is not None:
                 await self._republish(message, inbound, entry)
                 await self._done(message, parked)
                 return "duplicate"
-            await self._publish(message, decision.republish + logs, decision.result)
+            decision, logs = decided.decision, decided.logs
+            await self._publish(message, decision.republish + logs, decision.result, decided.result_body)
             await self._done(message, parked)
         except WAIT_ERRORS as exc:  # the practice can't be served now: wait, in order
             return await self._wait(message, inbound, key, parked, exc)
@@ -329,18 +353,25 @@ class Worker:
             return await self._retry_later(message, message_key(inbound), exc, inbound)
         return decision.result.outcome if decision.result else ("applied" if logs else "unchanged")
 
-    async def _hold(self, message: AbstractIncomingMessage, inbound: Any, key: str, parked: int | None) -> str | None:
+    async def _hold(
+        self,
+        message: AbstractIncomingMessage,
+        inbound: Any,
+        key: str,
+        parked: int | None,
+        head: tuple[int, str] | None,
+    ) -> str | None:
         """Park (or keep parked) a message that must wait; None when it may be processed now.
 
         A command waits while its practice does, or while an older message of its
         appointment is parked (it must not overtake it). A handed-back message goes
         only when it is its appointment's oldest. Observed events need no PMS call to
-        be applied, so they never wait on the practice.
+        be applied, so they never wait on the practice. ``head`` is the appointment's
+        oldest parked message, read with the inbox entry (``Store.seen``).
         """
         if parked is None and isinstance(inbound, ObservedEvent):
             return None
         practice = self._practices.get(inbound.practice)
-        head = await self._store.parked_head(inbound.practice, inbound.appointment_id)
         if parked is not None:
             if head is None or head[0] > parked:  # handed back twice: it was processed already
                 await _settle(message.ack())
@@ -417,32 +448,43 @@ class Worker:
         log.warning("replay header on a message that was never dead-lettered: processed as sent", replay=replay)
         return 0
 
-    async def _decide_and_commit(self, key: str, inbound: Any, replay: int) -> tuple[Decision, list[StateLogRecord]]:
-        async for attempt in AsyncRetrying(
+    async def _decide_and_commit(
+        self, key: str, inbound: Any, replay: int, stored: AppointmentRecord | None
+    ) -> Decided:
+        """Decide and commit; a transient failure is tried again (``_retrying``), from a fresh read."""
+
+        async def attempt(number: int) -> Decided:
+            if number > 1:
+                await self._raise_if_processed(key, inbound.practice)  # the conflict may have been this very message
+            decision = await self._decide(inbound, stored if number == 1 else UNREAD)
+            if replay and decision.result:
+                decision.result = decision.result.model_copy(update={"replay": replay})
+            # Serialised once: the inbox keeps the very text the result's publish sends.
+            body = decision.result.model_dump_json() if decision.result else None
+            logs = await self._store.commit(
+                Commit(
+                    appointment=decision.record,
+                    workflow=decision.workflow,
+                    logs=decision.logs,
+                    inbox=InboxEntry(key, practice=inbound.practice, result_json=body),
+                    latest=InboxEntry(message_key(inbound), practice=inbound.practice, result_json=body)
+                    if replay
+                    else None,
+                )
+            )
+            return Decided(decision, logs, body)
+
+        return await first_then_retried(attempt, self._retrying)
+
+    def _retrying(self) -> AsyncRetrying:
+        """The worker's in-process retry policy (built only once a first attempt has failed)."""
+        return AsyncRetrying(
             stop=stop_after_attempt(self._attempts),
             wait=wait_exponential_jitter(multiplier=0.1, max=2.0),
             retry=retry_if_exception_type(TRANSIENT),
             before_sleep=lambda state: metrics.RETRIES.labels("worker").inc(),
             reraise=True,
-        ):
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    # the conflict may have been this very message
-                    await self._raise_if_processed(key, inbound.practice)
-                decision = await self._decide(inbound)
-                if replay and decision.result:
-                    decision.result = decision.result.model_copy(update={"replay": replay})
-                result = decision.result.model_dump(mode="json") if decision.result else None
-                logs = await self._store.commit(
-                    Commit(
-                        appointment=decision.record,
-                        workflow=decision.workflow,
-                        logs=decision.logs,
-                        inbox=InboxEntry(key, result, inbound.practice),
-                        latest=InboxEntry(message_key(inbound), result, inbound.practice) if replay else None,
-                    )
-                )
-        return decision, logs
+        )
 
     async def _misrouted(self, message: AbstractIncomingMessage, inbound: Any) -> str:
         """A routing key naming another appointment: ordering is per key, so it is never applied.
@@ -465,22 +507,28 @@ class Worker:
         if entry is not None:
             raise AlreadyProcessed(entry)
 
-    async def _decide(self, inbound: Any) -> Decision:
+    async def _decide(self, inbound: Any, stored: AppointmentRecord | None | Unread) -> Decision:
+        """``stored``: the record as read with the inbox entry, or ``UNREAD`` (read it afresh)."""
         if inbound.practice not in self._practices:
             return Decision(result=result_for(inbound, "rejected", reasons=UNKNOWN_PRACTICE))
         pms = self._practices.get(inbound.practice).pms
         if isinstance(inbound, ObservedEvent):
-            return await observe(inbound, pms, self._store)
+            return await observe(inbound, pms, self._store, stored)
         if isinstance(inbound, Reassign):
             return await self._reassign(inbound)
         origin = Origin(
             "command", practice=inbound.practice, command_id=inbound.command_id, correlation_id=inbound.correlation_id
         )
-        return await execute(inbound, pms, self._store, origin, self._read_before_write)
+        return await execute(inbound, pms, self._store, origin, self._read_before_write, stored=stored)
 
     async def _publish(
-        self, message: AbstractIncomingMessage, logs: list[StateLogRecord], result: CommandResult | None
+        self,
+        message: AbstractIncomingMessage,
+        logs: list[StateLogRecord],
+        result: CommandResult | None,
+        result_body: str | None = None,
     ) -> None:
+        """``result_body``: the result as already serialised for the inbox, if it was."""
         publishes: list[Awaitable[None]] = [
             self._broker.publish_event(
                 record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
@@ -489,7 +537,11 @@ class Worker:
         ]
         if result is not None:
             publishes += result_publishes(
-                self._broker, result, reply_to=message.reply_to, correlation_id=message.correlation_id
+                self._broker,
+                result,
+                reply_to=message.reply_to,
+                correlation_id=message.correlation_id,
+                body=result_body,
             )
         # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
         outcomes = await asyncio.gather(*publishes, return_exceptions=True)

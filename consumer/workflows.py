@@ -6,6 +6,9 @@ process killed at any instant resumes where it was:
   replacement is found again by its link marker, never booked twice;
 - killed after the original was cancelled but before that was recorded: the
   fresh GET shows it cancelled, and the step counts as done;
+- a refused token or a spent budget at any step leaves the saga at that step:
+  its command is parked while the practice waits (consumer/waiting.py), and
+  the step runs again when the practice can be served; never a compensation;
 - a compensation that keeps failing parks the workflow in
   ``compensation_failed`` (metric, error log, ``appt sagas --stuck``) until
   ``appt sagas retry``.
@@ -27,7 +30,7 @@ from consumer.logs import get_logger
 from consumer.messages import DEFAULT_PRACTICE, CommandResult, Reassign, SetPatient, StateLogRecord
 from consumer.periodic import every
 from consumer.pms.client import PmsClient, spending_for
-from consumer.pms.errors import NotFound, PmsError, Rejected, Unavailable
+from consumer.pms.errors import NotFound, PmsError, RateLimited, Rejected, Unauthorised, Unavailable
 from consumer.practices import Practices
 from consumer.records import (
     Decision,
@@ -63,6 +66,9 @@ CANCELLABLE = ("Pending", "Confirmed")
 LIVE = ("Pending", "Confirmed", "Arrived", "In surgery", "Completed")
 """States in which an appointment holds its slot (Cancelled and Did not attend free it)."""
 COPIED_FIELDS = ("practitioner_id", "start_time", "finish_time", "duration", "reason")
+NOT_SERVED = (Unauthorised, RateLimited)
+"""A refused token or a spent budget: the PMS did not look at the request, so it is no answer
+about the appointment. A step meeting one leaves the saga where it is, and its practice waits."""
 
 
 def is_stuck(workflow: WorkflowRecord, *, deadline: float, now: datetime | None = None) -> bool:
@@ -209,8 +215,8 @@ class WorkflowRunner:
     async def tick(self) -> None:
         """Refresh the gauges, raise the alarm once per stuck workflow, hand back overdue ones.
 
-        An unfinished workflow untouched past its deadline (its command dead-lettered after a
-        long PMS outage or a spent budget, or lost between deliveries) is handed back to the
+        An unfinished workflow untouched past its deadline (its command dead-lettered, or lost
+        between deliveries), and not parked with its waiting practice, is handed back to the
         pipeline, at most once per deadline by this process: the running service drives every
         workflow to its end, no restart needed. The pipeline keeps it to one driver (the
         partition's single active consumer, per-appointment order, the inbox).
@@ -235,8 +241,18 @@ class WorkflowRunner:
         unfinished = {w.workflow_id for w in workflows}
         self._handed_back = {k: v for k, v in self._handed_back.items() if k in unfinished}
         for workflow in workflows:
-            if is_overdue(workflow, deadline=self._deadline, now=now):
+            if is_overdue(workflow, deadline=self._deadline, now=now) and await self._left_behind(workflow):
                 await self._hand_back_overdue(workflow, now)
+
+    async def _left_behind(self, workflow: WorkflowRecord) -> bool:
+        """Nothing else will drive it: its command is not parked with its waiting practice (a refused
+        token, a spent budget: it comes back from there, in order), and it has not moved since it
+        was listed (its parked command may have just driven it to the end). A copy handed back
+        behind a parked command would only re-send its result."""
+        if await self._store.parked_head(workflow.practice, workflow.appointment_id) is not None:
+            return False
+        current = await self._store.get_workflow(workflow.workflow_id)
+        return current is not None and current.version == workflow.version
 
     async def _hand_back_overdue(self, workflow: WorkflowRecord, now: datetime) -> None:
         handed = self._handed_back.get(workflow.workflow_id)
@@ -775,6 +791,8 @@ class WorkflowRunner:
                 await self._delete_or_cancel(self._pms(workflow.practice), replacement_id)
                 failpoint("after_remove_replacement")
                 return await self._record(workflow, lambda saga: saga.replacement_removed())
+            except NOT_SERVED:
+                raise  # the practice waits (consumer/waiting.py) and this step is tried again then
             except (PmsError, LookupError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 log.warning(

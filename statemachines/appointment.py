@@ -144,10 +144,28 @@ def machine_definition() -> tuple[tuple[str, ...], list[dict[str, Any]]]:
     return MACHINE_STATES, table
 
 
+class SharedMachine(Machine):
+    """A machine shared by many short-lived models, binding each only what it uses.
+
+    ``Machine.add_model`` also gives every model an ``is_<state>`` per state and a
+    method per event, and looks up ``on_enter_<state>``/``on_exit_<state>`` on it for
+    each state: most of a bind's cost, for methods nothing here calls (callers go
+    through the typed methods of ``Appointment``, which use ``trigger`` and
+    ``may_trigger``, still bound by ``add_model``). Transitions, conditions and states
+    are the machine's own, unchanged.
+    """
+
+    def _add_model_to_state(self, state: Any, model: Any) -> None:
+        """No ``is_<state>`` convenience, and no ``on_enter``/``on_exit`` methods to find."""
+
+    def _add_trigger_to_model(self, trigger: str, model: Any) -> None:
+        """No per-event method: events are fired by name through ``trigger``."""
+
+
 def build_machine() -> Machine:
     """A machine with no models: built once at import, shared by every message."""
     states, table = machine_definition()
-    return Machine(
+    return SharedMachine(
         model=None,
         states=list(states),
         transitions=table,
@@ -164,8 +182,8 @@ MACHINE = build_machine()
 class Appointment:
     """One appointment, bound to a machine only for the duration of a message.
 
-    The machine adds the untyped ``trigger``/``may_trigger`` (and one method
-    per event); the typed methods below are the only way callers fire them.
+    The machine adds the untyped ``trigger``/``may_trigger`` (only those: see
+    ``SharedMachine``); the typed methods below are the only way callers fire them.
     """
 
     state: str

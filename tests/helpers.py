@@ -7,6 +7,7 @@ import contextlib
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import asyncpg
+
+from consumer.store import Store
+from consumer.store.postgres import PostgresStore
+from consumer.store.sqlite import SqliteStore
+from tests.conftest import PG_URL
 
 APPT = Path(sys.executable).parent / "appt"
 
@@ -45,6 +53,20 @@ def starts_in(days: float) -> dict[str, str]:
     """A 30-minute slot at 09:00 UTC ``days`` from today: inside the reconciler's windows."""
     start = datetime.now(UTC).replace(hour=9, minute=0, second=0, microsecond=0) + timedelta(days=days)
     return {"start_time": start.isoformat(), "finish_time": (start + timedelta(minutes=30)).isoformat()}
+
+
+def seed_pending(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
+    """One Pending exam for patient 1013 in the sandbox (``fields`` override), as stored."""
+    defaults = {
+        "id": appointment_id,
+        "patient_id": 1013,
+        "practitioner_id": 1,
+        "start_time": "2030-01-02T09:00:00Z",
+        "finish_time": "2030-01-02T09:30:00Z",
+        "reason": "Exam",
+        "state": "Pending",
+    }
+    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)
@@ -178,3 +200,53 @@ class RabbitNode:
 
     def _run(self, *args: str, timeout: float) -> None:
         subprocess.run([str(self.SCRIPT), *args], check=True, capture_output=True, timeout=timeout)
+
+
+async def fail_transactions_writing(store: Store, message_id: str) -> None:
+    """Make a transaction that writes ``message_id`` to the inbox fail as a whole, by the
+    database's own means: on PostgreSQL at its COMMIT (a deferred constraint trigger), on
+    SQLite mid-transaction (a trigger's RAISE(ROLLBACK) ends the whole transaction)."""
+    if isinstance(store, SqliteStore):
+        db = sqlite3.connect(store._path)
+        try:
+            db.execute(
+                f"CREATE TRIGGER fail_batch BEFORE INSERT ON inbox WHEN NEW.message_id = '{message_id}'"
+                " BEGIN SELECT RAISE(ROLLBACK, 'injected failure of the whole transaction'); END"
+            )
+            db.commit()
+        finally:
+            db.close()
+        return
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(PG_URL, timeout=5, server_settings={"search_path": store._schema or "public"})
+    try:
+        await conn.execute(
+            "CREATE FUNCTION fail_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            f" IF NEW.message_id = '{message_id}' THEN"
+            " RAISE EXCEPTION 'injected COMMIT failure' USING ERRCODE = 'disk_full'; END IF;"
+            " RETURN NEW; END $$"
+        )
+        await conn.execute(
+            "CREATE CONSTRAINT TRIGGER fail_commit AFTER INSERT ON inbox"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_commit()"
+        )
+    finally:
+        await conn.close()
+
+
+async def stop_failing_transactions(store: Store) -> None:
+    """Undo ``fail_transactions_writing``."""
+    if isinstance(store, SqliteStore):
+        db = sqlite3.connect(store._path)
+        try:
+            db.execute("DROP TRIGGER fail_batch")
+            db.commit()
+        finally:
+            db.close()
+        return
+    assert isinstance(store, PostgresStore)
+    conn = await asyncpg.connect(PG_URL, timeout=5, server_settings={"search_path": store._schema or "public"})
+    try:
+        await conn.execute("DROP TRIGGER fail_commit ON inbox")
+    finally:
+        await conn.close()

@@ -53,6 +53,7 @@ from consumer.pms.errors import (
     Unavailable,
 )
 from consumer.pms.models import CancellationReason, PmsAppointment
+from consumer.retrying import first_then_retried
 
 LIST_ROUTE = "GET /v1/appointments"
 CREATE_ROUTE = "POST /v1/appointments"
@@ -337,19 +338,21 @@ class PmsClient:
             if self.on_retry is not None and error is not None:
                 self.on_retry(method, route, error)
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._retry_attempts),
-            wait=self._wait,
-            retry=retry_if_exception(self._worth_retrying),
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                if before_retry is not None and attempt.retry_state.attempt_number > 1:
-                    await before_retry()
-                return await self._send(method, route, path, **kwargs)
-        raise AssertionError("unreachable: reraise=True re-raises the last error")
+        def policy() -> AsyncRetrying:
+            return AsyncRetrying(
+                stop=stop_after_attempt(self._retry_attempts),
+                wait=self._wait,
+                retry=retry_if_exception(self._worth_retrying),
+                before_sleep=before_sleep,
+                reraise=True,
+            )
+
+        async def attempt(number: int) -> Any:
+            if before_retry is not None and number > 1:
+                await before_retry()
+            return await self._send(method, route, path, **kwargs)
+
+        return await first_then_retried(attempt, policy)
 
     def _worth_retrying(self, error: BaseException) -> bool:
         if isinstance(error, RateLimited):

@@ -382,6 +382,9 @@ class SandboxState:
         return appointment
 
     def _allocate_id(self) -> int:
+        """The next id no appointment holds: a seeded id is never handed out again."""
+        while self._next_id in self._appointments:
+            self._next_id += 1
         self._next_id += 1
         return self._next_id - 1
 

@@ -7,11 +7,14 @@ version cannot both win. That is what makes redelivery and scale-out safe.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from pydantic_core import to_json
 
 from consumer.messages import DEFAULT_PRACTICE, StateLogRecord
 
@@ -75,6 +78,27 @@ class InboxEntry:
     message_id: str
     result: dict[str, Any] | None = None
     practice: str = DEFAULT_PRACTICE
+    result_json: str | None = None
+    """The result already serialised (the body its publish sends), written as is instead of
+    ``result``: the worker serialises each result once. Entries read back carry ``result``."""
+
+    def result_text(self) -> str | None:
+        """The result as stored: JSON text, or None."""
+        if self.result_json is not None:
+            return self.result_json
+        return None if self.result is None else to_json(self.result).decode()
+
+
+@dataclass(frozen=True)
+class Seen:
+    """What the store holds about one inbound message and its appointment, read in one call
+    before deciding on it (one query instead of three on the hot path)."""
+
+    inbox: InboxEntry | None
+    """The message's inbox entry: not None means it was processed already."""
+    record: AppointmentRecord | None
+    parked_head: tuple[int, str] | None
+    """The seq and message id of the appointment's oldest parked message, if any."""
 
 
 @dataclass(frozen=True)
@@ -171,6 +195,79 @@ class Commit:
     replaced), so a later duplicate of the original gets the newest result."""
 
 
+CommitOutcome = list[StateLogRecord] | StaleVersion
+"""One commit of a batch: its log records with ``seq`` assigned, or the ``StaleVersion`` that
+refused it alone (its savepoint rolled back, the rest of the batch unaffected)."""
+
+
+class GroupCommit:
+    """Commits handed in together go to the store as one transaction, a savepoint each.
+
+    One transaction (one fsync on SQLite, one round trip of COMMIT on
+    PostgreSQL) per batch instead of per message: the commits that arrive
+    while a batch is being written wait and form the next one. A stale
+    version or a duplicate inbox id fails its own commit only. A failure of
+    the transaction itself (its COMMIT, the connection, the disk) fails every
+    commit of the batch, so each caller retries as it would have alone. A
+    caller returns only once the COMMIT holding its commit succeeded, so
+    nothing is acked before it is durable.
+    """
+
+    def __init__(self, write_batch: Callable[[Sequence[Commit]], Awaitable[list[CommitOutcome]]]) -> None:
+        self._write_batch = write_batch
+        self._pending: list[tuple[Commit, asyncio.Future[list[StateLogRecord]]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def commit(self, commit: Commit) -> list[StateLogRecord]:
+        future: asyncio.Future[list[StateLogRecord]] = asyncio.get_running_loop().create_future()
+        self._pending.append((commit, future))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write_all())
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The batch holding it is being written: a cancelled caller returns once that
+            # settled, so no write of its lands after it has given up.
+            await asyncio.wait([future])
+            future.exception()  # read, so a failure nobody awaits any more is not reported as lost
+            raise
+
+    async def _write_all(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write(batch)
+        finally:
+            self._writer = None
+
+    async def _write(self, batch: list[tuple[Commit, asyncio.Future[list[StateLogRecord]]]]) -> None:
+        try:
+            outcomes = await self._write_batch([commit for commit, _ in batch])
+        except BaseException as exc:  # nothing of the batch was written: every commit in it failed
+            for _, future in batch:
+                future.set_exception(_copy_of(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, StaleVersion):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+
+def _copy_of(error: BaseException) -> BaseException:
+    """An exception of its own for each waiting caller (one instance raised in several tasks
+    would collect all their tracebacks)."""
+    if isinstance(error, StaleVersion | StoreUnavailable):
+        copy = type(error)(*error.args)
+        copy.__cause__ = error
+        return copy
+    if isinstance(error, asyncio.CancelledError):
+        return StoreUnavailable("the store was closed while the commit was being written")
+    return error
+
+
 TERMINAL_WORKFLOW_STATES = frozenset({"completed", "compensated", "rejected"})
 
 
@@ -187,6 +284,15 @@ class Store(Protocol):
         """Apply atomically; return the log records with ``seq`` assigned.
 
         Raises ``StaleVersion`` when a version check fails, and then writes nothing.
+        Commits made at the same time share one transaction (``GroupCommit``).
+        """
+
+    async def commit_batch(self, commits: Sequence[Commit]) -> list[CommitOutcome]:
+        """Apply each commit in its own savepoint of one transaction; one outcome per commit.
+
+        A commit refused by a version check or a taken inbox id is rolled back
+        alone (its outcome is the ``StaleVersion``). Any other failure,
+        the COMMIT's included, rolls back the whole batch and raises.
         """
 
     # Appointment ids are unique only inside a practice: every keyed read names one.
@@ -196,6 +302,9 @@ class Store(Protocol):
     ) -> AppointmentRecord | None: ...
 
     async def inbox_get(self, message_id: str, practice: str = DEFAULT_PRACTICE) -> InboxEntry | None: ...
+
+    async def seen(self, message_id: str, practice: str, appointment_id: int) -> Seen:
+        """The message's inbox entry, its appointment's record and oldest parked message, at once."""
 
     async def history(
         self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100

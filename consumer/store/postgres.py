@@ -6,13 +6,16 @@ update of the same row makes the loser's UPDATE re-check its WHERE against
 the winner's row, match nothing, and so fail as ``StaleVersion``; an INSERT
 for version 0 loses on the primary key instead. Every commit writes its parts
 in one fixed order (appointment, workflow, logs, inbox), so two commits
-cannot deadlock on each other's rows.
+cannot deadlock on each other's rows. Commits made together share one
+transaction, a savepoint each (``GroupCommit``); two processes' batches can
+then meet on two rows in opposite orders, and the deadlock PostgreSQL
+detects fails that one commit as ``StaleVersion``, which is retried.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -25,10 +28,13 @@ from consumer.store.base import (
     AppointmentRecord,
     Collected,
     Commit,
+    CommitOutcome,
     DeadLetter,
     DeadLetterQuery,
+    GroupCommit,
     InboxEntry,
     ParkedMessage,
+    Seen,
     StaleVersion,
     StoreUnavailable,
     WorkflowRecord,
@@ -36,6 +42,7 @@ from consumer.store.base import (
 
 # Any constant works; it only has to be the same in every process migrating this database.
 _MIGRATION_LOCK = 0x61707074  # "appt"
+_SEEN_SQL = schema.numbered(schema.SEEN_SQL)
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 # Errors that mean "the server or the network", not "the statement": retry later.
@@ -67,6 +74,7 @@ class PostgresStore:
         self._max_connections = max_connections
         self._connect_timeout = connect_timeout
         self._pool: asyncpg.Pool | None = None
+        self._group = GroupCommit(self.commit_batch)
 
     async def open(self) -> None:
         settings = {"search_path": self._schema} if self._schema else {}
@@ -92,22 +100,18 @@ class PostgresStore:
             await conn.fetchval("SELECT 1")
 
     async def commit(self, commit: Commit) -> list[StateLogRecord]:
+        return await self._group.commit(commit)
+
+    async def commit_batch(self, commits: Sequence[Commit]) -> list[CommitOutcome]:
+        outcomes: list[CommitOutcome] = []
         async with self._connection() as conn, conn.transaction():
-            if commit.appointment is not None:
-                await _write_appointment(conn, commit.appointment)
-            if commit.workflow is not None:
-                await _write_workflow(conn, commit.workflow)
-            written = [await _append_log(conn, record) for record in commit.logs]
-            if commit.inbox is not None:
-                await conn.execute(
-                    "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())",
-                    commit.inbox.practice,
-                    commit.inbox.message_id,
-                    None if commit.inbox.result is None else schema.dumps(commit.inbox.result),
-                )
-            if commit.latest is not None:
-                await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
-        return written
+            for commit in commits:
+                try:
+                    async with conn.transaction():  # a savepoint: a stale commit is rolled back alone
+                        outcomes.append(await _commit(conn, commit))
+                except (StaleVersion, asyncpg.UniqueViolationError, asyncpg.TransactionRollbackError) as exc:
+                    outcomes.append(exc if isinstance(exc, StaleVersion) else StaleVersion(str(exc)))
+        return outcomes
 
     async def get_appointment(self, appointment_id: int, practice: str = DEFAULT_PRACTICE) -> AppointmentRecord | None:
         row = await self._fetchrow(
@@ -124,6 +128,11 @@ class PostgresStore:
             message_id,
         )
         return None if row is None else schema.inbox_from_row(row)
+
+    async def seen(self, message_id: str, practice: str, appointment_id: int) -> Seen:
+        row = await self._fetchrow(_SEEN_SQL, *schema.seen_params(message_id, practice, appointment_id))
+        assert row is not None, "SEEN_SQL answers one row"
+        return schema.seen_from_row(row, message_id, practice, appointment_id)
 
     async def history(
         self, appointment_id: int, *, practice: str = DEFAULT_PRACTICE, after_seq: int = 0, limit: int = 100
@@ -350,6 +359,24 @@ class PostgresStore:
             return list(await conn.fetch(sql, *args))
 
 
+async def _commit(conn: asyncpg.Connection, commit: Commit) -> list[StateLogRecord]:
+    if commit.appointment is not None:
+        await _write_appointment(conn, commit.appointment)
+    if commit.workflow is not None:
+        await _write_workflow(conn, commit.workflow)
+    written = [await _append_log(conn, record) for record in commit.logs]
+    if commit.inbox is not None:
+        await conn.execute(
+            "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())",
+            commit.inbox.practice,
+            commit.inbox.message_id,
+            commit.inbox.result_text(),
+        )
+    if commit.latest is not None:
+        await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
+    return written
+
+
 async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord) -> None:
     args = (
         record.appointment_id,
@@ -426,5 +453,4 @@ async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> State
 
 
 async def _write_inbox(conn: asyncpg.Connection, sql: str, entry: InboxEntry) -> None:
-    result = None if entry.result is None else schema.dumps(entry.result)
-    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, result, utcnow())
+    await conn.execute(schema.numbered(sql), entry.practice, entry.message_id, entry.result_text(), utcnow())

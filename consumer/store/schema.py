@@ -22,6 +22,7 @@ from consumer.store.base import (
     DeadLetterQuery,
     InboxEntry,
     ParkedMessage,
+    Seen,
     WorkflowRecord,
 )
 
@@ -441,6 +442,41 @@ def log_values(record: StateLogRecord, time: Any) -> tuple[Any, ...]:
         record.correlation_id,
         dumps(record.detail),
     )
+
+
+# One read before deciding on a message: its inbox entry, the oldest parked message of its
+# appointment, and its appointment's record (see ``seen_from_row`` for the parameters' order).
+SEEN_SQL = (
+    "SELECT i.message_id AS inbox_id, i.result AS inbox_result,"
+    " (SELECT seq FROM parked WHERE practice = ? AND appointment_id = ? ORDER BY seq LIMIT 1) AS parked_seq,"
+    " (SELECT message_id FROM parked WHERE practice = ? AND appointment_id = ? ORDER BY seq LIMIT 1) AS parked_id,"
+    " a.state, a.patient_id, a.version, a.upstream_updated_at, a.data"
+    " FROM (SELECT 1) AS one"
+    " LEFT JOIN inbox AS i ON i.practice = ? AND i.message_id = ?"
+    " LEFT JOIN appointments AS a ON a.practice = ? AND a.appointment_id = ?"
+)
+
+
+def seen_params(message_id: str, practice: str, appointment_id: int) -> tuple[Any, ...]:
+    appointment = (practice, appointment_id)
+    return (*appointment, *appointment, practice, message_id, *appointment)
+
+
+def seen_from_row(row: Row, message_id: str, practice: str, appointment_id: int) -> Seen:
+    inbox = None if row["inbox_id"] is None else InboxEntry(message_id, loads(row["inbox_result"]), practice)
+    record = None
+    if row["state"] is not None:
+        record = AppointmentRecord(
+            practice=practice,
+            appointment_id=appointment_id,
+            state=row["state"],
+            patient_id=row["patient_id"],
+            version=row["version"],
+            upstream_updated_at=row["upstream_updated_at"],
+            data=loads(row["data"]),
+        )
+    parked = None if row["parked_seq"] is None else (int(row["parked_seq"]), str(row["parked_id"]))
+    return Seen(inbox, record, parked)
 
 
 def appointment_from_row(row: Row) -> AppointmentRecord:

@@ -35,7 +35,9 @@ from consumer.messages import DEFAULT_PRACTICE
 from consumer.store.base import Store
 
 LONG = os.environ.get("APPT_CHAOS_LONG") == "1"
-BASE_START = datetime(2031, 3, 3, 8, 0, tzinfo=UTC)
+# Tomorrow from 08:00 UTC: inside the reconciler's polled windows (its near window, every cycle),
+# so catch-up polling sees every seeded appointment, as it would see a real practice's next days.
+BASE_START = datetime.now(UTC).replace(hour=8, minute=0, second=0, microsecond=0) + timedelta(days=1)
 
 # Long runs take minutes; the short ones stay under pytest's default 120 s.
 chaos_marks = [pytest.mark.chaos, pytest.mark.timeout(1800 if LONG else 120)]

@@ -5,7 +5,9 @@ practice's PMS fails a run of requests (reads and writes) past the in-process re
 practice waits mid-load. Afterwards: every command has a result (repeats only
 as identical redelivery repeats), the store agrees with the PMS, no slot is
 double-booked, no replacement is orphaned, and each appointment edited in
-order ends with the last edit sent.
+order ends with the last edit sent. Both practices are checked, each against its own PMS;
+a few appointments of each are named by nothing (no command, no PMS-side change), so only
+catch-up polling can bring them into the store.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
 pytestmark = chaos_marks
 BURST_CHANCE = 0.05  # per tick of the load: 10-40 commands back to back
 ORDERED = 4  # appointments (of the default practice) that get only edit_notes: the last one sent must win
+UNTOUCHED = 2  # appointments no command or PMS-side change names: only catch-up polling brings them in
 FAILED_REQUESTS = 150  # per outage: seconds of the load's requests, so commands fail past 2 client x 3 worker attempts
 
 
@@ -134,9 +137,10 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
     seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
     rng = random.Random(seed)
     trials = scaled(4, 25)
-    seeded = seed_slots(pms, scaled(24, 80) + ORDERED)
-    ids, ordered = seeded[:-ORDERED], seeded[-ORDERED:]  # slots of their own: no replacement books them
-    assert seed_slots(north, len(ids)) == ids
+    seeded = seed_slots(pms, scaled(24, 80) + ORDERED + UNTOUCHED)
+    ids = seeded[: -ORDERED - UNTOUCHED]
+    ordered = seeded[-ORDERED - UNTOUCHED : -UNTOUCHED]  # slots of their own: no replacement books them
+    assert seed_slots(north, len(seeded)) == seeded  # the second practice's ordered slots are untouched too
     last_notes: dict[int, str] = dict.fromkeys(ordered, "")
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
     # Catch-up polling every 2 s: part of the chaos, and what heals a webhook lost in a kill.
@@ -188,11 +192,6 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
             await service.terminate()
             figures = await final_figures(collector, sent, pms, store, ids)
             figures["details"].update(await north_details(north, store))
-            # KNOWN DEFECT, open: now and then one untouched appointment of the second practice never
-            # reaches the store (store None, PMS Pending) although webhooks, polling and a final
-            # `appt reconcile` ran. It is printed, not asserted, until it is found; every other
-            # invariant (both practices' double bookings included) is still asserted.
-            unconverged_north = figures["details"].pop("north_mismatches", [])
             figures["details"].update(out_of_order(pms, last_notes))
             waits = waits_logged(tmp_path)
     finally:
@@ -208,7 +207,7 @@ async def test_kill9_at_random_instants_loses_nothing_and_converges(
         f"mismatches={figures['mismatches']} double_bookings={figures['double_bookings']} "
         f"orphans={figures['orphans']} anomalies={figures['anomalies']} sagas={figures['sagas']} "
         f"waits={waits} out_of_order={len(figures['details'].get('out_of_order', {}))} "
-        f"unconverged_north={unconverged_north} seed={seed}"
+        f"north_mismatches={len(figures['details'].get('north_mismatches', []))} seed={seed}"
     )
     assert figures["details"] == {}, figures["details"]
     assert waits > 0  # the failed writes did make the practice wait mid-load
@@ -259,10 +258,12 @@ def waits_logged(log_dir: Path) -> int:
 
 
 async def north_details(north: Any, store: Any) -> dict[str, Any]:
-    """The second practice's invariants: its store records agree with its own PMS, no double booking."""
+    """The second practice's invariants: its store records agree with its own PMS (its untouched
+    appointments included), no double booking, no orphaned replacement."""
     details = {
         "north_mismatches": await state_mismatches(north, store, _deleted_ids(north), "north"),
         "north_double_bookings": double_bookings(north),
+        "north_orphans": await orphan_replacements(north, store),
     }
     return {name: found for name, found in details.items() if found}
 

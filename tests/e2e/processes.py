@@ -51,6 +51,19 @@ def service_env(
     }
 
 
+def write_practices(path: Path, sandbox_url: str, token: str) -> None:
+    """A practices file with one practice, ``north``, on the sandbox at ``sandbox_url``."""
+    path.write_text(
+        f'[practices.north]\npms_url = "{sandbox_url}"\ntoken = "{token}"\nwebhook_secrets = ["{SECRET}"]\n'
+    )
+
+
+async def get_json(url: str) -> tuple[int, Any]:
+    """A GET's status and JSON body (the service's /practices, /readyz ...)."""
+    async with aiohttp.ClientSession() as http, http.get(url) as answer:
+        return answer.status, await answer.json()
+
+
 class ProcessFailed(AssertionError):
     """The process died or never became ready; the message ends with its log's tail."""
 

@@ -20,24 +20,23 @@ Reproduce a run with ``APPT_E2E_SEED=<seed>`` (printed with the figures).
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import random
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import pytest
 
-from consumer.broker import EVENTS_EXCHANGE, Broker
+from consumer.broker import Broker
 from consumer.failpoints import SAGA_FAILPOINTS
 from consumer.messages import Reassign
 from consumer.reconciler import parse_time
 from consumer.store.base import open_store
 from consumer.workflows import workflow_id_for
+from tests.e2e.conftest import Results
 from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -93,37 +92,6 @@ class Trial:
 
 def _iso(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@dataclass
-class Results:
-    """Every result published on appointments.events, from a durable queue bound before any start."""
-
-    received: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-    async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        body = json.loads(message.body)
-        self.received[body["command_id"]] = body
-        await message.ack()
-
-    async def wait(self, command_id: str, timeout: float) -> dict[str, Any] | None:
-        deadline = asyncio.get_running_loop().time() + timeout
-        while command_id not in self.received and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
-        return self.received.get(command_id)
-
-
-@pytest.fixture
-async def results(amqp_url: str) -> AsyncIterator[Results]:
-    collected = Results()
-    connection = await aio_pika.connect_robust(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-        queue = await channel.declare_queue("e2e.results", durable=True)
-        await queue.bind(exchange, routing_key="result.#")
-        await queue.consume(collected.on_message)
-        yield collected
 
 
 @pytest.fixture

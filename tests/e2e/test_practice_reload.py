@@ -10,26 +10,14 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 
 from consumer.broker import Broker
-from tests.e2e.processes import APPT, SECRET, SandboxProcess, ServiceProcess, service_env
+from tests.e2e.processes import APPT, SandboxProcess, ServiceProcess, get_json, service_env, write_practices
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.e2e
 APPOINTMENT = 4242
-
-
-def write_practices(path: Path, sandbox_url: str, token: str) -> None:
-    path.write_text(
-        f'[practices.north]\npms_url = "{sandbox_url}"\ntoken = "{token}"\nwebhook_secrets = ["{SECRET}"]\n'
-    )
-
-
-async def get(url: str) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as http, http.get(url) as answer:
-        return answer.status, await answer.json()
 
 
 async def test_a_refused_token_waits_and_sighup_with_the_fixed_file_drains_it_in_order(
@@ -76,10 +64,10 @@ async def test_a_refused_token_waits_and_sighup_with_the_fixed_file_drains_it_in
             )
 
         async def north() -> dict[str, Any]:
-            return (await get(f"{service.url}/practices"))[1]["practices"][0]  # type: ignore[no-any-return]
+            return (await get_json(f"{service.url}/practices"))[1]["practices"][0]  # type: ignore[no-any-return]
 
         await eventually(lambda: _row_is(north(), status="token_refused", waiting_messages=3), timeout=20)
-        status, ready = await get(f"{service.url}/readyz")
+        status, ready = await get_json(f"{service.url}/readyz")
         assert (status, ready["status"], ready["waiting_practices"]) == (200, "ready", ["north"])
         listed = subprocess.run(
             [str(APPT), "practices", "--json"], capture_output=True, text=True, timeout=30, env={**os.environ, **env}

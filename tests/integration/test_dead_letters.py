@@ -15,7 +15,7 @@ from consumer import metrics
 from consumer.broker import DEAD_EXCHANGE, INBOUND_EXCHANGE
 from consumer.deadletters import DeadLetterCollector
 from consumer.store.base import DeadLetterQuery
-from tests.helpers import eventually, run_appt
+from tests.helpers import eventually, run_appt, seed_pending
 from tests.stack import Stack, running_stack
 
 GET = "GET /v1/appointments/{id}"
@@ -34,27 +34,11 @@ def appt_env(amqp_url: str, sqlite_url: str) -> dict[str, str]:
     return {"APPT_AMQP_URL": amqp_url, "APPT_STORE": sqlite_url, "APPT_FAILPOINTS": ""}
 
 
-def seed(sandbox: Any, *appointment_ids: int) -> None:
-    sandbox.state.seed(
-        [
-            {
-                "id": appointment_id,
-                "patient_id": 1013,
-                "practitioner_id": 1,
-                "start_time": "2030-01-02T09:00:00Z",
-                "finish_time": "2030-01-02T09:30:00Z",
-                "reason": "Exam",
-                "state": "Pending",
-            }
-            for appointment_id in appointment_ids
-        ]
-    )
-
-
 def heal(sandbox: Any, *appointment_ids: int) -> None:
     """Faults and call counts gone, the appointments as seeded (nothing was applied to them)."""
     sandbox.state.reset()
-    seed(sandbox, *appointment_ids)
+    for appointment_id in appointment_ids:
+        seed_pending(sandbox, appointment_id)
 
 
 async def listed(env: dict[str, str], *filters: str) -> dict[str, Any]:
@@ -80,7 +64,7 @@ async def publish_raw(amqp_url: str, body: bytes, message_id: str, **properties:
 async def test_an_invalid_command_with_a_readable_id_gets_a_failed_result_on_its_reply_to(
     stack: Stack, sandbox: Any, amqp_url: str
 ) -> None:
-    seed(sandbox, 601)
+    seed_pending(sandbox, 601)
     unreadable_before = metrics.REGISTRY.get_sample_value("appt_dead_letters_unreadable_total") or 0
     async with await aio_pika.connect(amqp_url) as connection:
         channel = await connection.channel()
@@ -129,7 +113,7 @@ async def test_an_invalid_command_with_a_readable_id_gets_a_failed_result_on_its
 async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succeeds(
     stack: Stack, sandbox: Any, appt_env: dict[str, str]
 ) -> None:
-    seed(sandbox, 701)
+    seed_pending(sandbox, 701)
     # An answer the service can't act on (400) never succeeds as it is: dead-lettered after the
     # deliveries. (A PMS that is down makes the practice wait instead: tests/integration/test_waiting.py.)
     sandbox.state.fail_next(PUT, 10_000, 400)
@@ -192,7 +176,7 @@ async def test_an_exhausted_command_fails_once_and_a_replay_after_the_fix_succee
 async def test_a_replay_header_on_a_command_never_dead_lettered_does_not_run_it_twice(
     stack: Stack, sandbox: Any, amqp_url: str
 ) -> None:
-    seed(sandbox, 801)
+    seed_pending(sandbox, 801)
     done = await stack.result(
         await stack.send({"command_id": "once", "type": "edit_notes", "appointment_id": 801, "notes": "first"})
     )
@@ -275,7 +259,8 @@ async def test_a_replay_killed_halfway_through_50_loses_none_and_applies_none_tw
     stack: Stack, sandbox: Any, appt_env: dict[str, str]
 ) -> None:
     appointments = list(range(1001, 1011))
-    seed(sandbox, *appointments)
+    for appointment_id in appointments:
+        seed_pending(sandbox, appointment_id)
     sandbox.state.fail_next(GET, 100_000, 400)  # can't succeed as it is: dead-lettered (see above)
     sent = [
         await stack.send({"command_id": f"n-{a}-{n}", "type": "edit_notes", "appointment_id": a, "notes": f"note {n}"})

@@ -32,7 +32,7 @@ from consumer.service import service_resources
 from consumer.settings import Settings, load_settings
 from consumer.store.base import Store
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually
+from tests.helpers import eventually, seed_pending
 
 TOKEN = "observability-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -115,19 +115,6 @@ async def service(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator
             yield Service(url, app[STORE_KEY], app[BROKER_KEY], events)
 
 
-def seed(sandbox: Any, appointment_id: int, **fields: Any) -> None:
-    defaults = {
-        "id": appointment_id,
-        "patient_id": 1013,
-        "practitioner_id": 1,
-        "start_time": "2030-01-02T09:00:00Z",
-        "finish_time": "2030-01-02T09:30:00Z",
-        "reason": "Exam",
-        "state": "Pending",
-    }
-    sandbox.state.seed([{**defaults, **fields}])
-
-
 @dataclass
 class Run:
     """What the scenario did, for the assertions to compare against."""
@@ -144,10 +131,10 @@ async def run(service: Service, sandbox: Any) -> Run:
 
 async def reassign_and_confirm(service: Service, sandbox: Any) -> Run:
     """A reassignment, two confirms that succeed and one the PMS refuses."""
-    seed(sandbox, ORIGINAL)
-    seed(sandbox, CONFIRMED_A)
-    seed(sandbox, CONFIRMED_B)
-    seed(sandbox, CANCELLED, state="Cancelled", appointment_cancellation_reason_id=2)
+    seed_pending(sandbox, ORIGINAL)
+    seed_pending(sandbox, CONFIRMED_A)
+    seed_pending(sandbox, CONFIRMED_B)
+    seed_pending(sandbox, CANCELLED, state="Cancelled", appointment_cancellation_reason_id=2)
 
     reassigned = await service.result(
         await service.send({"type": "reassign", "appointment_id": ORIGINAL, "patient_id": 2002})
@@ -321,7 +308,7 @@ async def test_appointment_endpoints_stay_shut_when_no_token_is_configured(
 async def test_history_follow_prints_a_record_made_after_it_started(
     service: Service, sandbox: Any, sqlite_url: str, amqp_url: str
 ) -> None:
-    seed(sandbox, 301)
+    seed_pending(sandbox, 301)
     await service.result(await service.send({"type": "edit_notes", "appointment_id": 301, "notes": "before"}))
     existing = await stored(service.store, 301)
     process = await asyncio.create_subprocess_exec(

@@ -6,15 +6,18 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import asyncpg
 import pytest
 
+from consumer import metrics
 from consumer.broker import INBOUND_EXCHANGE, REASON_HEADER
-from tests.helpers import eventually
+from tests.helpers import eventually, fail_transactions_writing, seed_pending, stop_failing_transactions
 from tests.stack import Stack, running_stack
 
 STATUS = "The appointment can not be updated as the current status is:"
@@ -26,23 +29,10 @@ async def stack(amqp_url: str, sqlite_url: str, sandbox: Any) -> AsyncIterator[S
         yield running
 
 
-def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
-    defaults = {
-        "id": appointment_id,
-        "patient_id": 1013,
-        "practitioner_id": 1,
-        "start_time": "2030-01-02T09:00:00Z",
-        "finish_time": "2030-01-02T09:30:00Z",
-        "reason": "Exam",
-        "state": "Pending",
-    }
-    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
-
-
 async def test_every_command_type_succeeds_on_a_legal_appointment(stack: Stack, sandbox: Any) -> None:
-    seed(sandbox, 101)
-    seed(sandbox, 102, patient_id=None)
-    seed(sandbox, 103)
+    seed_pending(sandbox, 101)
+    seed_pending(sandbox, 102, patient_id=None)
+    seed_pending(sandbox, 103)
 
     confirmed = await stack.result(await stack.send({"type": "confirm", "appointment_id": 101}))
     patient_set = await stack.result(
@@ -63,8 +53,8 @@ async def test_every_command_type_succeeds_on_a_legal_appointment(stack: Stack, 
 
 
 async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, sandbox: Any) -> None:
-    seed(sandbox, 201, state="Cancelled", appointment_cancellation_reason_id=2)
-    seed(sandbox, 202)
+    seed_pending(sandbox, 201, state="Cancelled", appointment_cancellation_reason_id=2)
+    seed_pending(sandbox, 202)
 
     confirm = await stack.result(await stack.send({"type": "confirm", "appointment_id": 201}))
     set_patient = await stack.result(
@@ -89,7 +79,7 @@ async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, 
 
 async def test_behind_the_back_confirmation_is_reconciled(stack: Stack, sandbox: Any) -> None:
     """The seed: auto-confirmed by SMS between our GET and our PUT."""
-    seed(sandbox, 301, patient_id=None)
+    seed_pending(sandbox, 301, patient_id=None)
     sandbox.state.change_behind_back(301, {"state": "Confirmed"}, before_next="PUT")
 
     result = await stack.result(await stack.send({"type": "set_patient", "appointment_id": 301, "patient_id": 2002}))
@@ -113,7 +103,7 @@ async def test_seed_confirm_raced_by_sms_ends_confirmed_and_succeeded(stack: Sta
 
 
 async def test_the_same_command_three_times_is_applied_once(stack: Stack, sandbox: Any) -> None:
-    seed(sandbox, 401)
+    seed_pending(sandbox, 401)
     command = {"type": "edit_notes", "appointment_id": 401, "notes": "once", "command_id": "dup-1"}
     for _ in range(3):
         await stack.send(dict(command))
@@ -127,7 +117,7 @@ async def test_the_same_command_three_times_is_applied_once(stack: Stack, sandbo
 async def test_a_thousand_interleaved_commands_keep_per_appointment_order(stack: Stack, sandbox: Any) -> None:
     ids = list(range(5001, 5051))
     for appointment_id in ids:
-        seed(sandbox, appointment_id)
+        seed_pending(sandbox, appointment_id)
     rounds = 20
     for n in range(rounds):
         for appointment_id in ids:
@@ -151,7 +141,7 @@ async def test_a_thousand_interleaved_commands_keep_per_appointment_order(stack:
 async def test_bad_input_is_dead_lettered_with_a_reason_and_the_worker_goes_on(
     stack: Stack, sandbox: Any, amqp_url: str
 ) -> None:
-    seed(sandbox, 601)
+    seed_pending(sandbox, 601)
     bad_bodies = [
         b"not json",
         b'{"type": "confirm", "appointment_id": "abc", "command_id": "x1"}',
@@ -182,8 +172,8 @@ async def test_bad_input_is_dead_lettered_with_a_reason_and_the_worker_goes_on(
 async def test_transient_pms_failures_are_retried_and_past_the_retries_the_command_waits_for_the_pms(
     stack: Stack, sandbox: Any
 ) -> None:
-    seed(sandbox, 701)
-    seed(sandbox, 702)
+    seed_pending(sandbox, 701)
+    seed_pending(sandbox, 702)
     sandbox.state.fail_next("GET /v1/appointments/{id}", 2, 503)
     recovered = await stack.result(await stack.send({"type": "confirm", "appointment_id": 701}))
     assert recovered["outcome"] == "succeeded"
@@ -204,7 +194,7 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
 ) -> None:
     ids = list(range(8001, 8011))
     for appointment_id in ids:
-        seed(sandbox, appointment_id)
+        seed_pending(sandbox, appointment_id)
     sandbox.state.set_latency(0.01)
     commands = [f"kill-{appointment_id}-{n}" for n in range(10) for appointment_id in ids]
     for command_id in commands:
@@ -235,8 +225,8 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
 
 
 async def test_appt_send_waits_for_the_result_and_exits_by_outcome(stack: Stack, sandbox: Any, amqp_url: str) -> None:
-    seed(sandbox, 901)
-    seed(sandbox, 902, state="Cancelled", appointment_cancellation_reason_id=2)
+    seed_pending(sandbox, 901)
+    seed_pending(sandbox, 902, state="Cancelled", appointment_cancellation_reason_id=2)
     env = {**os.environ, "APPT_AMQP_URL": amqp_url}
     appt = str(Path(sys.executable).with_name("appt"))
 
@@ -258,7 +248,7 @@ async def test_appt_send_waits_for_the_result_and_exits_by_outcome(stack: Stack,
 
 
 async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion(stack: Stack, sandbox: Any) -> None:
-    seed(sandbox, 951)
+    seed_pending(sandbox, 951)
     assert (await stack.result(await stack.send({"type": "confirm", "appointment_id": 951})))["outcome"] == "succeeded"
     sandbox.state.set_delete_mode("remove")  # a PMS whose DELETE removes (the default cancels)
     sandbox.state.delete(951)  # the deleted webhook is lost: nobody subscribed
@@ -270,3 +260,53 @@ async def test_a_command_on_an_appointment_deleted_upstream_records_the_deletion
     assert record is not None and record.state == "Deleted"
     last = (await stack.store.history(951))[-1]
     assert (last.from_state, last.to_state, last.source) == ("Confirmed", "Deleted", "reconcile")
+
+
+@pytest.fixture
+async def pg_stack(amqp_url: str, pg_url: str, sandbox: Any) -> AsyncIterator[Stack]:
+    """The pipeline on PostgreSQL, in a schema of this test's own (dropped after)."""
+    schema = f"appt_{uuid.uuid4().hex[:12]}"
+    try:
+        async with running_stack(amqp_url, f"{pg_url}?schema={schema}", sandbox.url) as running:
+            yield running
+    finally:
+        connection = await asyncpg.connect(pg_url)
+        try:
+            await connection.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+        finally:
+            await connection.close()
+
+
+async def test_a_failed_commit_fails_its_whole_batch_and_nothing_of_it_is_acked(pg_stack: Stack, sandbox: Any) -> None:
+    """Group commit: while every transaction holding the poisoned command fails at its COMMIT,
+    that command stays unacked and unanswered, and the commands that shared its batches are
+    retried and applied once; once COMMIT works again, the poisoned one is applied once too."""
+    for appointment_id in range(801, 831):
+        seed_pending(sandbox, appointment_id)
+    await fail_transactions_writing(pg_stack.store, "command:poison")
+    retries_before = worker_retries()
+    poison = await pg_stack.send({"type": "edit_notes", "appointment_id": 801, "notes": "late", "command_id": "poison"})
+    others = [
+        await pg_stack.send({"type": "edit_notes", "appointment_id": i, "notes": f"note {i}"}) for i in range(802, 831)
+    ]
+
+    await eventually(lambda: all(o in pg_stack.observer.results for o in others), timeout=30)
+    await asyncio.sleep(1.0)  # the poisoned command goes on failing meanwhile
+    assert poison not in pg_stack.observer.results
+    assert await pg_stack.store.inbox_get("command:poison") is None
+    # Neither acked nor parked nor dead-lettered: the broker still holds it, so it comes back.
+    assert await pg_stack.store.parked_head("default", 801) is None and not pg_stack.observer.dead
+    assert worker_retries() > retries_before  # batches did fail
+
+    await stop_failing_transactions(pg_stack.store)
+    assert (await pg_stack.result(poison, timeout=30))["outcome"] == "succeeded"  # not sent again
+    assert {pg_stack.observer.results[o]["outcome"] for o in others} == {"succeeded"}
+    assert all(pg_stack.observer.result_counts[o] == 1 for o in [poison, *others])
+    # Applied once each: a retry after a failed batch finds its write done (a fresh GET), and answers.
+    assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 30
+    assert [sandbox.state.get(i)["notes"] for i in range(802, 831)] == [f"note {i}" for i in range(802, 831)]
+    assert sandbox.state.get(801)["notes"] == "late"
+
+
+def worker_retries() -> float:
+    return metrics.REGISTRY.get_sample_value("appt_retries_total", {"where": "worker"}) or 0.0

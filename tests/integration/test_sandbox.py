@@ -258,6 +258,16 @@ async def test_create_requires_the_slot_and_defaults_to_pending(
     assert created["id"] >= 900_000_000 and len(created["uuid"]) == 36
 
 
+async def test_a_created_appointment_never_takes_a_seeded_id(
+    http: aiohttp.ClientSession, sandbox: RunningSandbox
+) -> None:
+    seeded = sandbox.state.seed([slot(id=900_000_000, notes="seeded"), slot(id=900_000_001, notes="seeded")])
+    status, body, _ = await call(http, sandbox, "POST", "/v1/appointments", {"appointment": slot()})
+    assert status == 201
+    assert body["appointment"]["id"] not in {a["id"] for a in seeded}
+    assert [sandbox.state.get(a["id"])["notes"] for a in seeded] == ["seeded", "seeded"]
+
+
 async def test_a_body_without_the_appointment_wrapper_is_refused(
     http: aiohttp.ClientSession, sandbox: RunningSandbox
 ) -> None:

@@ -8,6 +8,7 @@ skipped shared-store suite would hide exactly the bugs scale-out depends on.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
@@ -36,6 +37,7 @@ from consumer.store import (
 from consumer.store.postgres import PostgresStore
 from consumer.store.sqlite import SqliteStore
 from tests.conftest import PG_URL
+from tests.helpers import fail_transactions_writing
 
 StoreFactory = Callable[[], Store]
 
@@ -730,3 +732,88 @@ async def test_a_replay_result_supersedes_the_original_entry(store: Store) -> No
     assert await store.inbox_get("c-9") == InboxEntry("c-9", {"outcome": "succeeded"})
     with pytest.raises(StaleVersion):  # a second copy of the same replay is a duplicate
         await store.commit(Commit(inbox=InboxEntry("c-9#replay-1", {"outcome": "succeeded"})))
+
+
+async def test_a_stale_commit_in_a_batch_fails_alone_and_the_others_commit(store: Store) -> None:
+    """Group commit: one transaction, a savepoint per commit."""
+    await store.commit(Commit(appointment=appointment(1), inbox=InboxEntry("taken")))
+
+    outcomes = await store.commit_batch(
+        [
+            Commit(appointment=appointment(2), logs=[log(2)], inbox=InboxEntry("m2")),
+            Commit(appointment=appointment(1, version=5, state="Confirmed"), logs=[log(1)], inbox=InboxEntry("stale")),
+            Commit(appointment=appointment(3), inbox=InboxEntry("taken")),  # a duplicate inbox id
+            Commit(appointment=appointment(4), logs=[log(4)], inbox=InboxEntry("m4")),
+        ]
+    )
+
+    assert [type(o).__name__ for o in outcomes] == ["list", "StaleVersion", "StaleVersion", "list"]
+    assert await store.get_appointment(2) == appointment(2, version=1)
+    assert await store.get_appointment(4) == appointment(4, version=1)
+    assert [r.appointment_id for r in await store.history(2)] == [2]
+    assert await store.inbox_get("m2") is not None and await store.inbox_get("m4") is not None
+    assert await store.get_appointment(1) == appointment(1, version=1)
+    assert await store.history(1) == []
+    assert await store.inbox_get("stale") is None
+    assert await store.get_appointment(3) is None
+
+
+async def test_commits_made_together_fail_alone_when_stale(store: Store) -> None:
+    await store.commit(Commit(appointment=appointment(1)))
+
+    outcomes = await asyncio.gather(
+        *(store.commit(Commit(appointment=appointment(i), inbox=InboxEntry(f"m{i}"))) for i in range(1, 6)),
+        return_exceptions=True,
+    )
+
+    assert [type(o).__name__ for o in outcomes] == ["StaleVersion", "list", "list", "list", "list"]
+    assert [await store.get_appointment(i) for i in range(1, 6)] == [appointment(i, version=1) for i in range(1, 6)]
+    assert await store.inbox_get("m1") is None
+
+
+async def test_a_failed_transaction_fails_every_commit_of_its_batch_and_writes_none(store: Store) -> None:
+    await fail_transactions_writing(store, "poison")
+    batch = [Commit(appointment=appointment(i), logs=[log(i)], inbox=InboxEntry(f"m{i}")) for i in (1, 2)]
+
+    outcomes = await asyncio.gather(
+        store.commit(batch[0]),
+        store.commit(Commit(inbox=InboxEntry("poison"))),
+        store.commit(batch[1]),
+        return_exceptions=True,
+    )
+
+    # The two good commits fail too: they shared the transaction, so nothing of theirs is durable.
+    assert all(isinstance(o, StoreUnavailable | sqlite3.IntegrityError) for o in outcomes), outcomes
+    for i in (1, 2):
+        assert await store.get_appointment(i) is None
+        assert await store.inbox_get(f"m{i}") is None
+        assert await store.history(i) == []
+    # Retried without the failing one, the batch commits whole.
+    assert [type(o).__name__ for o in await store.commit_batch(batch)] == ["list", "list"]
+    assert await store.get_appointment(2) == appointment(2, version=1)
+
+
+async def test_seen_reads_the_inbox_entry_the_record_and_the_oldest_parked_message_at_once(store: Store) -> None:
+    nothing = await store.seen("m1", "default", 1)
+    assert (nothing.inbox, nothing.record, nothing.parked_head) == (None, None, None)
+
+    await store.commit(
+        Commit(appointment=appointment(1, data={"notes": "x"}), inbox=InboxEntry("m1", {"outcome": "succeeded"}))
+    )
+    await store.commit(Commit(inbox=InboxEntry("m2")))
+    for message_id in ("p1", "p2"):
+        await store.park(ParkedMessage("default", 1, message_id, b"{}", "waiting"))
+    await store.park(ParkedMessage("north", 1, "p0", b"{}", "waiting"))
+
+    seen = await store.seen("m1", "default", 1)
+    assert seen.inbox == await store.inbox_get("m1")
+    assert seen.record == await store.get_appointment(1)
+    assert seen.parked_head == await store.parked_head("default", 1)
+    assert seen.parked_head is not None and seen.parked_head[1] == "p1"
+    assert (await store.seen("m2", "default", 2)).inbox == InboxEntry("m2")  # seen, with no result
+    elsewhere = await store.seen("m1", "north", 1)
+    assert (elsewhere.inbox, elsewhere.record, elsewhere.parked_head[1] if elsewhere.parked_head else None) == (
+        None,
+        None,
+        "p0",
+    )

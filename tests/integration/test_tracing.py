@@ -28,7 +28,7 @@ from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually
+from tests.helpers import eventually, seed_pending
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_dHJhY2luZy10ZXN0LXNlY3JldC10cmFjaW5n"
@@ -64,23 +64,6 @@ async def webhook_url(stack: Stack) -> AsyncIterator[str]:
     await site.start()
     yield f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/pms"
     await runner.cleanup()
-
-
-def seed(sandbox: Any, appointment_id: int, **fields: Any) -> None:
-    sandbox.state.seed(
-        [
-            {
-                "id": appointment_id,
-                "patient_id": 1013,
-                "practitioner_id": 1,
-                "start_time": "2030-01-02T09:00:00Z",
-                "finish_time": "2030-01-02T09:30:00Z",
-                "reason": "Exam",
-                "state": "Pending",
-                **fields,
-            }
-        ]
-    )
 
 
 async def post_webhook(url: str, appointment: dict[str, Any]) -> None:
@@ -119,7 +102,7 @@ def one(spans: list[ReadableSpan], kind: SpanKind, name: str) -> ReadableSpan:
 async def test_a_signed_webhook_and_the_pms_call_it_causes_are_one_trace(
     spans: InMemorySpanExporter, stack: Stack, sandbox: Any, webhook_url: str
 ) -> None:
-    seed(sandbox, 2101, state="Confirmed")
+    seed_pending(sandbox, 2101, state="Confirmed")
     await post_webhook(webhook_url, {"id": 2101, "state": "Cancelled", "updated_at": ago(2)})
     await eventually(lambda: stack.store.get_appointment(2101))
     spans.clear()
@@ -149,7 +132,7 @@ async def test_a_signed_webhook_and_the_pms_call_it_causes_are_one_trace(
 async def test_a_command_with_a_traceparent_continues_the_callers_trace_to_its_result(
     spans: InMemorySpanExporter, stack: Stack, sandbox: Any
 ) -> None:
-    seed(sandbox, 2201)
+    seed_pending(sandbox, 2201)
     channel = await stack.broker.channel()  # a client of our own, not the service's Broker
     exchange = await channel.get_exchange(INBOUND_EXCHANGE)
     await exchange.publish(

@@ -18,7 +18,7 @@ from consumer.reconciler import reconcile_once
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually, starts_in
+from tests.helpers import eventually, seed_pending, starts_in
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_" + base64.b64encode(b"webhook-flow-test-secret").decode()
@@ -52,19 +52,6 @@ async def receiver(stack: Stack, sandbox: Any) -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-def seed(sandbox: Any, appointment_id: int, **fields: Any) -> dict[str, Any]:
-    defaults = {
-        "id": appointment_id,
-        "patient_id": 1013,
-        "practitioner_id": 1,
-        "start_time": "2030-01-02T09:00:00Z",
-        "finish_time": "2030-01-02T09:30:00Z",
-        "reason": "Exam",
-        "state": "Pending",
-    }
-    return sandbox.state.seed([{**defaults, **fields}])[0]  # type: ignore[no-any-return]
-
-
 async def stored_state(stack: Stack, appointment_id: int) -> str | None:
     record = await stack.store.get_appointment(appointment_id)
     return record.state if record else None
@@ -73,7 +60,7 @@ async def stored_state(stack: Stack, appointment_id: int) -> str | None:
 async def test_a_confirmation_behind_our_back_arrives_by_webhook_within_a_second(
     stack: Stack, sandbox: Any, receiver: str
 ) -> None:
-    seed(sandbox, 1201)
+    seed_pending(sandbox, 1201)
     await eventually(lambda: stored_state(stack, 1201))
 
     started = time.monotonic()
@@ -93,7 +80,7 @@ async def _is(value: Any, expected: Any) -> bool:
 async def test_a_broker_outage_answers_503_and_the_pms_retry_delivers_later(
     stack: Stack, sandbox: Any, receiver: str, amqp_url: str
 ) -> None:
-    seed(sandbox, 1301)
+    seed_pending(sandbox, 1301)
     await eventually(lambda: stored_state(stack, 1301))
     publisher = stack.broker
     await publisher.close()  # the receiver's broker is gone: webhooks must not be acknowledged
@@ -112,7 +99,7 @@ async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(stack: Stack, s
     sandbox.state.unsubscribe(receiver)  # we deliver by hand, in a hostile order
     ids = list(range(1401, 1421))
     for appointment_id in ids:
-        seed(sandbox, appointment_id, patient_id=None)
+        seed_pending(sandbox, appointment_id, patient_id=None)
     bodies: list[tuple[str, bytes]] = []
     moves = [
         {"notes": "a"},
@@ -164,7 +151,7 @@ async def test_shuffled_duplicated_webhooks_end_in_the_pms_state(stack: Stack, s
 async def test_the_reconciler_alone_catches_up_dropped_webhooks(stack: Stack, sandbox: Any, receiver: str) -> None:
     ids = list(range(1501, 1511))
     for appointment_id in ids:
-        seed(sandbox, appointment_id, **starts_in(1))  # polling reads the coming days
+        seed_pending(sandbox, appointment_id, **starts_in(1))  # polling reads the coming days
     await eventually(lambda: _all_stored(stack, ids))
     await reconcile_once(stack.pms, stack.broker, stack.store)  # nothing new: webhooks brought it all
     sandbox.state.drop_webhooks(True)

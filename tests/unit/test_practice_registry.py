@@ -131,6 +131,23 @@ async def test_a_reload_that_cannot_read_a_token_changes_nothing(tmp_path: Path)
     await practices.close()
 
 
+async def test_a_wait_is_alerted_once_until_the_pms_answers_the_practice_again() -> None:
+    """The worker writes the error line when ``wait`` says a wait started: a probe that meets the
+    same refusal goes on with that wait; only an answer from the PMS ends it."""
+    practices = Practices(load_configs(Settings()), client_factory(Settings()))
+    practice = practices.get("default")
+
+    assert practice.wait("token_refused", 5.0, "401") is True
+    practice.resume()  # a probe lets its parked messages try again
+    practice.pms.on_response("DELETE", "DELETE /v1/appointments/{id}", 401)  # type: ignore[misc]
+    assert practice.wait("token_refused", 10.0, "401") is False
+    practice.resume()
+    practice.pms.on_response("GET", "GET /v1/appointments/{id}", 200)  # type: ignore[misc]
+    assert (practice.status, practice.unanswered) == ("ok", False)
+    assert practice.wait("unreachable", 15.0, "503") is True  # a new wait, alerted again
+    await practices.close()
+
+
 def test_commands_name_their_practice_and_the_routing_key_carries_it() -> None:
     bare = COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9})
     north = COMMAND.validate_python({"type": "confirm", "command_id": "c", "appointment_id": 9, "practice": "north"})

@@ -34,6 +34,7 @@ def test_secrets_are_a_comma_or_space_separated_list(monkeypatch: pytest.MonkeyP
         ("APPT_INBOX_RETENTION", "-1"),
         ("APPT_STATE_LOG_RETENTION", "3600"),  # shorter than the inbox's 7 days
         ("APPT_PRUNE_BATCH", "0"),
+        ("APPT_PRACTICE_PROBE_INTERVAL", "0"),
     ],
 )
 def test_a_bad_value_names_the_variable(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
