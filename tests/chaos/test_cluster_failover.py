@@ -6,9 +6,10 @@ ports, data directories and cookie), never the machine's shared broker. `appt se
 three nodes as its address list and declares the partition queues first, so they are quorum queues
 replicated on the three and led by the node it is connected to (RabbitMQ's default leader locator
 is client-local): the first node killed is both the queues' leader and the service's own node, so
-its consumers and publisher must move to a survivor while the queues elect a new leader. The long
-form kills five times, each time the service's node again if it leads a queue, else the node
-leading the most (the service then keeps its connection and loses only the leaders). The load is
+its consumers and publisher must move to a survivor while the queues elect a new leader. Later
+kills (one more in the default run, four in the long form) take the service's node again if it
+leads a queue, else the node leading the most (the service then keeps its connection and loses
+only the leaders). The load is
 the kill -9 test's (commands of two practices, PMS-side changes announced by webhooks, polling);
 the test's own publisher resends what the broker did not confirm, as any client would.
 """
@@ -132,7 +133,7 @@ async def kill_and_bring_back(cluster: RabbitCluster, collector: Collector, sent
     it again (after DOWN_FOR at least)."""
     answered = len(collector.results)
     await wait_for(lambda: len(collector.results) >= answered + 50, 30)
-    service_node = (await asyncio.to_thread(cluster.connection_nodes, 1, SERVICE_CONNECTION))[0]
+    service_node = await connected_node(cluster)
     leaders = list((await asyncio.to_thread(cluster.leaders, 1)).values())
     victim = service_node if service_node in leaders else max(leaders, key=leaders.count)
     killed = time.monotonic()
@@ -145,6 +146,15 @@ async def kill_and_bring_back(cluster: RabbitCluster, collector: Collector, sent
     await asyncio.sleep(max(0.0, killed + DOWN_FOR - time.monotonic()))
     await asyncio.to_thread(cluster.start_node, victim)
     return Kill(victim, leaders.count(victim), victim == service_node, recovery, time.monotonic() - killed)
+
+
+async def connected_node(cluster: RabbitCluster) -> int:
+    """The node the service is connected to, once it is connected (it may be reconnecting)."""
+    deadline = time.monotonic() + 30
+    while not (nodes := await asyncio.to_thread(cluster.connection_nodes, 1, SERVICE_CONNECTION)):
+        assert time.monotonic() < deadline, "the service has no connection to the cluster"
+        await asyncio.sleep(0.5)
+    return nodes[0]
 
 
 async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_nothing_twice(
@@ -169,7 +179,7 @@ async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_not
             stop = asyncio.Event()
             load = asyncio.create_task(mixed_load(broker, {"default": pms, "north": north}, ids, rng, sent, stop))
             try:
-                for _ in range(scaled(1, 5)):
+                for _ in range(scaled(2, 5)):
                     kills.append(await kill_and_bring_back(cluster, collector, sent))
             finally:
                 stop.set()
