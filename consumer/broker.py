@@ -9,6 +9,7 @@ silent drop) and bounded in time (a publish during an outage must not hang).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -114,6 +115,7 @@ class Broker:
         self._publish_timeout = publish_timeout
         self._connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._renewing = asyncio.Lock()
         self._consume_channel: AbstractChannel | None = None
         self._dead_channel: AbstractChannel | None = None
         # Strong references: aio-pika's robust objects are restored only while referenced.
@@ -197,12 +199,13 @@ class Broker:
         stays bounded without that wait: every caller still waits for its
         confirm, at most ``publish_timeout``.
         """
-        if self._publish_channel is None or not self.connected:
+        publish_channel = self._publish_channel
+        if publish_channel is None or not self.connected:
             raise PublishFailed("not connected to the broker")
         try:
             # The bound covers waiting for a robust channel to come back, too.
             async with asyncio.timeout(self._publish_timeout):
-                channel = cast(aiormq.Channel, await self._publish_channel.get_underlay_channel())
+                channel = cast(aiormq.Channel, await publish_channel.get_underlay_channel())
                 # A nack, or a return (mandatory + on_return_raises), raises here.
                 with tracing.publish_span(exchange, routing_key, properties):
                     await channel.basic_publish(
@@ -213,15 +216,40 @@ class Broker:
                         mandatory=mandatory,
                         wait=False,
                     )
+        except DeliveryError as exc:  # a nack, or a return (PublishError) of an unroutable message
+            if not isinstance(exc, PublishError):
+                await self._renew_publish_channel(publish_channel)
+            raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
         except (
             AMQPError,
             ChannelInvalidStateError,
-            PublishError,
-            DeliveryError,
             TimeoutError,
             ConnectionError,
         ) as exc:  # ChannelInvalidStateError: mid-reconnect
             raise PublishFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _renew_publish_channel(self, nacked: AbstractChannel) -> None:
+        """Publish on a fresh channel from now on, after ``nacked`` had a message nacked.
+
+        A channel that reconnects to a survivor while a quorum queue's leader is dying (the
+        service's own node killed: the common failover case) can keep a stale idea of that
+        queue's leader: RabbitMQ 3.10 then nacks every later publish to the queue on that
+        channel, for as long as the old leader stays down, while a new channel on the same
+        connection publishes fine (tests/chaos/test_cluster_failover.py). The nacked message
+        itself is resent by its publisher (PublishFailed), now on the new channel.
+        """
+        async with self._renewing:
+            if self._publish_channel is not nacked or self._connection is None:
+                return  # renewed already by a publish nacked at the same time
+            try:
+                async with asyncio.timeout(self._publish_timeout):
+                    self._publish_channel = await self._connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+            except (AMQPError, ChannelInvalidStateError, TimeoutError, ConnectionError):
+                return  # the connection is going: its reconnect restores the old channel
+        with contextlib.suppress(AMQPError, ChannelInvalidStateError, ConnectionError, RuntimeError):
+            await nacked.close()
 
     async def publish_inbound(
         self,

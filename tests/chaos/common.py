@@ -22,7 +22,15 @@ import aio_pika
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
-from consumer.broker import DEAD_EXCHANGE, EVENTS_EXCHANGE, REASON_HEADER, Broker, PublishFailed
+from consumer.broker import (
+    DEAD_EXCHANGE,
+    EVENTS_EXCHANGE,
+    REASON_HEADER,
+    Broker,
+    PublishFailed,
+    broker_addresses,
+    connect_failover,
+)
 from consumer.messages import DEFAULT_PRACTICE
 from consumer.store.base import Store
 
@@ -152,23 +160,26 @@ class Collector:
 
 
 @contextlib.asynccontextmanager
-async def collecting(amqp_url: str) -> AsyncIterator[Collector]:
+async def collecting(amqp_url: str, *, replicated: bool = False) -> AsyncIterator[Collector]:
     """Bind durable queues to appointments.events and appointments.dead, for the block's life.
 
-    Durable and robust, so it outlives a killed service and a broker restart.
+    Durable and robust, so it outlives a killed service and a broker restart. On a cluster
+    (``amqp_url`` an address list), ``replicated`` makes them quorum queues, so the results
+    outlive the loss of any one node too (the connection fails over like the service's).
     """
     declaring = Broker(amqp_url)
     await declaring.connect()  # the topology must exist before we bind to it
     await declaring.close()
     collector = Collector()
-    connection = await aio_pika.connect_robust(amqp_url)
+    connection = await connect_failover(broker_addresses(amqp_url), timeout=10)
+    arguments = {"x-queue-type": "quorum"} if replicated else None
     try:
         channel = await connection.channel()
-        events = await channel.declare_queue("chaos.events", durable=True)
+        events = await channel.declare_queue("chaos.events", durable=True, arguments=arguments)
         await events.bind(EVENTS_EXCHANGE, routing_key="#")
         await events.consume(collector.on_event)
         # A copy of each dead letter: appointments.dead itself is the service's collector's intake.
-        dead = await channel.declare_queue("chaos.dead", durable=True)
+        dead = await channel.declare_queue("chaos.dead", durable=True, arguments=arguments)
         await dead.bind(DEAD_EXCHANGE)
         await dead.consume(collector.on_dead)
         yield collector

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import pytest
 from aio_pika.exceptions import AMQPConnectionError
 
-from consumer.broker import Broker, broker_addresses
+from consumer.broker import EVENTS_EXCHANGE, Broker, PublishFailed, broker_addresses
 from tests.chaos.common import applied_twice, publish_until_confirmed, random_command, seed_slots
 from tests.conftest import RABBIT_PORT
 from tests.helpers import TcpRelay, eventually, free_port
@@ -99,3 +99,24 @@ async def test_publisher_and_pipeline_fail_over_when_their_node_goes_under_load(
         )
     assert second.connections >= 2, "the service and the publisher reconnected through the second address"
     assert lost == [] and twice == [] and stack.observer.dead == []
+
+
+async def test_a_nacked_publish_moves_publishing_to_a_fresh_channel(amqp_url: str) -> None:
+    """A channel restored on a survivor while a quorum queue's leader dies can go on nacking
+    that queue's publishes (RabbitMQ 3.10, tests/chaos/test_cluster_failover.py). A nack here
+    comes from a queue that refuses everything; the broker must leave the channel that had it."""
+    broker = Broker(amqp_url)
+    await broker.connect(timeout=5)
+    try:
+        channel = await broker.channel()
+        refusing = await channel.declare_queue(
+            "", exclusive=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+        )
+        await refusing.bind(EVENTS_EXCHANGE, routing_key="refused")
+        nacked = broker._publish_channel
+        with pytest.raises(PublishFailed, match="Nack"):
+            await broker.publish_event("refused", b"{}", message_id="m1")
+        assert broker._publish_channel is not nacked and nacked is not None and nacked.is_closed
+        await broker.publish_event("accepted", b"{}", message_id="m2")  # confirmed on the fresh channel
+    finally:
+        await broker.close()
