@@ -29,7 +29,7 @@ from consumer.messages import StateLogRecord
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.store.base import open_store
 from tests.e2e.processes import ServiceProcess, service_env
-from tests.helpers import eventually
+from tests.helpers import eventually, seed_pending
 
 APPOINTMENTS = list(range(7001, 7041))
 ROUNDS = 10
@@ -77,19 +77,7 @@ async def pms() -> AsyncIterator[RunningSandbox]:
     """A sandbox with budget to spare, so the client's hourly pacing never slows the run."""
     async with running_sandbox(port=0, rate_limit=100_000) as sandbox:
         for appointment_id in APPOINTMENTS:
-            sandbox.state.seed(
-                [
-                    {
-                        "id": appointment_id,
-                        "patient_id": 1013,
-                        "practitioner_id": 1,
-                        "start_time": "2030-01-02T09:00:00Z",
-                        "finish_time": "2030-01-02T09:30:00Z",
-                        "reason": "Exam",
-                        "state": "Pending",
-                    }
-                ]
-            )
+            seed_pending(sandbox, appointment_id)
         yield sandbox
 
 
