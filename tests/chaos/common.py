@@ -1,24 +1,31 @@
-"""What the chaos tests share: the short/long scale, load shapes, and the end-state checks.
+"""What the chaos tests share: the short/long scale, load shapes, the service under chaos, and
+the end-state checks.
 
 The checks read the sandbox (the PMS's truth) and the store (the service's
 belief) after the chaos, so each test states its invariants in a few lines.
+The two-practice harness (seed both PMSs, start one `appt serve` for both, run the mixed load,
+settle, compute the figures) is the kill -9 test's; the store-outage and cluster tests reuse it
+so their figures mean the same.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import random
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import pytest
 from aio_pika.exceptions import ChannelInvalidStateError
 
@@ -32,7 +39,9 @@ from consumer.broker import (
     connect_failover,
 )
 from consumer.messages import DEFAULT_PRACTICE
+from consumer.sandbox import RunningSandbox
 from consumer.store.base import Store
+from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
 
 LONG = os.environ.get("APPT_CHAOS_LONG") == "1"
 # Tomorrow from 08:00 UTC: inside the reconciler's polled windows (its near window, every cycle),
@@ -41,11 +50,21 @@ BASE_START = datetime.now(UTC).replace(hour=8, minute=0, second=0, microsecond=0
 
 # Long runs take minutes; the short ones stay under pytest's default 120 s.
 chaos_marks = [pytest.mark.chaos, pytest.mark.timeout(1800 if LONG else 120)]
+BURST_CHANCE = 0.05  # per tick of the mixed load: 10-40 commands back to back
+# A store outage: longer than a message's whole transient-retry budget in service_env (5
+# deliveries, 0.2 s x delivery number between them, plus the worker's in-place retries), so a
+# store failure counted as an ordinary transient one would dead-letter messages.
+STORE_DOWN_FOR = 8.0
 
 
 def scaled(short: int, long: int) -> int:
     """The short figure in the default run, the long one under APPT_CHAOS_LONG=1."""
     return long if LONG else short
+
+
+def chaos_seed() -> int:
+    """APPT_CHAOS_SEED to replay a run's random choices, else a fresh seed (each test prints it)."""
+    return int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
 
 
 def _iso(moment: datetime) -> str:
@@ -69,6 +88,43 @@ def seed_slots(sandbox: Any, count: int, *, first_id: int = 1001) -> list[int]:
             }
         )
     return [a["id"] for a in sandbox.state.seed(appointments)]
+
+
+def seed_both(pms: RunningSandbox, north: RunningSandbox, count: int) -> list[int]:
+    """``count`` slots seeded alike in both practices' PMSs (so the same appointment ids): the ids."""
+    ids = seed_slots(pms, count)
+    assert seed_slots(north, count) == ids
+    return ids
+
+
+def practices_file(path: Path, pms: RunningSandbox, north: RunningSandbox) -> Path:
+    """The two practices, ``default`` and ``north``, each on its own PMS with its own token."""
+    path.write_text(
+        f'[practices.default]\npms_url = "{pms.url}"\ntoken = "sandbox-token"\nwebhook_secrets = ["{SECRET}"]\n\n'
+        f'[practices.north]\npms_url = "{north.url}"\ntoken = "north-token"\nwebhook_secrets = ["{SECRET}"]\n'
+    )
+    return path
+
+
+def two_practice_service(
+    store_url: str, amqp_url: str, tmp_path: Path, pms: RunningSandbox, north: RunningSandbox, **extra: str
+) -> ServiceProcess:
+    """An `appt serve` (not started) for both practices on ``store_url``, each PMS's webhooks
+    subscribed to it; catch-up polling every 2 s, part of the chaos and what heals a webhook lost
+    in a kill. ``extra`` adds APPT_* variables."""
+    env = service_env(
+        pms_url=pms.url,
+        store=store_url,
+        amqp_url=amqp_url,
+        APPT_RECONCILE_INTERVAL="2",
+        APPT_LOG_LEVEL="WARNING",
+        APPT_PMS_TIMEOUT="5",
+        APPT_PRACTICES_FILE=str(practices_file(tmp_path / "practices.toml", pms, north)),
+    )
+    service = ServiceProcess({**env, **extra}, tmp_path)
+    pms.state.subscribe(f"{service.url}/webhooks/pms", SECRET)
+    north.state.subscribe(f"{service.url}/webhooks/pms/north", SECRET)
+    return service
 
 
 def random_command(rng: random.Random, appointment_ids: list[int], *, reassign: bool = True) -> dict[str, Any]:
@@ -122,6 +178,67 @@ async def publish_until_confirmed(broker: Broker, command: dict[str, Any], *, gi
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)
+
+
+async def mixed_load(
+    broker: Broker,
+    sandboxes: dict[str, RunningSandbox],
+    ids: list[int],
+    rng: random.Random,
+    sent: list[str],
+    stop: asyncio.Event,
+    last_notes: dict[int, str] | None = None,
+) -> None:
+    """Commands on the queue and PMS-side changes (which the PMS announces by webhook), one in
+    four to the second practice (same appointment ids, its own PMS). If given ``last_notes``, every
+    tick also edits the notes of one of its appointments (nothing else touches them), remembering the
+    last notes sent to each.
+
+    A trickle with a burst now and then: the service drains a trickle as fast
+    as it comes, and a kill must also land while a backlog is being worked.
+    """
+    tick = 0
+    while not stop.is_set():
+        for _ in range(rng.randint(10, 40) if rng.random() < BURST_CHANCE else 1):
+            practice = "north" if rng.random() < 0.25 else "default"
+            command = {**random_command(rng, ids), "practice": practice}
+            await publish_until_confirmed(broker, command)
+            sent.append(command["command_id"])
+        if last_notes:
+            ordered = rng.choice(list(last_notes))
+            notes, command_id = f"edit {tick}", f"ordered-{uuid.uuid4().hex[:12]}"
+            edit = {"type": "edit_notes", "appointment_id": ordered, "notes": notes, "command_id": command_id}
+            await publish_until_confirmed(broker, edit)
+            sent.append(command_id)
+            last_notes[ordered] = notes
+        if tick % 3 == 0:
+            pms_side_change(rng, sandboxes["north" if tick % 12 == 0 else "default"], ids)
+        tick += 1
+        await asyncio.sleep(rng.uniform(0.005, 0.04))
+
+
+async def wait_for(check: Callable[[], Any], timeout: float) -> bool:
+    """Like eventually(), but answers False instead of raising, so the figures still print."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.2)
+
+
+async def readyz_is(service: ServiceProcess, status: int) -> bool:
+    """Whether the service's ``/readyz`` answers ``status`` now (no answer at all never matches)."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as http:
+            async with http.get(f"{service.url}/readyz") as response:
+                return response.status == status
+    except (aiohttp.ClientError, TimeoutError):
+        return False
 
 
 @dataclass
@@ -253,3 +370,63 @@ async def state_mismatches(
         if record is not None and record.state != "Deleted":
             found.append(f"{appointment_id}: store {record.state} pms deleted")
     return found
+
+
+def deleted_ids(sandbox: RunningSandbox) -> set[int]:
+    """The appointments the PMS deleted (it announced each by an ``appointment.deleted`` webhook)."""
+    return {d.appointment_id for d in sandbox.state.deliveries if d.type == "appointment.deleted"}
+
+
+async def settle(
+    collector: Collector,
+    sent: list[str],
+    pms: RunningSandbox,
+    north: RunningSandbox,
+    store: Store,
+    service: ServiceProcess,
+    *,
+    timeout: float,
+) -> bool:
+    """Wait for every result, every webhook delivered, one `appt reconcile` (with the service's
+    environment), then the store to agree with both PMSs. False if any wait ran out, so the figures
+    still print."""
+    answered = await wait_for(lambda: not collector.lost(sent), timeout)
+    delivered = await wait_for(lambda: pms.state.webhooks.pending() == north.state.webhooks.pending() == 0, 30)
+    reconcile = AppProcess(["reconcile"], service.env, service.log_dir, "reconcile", "")
+    assert await reconcile.start().wait_exit(60) == 0, reconcile.tail()
+
+    async def agreed() -> bool:
+        return not (
+            await state_mismatches(pms, store, deleted_ids(pms))
+            or await state_mismatches(north, store, deleted_ids(north), "north")
+        )
+
+    return answered and delivered and await wait_for(agreed, 30)
+
+
+async def final_figures(
+    collector: Collector, sent: list[str], pms: RunningSandbox, north: RunningSandbox, store: Store, ids: list[int]
+) -> dict[str, Any]:
+    """The end-state figures (counts), and in ``details`` every invariant broken in either practice."""
+    touched = sorted({*ids, *(a["id"] for a in pms.state.all_appointments()), *deleted_ids(pms)})
+    details = {
+        "lost": collector.lost(sent),
+        "dead": collector.dead,
+        "diverging": collector.diverging(),
+        "applied_twice": await applied_twice(store, touched),
+        "mismatches": await state_mismatches(pms, store, deleted_ids(pms)),
+        "double_bookings": double_bookings(pms),
+        "orphans": await orphan_replacements(pms, store),
+    }
+    north_details = {
+        "north_mismatches": await state_mismatches(north, store, deleted_ids(north), "north"),
+        "north_double_bookings": double_bookings(north),
+        "north_orphans": await orphan_replacements(north, store),
+    }
+    figures: dict[str, Any] = {name: len(found) for name, found in details.items()}
+    figures["details"] = {name: found for name, found in {**details, **north_details}.items() if found}
+    figures["events"] = len(collector.logs) + sum(len(r) for r in collector.results.values())
+    figures["duplicated"] = collector.duplicated()
+    figures["anomalies"] = collector.anomalies()
+    figures["sagas"] = dict(Counter(w.state for w in await store.list_workflows()))
+    return figures

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import subprocess
 import time
@@ -31,14 +30,24 @@ from typing import Any
 import pytest
 
 from consumer.broker import Broker, partition_queue
+from consumer.sandbox import RunningSandbox
 from consumer.store.base import open_store
-from tests.chaos.common import Collector, chaos_marks, collecting, scaled
-from tests.chaos.test_kill9 import mixed_load, north, pms, wait_for
-from tests.chaos.test_postgres_restart import kill9_service, settled_figures
+from tests.chaos.common import (
+    Collector,
+    chaos_marks,
+    chaos_seed,
+    collecting,
+    final_figures,
+    mixed_load,
+    scaled,
+    seed_both,
+    settle,
+    two_practice_service,
+    wait_for,
+)
 from tests.helpers import free_port
 
 pytestmark = chaos_marks
-__all__ = ["north", "pms"]  # the fixtures, shared with the kill -9 test
 SERVICE_CONNECTION = "chaos-cluster-service"  # the service's connection name, to find its node
 DOWN_FOR = 5.0  # seconds the killed node stays down, under load
 
@@ -158,15 +167,16 @@ async def connected_node(cluster: RabbitCluster) -> int:
 
 
 async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_nothing_twice(
-    cluster: RabbitCluster, tmp_path: Path, pms: Any, north: Any
+    cluster: RabbitCluster, tmp_path: Path, pms: RunningSandbox, north: RunningSandbox
 ) -> None:
-    seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
+    seed = chaos_seed()
     rng = random.Random(seed)
     # A quick reconnect (aio-pika waits 5 s after a short-lived connection by default), and a
     # connection name by which the service's node is found.
     service_urls = cluster.urls(name=SERVICE_CONNECTION, reconnect_interval="1")
     store_url = f"sqlite:///{tmp_path / 'appt.sqlite3'}"
-    ids, env, service = kill9_service(store_url, service_urls, tmp_path, pms, north)
+    ids = seed_both(pms, north, scaled(16, 60))
+    service = two_practice_service(store_url, service_urls, tmp_path, pms, north)
     store = open_store(store_url)
     sent: list[str] = []
     kills: list[Kill] = []
@@ -186,7 +196,8 @@ async def test_killing_the_leader_and_service_node_loses_nothing_and_applies_not
                 await load
                 await broker.close()
             await store.open()
-            figures = await settled_figures(collector, sent, pms, north, store, ids, env, tmp_path)
+            await settle(collector, sent, pms, north, store, service, timeout=scaled(90, 300))
+            figures = await final_figures(collector, sent, pms, north, store, ids)
             same_process = service.starts == 1 and service.running
     finally:
         await service.terminate()

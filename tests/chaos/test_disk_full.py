@@ -18,18 +18,28 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from consumer.broker import Broker
+from consumer.sandbox import RunningSandbox
 from consumer.store.base import open_store
-from tests.chaos.common import chaos_marks, collecting
-from tests.chaos.test_kill9 import mixed_load, north, pms, wait_for
-from tests.chaos.test_postgres_restart import DOWN_FOR, _is, kill9_service, readiness, settled_figures
+from tests.chaos.common import (
+    STORE_DOWN_FOR,
+    chaos_marks,
+    chaos_seed,
+    collecting,
+    final_figures,
+    mixed_load,
+    readyz_is,
+    scaled,
+    seed_both,
+    settle,
+    two_practice_service,
+    wait_for,
+)
 
 pytestmark = chaos_marks
-__all__ = ["north", "pms"]  # the fixtures, shared with the kill -9 test
 DISK_SIZE = "16m"
 
 
@@ -63,12 +73,13 @@ def fill(path: Path) -> int:
 
 
 async def test_full_disk_under_load_holds_messages_and_resumes_when_space_returns(
-    amqp_url: str, tmp_path: Path, small_disk: Path, pms: Any, north: Any
+    amqp_url: str, tmp_path: Path, small_disk: Path, pms: RunningSandbox, north: RunningSandbox
 ) -> None:
-    seed = int(os.environ.get("APPT_CHAOS_SEED") or random.randrange(10**6))
+    seed = chaos_seed()
     rng = random.Random(seed)
     store_url = f"sqlite:///{small_disk / 'appt.sqlite3'}"
-    ids, env, service = kill9_service(store_url, amqp_url, tmp_path, pms, north)
+    ids = seed_both(pms, north, scaled(16, 60))
+    service = two_practice_service(store_url, amqp_url, tmp_path, pms, north)
     broker = Broker(amqp_url)
     await broker.connect()
     store = open_store(store_url)
@@ -81,19 +92,20 @@ async def test_full_disk_under_load_holds_messages_and_resumes_when_space_return
             load = asyncio.create_task(mixed_load(broker, {"default": pms, "north": north}, ids, rng, sent, stop))
             await asyncio.sleep(rng.uniform(1.0, 3.0))
             filled = await asyncio.to_thread(fill, filler)
-            not_ready_seen = await wait_for(lambda: _is(readiness(service), 503), 15)
+            not_ready_seen = await wait_for(lambda: readyz_is(service, 503), 15)
             held = await wait_for(lambda: "store unavailable" in service.log_text(), 30)
             answered_while_full = len(collector.results)
-            await asyncio.sleep(DOWN_FOR)
+            await asyncio.sleep(STORE_DOWN_FOR)
             answered_while_full = len(collector.results) - answered_while_full
             filler.unlink()
             freed = time.monotonic()
-            await wait_for(lambda: _is(readiness(service), 200), 60)
+            await wait_for(lambda: readyz_is(service, 200), 60)
             recovery = time.monotonic() - freed
             stop.set()
             await load
             await store.open()
-            figures = await settled_figures(collector, sent, pms, north, store, ids, env, tmp_path)
+            await settle(collector, sent, pms, north, store, service, timeout=scaled(90, 300))
+            figures = await final_figures(collector, sent, pms, north, store, ids)
             restarted_service = service.starts != 1 or not service.running
     finally:
         await service.terminate()
@@ -103,7 +115,7 @@ async def test_full_disk_under_load_holds_messages_and_resumes_when_space_return
             filler.unlink()
 
     print(
-        f"\nchaos disk_full disk=tmpfs:{DISK_SIZE} filled_bytes={filled} full_for_s={DOWN_FOR} "
+        f"\nchaos disk_full disk=tmpfs:{DISK_SIZE} filled_bytes={filled} full_for_s={STORE_DOWN_FOR} "
         f"commands={len(sent)} results={len(collector.results)} answered_while_full={answered_while_full} "
         f"lost={figures['lost']} applied_twice={figures['applied_twice']} dead={figures['dead']} "
         f"duplicated={figures['duplicated']} mismatches={figures['mismatches']} "
