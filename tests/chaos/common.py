@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import os
 import random
@@ -42,6 +41,7 @@ from consumer.messages import DEFAULT_PRACTICE
 from consumer.sandbox import RunningSandbox
 from consumer.store.base import Store
 from tests.e2e.processes import SECRET, AppProcess, ServiceProcess, service_env
+from tests.helpers import eventually
 
 LONG = os.environ.get("APPT_CHAOS_LONG") == "1"
 # Tomorrow from 08:00 UTC: inside the reconciler's polled windows (its near window, every cycle),
@@ -218,17 +218,12 @@ async def mixed_load(
 
 
 async def wait_for(check: Callable[[], Any], timeout: float) -> bool:
-    """Like eventually(), but answers False instead of raising, so the figures still print."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        value = check()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return True
-        if asyncio.get_running_loop().time() > deadline:
-            return False
-        await asyncio.sleep(0.2)
+    """eventually(), but answering False instead of raising, so the figures still print."""
+    try:
+        await eventually(check, timeout=timeout, interval=0.2)
+    except AssertionError:
+        return False
+    return True
 
 
 async def readyz_is(service: ServiceProcess, status: int) -> bool:
