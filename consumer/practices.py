@@ -140,9 +140,9 @@ class Practice:
     """Epoch seconds when a waiting practice is tried again (the budget reset, the next probe of a
     refused token or an unreachable PMS); None while it is served."""
     reason: str = ""
-    unanswered: bool = False
-    """Waiting, or tried again by a probe the PMS has not answered yet: a failure now is the
-    same wait going on, so it is alerted once, not at every probe."""
+    probing: bool = False
+    """Tried again (its parked messages handed back) and not answered yet: it keeps its waiting
+    status until the PMS answers, so nobody sees it ``ok`` while a probe may still fail."""
 
     def __post_init__(self) -> None:
         self._report()
@@ -151,21 +151,32 @@ class Practice:
     def waiting(self) -> bool:
         return self.status != "ok"
 
+    @property
+    def served(self) -> bool:
+        """Its messages may go to the PMS: it does not wait, or a probe is trying it."""
+        return not self.waiting or self.probing
+
     def wait(self, status: Status, retry_at: float | None, reason: str) -> bool:
-        """Start (or go on) waiting; True when the PMS had answered the practice since its last wait."""
-        started = not self.unanswered
-        self.status, self.retry_at, self.reason, self.unanswered = status, retry_at, reason, True
+        """Start (or go on) waiting; True when it was not waiting (a probe failing again goes on
+        with the same wait, so the wait is alerted once, not at every probe)."""
+        started = not self.waiting
+        self.status, self.retry_at, self.reason, self.probing = status, retry_at, reason, False
         self._report()
         return started
 
+    def probe(self) -> None:
+        """Its retry time has come: let its messages try the PMS again, still waiting."""
+        self.probing = True
+
     def answered(self, status: int) -> None:
-        """A response of the PMS to this practice: an answer (not a refusal of its token or
-        budget, nor a failure) ends its last wait, so the next one is alerted again."""
-        if 0 < status < 500 and status not in REFUSALS:
-            self.unanswered = False
+        """A response of the PMS to this practice: an answer to a probe (not a refusal of its
+        token or budget, nor a failure) ends its wait."""
+        if self.probing and 0 < status < 500 and status not in REFUSALS:
+            self.resume()
 
     def resume(self) -> None:
-        self.status, self.retry_at, self.reason = "ok", None, ""
+        """Served again: the PMS answered a probe, or nothing of it is left to probe with."""
+        self.status, self.retry_at, self.reason, self.probing = "ok", None, "", False
         self._report()
 
     def _report(self) -> None:

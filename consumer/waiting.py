@@ -80,9 +80,22 @@ class Resumer:
 
     async def resume_once(self) -> None:
         for practice in self._practices:
-            if practice.waiting and not _try_again(practice):
+            if not practice.served and not _try_again(practice):
                 continue
             await self._hand_back(practice.name)
+        await self._end_unanswerable_probes()
+
+    async def _end_unanswerable_probes(self) -> None:
+        """A probing practice whose parked messages were all processed without a PMS call (say a
+        command the domain rejected from the record) gets no answer to end its wait: nothing of it
+        waits any more, so it is served again, and the next command to fail makes it wait anew."""
+        if not any(practice.probing for practice in self._practices):
+            return
+        parked = await self._store.parked_counts()
+        for practice in self._practices:
+            if practice.probing and not parked.get(practice.name):  # still probing: no failure since the read
+                log.info("practice served again: nothing of it is left waiting", practice=practice.name)
+                practice.resume()
 
     async def _hand_back(self, practice: str) -> None:
         not_since = datetime.now(UTC) - timedelta(seconds=self._republish_after)
@@ -115,9 +128,10 @@ def _headers(message: ParkedMessage) -> dict[str, int]:
 
 
 def _try_again(practice: Practice) -> bool:
-    """A waiting practice whose reset or probe time has come is tried again."""
+    """A waiting practice whose reset or probe time has come is probed: its parked messages
+    go to the PMS again, and it stays waiting until the PMS answers one (``Practice.answered``)."""
     if practice.retry_at is None or time.time() < practice.retry_at:
         return False
-    log.info("practice tried again", practice=practice.name, was=practice.status)
-    practice.resume()
+    log.info("practice tried again", practice=practice.name, status=practice.status)
+    practice.probe()
     return True

@@ -376,10 +376,10 @@ class Worker:
             if head is None or head[0] > parked:  # handed back twice: it was processed already
                 await _settle(message.ack())
                 return "duplicate"
-            if head == (parked, key) and not practice.waiting:
+            if head == (parked, key) and practice.served:
                 return None  # its turn (and the header names this very message: it may unpark it)
             await self._store.keep_parked(parked)
-        elif head is None and not practice.waiting:
+        elif head is None and practice.served:
             return None
         else:
             await self._park(message, inbound, key, practice.reason or "behind an older parked message")

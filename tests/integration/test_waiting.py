@@ -6,7 +6,9 @@ budget window is seconds instead of the clock hour, so the reset is seen.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -134,6 +136,54 @@ async def test_a_refused_token_makes_its_practice_wait_while_the_other_flows_and
         assert [north.state.get(i)["notes"] for i in north_ids] == ["n2"] * 5  # in order: the last sent
         assert stack.observer.dead == []
         await eventually(lambda: _nothing_parked(stack))  # unparked right after the result
+
+
+async def test_a_probe_keeps_the_waiting_status_until_the_pms_answers_it(
+    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox
+) -> None:
+    """The regression: a probe showed its practice ``ok`` (the metric, GET /practices, the alert's
+    ``status!="ok"``) from the moment it handed the parked messages back, before the PMS answered,
+    and ``unreachable`` again each time the probe failed."""
+    [appointment] = seed(sandbox, 1)
+    sandbox.state.fail_next("GET /v1/appointments/{id}", 1000, 503)
+    async with running_stack(amqp_url, sqlite_url, sandbox.url, pms_retry_attempts=2) as stack:
+        practice = stack.practices.get("default")
+        statuses = ["ok"]
+
+        async def watch() -> None:
+            while True:
+                if practice.status != statuses[-1]:
+                    statuses.append(practice.status)
+                await asyncio.sleep(0.002)
+
+        watcher = asyncio.create_task(watch())
+        command_id = await stack.send({"type": "confirm", "appointment_id": appointment})
+        await eventually(lambda: practice.status == "unreachable")
+        await eventually(lambda: len(sandbox.state.calls) > 20)  # probes (every 0.2 s) keep failing
+        sandbox.state.clear_faults()
+        sandbox.state.set_latency(1.0)  # the next probe is answered, a second after it is sent
+        calls = len(sandbox.state.calls)
+        await eventually(lambda: len(sandbox.state.calls) > calls)
+        await asyncio.sleep(0.5)  # the probe in flight
+        assert practice.status == "unreachable"
+        assert metrics.PRACTICE_STATUS.labels("default", "ok")._value.get() == 0  # noqa: SLF001
+
+        assert (await stack.result(command_id))["outcome"] == "succeeded"
+        assert practice.status == "ok"
+        watcher.cancel()
+        assert statuses == ["ok", "unreachable", "ok"]
+
+
+async def test_a_probe_with_nothing_left_parked_ends_the_wait(
+    amqp_url: str, sqlite_url: str, sandbox: RunningSandbox
+) -> None:
+    """No parked message left to send means no answer to end the wait with: the wait ends (the
+    alert would otherwise go on firing for a practice with nothing waiting)."""
+    async with running_stack(amqp_url, sqlite_url, sandbox.url) as stack:
+        practice = stack.practices.get("default")
+        practice.wait("token_refused", time.time(), "Unauthorised: 401")
+        await eventually(lambda: practice.status == "ok")
+        assert (practice.retry_at, practice.probing) == (None, False)
 
 
 async def _parked(stack: Stack, practice: str, count: int) -> Any:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from consumer import metrics
 from consumer.messages import COMMAND, inbound_routing_key
 from consumer.practices import (
     PracticeConfig,
@@ -131,21 +132,32 @@ async def test_a_reload_that_cannot_read_a_token_changes_nothing(tmp_path: Path)
     await practices.close()
 
 
-async def test_a_wait_is_alerted_once_until_the_pms_answers_the_practice_again() -> None:
+async def test_a_wait_is_alerted_once_and_ends_only_when_the_pms_answers_a_probe() -> None:
     """The worker writes the error line when ``wait`` says a wait started: a probe that meets the
-    same refusal goes on with that wait; only an answer from the PMS ends it."""
+    same refusal goes on with that wait. A probe keeps the waiting status (the metric, GET
+    /practices) until the PMS answers it: it showed ``ok`` while the probe was in flight."""
     practices = Practices(load_configs(Settings()), client_factory(Settings()))
     practice = practices.get("default")
 
     assert practice.wait("token_refused", 5.0, "401") is True
-    practice.resume()  # a probe lets its parked messages try again
+    practice.probe()  # its parked messages try the PMS again
+    assert (practice.status, practice.served) == ("token_refused", True)
+    assert status_metric("token_refused") == 1 and status_metric("ok") == 0
     practice.pms.on_response("DELETE", "DELETE /v1/appointments/{id}", 401)  # type: ignore[misc]
     assert practice.wait("token_refused", 10.0, "401") is False
-    practice.resume()
+    assert (practice.status, practice.served) == ("token_refused", False)
     practice.pms.on_response("GET", "GET /v1/appointments/{id}", 200)  # type: ignore[misc]
-    assert (practice.status, practice.unanswered) == ("ok", False)
+    assert practice.status == "token_refused"  # an answer to no probe (sent before the wait) ends nothing
+    practice.probe()
+    practice.pms.on_response("GET", "GET /v1/appointments/{id}", 200)  # type: ignore[misc]
+    assert (practice.status, practice.retry_at, practice.probing) == ("ok", None, False)
+    assert status_metric("ok") == 1 and status_metric("token_refused") == 0
     assert practice.wait("unreachable", 15.0, "503") is True  # a new wait, alerted again
     await practices.close()
+
+
+def status_metric(status: str) -> float:
+    return metrics.PRACTICE_STATUS.labels("default", status)._value.get()  # noqa: SLF001 (a test reads the gauge)
 
 
 def test_commands_name_their_practice_and_the_routing_key_carries_it() -> None:
