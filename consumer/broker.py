@@ -29,7 +29,11 @@ from aio_pika.exceptions import (
     DeliveryError,
     PublishError,
 )
+from aio_pika.message import IncomingMessage
+from aio_pika.robust_channel import RobustChannel
 from aio_pika.robust_connection import RobustConnection
+from aio_pika.robust_queue import RobustQueue
+from aiormq.abc import DeliveredMessage
 
 from consumer import tracing
 from consumer.messages import DEFAULT_PRACTICE, inbound_routing_key
@@ -68,12 +72,65 @@ def broker_addresses(amqp_url: str) -> list[str]:
     return addresses
 
 
+class OneTaskQueue(RobustQueue):
+    """A robust queue whose consumer callback runs in the task aiormq starts for the delivery.
+
+    aio-pika's own consumer wrapper starts a second task per delivery just to run the
+    callback, and waits for it: a task created and scheduled more per message, for
+    nothing. The consumer is still registered as RobustQueue registers it, so a
+    reconnect consumes again (``RobustQueue.restore`` calls this method).
+    """
+
+    async def consume(
+        self,
+        callback: Handler,
+        no_ack: bool = False,
+        exclusive: bool = False,
+        arguments: dict[str, Any] | None = None,
+        consumer_tag: str | None = None,
+        timeout: float | None = None,
+        robust: bool = True,
+    ) -> str:
+        async def deliver(message: DeliveredMessage) -> None:
+            await callback(IncomingMessage(message, no_ack=no_ack))
+
+        channel = await self.channel.get_underlay_channel()
+        consumed = await channel.basic_consume(
+            queue=self.name,
+            consumer_callback=deliver,
+            exclusive=exclusive,
+            no_ack=no_ack,
+            arguments=arguments,
+            consumer_tag=consumer_tag,
+            timeout=timeout,
+        )
+        tag = consumed.consumer_tag
+        if tag is None:
+            raise RuntimeError(f"the broker gave no consumer tag for {self.name}")
+        if robust:
+            self._consumers[tag] = {
+                "callback": callback,
+                "no_ack": no_ack,
+                "exclusive": exclusive,
+                "arguments": arguments,
+            }
+        return tag
+
+
+class OneTaskChannel(RobustChannel):
+    """Channels whose queues are OneTaskQueues (aio-pika makes them through QUEUE_CLASS)."""
+
+    QUEUE_CLASS = OneTaskQueue
+
+
 class FailoverConnection(RobustConnection):
     """aio-pika's robust connection over an address list: each (re)connection attempt takes
     the next address in turn, so a dead cluster node is left for a live one instead of being
     retried forever. Channels, queues and consumers are restored on the new node by aio-pika
     as after any reconnect (a quorum queue lives on every node of the cluster).
     """
+
+    CHANNEL_CLASS = OneTaskChannel
 
     def __init__(self, addresses: list[str], **kwargs: Any) -> None:
         super().__init__(aio_pika.connection.make_url(addresses[0]), **kwargs)

@@ -72,3 +72,43 @@ async def test_stopping_consumers_after_the_connection_is_gone_returns_at_once(a
     await broker.close()
     async with asyncio.timeout(5):  # a SIGTERM during an outage must not hang the shutdown
         await broker.stop_consuming()
+
+
+async def test_each_delivery_runs_its_handler_in_one_task(amqp_url: str) -> None:
+    """aio-pika's consumer wrapper ran each handler in a second task of its own (issue 18)."""
+    broker = Broker(amqp_url, partitions=2)
+    await broker.connect()
+    count = 50
+    for n in range(count):
+        await broker.publish_inbound(b"{}", appointment_id=n, message_id=f"m{n}")
+    loop = asyncio.get_running_loop()
+    created: list[asyncio.Task[object]] = []
+    default_factory = loop.get_task_factory()
+
+    def counting_factory(loop: asyncio.AbstractEventLoop, coro: object, **kwargs: object) -> asyncio.Task[object]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)  # type: ignore[arg-type]
+        created.append(task)
+        return task
+
+    handled: list[asyncio.Task[object] | None] = []
+    done = asyncio.Event()
+
+    async def handler(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        handled.append(asyncio.current_task())
+        await message.ack()
+        if len(handled) == count:
+            done.set()
+
+    loop.set_task_factory(counting_factory)  # type: ignore[arg-type]
+    try:
+        await broker.consume([0, 1], handler)
+        await asyncio.wait_for(done.wait(), 30)
+    finally:
+        loop.set_task_factory(default_factory)
+        await broker.stop_consuming()
+        await broker.close()
+    assert len(set(map(id, handled))) == count  # each delivery its own task...
+    per_delivery = [task for task in created if task in handled]
+    assert len(per_delivery) == count
+    # ...and no other task per delivery: a handful for consuming itself (basic.consume, qos), none per message.
+    assert len(created) - count < 10, f"{len(created)} tasks for {count} deliveries"
