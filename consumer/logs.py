@@ -27,7 +27,7 @@ def configure(log_format: str = "json", level: str = "INFO", stream: TextIO | No
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     rendering: list[Any] = (
-        [structlog.dev.ConsoleRenderer(colors=out.isatty())]
+        [structlog.dev.ConsoleRenderer(colors=out.isatty(), exception_formatter=structlog.dev.plain_traceback)]
         if log_format == "console"
         else [structlog.processors.format_exc_info, structlog.processors.JSONRenderer(serializer=_json)]
     )

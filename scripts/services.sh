@@ -20,10 +20,15 @@ ensure_rabbitmq() {
     rabbitmq-server -detached
     wait_for 5672 RabbitMQ 90
   fi
-  # The partitioned inbound exchange needs the consistent-hash plugin (ships with RabbitMQ).
+  # The partitioned inbound exchange needs the consistent-hash plugin; the tests create a vhost
+  # each through the management plugin's HTTP API (both ship with RabbitMQ).
   if command -v rabbitmq-plugins >/dev/null; then
-    rabbitmq-plugins list -e -m 2>/dev/null | grep -qx rabbitmq_consistent_hash_exchange \
-      || rabbitmq-plugins enable rabbitmq_consistent_hash_exchange >/dev/null
+    local enabled
+    enabled=$(rabbitmq-plugins list -e -m 2>/dev/null || true)
+    for plugin in rabbitmq_consistent_hash_exchange rabbitmq_management; do
+      grep -qx "$plugin" <<<"$enabled" || rabbitmq-plugins enable "$plugin" >/dev/null
+    done
+    wait_for 15672 "RabbitMQ's management API" 60
   fi
 }
 
