@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Make sure RabbitMQ (and, with "postgres", PostgreSQL) answer on loopback,
-# starting them when they are installed but stopped. Idempotent.
+# Make sure RabbitMQ (and, with "postgres", what the tests also need: PostgreSQL and RabbitMQ's
+# management API) answer on loopback, starting them when they are installed but stopped. Idempotent.
 set -euo pipefail
 
 answers() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -20,16 +20,22 @@ ensure_rabbitmq() {
     rabbitmq-server -detached
     wait_for 5672 RabbitMQ 90
   fi
-  # The partitioned inbound exchange needs the consistent-hash plugin; the tests create a vhost
-  # each through the management plugin's HTTP API (both ship with RabbitMQ).
+  # The partitioned inbound exchange needs the consistent-hash plugin (ships with RabbitMQ).
+  enable_plugin rabbitmq_consistent_hash_exchange
+}
+
+enable_plugin() {  # name: a plugin bundled with RabbitMQ
   if command -v rabbitmq-plugins >/dev/null; then
-    local enabled
-    enabled=$(rabbitmq-plugins list -e -m 2>/dev/null || true)
-    for plugin in rabbitmq_consistent_hash_exchange rabbitmq_management; do
-      grep -qx "$plugin" <<<"$enabled" || rabbitmq-plugins enable "$plugin" >/dev/null
-    done
-    wait_for 15672 "RabbitMQ's management API" 60
+    rabbitmq-plugins list -e -m 2>/dev/null | grep -qx "$1" || rabbitmq-plugins enable "$1" >/dev/null
   fi
+}
+
+# The tests make a vhost each through the management plugin's HTTP API (tests/conftest.py;
+# without it they fall back to rabbitmqctl, ~2 s a test). Not for `scripts/run`: the service needs none of it.
+ensure_management_api() {
+  enable_plugin rabbitmq_management
+  wait_for 15672 "RabbitMQ's management API" 60 \
+    || echo "warning: the tests will make their vhosts with rabbitmqctl (slower)" >&2
 }
 
 ensure_postgres() {
@@ -47,4 +53,4 @@ ensure_postgres() {
 }
 
 ensure_rabbitmq
-if [[ "${1:-}" == "postgres" ]]; then ensure_postgres; fi
+if [[ "${1:-}" == "postgres" ]]; then ensure_postgres; ensure_management_api; fi

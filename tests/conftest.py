@@ -59,7 +59,7 @@ def _rabbitmqctl(*args: str) -> None:
 
 
 def _management(method: str, path: str, body: dict[str, str] | None = None) -> None:
-    """RabbitMQ's HTTP API (the management plugin, which scripts/services.sh enables)."""
+    """RabbitMQ's HTTP API (the management plugin, which `scripts/services.sh postgres` enables)."""
     request = urllib.request.Request(
         f"http://{RABBIT_HOST}:{MANAGEMENT_PORT}/api/{path}",
         method=method,
