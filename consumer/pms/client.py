@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDictProxy
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -218,8 +218,10 @@ class PmsClient:
     # ---- API ----------------------------------------------------------------
 
     async def get_appointment(self, appointment_id: int) -> PmsAppointment:
-        body = await self._retried("GET", GET_ROUTE, f"/appointments/{appointment_id}")
-        return _appointment(body)
+        answer: PmsAppointment = await self._retried(
+            "GET", GET_ROUTE, f"/appointments/{appointment_id}", parse=_appointment_answer
+        )
+        return answer
 
     @property
     def hourly_limit(self) -> int:
@@ -268,8 +270,10 @@ class PmsClient:
 
     async def create_appointment(self, fields: dict[str, Any]) -> PmsAppointment:
         """One attempt only: see the module docstring."""
-        body = await self._send("POST", CREATE_ROUTE, "/appointments", json={"appointment": fields})
-        return _appointment(body)
+        answer: PmsAppointment = await self._send(
+            "POST", CREATE_ROUTE, "/appointments", parse=_appointment_answer, json={"appointment": fields}
+        )
+        return answer
 
     async def update_appointment(
         self,
@@ -280,14 +284,15 @@ class PmsClient:
     ) -> PmsAppointment:
         """``before_retry`` is awaited before each retry, after the backoff: a caller whose write
         depends on something else can look again, and raise to abandon the write."""
-        body = await self._retried(
+        answer: PmsAppointment = await self._retried(
             "PUT",
             UPDATE_ROUTE,
             f"/appointments/{appointment_id}",
             json={"appointment": fields},
             before_retry=before_retry,
+            parse=_appointment_answer,
         )
-        return _appointment(body)
+        return answer
 
     async def delete_appointment(self, appointment_id: int) -> None:
         await self._retried("DELETE", DELETE_ROUTE, f"/appointments/{appointment_id}")
@@ -367,7 +372,10 @@ class PmsClient:
             return max(backoff, error.retry_after)
         return backoff
 
-    async def _send(self, method: str, route: str, path: str, **kwargs: Any) -> Any:
+    async def _send(
+        self, method: str, route: str, path: str, *, parse: Callable[[bytes], Any] | None = None, **kwargs: Any
+    ) -> Any:
+        """The answer's body: ``parse(raw)`` of a 2xx when given, else its JSON (or text)."""
         async with self._semaphore:
             wait = self._pacer.reserve(self._max_retry_after)
             if wait > 0:
@@ -376,14 +384,14 @@ class PmsClient:
                 async with self._http().request(method, self._api + path, **kwargs) as response:
                     self._pacer.observe(response.headers)
                     status, headers = response.status, response.headers
-                    body = await _read_body(response)
+                    raw = await response.read()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 self._report(method, route, 0)
                 raise Unavailable(f"{route}: {type(exc).__name__} {exc}".strip()) from exc
         self._report(method, route, status)
         if status < 300:
-            return body
-        raise _error(status, headers, body, route)
+            return parse(raw) if parse is not None else _body(status, raw)
+        raise _error(status, headers, _body(status, raw), route)
 
     def _report(self, method: str, route: str, status: int) -> None:
         self._count_for_hour()
@@ -392,12 +400,9 @@ class PmsClient:
             self.on_response(method, route, status)
 
 
-async def _read_body(response: aiohttp.ClientResponse) -> Any:
+def _body(status: int, raw: bytes) -> Any:
     """The JSON answer, or its text when it is not JSON (an error page); decoded once."""
-    if response.status == 204:
-        return None
-    raw = await response.read()
-    if not raw:
+    if status == 204 or not raw:
         return None
     try:
         return json.loads(raw)
@@ -437,7 +442,15 @@ def _parse(model: type[Any], data: Any) -> Any:
         raise PmsError(f"unexpected {model.__name__} from the PMS: {exc}") from exc
 
 
-def _appointment(body: Any) -> PmsAppointment:
-    inner = body.get("appointment") if isinstance(body, dict) else None
-    result: PmsAppointment = _parse(PmsAppointment, inner)
-    return result
+class _AppointmentAnswer(BaseModel):
+    """What GET, POST and PUT of one appointment answer: ``{"appointment": {...}}``."""
+
+    appointment: PmsAppointment
+
+
+def _appointment_answer(raw: bytes) -> PmsAppointment:
+    """Decoded and validated in one pass (pydantic's JSON parser: no dict built first)."""
+    try:
+        return _AppointmentAnswer.model_validate_json(raw).appointment
+    except ValidationError as exc:
+        raise PmsError(f"unexpected PmsAppointment from the PMS: {exc}") from exc

@@ -9,12 +9,14 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from consumer.pms import (
     Misconfigured,
     NotFound,
     PmsClient,
+    PmsError,
     RateLimited,
     Rejected,
     Unauthorised,
@@ -243,6 +245,42 @@ async def test_a_refused_user_agent_is_a_configuration_error(sandbox: RunningSan
             await pms.get_appointment(1)
     assert caught.value.status == 403 and "User-Agent" in str(caught.value)
     assert sandbox.state.call_count("GET /v1/appointments/{id}") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html>maintenance</html>", "text/html"),
+        (b'{"appointments": []}', "application/json"),
+        (b'{"appointment": {"id": 7}}', "application/json"),  # no state
+        (b'{"appointment": {"id": "seven", "state": "Pending"}}', "application/json"),
+        (b"", "application/json"),
+    ],
+)
+async def test_a_2xx_answer_that_is_not_an_appointment_is_a_pms_error(body: bytes, content_type: str) -> None:
+    # A proxy's page or a changed API must fail loudly, not become a half-read appointment.
+    async def answer(request: web.Request) -> web.Response:
+        return web.Response(body=body, content_type=content_type)
+
+    app = web.Application()
+    app.router.add_route("*", "/v1/appointments/{id}", answer)
+    app.router.add_post("/v1/appointments", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with PmsClient(f"http://127.0.0.1:{runner.addresses[0][1]}", "token", backoff_base=0.01) as pms:
+            for call in (
+                pms.get_appointment(7),
+                pms.update_appointment(7, {"notes": "x"}),
+                pms.create_appointment(slot()),
+            ):
+                with pytest.raises(PmsError, match="unexpected PmsAppointment from the PMS") as caught:
+                    await call
+                assert type(caught.value) is PmsError  # not retried as Unavailable, not a Rejected
+    finally:
+        await runner.cleanup()
 
 
 async def test_rejected_names_the_current_status() -> None:
