@@ -37,6 +37,7 @@ from bench.common import (  # noqa: E402
     sqlite_url,
     throwaway_vhost,
 )
+from consumer.service import tune_gc  # noqa: E402
 
 FIRST_ID = 20_000
 PREFETCH = 32
@@ -48,6 +49,7 @@ TIMEOUT = 120.0
 
 
 async def run(count: int, appointment_count: int, latency: float) -> None:
+    tune_gc()  # the process's cycle collector as `appt serve` sets it
     ids = list(range(FIRST_ID, FIRST_ID + appointment_count))
     with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:
         log_to_file(Path(workdir) / "worker.log")

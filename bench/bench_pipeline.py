@@ -61,6 +61,7 @@ from bench.common import (  # noqa: E402
 from consumer import metrics  # noqa: E402
 from consumer.broker import EVENTS_EXCHANGE, Broker, partition_queue  # noqa: E402
 from consumer.commands import ReadBeforeWrite  # noqa: E402
+from consumer.service import tune_gc  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
 from statemachines.appointment import Snapshot, bound  # noqa: E402
 
@@ -250,6 +251,7 @@ async def store_urls(kind: str, workdir: str) -> AsyncIterator[dict[ReadBeforeWr
 
 
 async def run(count: int, appointment_count: int, rounds: int, store: str) -> None:
+    tune_gc()  # the process's cycle collector as `appt serve` sets it
     ids = list(range(FIRST_ID, FIRST_ID + appointment_count))
     raws: list[Figures] = []
     floors: list[Figures] = []

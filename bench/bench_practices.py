@@ -40,6 +40,7 @@ from bench.common import (  # noqa: E402
     throwaway_vhost,
 )
 from consumer.broker import EVENTS_EXCHANGE  # noqa: E402
+from consumer.service import tune_gc  # noqa: E402
 
 FIRST_ID = 30_000
 TARGET = 1.5
@@ -98,6 +99,7 @@ def p(latencies: list[float], q: float) -> float:
 
 
 async def run(backlog: int, count: int, rate: float, latency: float) -> None:
+    tune_gc()  # the process's cycle collector as `appt serve` sets it
     healthy = await round_latencies(False, backlog, count, rate, latency)
     blocked = await round_latencies(True, backlog, count, rate, latency)
     figures = {}

@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     sqlite_url,
     throwaway_vhost,
 )
+from consumer.service import tune_gc  # noqa: E402
 
 FIRST_ID = 30_000
 NEW_PATIENT = 5_000
@@ -111,6 +112,7 @@ async def check_sandbox(url: str, ids: list[int]) -> str:
 
 
 async def run(count: int, latency: float) -> None:
+    tune_gc()  # the process's cycle collector as `appt serve` sets it
     fast_ids = list(range(FIRST_ID, FIRST_ID + count))
     slow_ids = list(range(FIRST_ID + count, FIRST_ID + 2 * count))
     with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:

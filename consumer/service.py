@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -42,6 +43,8 @@ log = get_logger(__name__)
 # The webhook secret of the demo (`appt serve --with-sandbox` without APPT_WEBHOOK_SECRETS): fixed and
 # documented, so the README's signed curl works against it. Never use it in front of a real PMS.
 DEMO_WEBHOOK_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+# Container allocations (net of frees) between two young-generation collections; Python's default is 700.
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class PortTaken(OSError):
@@ -128,6 +131,23 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
     return resources
 
 
+def tune_gc() -> None:
+    """Set the cycle collector for a long-running worker, once everything is wired.
+
+    Every young collection walks all the young objects still alive, and a worker
+    keeps tens of thousands of them in flight (deliveries, requests, models): at
+    Python's default of 700 allocations it collected ~0.1 times per command and
+    spent ~7 % of the worker's CPU there (bench/bench_pipeline.py, measured with
+    ``gc.callbacks``). At 10,000 it collects 25-50x less often, and garbage cycles
+    wait at most that many allocations (a few MB). ``gc.freeze`` moves what
+    start-up built (modules, classes, the wiring: ~80,000 objects) out of every
+    later collection, so the oldest generation's pauses no longer walk it.
+    """
+    gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, oldest)
+
+
 async def _cancelled(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
@@ -160,6 +180,7 @@ async def serve(settings: Settings, *, with_sandbox: bool = False) -> None:
         stack.push_async_callback(runner.cleanup)
         listener = await listen(runner, settings)
         stack.callback(listener.close)  # stop accepting before the runner shuts connections
+        tune_gc()
         if with_sandbox:
             print_demo_banner(settings)
         await _wait_for_signal(lambda: _reload_practices(app[PRACTICES_KEY], settings))
