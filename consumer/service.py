@@ -140,8 +140,9 @@ def tune_gc() -> None:
     spent ~7 % of the worker's CPU there (bench/bench_pipeline.py, measured with
     ``gc.callbacks``). At 10,000 it collects 25-50x less often, and garbage cycles
     wait at most that many allocations (a few MB). ``gc.freeze`` moves what
-    start-up built (modules, classes, the wiring: ~80,000 objects) out of every
-    later collection, so the oldest generation's pauses no longer walk it.
+    start-up built (modules, classes, the wiring: ~78,000 objects in the
+    benchmark's process) out of every later collection, so the oldest
+    generation's pauses no longer walk it.
     """
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
