@@ -11,13 +11,14 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 
 from consumer.store import Store
 from consumer.store.postgres import PostgresStore
@@ -25,6 +26,18 @@ from consumer.store.sqlite import SqliteStore
 from tests.conftest import PG_URL
 
 APPT = Path(sys.executable).parent / "appt"
+
+
+@contextlib.asynccontextmanager
+async def served(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """``app`` over real HTTP on a free loopback port: its base URL; cleaned up however the test ends."""
+    runner = web.AppRunner(app, **runner_options)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def free_port() -> int:

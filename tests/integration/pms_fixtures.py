@@ -19,6 +19,7 @@ from aiohttp import web
 
 from consumer.pms import PmsClient
 from consumer.sandbox import RunningSandbox, running_sandbox
+from tests.helpers import served
 
 TOKEN = "sandbox-token"
 SECRET = "whsec_" + base64.b64encode(b"a-test-secret-of-32-bytes-long!!").decode()
@@ -105,15 +106,9 @@ async def receiver() -> AsyncIterator[Receiver]:
     recorder = Receiver()
     app = web.Application()
     app.router.add_post("/hook", recorder.handle)
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    recorder.url = f"http://127.0.0.1:{runner.addresses[0][1]}/hook"
-    try:
+    async with served(app, handler_cancellation=True, shutdown_timeout=0.5) as url:
+        recorder.url = f"{url}/hook"
         yield recorder
-    finally:
-        await runner.cleanup()
 
 
 async def wait_until(condition: Callable[[], bool], timeout: float = 3.0) -> None:

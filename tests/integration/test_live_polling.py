@@ -27,7 +27,7 @@ from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.silence import WebhookSilence, WebhookSilences
 from consumer.webhooks import BROKER_KEY, SILENCE_KEY, STORE_KEY, create_app
-from tests.helpers import eventually, starts_in
+from tests.helpers import eventually, served, starts_in
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_" + base64.b64encode(b"live-polling-test-secret").decode()
@@ -73,12 +73,8 @@ async def service_url(
         f'[practices.default]\npms_url = "{sandbox.url}"\ntoken = "sandbox-token"\nwebhook_secrets = ["{SECRET}"]\n'
         f'[practices.quiet]\npms_url = "{sandbox.url}"\ntoken = "quiet-token"\n'
     )
-    runner = web.AppRunner(create_app(Settings(practices_file=str(practices_file)), resources))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    await runner.cleanup()
+    async with served(create_app(Settings(practices_file=str(practices_file)), resources)) as url:
+        yield url
 
 
 def reconciler_for(stack: Stack, silence: WebhookSilence) -> Reconciler:

@@ -32,7 +32,7 @@ from consumer.service import service_resources
 from consumer.settings import Settings, load_settings
 from consumer.store.base import Store
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually, seed_pending
+from tests.helpers import eventually, seed_pending, served
 
 TOKEN = "observability-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -79,14 +79,8 @@ class Service:
 async def serving(settings: Settings) -> AsyncIterator[tuple[str, web.Application]]:
     """The real service app on a free loopback port."""
     app = create_app(settings, service_resources(settings))
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}", app
-    finally:
-        await runner.cleanup()
+    async with served(app, access_log=None) as url:
+        yield url, app
 
 
 def service_settings(amqp_url: str, store_url: str, pms_url: str, api_token: str | None) -> Settings:

@@ -25,6 +25,7 @@ from consumer.pms import (
 from consumer.pms.client import Pacer
 from consumer.reconciler import parse_time
 from consumer.sandbox import RunningSandbox, running_sandbox
+from tests.helpers import served
 from tests.integration.pms_fixtures import (  # noqa: F401  (client, sandbox: fixtures)
     FINISH,
     START,
@@ -265,22 +266,15 @@ async def test_a_2xx_answer_that_is_not_an_appointment_is_a_pms_error(body: byte
     app = web.Application()
     app.router.add_route("*", "/v1/appointments/{id}", answer)
     app.router.add_post("/v1/appointments", answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        async with PmsClient(f"http://127.0.0.1:{runner.addresses[0][1]}", "token", backoff_base=0.01) as pms:
-            for call in (
-                pms.get_appointment(7),
-                pms.update_appointment(7, {"notes": "x"}),
-                pms.create_appointment(slot()),
-            ):
-                with pytest.raises(PmsError, match="unexpected PmsAppointment from the PMS") as caught:
-                    await call
-                assert type(caught.value) is PmsError  # not retried as Unavailable, not a Rejected
-    finally:
-        await runner.cleanup()
+    async with served(app) as url, PmsClient(url, "token", backoff_base=0.01) as pms:
+        for call in (
+            pms.get_appointment(7),
+            pms.update_appointment(7, {"notes": "x"}),
+            pms.create_appointment(slot()),
+        ):
+            with pytest.raises(PmsError, match="unexpected PmsAppointment from the PMS") as caught:
+                await call
+            assert type(caught.value) is PmsError  # not retried as Unavailable, not a Rejected
 
 
 async def test_rejected_names_the_current_status() -> None:

@@ -23,7 +23,7 @@ from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually
+from tests.helpers import eventually, served
 from tests.stack import Stack, running_stack
 
 SECRETS = {
@@ -79,18 +79,11 @@ async def two(amqp_url: str, sqlite_url: str, tmp_path: Path) -> AsyncIterator[P
                 app[STORE_KEY] = stack.store
                 yield
 
-            runner = web.AppRunner(create_app(settings, resources))
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-            for name, sb in sandboxes.items():
-                sb.state.set_webhook_retry_delay(0.1)
-                sb.state.subscribe(f"{url}/webhooks/pms/{name}", SECRETS[name])
-            try:
+            async with served(create_app(settings, resources)) as url:
+                for name, sb in sandboxes.items():
+                    sb.state.set_webhook_retry_delay(0.1)
+                    sb.state.subscribe(f"{url}/webhooks/pms/{name}", SECRETS[name])
                 yield Practices(stack, sandboxes, url)
-            finally:
-                await runner.cleanup()
 
 
 async def test_the_same_appointment_id_in_two_practices_is_kept_apart(two: Practices) -> None:

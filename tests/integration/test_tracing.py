@@ -28,7 +28,7 @@ from consumer.broker import INBOUND_EXCHANGE, OBSERVED_EXCHANGE
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually, seed_pending
+from tests.helpers import eventually, seed_pending, served
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_dHJhY2luZy10ZXN0LXNlY3JldC10cmFjaW5n"
@@ -58,12 +58,8 @@ async def webhook_url(stack: Stack) -> AsyncIterator[str]:
         app[STORE_KEY] = stack.store
         yield
 
-    runner = web.AppRunner(create_app(Settings(webhook_secrets=[SECRET]), resources))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    yield f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/pms"
-    await runner.cleanup()
+    async with served(create_app(Settings(webhook_secrets=[SECRET]), resources)) as url:
+        yield f"{url}/webhooks/pms"
 
 
 async def post_webhook(url: str, appointment: dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ from consumer.reconciler import reconcile_once
 from consumer.settings import Settings
 from consumer.signing import sign
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
-from tests.helpers import eventually, seed_pending, starts_in
+from tests.helpers import eventually, seed_pending, served, starts_in
 from tests.stack import Stack, running_stack
 
 SECRET = "whsec_" + base64.b64encode(b"webhook-flow-test-secret").decode()
@@ -40,16 +40,12 @@ async def receiver(stack: Stack, sandbox: Any) -> AsyncIterator[str]:
         yield
 
     settings = Settings(webhook_secrets=[SECRET], api_token="t")
-    runner = web.AppRunner(create_app(settings, resources))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/webhooks/pms"
-    sandbox.state.set_webhook_retry_delay(0.1)
-    sandbox.state.subscribe(url, SECRET)
-    yield url
-    sandbox.state.unsubscribe(url)
-    await runner.cleanup()
+    async with served(create_app(settings, resources)) as base:
+        url = f"{base}/webhooks/pms"
+        sandbox.state.set_webhook_retry_delay(0.1)
+        sandbox.state.subscribe(url, SECRET)
+        yield url
+        sandbox.state.unsubscribe(url)
 
 
 async def stored_state(stack: Stack, appointment_id: int) -> str | None:

@@ -27,6 +27,7 @@ from consumer.settings import Settings
 from consumer.store.base import AppointmentRecord, Commit, Store, open_store
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
+from tests.helpers import served
 
 OLD_SECRET = "whsec_" + base64.b64encode(b"old-secret-for-integration-test!").decode()
 NEW_SECRET = "whsec_" + base64.b64encode(b"new-secret-for-integration-test!").decode()
@@ -84,15 +85,8 @@ async def serve(settings: Settings, broker: Broker, store: Store) -> AsyncIterat
         app[STORE_KEY] = store
         yield
 
-    runner = web.AppRunner(create_app(settings, resources))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+    async with served(create_app(settings, resources)) as url:
+        yield url
 
 
 def make_settings(**overrides: Any) -> Settings:
