@@ -137,12 +137,11 @@ def tune_gc() -> None:
     Every young collection walks all the young objects still alive, and a worker
     keeps tens of thousands of them in flight (deliveries, requests, models): at
     Python's default of 700 allocations it collected ~0.1 times per command and
-    spent ~7 % of the worker's CPU there (bench/bench_pipeline.py, measured with
-    ``gc.callbacks``). At 10,000 it collects 25-50x less often, and garbage cycles
-    wait at most that many allocations (a few MB). ``gc.freeze`` moves what
-    start-up built (modules, classes, the wiring: ~78,000 objects in the
-    benchmark's process) out of every later collection, so the oldest
-    generation's pauses no longer walk it.
+    spent ~7 % of the worker's CPU there; at 10,000, ~6x less time
+    (``bench/bench_gc.py``). Garbage cycles then wait at most that many
+    allocations (a few MB). ``gc.freeze`` moves what start-up built (modules,
+    classes, the wiring: ~78,000 objects in the benchmark's process) out of
+    every later collection, so the oldest generation's pauses no longer walk it.
     """
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
