@@ -47,7 +47,6 @@ from consumer.store.base import (
 # there fails with "database or disk is full", while a read (SELECT 1) still answers.
 MIN_FREE_BYTES = 1024 * 1024
 _AUTO_VACUUM_INCREMENTAL = 2
-READER_BUSY_TIMEOUT_MS = 100
 _UNIQUE_ERRORS = frozenset({"SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY"})
 
 T = TypeVar("T")
@@ -61,7 +60,6 @@ class SqliteStore:
         self._busy_timeout_ms = busy_timeout_ms
         self._db: Connection | None = None
         self._thread: ThreadPoolExecutor | None = None
-        self._reader: Connection | None = None
         self._group = GroupCommit(self.commit_batch)
 
     async def open(self) -> None:
@@ -69,8 +67,6 @@ class SqliteStore:
         try:
             self._db = await self._call(self._connect)
             await self._in_transaction(_apply_migrations)
-            if self._path != ":memory:":  # another connection to ":memory:" would be another database
-                self._reader = self._connect_reader()
         except BaseException:
             await self.close()
             raise
@@ -91,26 +87,8 @@ class SqliteStore:
             raise StoreUnavailable(f"cannot open {self._path}: {exc}") from exc
         return db
 
-    def _connect_reader(self) -> Connection:
-        """The event loop's own connection, for the worker's one read per message (``seen``).
-
-        A WAL read never waits for the writer and takes ~8 us here, against ~35 us
-        of CPU to hop to the store's thread and back. The short busy timeout bounds
-        the rare wait (a WAL reset) that would otherwise stall the loop.
-        """
-        try:
-            db = sqlite3.connect(self._path, isolation_level=None)
-            db.row_factory = sqlite3.Row
-            db.execute(f"PRAGMA busy_timeout = {READER_BUSY_TIMEOUT_MS}")
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"cannot open {self._path}: {exc}") from exc
-        return db
-
     async def close(self) -> None:
         """Let the operation in progress finish, then close the file and stop the thread."""
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            reader.close()
         thread, self._thread = self._thread, None
         if thread is None:
             return
@@ -147,12 +125,11 @@ class SqliteStore:
         return None if row is None else schema.inbox_from_row(row)
 
     async def seen(self, message_id: str, practice: str, appointment_id: int) -> Seen:
-        params = schema.seen_params(message_id, practice, appointment_id)
-        if self._reader is None:
-            row = await self._fetchone(schema.SEEN_SQL, params)
-        else:
-            with _store_errors():
-                row = self._reader.execute(schema.SEEN_SQL, params).fetchone()
+        """On the store's thread, like every read: a second, read-only connection on the event
+        loop never waited for the writer, but its page cache was dropped by each of the writer's
+        commits, so the query read its pages afresh (~110 us of the loop's CPU per message against
+        ~36 us warm on the writer's connection). See bench/README.md, issue 18."""
+        row = await self._fetchone(schema.SEEN_SQL, schema.seen_params(message_id, practice, appointment_id))
         assert row is not None, "SEEN_SQL answers one row"
         return schema.seen_from_row(row, message_id, practice, appointment_id)
 
