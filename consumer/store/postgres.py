@@ -103,12 +103,13 @@ class PostgresStore:
         return await self._group.commit(commit)
 
     async def commit_batch(self, commits: Sequence[Commit]) -> list[CommitOutcome]:
-        """First as one plain transaction: a savepoint costs two round trips per commit, and
-        commits are rarely refused. If one is, that transaction is rolled back whole and the
-        batch is written again with a savepoint each, so the refused commit fails alone."""
+        """First as one plain transaction, each kind of statement one round trip for the whole
+        batch (``_write_together``): a savepoint costs two round trips per commit, and commits
+        are rarely refused. If one is, that transaction is rolled back whole and the batch is
+        written again statement by statement, a savepoint each, so the refused commit fails alone."""
         try:
             async with self._connection() as conn, conn.transaction():
-                return [await _commit(conn, commit) for commit in commits]
+                return list(await _write_together(conn, commits))
         except StaleVersion as refused:  # a version check, a taken key, a deadlock
             if len(commits) == 1:
                 return [refused]
@@ -371,26 +372,72 @@ class PostgresStore:
             return list(await conn.fetch(sql, *args))
 
 
+_INSERT_APPOINTMENT_SQL = (
+    "INSERT INTO appointments (appointment_id, state, patient_id, version,"
+    " upstream_updated_at, data, practice, updated_at)"
+    " VALUES ($1, $2, $3, $4, $5, $6, $7, now())"
+)
+_UPDATE_APPOINTMENT_SQL = (
+    "UPDATE appointments SET state = $2, patient_id = $3, version = $4,"
+    " upstream_updated_at = $5, data = $6, updated_at = now()"
+    " WHERE practice = $7 AND appointment_id = $1 AND version = $8"
+)
+_INSERT_LOG_SQL = schema.insert_log_sql([f"${n}" for n in range(1, schema.LOG_VALUE_COUNT + 1)]) + " RETURNING seq"
+_INSERT_INBOX_SQL = "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())"
+
+
 async def _commit(conn: asyncpg.Connection, commit: Commit) -> list[StateLogRecord]:
+    """One commit, a statement at a time (inside its own savepoint: see ``_commit_each``)."""
     if commit.appointment is not None:
         await _write_appointment(conn, commit.appointment)
     if commit.workflow is not None:
         await _write_workflow(conn, commit.workflow)
     written = [await _append_log(conn, record) for record in commit.logs]
     if commit.inbox is not None:
-        await conn.execute(
-            "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())",
-            commit.inbox.practice,
-            commit.inbox.message_id,
-            commit.inbox.result_text(),
-        )
+        await conn.execute(_INSERT_INBOX_SQL, *_inbox_args(commit.inbox))
     if commit.latest is not None:
         await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
     return written
 
 
-async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord) -> None:
-    args = (
+async def _write_together(conn: asyncpg.Connection, commits: Sequence[Commit]) -> list[list[StateLogRecord]]:
+    """A batch's commits, each kind of statement sent for all of them in one round trip.
+
+    asyncpg's ``executemany``/``fetchmany`` pipeline one statement over many rows; a
+    statement at a time cost an edit's commit three round trips, each ~50 us of the
+    event loop's CPU. The parts go in the same fixed order as ``_commit``'s
+    (appointments, workflows, logs, inbox), so batches still cannot deadlock on each
+    other's rows more than single commits could. A version that moved, a taken inbox id or
+    a deadlock raises for the whole batch: ``commit_batch`` then writes it again, a
+    savepoint each, so that commit alone fails.
+    """
+    appointments = [commit.appointment for commit in commits if commit.appointment is not None]
+    if new := [record for record in appointments if record.version == 0]:
+        await conn.executemany(_INSERT_APPOINTMENT_SQL, [_appointment_args(record) for record in new])
+    if updated := [record for record in appointments if record.version != 0]:
+        rows = await conn.fetchmany(
+            _UPDATE_APPOINTMENT_SQL + " RETURNING 1",
+            [(*_appointment_args(record), record.version) for record in updated],
+        )
+        if len(rows) != len(updated):
+            raise StaleVersion("an appointment of the batch is not at the version read")
+    for commit in commits:
+        if commit.workflow is not None:  # a saga's step: rare next to the appointments' commits
+            await _write_workflow(conn, commit.workflow)
+    logs = [record for commit in commits for record in commit.logs]
+    seqs = iter(await conn.fetchmany(_INSERT_LOG_SQL, [_log_args(record) for record in logs]) if logs else [])
+    written = [[record.model_copy(update={"seq": next(seqs)["seq"]}) for record in commit.logs] for commit in commits]
+    if inbox := [_inbox_args(commit.inbox) for commit in commits if commit.inbox is not None]:
+        await conn.executemany(_INSERT_INBOX_SQL, inbox)
+    for commit in commits:
+        if commit.latest is not None:  # a replay's: rarer still
+            await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
+    return written
+
+
+def _appointment_args(record: AppointmentRecord) -> tuple[Any, ...]:
+    """``_INSERT_APPOINTMENT_SQL``'s parameters, and ``_UPDATE_APPOINTMENT_SQL``'s but the version read."""
+    return (
         record.appointment_id,
         record.state,
         record.patient_id,
@@ -399,21 +446,21 @@ async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord
         schema.dumps(record.data),
         record.practice,
     )
+
+
+def _log_args(record: StateLogRecord) -> tuple[Any, ...]:
+    return schema.log_values(record, schema.utc(record.time))
+
+
+def _inbox_args(entry: InboxEntry) -> tuple[Any, ...]:
+    return (entry.practice, entry.message_id, entry.result_text())
+
+
+async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord) -> None:
     if record.version == 0:
-        await conn.execute(
-            "INSERT INTO appointments (appointment_id, state, patient_id, version,"
-            " upstream_updated_at, data, practice, updated_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, now())",
-            *args,
-        )
+        await conn.execute(_INSERT_APPOINTMENT_SQL, *_appointment_args(record))
         return
-    status = await conn.execute(
-        "UPDATE appointments SET state = $2, patient_id = $3, version = $4,"
-        " upstream_updated_at = $5, data = $6, updated_at = now()"
-        " WHERE practice = $7 AND appointment_id = $1 AND version = $8",
-        *args,
-        record.version,
-    )
+    status = await conn.execute(_UPDATE_APPOINTMENT_SQL, *_appointment_args(record), record.version)
     if status != "UPDATE 1":
         raise StaleVersion(f"appointment {record.appointment_id} is not at version {record.version}")
 
@@ -457,10 +504,7 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
 
 
 async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
-    seq = await conn.fetchval(
-        schema.insert_log_sql([f"${n}" for n in range(1, schema.LOG_VALUE_COUNT + 1)]) + " RETURNING seq",
-        *schema.log_values(record, schema.utc(record.time)),
-    )
+    seq = await conn.fetchval(_INSERT_LOG_SQL, *_log_args(record))
     return record.model_copy(update={"seq": seq})
 
 

@@ -758,6 +758,31 @@ async def test_a_stale_commit_in_a_batch_fails_alone_and_the_others_commit(store
     assert await store.get_appointment(3) is None
 
 
+async def test_each_commit_of_a_batch_gets_back_its_own_records_in_order(store: Store) -> None:
+    """PostgreSQL writes a batch's records in one round trip: each commit must still get its own."""
+    await store.commit(Commit(appointment=appointment(3)))
+    batch = [
+        Commit(appointment=appointment(1), logs=[log(1), log(1, "Confirmed")], inbox=InboxEntry("m1")),
+        Commit(inbox=InboxEntry("m2")),
+        Commit(appointment=appointment(3, version=1, state="Confirmed"), logs=[log(3, "Confirmed")]),
+    ]
+
+    outcomes = await store.commit_batch(batch)
+
+    written = [o for o in outcomes if isinstance(o, list)]
+    assert [[(r.appointment_id, r.to_state) for r in o] for o in written] == [
+        [(1, "Pending"), (1, "Confirmed")],
+        [],
+        [(3, "Confirmed")],
+    ]
+    seqs = [r.seq or 0 for o in written for r in o]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3 and 0 not in seqs
+    assert [r.seq for r in await store.history(1)] == seqs[:2]
+    assert [r.seq for r in await store.history(3)] == seqs[2:]
+    assert await store.get_appointment(3) == appointment(3, version=2, state="Confirmed")
+    assert await store.inbox_get("m2") is not None
+
+
 async def test_commits_made_together_fail_alone_when_stale(store: Store) -> None:
     await store.commit(Commit(appointment=appointment(1)))
 
