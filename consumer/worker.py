@@ -550,7 +550,7 @@ class Worker:
                 raise outcome
         for record in logs:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
-        if result is not None:
+        if result is not None and not _said_by_its_states(result, logs):
             log.info(
                 "command result",
                 command_id=result.command_id,
@@ -647,6 +647,15 @@ class Worker:
                 log.warning("dead-lettered message still parked", seq=parked)
         await _settle(message.ack())
         return "dead_lettered"
+
+
+def _said_by_its_states(result: CommandResult, logs: list[StateLogRecord]) -> bool:
+    """A command that succeeded by moving its appointment: its ``state`` lines (``source``
+    ``command``, its ``command_id``) already say so, and a ``command result`` line would
+    repeat them (a log line is ~3 % of a command's CPU). Any other result is logged."""
+    return result.outcome == "succeeded" and any(
+        record.command_id == result.command_id and record.source == "command" for record in logs
+    )
 
 
 def _parked_seq(message: AbstractIncomingMessage) -> int | None:

@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import asyncpg
 import pytest
+import structlog
 
 from consumer import metrics
 from consumer.broker import INBOUND_EXCHANGE, REASON_HEADER
@@ -75,6 +76,31 @@ async def test_illegal_commands_are_rejected_with_the_pms_reasons(stack: Stack, 
     assert archived.startswith("is archived (live reasons: 'Booked in error',") and "Snow" not in archived.split("(")[1]
     assert missing["reasons"] == {"appointment_id": ["not found in the PMS"]}
     assert sandbox.state.call_count("PUT /v1/appointments/{id}") == 0
+
+
+async def test_a_command_logs_one_line_unless_its_result_says_more_than_its_states(stack: Stack, sandbox: Any) -> None:
+    seed_pending(sandbox, 211)
+    seed_pending(sandbox, 212, state="Cancelled", appointment_cancellation_reason_id=2)
+
+    with structlog.testing.capture_logs() as lines:
+        moved = await stack.send({"type": "confirm", "appointment_id": 211})
+        refused = await stack.send({"type": "confirm", "appointment_id": 212})
+        await stack.result(moved)
+        await stack.result(refused)
+        again = await stack.send({"type": "confirm", "appointment_id": 211})  # already confirmed: no move
+        await stack.result(again)
+
+    def said(command_id: str) -> list[tuple[str, str | None]]:
+        return [
+            (line["event"], line.get("outcome") or line.get("source"))
+            for line in lines
+            if line.get("command_id") == command_id
+        ]
+
+    # First contact reconciles, then the confirm moves it: its state line says it succeeded.
+    assert said(moved) == [("state", "reconcile"), ("state", "command")]
+    assert said(refused) == [("state", "reconcile"), ("command result", "rejected")]
+    assert said(again) == [("command result", "succeeded")]
 
 
 async def test_behind_the_back_confirmation_is_reconciled(stack: Stack, sandbox: Any) -> None:
@@ -198,11 +224,11 @@ async def test_a_killed_broker_connection_loses_nothing_and_applies_nothing_twic
     sandbox.state.set_latency(0.01)
     commands = [f"kill-{appointment_id}-{n}" for n in range(10) for appointment_id in ids]
     for command_id in commands:
-        _, appointment_id, n = command_id.split("-")
+        _, target, n = command_id.split("-")
         await stack.send(
             {
                 "type": "edit_notes",
-                "appointment_id": int(appointment_id),
+                "appointment_id": int(target),
                 "notes": f"note {n}",
                 "command_id": command_id,
             }
