@@ -121,6 +121,13 @@ def messages(kind: str, outcome: str) -> Counter:
 
 
 @functools.cache
+def pms_calls(route: str, status: int) -> Counter:
+    """``PMS_CALLS`` for these labels, bound once (see ``messages``): one or two calls per
+    command. Route templates are a closed set; statuses are HTTP's (a few dozen at most)."""
+    return PMS_CALLS.labels(route, str(status))
+
+
+@functools.cache
 def processing_seconds(kind: str) -> Histogram:
     """``PROCESSING_SECONDS`` for this kind, bound once (see ``messages``)."""
     return PROCESSING_SECONDS.labels(kind)

@@ -119,7 +119,7 @@ def client_factory(settings: Settings) -> ClientFactory:
             concurrency=settings.pms_concurrency,
             retry_attempts=settings.pms_retry_attempts,
             reasons_ttl=settings.pms_reasons_ttl,
-            on_response=lambda method, route, status: metrics.PMS_CALLS.labels(route, str(status)).inc(),
+            on_response=lambda method, route, status: metrics.pms_calls(route, status).inc(),
             on_retry=lambda method, route, error: metrics.RETRIES.labels("pms").inc(),
         )
 
