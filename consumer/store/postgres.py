@@ -85,6 +85,7 @@ class PostgresStore:
                 max_size=self._max_connections,
                 timeout=self._connect_timeout,
                 server_settings=settings,
+                reset=_nothing_to_reset,
             )
         except _UNAVAILABLE as exc:
             raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
@@ -384,6 +385,18 @@ _UPDATE_APPOINTMENT_SQL = (
 )
 _INSERT_LOG_SQL = schema.insert_log_sql([f"${n}" for n in range(1, schema.LOG_VALUE_COUNT + 1)]) + " RETURNING seq"
 _INSERT_INBOX_SQL = "INSERT INTO inbox (practice, message_id, result, processed_at) VALUES ($1, $2, $3, now())"
+
+
+async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
+    """The pool's reset between two users of a connection: nothing to undo, so no round trip.
+
+    asyncpg's default sends ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``
+    on every release: a second round trip for each one-query read (``seen``, per message).
+    The store leaves no session state behind: no LISTEN, no cursors or session settings
+    (``search_path`` is set at connect), and its one advisory lock (migrations) is
+    transaction-scoped. An open transaction is still rolled back by the pool (asyncpg's
+    ``Connection._reset`` runs before this), and a broken connection is still discarded.
+    """
 
 
 async def _commit(conn: asyncpg.Connection, commit: Commit) -> list[StateLogRecord]:
