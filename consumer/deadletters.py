@@ -49,7 +49,7 @@ from consumer.store.base import (
     Store,
     StoreUnavailable,
 )
-from consumer.worker import command_key, dead_letter_key, replay_key, result_publishes
+from consumer.worker import command_key, dead_letter_key, publish_in_turn, replay_key, result_publishes
 
 log = get_logger(__name__)
 
@@ -170,18 +170,11 @@ class DeadLetterCollector:
                 metrics.DEAD_UNREADABLE.inc()
         if collected.answer is not None and collected.answer.result is not None:
             answered = CommandResult.model_validate(collected.answer.result)
-            outcomes = await asyncio.gather(
-                *result_publishes(
-                    self._broker,
-                    answered,
-                    reply_to=message.reply_to,
-                    correlation_id=message.correlation_id,
-                ),
-                return_exceptions=True,
+            await publish_in_turn(
+                result_publishes(
+                    self._broker, answered, reply_to=message.reply_to, correlation_id=message.correlation_id
+                )
             )
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
 
 
 def _named_in(body: bytes) -> dict[str, Any]:

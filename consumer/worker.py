@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,11 +156,11 @@ def result_publishes(
     reply_to: str | None,
     correlation_id: str | None,
     body: str | None = None,
-) -> list[Awaitable[None]]:
+) -> list[Coroutine[Any, Any, None]]:
     """A result on ``result.<type>.<outcome>``, and to the sender's ``reply_to`` if it gave one.
     ``body``: the result already serialised (``result.model_dump_json()``), if it was."""
     payload = (body if body is not None else result.model_dump_json()).encode()
-    publishes: list[Awaitable[None]] = [
+    publishes: list[Coroutine[Any, Any, None]] = [
         broker.publish_event(result.routing_key(), payload, message_id=result.message_id())
     ]
     if reply_to := reply_queue(reply_to):
@@ -168,6 +168,23 @@ def result_publishes(
             broker.publish_reply(reply_to, payload, correlation_id=correlation_id or result.correlation_id)
         )
     return publishes
+
+
+async def publish_in_turn(publishes: Sequence[Coroutine[Any, Any, None]]) -> None:
+    """Each publish sent once the one before it is confirmed, all in the caller's task.
+
+    Sent together (``gather``), each publish had a task of its own, and those cost the
+    worker more CPU than the extra confirm round trips cost it time (bench/README.md,
+    issue 18). In turn, an observer also never sees a command's result before its state
+    records are confirmed. The first failure raises; the publishes after it are not sent.
+    """
+    remaining = iter(publishes)
+    try:
+        for publish in remaining:
+            await publish
+    finally:
+        for unsent in remaining:
+            unsent.close()
 
 
 def check_trusted(inbound: Any, exchange: str) -> None:
@@ -529,7 +546,7 @@ class Worker:
         result_body: str | None = None,
     ) -> None:
         """``result_body``: the result as already serialised for the inbox, if it was."""
-        publishes: list[Awaitable[None]] = [
+        publishes: list[Coroutine[Any, Any, None]] = [
             self._broker.publish_event(
                 record.routing_key(), record.model_dump_json().encode(), message_id=f"log-{record.seq}"
             )
@@ -543,11 +560,7 @@ class Worker:
                 correlation_id=message.correlation_id,
                 body=result_body,
             )
-        # Sent in order on one channel; the confirms are awaited together (one round trip, not N).
-        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        await publish_in_turn(publishes)
         for record in logs:
             log.info("state", **record.model_dump(mode="json", exclude={"detail"}))
         if result is not None and not _said_by_its_states(result, logs):
