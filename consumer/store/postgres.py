@@ -107,7 +107,7 @@ class PostgresStore:
         """First as one plain transaction, each kind of statement one round trip for the whole
         batch (``_write_together``): a savepoint costs two round trips per commit, and commits
         are rarely refused. If one is, that transaction is rolled back whole and the batch is
-        written again statement by statement, a savepoint each, so the refused commit fails alone."""
+        written again a commit at a time, a savepoint each, so the refused commit fails alone."""
         try:
             async with self._connection() as conn, conn.transaction():
                 return list(await _write_together(conn, commits))
@@ -122,7 +122,7 @@ class PostgresStore:
             for commit in commits:
                 try:
                     async with conn.transaction():  # a savepoint: a stale commit is rolled back alone
-                        outcomes.append(await _commit(conn, commit))
+                        outcomes += await _write_together(conn, [commit])
                 except (StaleVersion, asyncpg.UniqueViolationError, asyncpg.TransactionRollbackError) as exc:
                     outcomes.append(exc if isinstance(exc, StaleVersion) else StaleVersion(str(exc)))
         return outcomes
@@ -399,41 +399,29 @@ async def _nothing_to_reset(conn: asyncpg.Connection) -> None:
     """
 
 
-async def _commit(conn: asyncpg.Connection, commit: Commit) -> list[StateLogRecord]:
-    """One commit, a statement at a time (inside its own savepoint: see ``_commit_each``)."""
-    if commit.appointment is not None:
-        await _write_appointment(conn, commit.appointment)
-    if commit.workflow is not None:
-        await _write_workflow(conn, commit.workflow)
-    written = [await _append_log(conn, record) for record in commit.logs]
-    if commit.inbox is not None:
-        await conn.execute(_INSERT_INBOX_SQL, *_inbox_args(commit.inbox))
-    if commit.latest is not None:
-        await _write_inbox(conn, schema.UPSERT_INBOX_SQL, commit.latest)
-    return written
-
-
 async def _write_together(conn: asyncpg.Connection, commits: Sequence[Commit]) -> list[list[StateLogRecord]]:
-    """A batch's commits, each kind of statement sent for all of them in one round trip.
+    """Commits' writes, each kind of statement sent for all of them in one round trip.
 
     asyncpg's ``executemany``/``fetchmany`` pipeline one statement over many rows; a
     statement at a time cost an edit's commit three round trips, each ~50 us of the
-    event loop's CPU. The parts go in the same fixed order as ``_commit``'s
-    (appointments, workflows, logs, inbox), so batches still cannot deadlock on each
-    other's rows more than single commits could. A version that moved, a taken inbox id or
-    a deadlock raises for the whole batch: ``commit_batch`` then writes it again, a
-    savepoint each, so that commit alone fails.
+    event loop's CPU. The parts always go in one fixed order (appointments, workflows,
+    logs, inbox), so two writers cannot deadlock on each other's rows more than single
+    commits could. A version that moved, a taken inbox id or a deadlock raises for all of
+    ``commits``: ``commit_batch`` then writes them again one per savepoint (this same
+    function, one commit at a time), so that commit alone fails.
     """
     appointments = [commit.appointment for commit in commits if commit.appointment is not None]
     if new := [record for record in appointments if record.version == 0]:
         await conn.executemany(_INSERT_APPOINTMENT_SQL, [_appointment_args(record) for record in new])
     if updated := [record for record in appointments if record.version != 0]:
         rows = await conn.fetchmany(
-            _UPDATE_APPOINTMENT_SQL + " RETURNING 1",
+            _UPDATE_APPOINTMENT_SQL + " RETURNING appointment_id",
             [(*_appointment_args(record), record.version) for record in updated],
         )
         if len(rows) != len(updated):
-            raise StaleVersion("an appointment of the batch is not at the version read")
+            ids = {record.appointment_id for record in updated}
+            moved = sorted(ids - {row[0] for row in rows}) or sorted(ids)  # or one of them written twice
+            raise StaleVersion(f"appointments {moved} are not at the version read")
     for commit in commits:
         if commit.workflow is not None:  # a saga's step: rare next to the appointments' commits
             await _write_workflow(conn, commit.workflow)
@@ -467,15 +455,6 @@ def _log_args(record: StateLogRecord) -> tuple[Any, ...]:
 
 def _inbox_args(entry: InboxEntry) -> tuple[Any, ...]:
     return (entry.practice, entry.message_id, entry.result_text())
-
-
-async def _write_appointment(conn: asyncpg.Connection, record: AppointmentRecord) -> None:
-    if record.version == 0:
-        await conn.execute(_INSERT_APPOINTMENT_SQL, *_appointment_args(record))
-        return
-    status = await conn.execute(_UPDATE_APPOINTMENT_SQL, *_appointment_args(record), record.version)
-    if status != "UPDATE 1":
-        raise StaleVersion(f"appointment {record.appointment_id} is not at version {record.version}")
 
 
 async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> None:
@@ -514,11 +493,6 @@ async def _write_workflow(conn: asyncpg.Connection, record: WorkflowRecord) -> N
     )
     if status != "UPDATE 1":
         raise StaleVersion(f"workflow {record.workflow_id} is not at version {record.version}")
-
-
-async def _append_log(conn: asyncpg.Connection, record: StateLogRecord) -> StateLogRecord:
-    seq = await conn.fetchval(_INSERT_LOG_SQL, *_log_args(record))
-    return record.model_copy(update={"seq": seq})
 
 
 async def _write_inbox(conn: asyncpg.Connection, sql: str, entry: InboxEntry) -> None:
