@@ -5,7 +5,7 @@ a read, or a whole transaction, crosses from the event loop to SQLite once.
 (Through a driver that hops to its thread per statement, a command's three
 store calls cost ~15 hops, each a self-pipe wake-up and a GIL hand-off: about
 a quarter of the worker's CPU.) The
-thread is the only user of the connection and runs one function at a time,
+thread (``one_thread.OneThread``) is the only user of the connection and runs one function at a time,
 so no transaction ever interleaves with another, and a caller cancelled while
 waiting leaves its transaction to finish or roll back whole.
 ``BEGIN IMMEDIATE`` takes SQLite's write lock up front, so processes sharing
@@ -14,11 +14,9 @@ the file queue on ``busy_timeout`` instead of failing half-way through.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
 from functools import partial
@@ -42,6 +40,7 @@ from consumer.store.base import (
     StoreUnavailable,
     WorkflowRecord,
 )
+from consumer.store.one_thread import OneThread
 
 # Below this much free space on the file's disk the store reports itself unavailable: a commit
 # there fails with "database or disk is full", while a read (SELECT 1) still answers.
@@ -59,11 +58,11 @@ class SqliteStore:
         self._create = create
         self._busy_timeout_ms = busy_timeout_ms
         self._db: Connection | None = None
-        self._thread: ThreadPoolExecutor | None = None
+        self._thread: OneThread | None = None
         self._group = GroupCommit(self.commit_batch)
 
     async def open(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="appt-sqlite")
+        self._thread = OneThread("appt-sqlite")
         try:
             self._db = await self._call(self._connect)
             await self._in_transaction(_apply_migrations)
@@ -94,8 +93,8 @@ class SqliteStore:
             return
         db, self._db = self._db, None
         if db is not None:
-            await asyncio.get_running_loop().run_in_executor(thread, db.close)
-        await asyncio.to_thread(thread.shutdown, wait=True)
+            await thread.call(db.close)
+        await thread.stop()
 
     async def ping(self) -> None:
         """Answers reads, and has room for a commit: a full disk is a store that is down."""
@@ -323,7 +322,7 @@ class SqliteStore:
     async def _call(self, function: Callable[[], T]) -> T:
         if self._thread is None:
             raise StoreUnavailable("the store is not open")
-        return await asyncio.get_running_loop().run_in_executor(self._thread, function)
+        return await self._thread.call(function)
 
     async def _fetchone(self, sql: str, params: Sequence[Any]) -> sqlite3.Row | None:
         row: sqlite3.Row | None = await self._run(lambda db: db.execute(sql, params).fetchone())
