@@ -28,7 +28,7 @@ from tenacity import (
 )
 
 from consumer import metrics, tracing
-from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed
+from consumer.broker import OBSERVED_EXCHANGE, REPLAY_HEADER, Broker, PublishFailed, ack
 from consumer.commands import ReadBeforeWrite, execute
 from consumer.logs import get_logger
 from consumer.messages import (
@@ -391,7 +391,7 @@ class Worker:
         practice = self._practices.get(inbound.practice)
         if parked is not None:
             if head is None or head[0] > parked:  # handed back twice: it was processed already
-                await _settle(message.ack())
+                await _settle(ack(message))
                 return "duplicate"
             if head == (parked, key) and practice.served:
                 return None  # its turn (and the header names this very message: it may unpark it)
@@ -400,7 +400,7 @@ class Worker:
             return None
         else:
             await self._park(message, inbound, key, practice.reason or "behind an older parked message")
-        await _settle(message.ack())
+        await _settle(ack(message))
         return "parked"
 
     async def _wait(
@@ -426,7 +426,7 @@ class Worker:
                 await self._store.keep_parked(parked)
         except StoreUnavailable as exc:
             return await self._retry_later(message, key, exc, inbound)
-        await _settle(message.ack())
+        await _settle(ack(message))
         return "parked"
 
     async def _park(self, message: AbstractIncomingMessage, inbound: Any, key: str, reason: str) -> None:
@@ -448,7 +448,7 @@ class Worker:
         """Processed: a parked message is forgotten (only now: a crash before redelivers it), then acked."""
         if parked is not None:
             await self._store.unpark(parked)
-        await _settle(message.ack())
+        await _settle(ack(message))
 
     async def _replay_of(self, message: AbstractIncomingMessage, inbound: Any) -> int:
         """The replay number `appt dead replay` gave this message, if what it replays was
@@ -516,7 +516,7 @@ class Worker:
             await self._publish(message, [], result_for(inbound, "rejected", reasons={"routing_key": [reason]}))
         except PublishFailed as exc:
             return await self._retry_later(message, message_key(inbound), exc, None)  # nothing of a saga ran
-        await _settle(message.ack())
+        await _settle(ack(message))
         return "rejected"
 
     async def _raise_if_processed(self, key: str, practice: str) -> None:
@@ -593,7 +593,7 @@ class Worker:
                     delivery=deliveries,
                     error=reason,
                 )
-                await _settle(message.ack())
+                await _settle(ack(message))
                 return "deferred"
             return await self._dead_letter(
                 message, f"gave up after {deliveries} deliveries: {reason}", "exhausted", deliveries
@@ -658,7 +658,7 @@ class Worker:
                 await self._store.unpark(parked)
             except StoreUnavailable:  # handed back again later: the dead letter may then repeat
                 log.warning("dead-lettered message still parked", seq=parked)
-        await _settle(message.ack())
+        await _settle(ack(message))
         return "dead_lettered"
 
 
