@@ -128,9 +128,11 @@ async def floor_consume(amqp_url: str, sandbox_url: str, count: int, prefetch: i
                 await response.json()
             async with http.put(url, json={"appointment": {"notes": command["notes"]}}) as response:
                 answer = await response.read()
+            # Not mandatory, as the worker's are: a mandatory publish nobody's queue takes comes
+            # back as a basic.return, work the worker's publishes never cause.
             await asyncio.gather(
-                events.publish(aio_pika.Message(answer, delivery_mode=2), "floor.state"),
-                events.publish(aio_pika.Message(answer, delivery_mode=2), "floor.result"),
+                events.publish(aio_pika.Message(answer, delivery_mode=2), "floor.state", mandatory=False),
+                events.publish(aio_pika.Message(answer, delivery_mode=2), "floor.result", mandatory=False),
             )
             await message.ack()
 
