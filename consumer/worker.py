@@ -300,9 +300,16 @@ class Worker:
 
     async def _handle(self, message: AbstractIncomingMessage) -> None:
         """Every delivery is settled, whatever its bytes: a message left unsettled holds its
-        prefetch slot and, with its siblings, stops the partition."""
+        prefetch slot and, with its siblings, stops the partition.
+
+        The counters come after the guarded part: every settle is the last thing its
+        branch does, so a failure caught here happened before the message was settled,
+        and the nack never follows an ack (an ack is not waited for, see ``broker.ack``,
+        and the broker closes a channel that settles one delivery twice).
+        """
+        started = time.perf_counter()
         try:
-            await self._handle_delivery(message)
+            kind, outcome = await self._handle_delivery(message)
         except Exception:
             self._last_unforeseen = time.monotonic()
             metrics.messages("unknown", "unforeseen").inc()
@@ -311,9 +318,12 @@ class Worker:
             )
             with contextlib.suppress(Exception):  # the queue's dead-letter exchange takes it
                 await _settle(message.nack(requeue=False))
+            return
+        metrics.messages(kind, outcome).inc()
+        metrics.processing_seconds(kind).observe(time.perf_counter() - started)
 
-    async def _handle_delivery(self, message: AbstractIncomingMessage) -> None:
-        started = time.perf_counter()
+    async def _handle_delivery(self, message: AbstractIncomingMessage) -> tuple[str, str]:
+        """The message's kind and what became of it."""
         kind = "invalid"
         try:
             inbound = parse(message.body, self._max_message_bytes)
@@ -326,11 +336,9 @@ class Worker:
                 appointment_id=inbound.appointment_id,
                 correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
             ):
-                outcome = await self._process(message, inbound)
+                return kind, await self._process(message, inbound)
         except InvalidMessage as exc:
-            outcome = await self._dead_letter(message, str(exc), "invalid", deliveries_of(message))
-        metrics.messages(kind, outcome).inc()
-        metrics.processing_seconds(kind).observe(time.perf_counter() - started)
+            return kind, await self._dead_letter(message, str(exc), "invalid", deliveries_of(message))
 
     async def _process(self, message: AbstractIncomingMessage, inbound: Any) -> str:
         if not routing_key_names(message.routing_key or "", inbound.practice, inbound.appointment_id):
