@@ -4,9 +4,9 @@ Each store operation is one plain function run on the store's own thread:
 a read, or a whole transaction, crosses from the event loop to SQLite once.
 (Through a driver that hops to its thread per statement, a command's three
 store calls cost ~15 hops, each a self-pipe wake-up and a GIL hand-off: about
-a quarter of the worker's CPU.) The
-thread (``one_thread.OneThread``) is the only user of the connection and runs one function at a time,
-so no transaction ever interleaves with another, and a caller cancelled while
+a quarter of the worker's CPU.) The thread (``one_thread.OneThread``) is the
+only user of the connection and runs one function at a time, so no
+transaction ever interleaves with another, and a caller cancelled while
 waiting leaves its transaction to finish or roll back whole.
 ``BEGIN IMMEDIATE`` takes SQLite's write lock up front, so processes sharing
 the file queue on ``busy_timeout`` instead of failing half-way through.
