@@ -34,7 +34,8 @@ from consumer.logs import configure  # noqa: E402
 from consumer.messages import DEFAULT_PRACTICE  # noqa: E402
 from consumer.pms.client import PmsClient  # noqa: E402
 from consumer.practices import PracticeConfig, Practices  # noqa: E402
-from consumer.store.base import Store, open_store  # noqa: E402
+from consumer.store.base import Store  # noqa: E402
+from consumer.store.opening import open_store  # noqa: E402
 from consumer.worker import Worker  # noqa: E402
 from consumer.workflows import WorkflowRunner  # noqa: E402
 

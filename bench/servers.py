@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from consumer.broker import INBOUND_EXCHANGE, Broker  # noqa: E402
 from consumer.logs import configure  # noqa: E402
 from consumer.settings import Settings  # noqa: E402
-from consumer.store.base import open_store  # noqa: E402
+from consumer.store.opening import open_store  # noqa: E402
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app  # noqa: E402
 
 HOST = "127.0.0.1"

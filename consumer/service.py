@@ -32,7 +32,7 @@ from consumer.reconciler import Reconciler, run_reconciler
 from consumer.retention import run_pruner
 from consumer.settings import Settings, default_store, default_store_path
 from consumer.silence import WebhookSilences
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from consumer.waiting import Resumer
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
 from consumer.worker import Worker

@@ -33,8 +33,8 @@ from consumer.store.base import (
     StoreUnavailable,
     WorkflowRecord,
     iter_history,
-    open_store,
 )
+from consumer.store.opening import open_store
 
 # The flag each command type needs, by the message field it fills.
 SEND_FLAGS = {

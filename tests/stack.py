@@ -21,7 +21,8 @@ from consumer.deadletters import DeadLetterCollector
 from consumer.messages import DEFAULT_PRACTICE
 from consumer.pms.client import PmsClient
 from consumer.practices import PracticeConfig, Practices
-from consumer.store.base import Store, open_store
+from consumer.store.base import Store
+from consumer.store.opening import open_store
 from consumer.waiting import Resumer
 from consumer.worker import Worker
 from consumer.workflows import WorkflowRunner

@@ -1,7 +1,8 @@
 """The store: appointment records, the state log, workflows and the inbox, behind one interface.
 
-The backends are imported by ``open_store`` only when chosen, so the embedded
-SQLite default runs without asyncpg installed.
+``open_store`` (``opening``) is the one place that knows the backends; PostgreSQL's
+is imported only when chosen, so the embedded SQLite default runs without asyncpg
+installed.
 """
 
 from consumer.store.base import (
@@ -17,8 +18,8 @@ from consumer.store.base import (
     Store,
     StoreUnavailable,
     WorkflowRecord,
-    open_store,
 )
+from consumer.store.opening import open_store
 
 __all__ = [
     "TERMINAL_WORKFLOW_STATES",

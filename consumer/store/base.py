@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from pydantic_core import to_json
 
@@ -420,30 +419,3 @@ async def records_of(
         async for r in iter_history(store, appointment_id, practice=practice)
         if message_id in (r.command_id, r.webhook_id)
     ]
-
-
-def _split_schema(url: str) -> tuple[str, str | None]:
-    """``postgresql://...?schema=name`` puts the tables in that schema (one database, many deployments)."""
-    parts = urlsplit(url)
-    query = parse_qs(parts.query)
-    schema = query.pop("schema", [None])[0]
-    rest = urlencode({k: v[0] for k, v in query.items()})
-    return urlunsplit(parts._replace(query=rest)), schema
-
-
-def open_store(url: str, *, create: bool = True) -> Store:
-    """``sqlite:///path`` (embedded default) or ``postgresql://...[?schema=name]`` (shared by workers).
-
-    ``create=False`` (the read-only verbs) refuses a SQLite file that does not exist yet: reading
-    a store in the wrong place must say so, not make an empty one and report "no records".
-    """
-    if url.startswith("sqlite://"):
-        from consumer.store.sqlite import SqliteStore
-
-        return SqliteStore(url.removeprefix("sqlite://").removeprefix("/") or ":memory:", create=create)
-    if url.startswith(("postgresql://", "postgres://")):
-        from consumer.store.postgres import PostgresStore
-
-        base, schema = _split_schema(url)
-        return PostgresStore(base, schema=schema)
-    raise ValueError(f"unknown store URL scheme: {url!r}")

@@ -31,7 +31,7 @@ import pytest
 
 from consumer.broker import Broker, partition_queue
 from consumer.sandbox import RunningSandbox
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.chaos.common import (
     Collector,
     chaos_marks,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from consumer.broker import Broker
 from consumer.sandbox import RunningSandbox
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.chaos.common import (
     chaos_marks,
     chaos_seed,

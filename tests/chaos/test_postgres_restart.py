@@ -15,7 +15,7 @@ from pathlib import Path
 
 from consumer.broker import Broker
 from consumer.sandbox import RunningSandbox
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.chaos.common import (
     STORE_DOWN_FOR,
     chaos_marks,

@@ -21,7 +21,7 @@ import pytest
 
 from consumer.cli import build_parser
 from consumer.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_TIMEOUT, EXIT_USAGE
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
 from tests.e2e.processes import SandboxProcess
 from tests.helpers import APPT, Ran, free_port, run_appt

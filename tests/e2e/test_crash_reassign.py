@@ -34,7 +34,7 @@ from consumer.broker import Broker
 from consumer.failpoints import SAGA_FAILPOINTS
 from consumer.messages import Reassign
 from consumer.reconciler import parse_time
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from consumer.workflows import workflow_id_for
 from tests.e2e.conftest import Results
 from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env

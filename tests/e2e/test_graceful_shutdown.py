@@ -9,7 +9,7 @@ import aio_pika
 import pytest
 
 from consumer.broker import EVENTS_EXCHANGE, Broker
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.e2e.processes import SandboxProcess, ServiceProcess, service_env
 from tests.helpers import eventually
 

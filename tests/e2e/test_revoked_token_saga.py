@@ -30,7 +30,8 @@ import pytest
 
 from consumer.broker import Broker
 from consumer.messages import Reassign
-from consumer.store.base import DeadLetterQuery, WorkflowRecord, open_store
+from consumer.store.base import DeadLetterQuery, WorkflowRecord
+from consumer.store.opening import open_store
 from consumer.workflows import workflow_id_for
 from tests.e2e.conftest import Results
 from tests.e2e.processes import SandboxProcess, ServiceProcess, get_json, service_env, write_practices

@@ -18,7 +18,8 @@ from consumer.messages import Cancel, Confirm, EditNotes, SetPatient
 from consumer.pms.client import PmsClient
 from consumer.reconciler import Reconciler
 from consumer.records import Origin, new_record
-from consumer.store.base import Commit, Store, open_store
+from consumer.store.base import Commit, Store
+from consumer.store.opening import open_store
 from tests.stack import Stack, running_stack
 
 PRACTITIONER, PATIENT, NEW_PATIENT = 9, 1013, 2001

@@ -15,7 +15,8 @@ from consumer.practices import PracticeConfig, Practices
 from consumer.reconciler import Reconciler, reconcile_once, run_reconciler, windows_for
 from consumer.sandbox import RunningSandbox, running_sandbox
 from consumer.silence import WebhookSilence
-from consumer.store.base import Store, open_store
+from consumer.store.base import Store
+from consumer.store.opening import open_store
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
 from tests.helpers import eventually, starts_in
 from tests.integration.test_webhooks import PARTITIONS, queued

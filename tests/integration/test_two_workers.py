@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from consumer.broker import EVENTS_EXCHANGE, Broker
 from consumer.messages import StateLogRecord
 from consumer.sandbox import RunningSandbox, running_sandbox
-from consumer.store.base import open_store
+from consumer.store.opening import open_store
 from tests.e2e.processes import ServiceProcess, service_env
 from tests.helpers import eventually, seed_pending
 

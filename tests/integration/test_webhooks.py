@@ -24,7 +24,8 @@ from standardwebhooks.webhooks import Webhook
 from consumer.broker import Broker, partition_queue
 from consumer.messages import ObservedEvent, StateLogRecord
 from consumer.settings import Settings
-from consumer.store.base import AppointmentRecord, Commit, Store, open_store
+from consumer.store.base import AppointmentRecord, Commit, Store
+from consumer.store.opening import open_store
 from consumer.webhooks import BROKER_KEY, STORE_KEY, create_app
 from tests.conftest import RABBIT_HOST, RABBIT_PORT, drop_vhost, make_vhost, require_service
 from tests.helpers import served
