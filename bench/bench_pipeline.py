@@ -205,10 +205,20 @@ async def measured(drain: Awaitable[float]) -> Figures:
     return Figures(seconds, cpu_seconds() - cpu)
 
 
+Measure = Callable[[Awaitable[float]], Awaitable[Figures]]
+
+
 async def worker_round(
-    amqp_url: str, store_url: str, sandbox_url: str, commands: list[dict[str, Any]], policy: ReadBeforeWrite
+    amqp_url: str,
+    store_url: str,
+    sandbox_url: str,
+    commands: list[dict[str, Any]],
+    policy: ReadBeforeWrite,
+    measure: Measure = measured,
 ) -> Figures:
-    """The worker, wired as ``appt serve`` wires it, draining ``commands`` published beforehand."""
+    """The worker, wired as ``appt serve`` wires it, draining ``commands`` published beforehand.
+
+    ``measure`` wraps the drain alone (bench_anatomy.py takes more figures around it)."""
     settings = Settings()
     async with running_pipeline(
         amqp_url,
@@ -230,7 +240,7 @@ async def worker_round(
                     await asyncio.sleep(HANDLED_POLL_SECONDS)
             return time.perf_counter() - started
 
-        figures = await measured(drain())
+        figures = await measure(drain())
         outcomes = await pipeline.results.take(len(commands))
     if outcomes != {"succeeded": len(commands)}:
         raise RuntimeError(f"the worker's round under {policy} did not succeed throughout: {outcomes}")
@@ -361,13 +371,18 @@ def report(
     )
 
 
-def main() -> None:
+def drain_arguments() -> argparse.ArgumentParser:
+    """The drains' options, shared with bench_anatomy.py."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--appointments", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = drain_arguments().parse_args()
     asyncio.run(run(args.commands, args.appointments, args.rounds, args.store))
 
 

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-.venv/bin/python}"
-for bench in bench_machine bench_publish bench_ingest bench_pipeline bench_gc bench_latency bench_reassign bench_scaleout bench_practices bench_budget; do
+for bench in bench_machine bench_publish bench_ingest bench_pipeline bench_anatomy bench_gc bench_latency bench_reassign bench_scaleout bench_practices bench_budget; do
     echo "== $bench"
     "$PYTHON" "bench/$bench.py"
 done
