@@ -34,6 +34,7 @@ from bench.bench_pipeline import (  # noqa: E402
     FIRST_ID,
     POLICIES,
     Figures,
+    baseline_drain,
     drain_arguments,
     floor_consume,
     measured,
@@ -44,15 +45,12 @@ from bench.common import (  # noqa: E402
     appointments,
     edit_commands,
     log_to_file,
-    publish_commands,
     result_line,
     sandbox_process,
     seed_sandbox,
     throwaway_vhost,
 )
-from consumer.broker import Broker  # noqa: E402
 from consumer.service import tune_gc  # noqa: E402
-from consumer.settings import Settings  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -166,17 +164,6 @@ class Counting:
         return Anatomy(**{f.name: median(getattr(a, f.name) for a in self.taken) for f in fields(Anatomy)})
 
 
-async def floor_drain(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str, measure: Counting) -> None:
-    settings = Settings()
-    broker = Broker(amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
-    await broker.connect()
-    try:
-        await publish_commands(broker, edit_commands(ids, count, f"floor-{tag}"))
-    finally:
-        await broker.close()
-    await measure(floor_consume(amqp_url, sandbox_url, count, settings.prefetch, settings.partitions))
-
-
 async def run(count: int, appointment_count: int, rounds: int, store: str) -> dict[str, Anatomy]:
     tune_gc()
     ids = list(range(FIRST_ID, FIRST_ID + appointment_count))
@@ -186,7 +173,14 @@ async def run(count: int, appointment_count: int, rounds: int, store: str) -> di
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
         async with store_urls(store, workdir) as stores:
             for number in range(1, rounds + 1):
-                await floor_drain(amqp_url, sandbox.url, ids, count, str(number), counters["floor"])
+                await baseline_drain(
+                    amqp_url,
+                    ids,
+                    count,
+                    f"floor-{number}",
+                    lambda prefetch, partitions: floor_consume(amqp_url, sandbox.url, count, prefetch, partitions),
+                    counters["floor"],
+                )
                 for policy in POLICIES if number % 2 else POLICIES[::-1]:
                     commands = edit_commands(ids, count, f"{policy}-{number}")
                     await worker_round(amqp_url, stores[policy], sandbox.url, commands, policy, counters[policy])

@@ -256,28 +256,52 @@ class Baselines:
     floor_without_get: Figures
 
 
-async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Baselines:
-    """Each baseline over ``count`` freshly published messages."""
+async def baseline_drain(
+    amqp_url: str,
+    ids: list[int],
+    count: int,
+    tag: str,
+    consume: Callable[[int, int], Awaitable[float]],
+    measure: Measure = measured,
+) -> Figures:
+    """``count`` edit commands published, then drained by ``consume(prefetch, partitions)`` under ``measure``."""
     settings = Settings()
     broker = Broker(amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
     await broker.connect()
-
-    async def drained(kind: str, consume: Awaitable[float]) -> Figures:
-        await publish_commands(broker, edit_commands(ids, count, f"{kind}-{tag}"))
-        return await measured(consume)
-
-    prefetch, partitions = settings.prefetch, settings.partitions
     try:
-        return Baselines(
-            raw=await drained("raw", raw_consume(amqp_url, count, prefetch, partitions)),
-            floor=await drained("floor", floor_consume(amqp_url, sandbox_url, count, prefetch, partitions)),
-            floor_without_get=await drained(
-                "floor-no-get",
-                floor_consume(amqp_url, sandbox_url, count, prefetch, partitions, fresh_read=False),
-            ),
-        )
+        await publish_commands(broker, edit_commands(ids, count, tag))
     finally:
         await broker.close()
+    return await measure(consume(settings.prefetch, settings.partitions))
+
+
+async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Baselines:
+    """Each baseline over ``count`` freshly published messages."""
+    return Baselines(
+        raw=await baseline_drain(
+            amqp_url,
+            ids,
+            count,
+            f"raw-{tag}",
+            lambda prefetch, partitions: raw_consume(amqp_url, count, prefetch, partitions),
+        ),
+        floor=await baseline_drain(
+            amqp_url,
+            ids,
+            count,
+            f"floor-{tag}",
+            lambda prefetch, partitions: floor_consume(amqp_url, sandbox_url, count, prefetch, partitions),
+        ),
+        floor_without_get=await baseline_drain(
+            amqp_url,
+            ids,
+            count,
+            f"floor-no-get-{tag}",
+            lambda prefetch, partitions: floor_consume(
+                amqp_url, sandbox_url, count, prefetch, partitions, fresh_read=False
+            ),
+        ),
+    )
 
 
 @contextlib.asynccontextmanager
