@@ -36,6 +36,7 @@ from consumer.store.opening import open_store
 from consumer.waiting import Resumer
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SILENCE_KEY, STORE_KEY, WORKER_FAILING_KEY, create_app
 from consumer.worker import Worker
+from consumer.workflow_watch import WorkflowWatcher
 from consumer.workflows import WorkflowRunner
 
 log = get_logger(__name__)
@@ -66,14 +67,13 @@ def service_resources(settings: Settings) -> Callable[[web.Application], AsyncIt
             await broker.connect()
             practices = app[PRACTICES_KEY]
             started.push_async_callback(practices.close)
-            workflows = WorkflowRunner(
-                practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline
-            )
-            await workflows.resume_unfinished()
+            workflows = WorkflowRunner(practices=practices, store=store, broker=broker)
+            watcher = WorkflowWatcher(store=store, broker=broker, deadline=settings.workflow_deadline)
+            await watcher.resume_unfinished()
             dead_letters = DeadLetterCollector(broker=broker, store=store)
             stop = asyncio.Event()
             background = [
-                asyncio.create_task(workflows.watch(stop)),
+                asyncio.create_task(watcher.watch(stop)),
                 asyncio.create_task(dead_letters.watch(stop)),
                 asyncio.create_task(Resumer(practices=practices, store=store, broker=broker).run(stop)),
             ]

@@ -267,7 +267,7 @@ async def sagas(settings: Settings, *, stuck: bool, as_json: bool) -> int:
     async with opened_store(settings) as store:
         workflows = await store.list_workflows()
     if stuck:
-        from consumer.workflows import is_stuck
+        from consumer.workflow_watch import is_stuck
 
         workflows = [w for w in workflows if is_stuck(w, deadline=settings.workflow_deadline)]
     now = datetime.now(UTC)
@@ -337,6 +337,7 @@ async def retry_saga(
     settings: Settings, store: Store, broker: Broker, practices: Practices, workflow_id: str
 ) -> SagaRetry:
     """Compensate a parked workflow again, or hand an unfinished one back; LookupError if unknown."""
+    from consumer.workflow_watch import WorkflowWatcher
     from consumer.workflows import WorkflowRunner
     from statemachines.reassignment import COMPENSATION_FAILED
 
@@ -345,10 +346,11 @@ async def retry_saga(
         raise LookupError(f"no workflow {workflow_id}")
     if workflow.state in TERMINAL_WORKFLOW_STATES:
         return SagaRetry(workflow, "already finished")
-    runner = WorkflowRunner(practices=practices, store=store, broker=broker, deadline=settings.workflow_deadline)
     if workflow.state != COMPENSATION_FAILED:
-        await runner.requeue(workflow)
+        watcher = WorkflowWatcher(store=store, broker=broker, deadline=settings.workflow_deadline)
+        await watcher.requeue(workflow)
         return SagaRetry(workflow, "handed back to the pipeline: watch appt history")
+    runner = WorkflowRunner(practices=practices, store=store, broker=broker)
     return SagaRetry(await runner.retry(workflow_id))
 
 

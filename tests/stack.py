@@ -25,6 +25,7 @@ from consumer.store.base import Store
 from consumer.store.opening import open_store
 from consumer.waiting import Resumer
 from consumer.worker import Worker
+from consumer.workflow_watch import WorkflowWatcher
 from consumer.workflows import WorkflowRunner
 from tests.helpers import eventually
 
@@ -60,6 +61,7 @@ class Stack:
     practices: Practices
     worker: Worker
     workflows: WorkflowRunner
+    watcher: WorkflowWatcher
     observer: Observer
 
     @property
@@ -139,8 +141,8 @@ async def running_stack(
         store=store,
         broker=broker,
         compensation_backoff=compensation_backoff,
-        deadline=workflow_deadline,
     )
+    watcher = WorkflowWatcher(store=store, broker=broker, deadline=workflow_deadline)
     worker = Worker(
         broker=broker,
         store=store,
@@ -155,14 +157,14 @@ async def running_stack(
     await DeadLetterCollector(broker=broker, store=store, retry_delay=0.1).start()
     stop = asyncio.Event()
     resumer = asyncio.create_task(Resumer(practices=registry, store=store, broker=broker, interval=0.1).run(stop))
-    watcher = asyncio.create_task(workflows.watch(stop, watch_interval)) if watch_interval else None
+    watching = asyncio.create_task(watcher.watch(stop, watch_interval)) if watch_interval else None
     try:
-        yield Stack(broker, store, registry, worker, workflows, observer)
+        yield Stack(broker, store, registry, worker, workflows, watcher, observer)
     finally:
         stop.set()
         await resumer
-        if watcher is not None:
-            await watcher
+        if watching is not None:
+            await watching
         await worker.stop(timeout=5)
         await connection.close()
         await registry.close()

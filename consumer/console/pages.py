@@ -20,7 +20,8 @@ from consumer.silence import WebhookSilences
 from consumer.store.base import TERMINAL_WORKFLOW_STATES, DeadLetterQuery, Store, WorkflowRecord, iter_history
 from consumer.tools import retry_saga
 from consumer.webhooks import BROKER_KEY, PRACTICES_KEY, SETTINGS_KEY, SILENCE_KEY, STORE_KEY
-from consumer.workflows import is_stuck, workflow_id_for
+from consumer.workflow_watch import is_stuck
+from consumer.workflows import workflow_id_for
 from statemachines.diagram import graph
 
 SAGA_STATES = graph("reassignment").states

@@ -353,8 +353,8 @@ async def test_workflows_left_mid_way_are_resumed_through_the_pipeline_once(stac
     started = await stack.workflows._start(command)  # persisted as a crash would leave it
     assert isinstance(started, tuple) and started[0].state == "requested"
 
-    assert await stack.workflows.resume_unfinished() == 1
-    assert await stack.workflows.resume_unfinished() == 1
+    assert await stack.watcher.resume_unfinished() == 1
+    assert await stack.watcher.resume_unfinished() == 1
 
     result = await stack.result("left-1")
     assert result["outcome"] == "succeeded"
