@@ -17,7 +17,9 @@ Each round measures, one after the other on the same queues and sandbox:
 - the worker (store, PMS client, settings as ``appt serve``) draining N
   edit_notes commands published beforehand, once under each
   ``APPT_READ_BEFORE_WRITE`` policy (``always``, ``on_conflict``; which goes
-  first alternates by round), each policy with its own store kept across rounds.
+  first alternates by round), each policy with its own store kept across rounds;
+- the floor again, after the worker's drains: the worker's CPU is set against the
+  mean of the round's two floors, so drift within a round moves both sides.
 
 The sandbox runs in its own process (zero latency) so its CPU is not charged
 to what is measured. CPU is the process's user + system time: other load on
@@ -249,11 +251,27 @@ async def worker_round(
 
 @dataclass
 class Baselines:
-    """One round's baselines: raw consume+ack, the protocol floor, and the floor without its GET."""
+    """One round's baselines: raw consume+ack, the protocol floor, and the floor without its GET.
+
+    The floor is drained twice, before the round's worker drains and after them
+    (``floor_after``), and the worker is set against the two together: a machine that
+    speeds up or slows down during the round then moves the floor with the worker,
+    whichever way it drifts.
+    """
 
     raw: Figures
     floor: Figures
     floor_without_get: Figures
+    floor_after: Figures | None = None
+
+    @property
+    def floor_cpu(self) -> float:
+        """CPU seconds of one floor drain: the mean of the drains before and after the worker's."""
+        after = self.floor_after or self.floor
+        return (self.floor.cpu + after.cpu) / 2
+
+    def floor_cpu_us(self, count: int) -> float:
+        return self.floor_cpu / count * 1e6
 
 
 async def baseline_drain(
@@ -275,6 +293,17 @@ async def baseline_drain(
     return await measure(consume(settings.prefetch, settings.partitions))
 
 
+async def floor_drain(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Figures:
+    """The protocol floor over ``count`` freshly published edit commands."""
+    return await baseline_drain(
+        amqp_url,
+        ids,
+        count,
+        tag,
+        lambda prefetch, partitions: floor_consume(amqp_url, sandbox_url, count, prefetch, partitions),
+    )
+
+
 async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Baselines:
     """Each baseline over ``count`` freshly published messages."""
     return Baselines(
@@ -285,13 +314,7 @@ async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count:
             f"raw-{tag}",
             lambda prefetch, partitions: raw_consume(amqp_url, count, prefetch, partitions),
         ),
-        floor=await baseline_drain(
-            amqp_url,
-            ids,
-            count,
-            f"floor-{tag}",
-            lambda prefetch, partitions: floor_consume(amqp_url, sandbox_url, count, prefetch, partitions),
-        ),
+        floor=await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-{tag}"),
         floor_without_get=await baseline_drain(
             amqp_url,
             ids,
@@ -341,10 +364,16 @@ async def run(count: int, appointment_count: int, rounds: int, store: str) -> No
                     workers[policy].append(worker)
                     print(
                         f"round {number}: worker ({policy}) {worker.rate(count):.0f} commands/s,"
-                        f" {worker.cpu_us(count):.0f} us CPU/command = {worker.cpu / floor.cpu:.2f}x the floor's CPU,"
-                        f" {worker.rate(count) / raw.rate(count):.3f} of raw",
+                        f" {worker.cpu_us(count):.0f} us CPU/command = {worker.cpu / floor.cpu:.2f}x the floor's CPU"
+                        f" before it, {worker.rate(count) / raw.rate(count):.3f} of raw",
                         flush=True,
                     )
+                base.floor_after = await floor_drain(amqp_url, sandbox.url, ids, count, f"floor-after-{number}")
+                print(
+                    f"round {number}: floor after the worker {base.floor_after.cpu_us(count):.0f} us CPU/command;"
+                    f" the round's floor {base.floor_cpu_us(count):.0f} us (the mean of the two)",
+                    flush=True,
+                )
     domain_us = domain_seconds(last_commands) / count * 1e6
     for policy in POLICIES:
         report(policy, count, appointment_count, store, baselines, workers[policy], domain_us)
@@ -361,7 +390,7 @@ def report(
 ) -> None:
     """Each ratio is taken within its round (same machine state), then the median over rounds."""
     rounds = list(zip(workers, baselines, strict=True))
-    cpu_ratio = median(w.cpu / b.floor.cpu for w, b in rounds)
+    cpu_ratio = median(w.cpu / b.floor_cpu for w, b in rounds)
     without_get_ratio = median(w.cpu / b.floor_without_get.cpu for w, b in rounds)
     rate_ratio = median(b.raw.seconds / w.seconds for w, b in rounds)
     worker_cpu_us = median(w.cpu_us(count) for w in workers)
@@ -385,7 +414,7 @@ def report(
             ratio=rate_ratio,
             worker_cpu_us=worker_cpu_us,
             raw_cpu_us=median(b.raw.cpu_us(count) for b in baselines),
-            floor_cpu_us=median(b.floor.cpu_us(count) for b in baselines),
+            floor_cpu_us=median(b.floor_cpu_us(count) for b in baselines),
             floor_without_get_cpu_us=median(b.floor_without_get.cpu_us(count) for b in baselines),
             cpu_per_floor=cpu_ratio,
             cpu_per_floor_without_get=without_get_ratio,
