@@ -18,8 +18,8 @@ Each round measures, one after the other on the same queues and sandbox:
   edit_notes commands published beforehand, once under each
   ``APPT_READ_BEFORE_WRITE`` policy (``always``, ``on_conflict``; which goes
   first alternates by round), each policy with its own store kept across rounds;
-- the floor again, after the worker's drains: the worker's CPU is set against the
-  mean of the round's two floors, so drift within a round moves both sides.
+- both floors again, after the worker's drains: the worker's CPU is set against
+  the mean of each floor's two drains, so drift within a round moves both sides.
 
 The sandbox runs in its own process (zero latency) so its CPU is not charged
 to what is measured. CPU is the process's user + system time: other load on
@@ -40,7 +40,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import median
@@ -244,34 +244,42 @@ async def worker_round(
 
         figures = await measure(drain())
         outcomes = await pipeline.results.take(len(commands))
+    if pipeline.results.repeated:
+        print(
+            f"({pipeline.results.repeated} results published again: redeliveries; the worker's warnings follow the run)"
+        )
     if outcomes != {"succeeded": len(commands)}:
         raise RuntimeError(f"the worker's round under {policy} did not succeed throughout: {outcomes}")
     return figures
 
 
 @dataclass
-class Baselines:
-    """One round's baselines: raw consume+ack, the protocol floor, and the floor without its GET.
+class Bracket:
+    """A floor drained before the round's worker drains and again after them.
 
-    The floor is drained twice, before the round's worker drains and after them
-    (``floor_after``), and the worker is set against the two together: a machine that
-    speeds up or slows down during the round then moves the floor with the worker,
-    whichever way it drifts.
+    The worker is set against the two together, so a machine that speeds up or
+    slows down during the round moves the floor with the worker, whichever way it drifts.
     """
 
-    raw: Figures
-    floor: Figures
-    floor_without_get: Figures
-    floor_after: Figures | None = None
+    before: Figures
+    after: Figures | None = None  # until the round's worker drains are done
 
     @property
-    def floor_cpu(self) -> float:
-        """CPU seconds of one floor drain: the mean of the drains before and after the worker's."""
-        after = self.floor_after or self.floor
-        return (self.floor.cpu + after.cpu) / 2
+    def cpu(self) -> float:
+        """CPU seconds of one drain: the mean of the two (the first alone until the second is taken)."""
+        return (self.before.cpu + (self.after or self.before).cpu) / 2
 
-    def floor_cpu_us(self, count: int) -> float:
-        return self.floor_cpu / count * 1e6
+    def cpu_us(self, count: int) -> float:
+        return self.cpu / count * 1e6
+
+
+@dataclass
+class Baselines:
+    """One round's baselines: raw consume+ack, the protocol floor, and the floor without its GET."""
+
+    raw: Figures
+    floor: Bracket
+    floor_without_get: Bracket
 
 
 async def baseline_drain(
@@ -293,19 +301,23 @@ async def baseline_drain(
     return await measure(consume(settings.prefetch, settings.partitions))
 
 
-async def floor_drain(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Figures:
-    """The protocol floor over ``count`` freshly published edit commands."""
+async def floor_drain(
+    amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str, *, fresh_read: bool = True
+) -> Figures:
+    """The protocol floor (without its GET if not ``fresh_read``) over ``count`` freshly published commands."""
     return await baseline_drain(
         amqp_url,
         ids,
         count,
         tag,
-        lambda prefetch, partitions: floor_consume(amqp_url, sandbox_url, count, prefetch, partitions),
+        lambda prefetch, partitions: floor_consume(
+            amqp_url, sandbox_url, count, prefetch, partitions, fresh_read=fresh_read
+        ),
     )
 
 
 async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str) -> Baselines:
-    """Each baseline over ``count`` freshly published messages."""
+    """Each baseline over ``count`` freshly published messages (the floors' first drains)."""
     return Baselines(
         raw=await baseline_drain(
             amqp_url,
@@ -314,17 +326,21 @@ async def baseline_round(amqp_url: str, sandbox_url: str, ids: list[int], count:
             f"raw-{tag}",
             lambda prefetch, partitions: raw_consume(amqp_url, count, prefetch, partitions),
         ),
-        floor=await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-{tag}"),
-        floor_without_get=await baseline_drain(
-            amqp_url,
-            ids,
-            count,
-            f"floor-no-get-{tag}",
-            lambda prefetch, partitions: floor_consume(
-                amqp_url, sandbox_url, count, prefetch, partitions, fresh_read=False
-            ),
+        floor=Bracket(await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-{tag}")),
+        floor_without_get=Bracket(
+            await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-no-get-{tag}", fresh_read=False)
         ),
     )
+
+
+async def close_brackets(
+    amqp_url: str, sandbox_url: str, ids: list[int], count: int, tag: str, base: Baselines
+) -> tuple[Figures, Figures]:
+    """The floors' second drains, after the round's worker drains (in the reverse order of the first)."""
+    without_get = await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-no-get-after-{tag}", fresh_read=False)
+    floor = await floor_drain(amqp_url, sandbox_url, ids, count, f"floor-after-{tag}")
+    base.floor.after, base.floor_without_get.after = floor, without_get
+    return floor, without_get
 
 
 @contextlib.asynccontextmanager
@@ -343,18 +359,22 @@ async def run(count: int, appointment_count: int, rounds: int, store: str) -> No
     baselines: list[Baselines] = []
     workers: dict[ReadBeforeWrite, list[Figures]] = {policy: [] for policy in POLICIES}
     last_commands: list[dict[str, Any]] = []
-    with throwaway_vhost() as amqp_url, tempfile.TemporaryDirectory() as workdir, sandbox_process() as sandbox:
-        log_to_file(Path(workdir) / "worker.log")
+    with (
+        throwaway_vhost() as amqp_url,
+        tempfile.TemporaryDirectory() as workdir,
+        worker_log_in(Path(workdir) / "worker.log"),
+        sandbox_process() as sandbox,
+    ):
         await seed_sandbox(sandbox.url, appointments(FIRST_ID, appointment_count))
         async with store_urls(store, workdir) as stores:
             for number in range(1, rounds + 1):
                 base = await baseline_round(amqp_url, sandbox.url, ids, count, str(number))
                 baselines.append(base)
-                raw, floor = base.raw, base.floor
+                raw, floor = base.raw, base.floor.before
                 print(
                     f"round {number}: raw consume+ack {raw.rate(count):.0f} msg/s, {raw.cpu_us(count):.0f} us CPU/msg;"
                     f" floor {floor.rate(count):.0f} commands/s, {floor.cpu_us(count):.0f} us CPU/command;"
-                    f" floor without its GET {base.floor_without_get.cpu_us(count):.0f} us CPU/command",
+                    f" floor without its GET {base.floor_without_get.before.cpu_us(count):.0f} us CPU/command",
                     flush=True,
                 )
                 # Alternate which policy goes first, so neither always runs on a warmer machine.
@@ -368,15 +388,33 @@ async def run(count: int, appointment_count: int, rounds: int, store: str) -> No
                         f" before it, {worker.rate(count) / raw.rate(count):.3f} of raw",
                         flush=True,
                     )
-                base.floor_after = await floor_drain(amqp_url, sandbox.url, ids, count, f"floor-after-{number}")
+                floor_after, without_get_after = await close_brackets(
+                    amqp_url, sandbox.url, ids, count, str(number), base
+                )
                 print(
-                    f"round {number}: floor after the worker {base.floor_after.cpu_us(count):.0f} us CPU/command;"
-                    f" the round's floor {base.floor_cpu_us(count):.0f} us (the mean of the two)",
+                    f"round {number}: after the worker, floor {floor_after.cpu_us(count):.0f} us CPU/command,"
+                    f" without its GET {without_get_after.cpu_us(count):.0f};"
+                    f" the round's floors (the means): {base.floor.cpu_us(count):.0f} and"
+                    f" {base.floor_without_get.cpu_us(count):.0f} us",
                     flush=True,
                 )
     domain_us = domain_seconds(last_commands) / count * 1e6
     for policy in POLICIES:
         report(policy, count, appointment_count, store, baselines, workers[policy], domain_us)
+
+
+@contextlib.contextmanager
+def worker_log_in(path: Path, lines: int = 20) -> Iterator[None]:
+    """The worker logs to ``path``; its warnings, if any, are printed at the end (the file goes with the run)."""
+    log_to_file(path)
+    try:
+        yield
+    finally:
+        logged = path.read_text().splitlines()
+        warnings = [line for line in logged if json.loads(line).get("level") not in ("debug", "info")]
+        if warnings:
+            print(f"the worker logged {len(warnings)} warnings and errors, the last of them:", file=sys.stderr)
+            print("\n".join(warnings[-lines:]), file=sys.stderr, flush=True)
 
 
 def report(
@@ -390,7 +428,7 @@ def report(
 ) -> None:
     """Each ratio is taken within its round (same machine state), then the median over rounds."""
     rounds = list(zip(workers, baselines, strict=True))
-    cpu_ratio = median(w.cpu / b.floor_cpu for w, b in rounds)
+    cpu_ratio = median(w.cpu / b.floor.cpu for w, b in rounds)
     without_get_ratio = median(w.cpu / b.floor_without_get.cpu for w, b in rounds)
     rate_ratio = median(b.raw.seconds / w.seconds for w, b in rounds)
     worker_cpu_us = median(w.cpu_us(count) for w in workers)
@@ -410,11 +448,11 @@ def report(
             rounds=len(workers),
             commands_per_s=median(w.rate(count) for w in workers),
             raw_msgs_per_s=median(b.raw.rate(count) for b in baselines),
-            floor_commands_per_s=median(b.floor.rate(count) for b in baselines),
+            floor_commands_per_s=median(b.floor.before.rate(count) for b in baselines),
             ratio=rate_ratio,
             worker_cpu_us=worker_cpu_us,
             raw_cpu_us=median(b.raw.cpu_us(count) for b in baselines),
-            floor_cpu_us=median(b.floor_cpu_us(count) for b in baselines),
+            floor_cpu_us=median(b.floor.cpu_us(count) for b in baselines),
             floor_without_get_cpu_us=median(b.floor_without_get.cpu_us(count) for b in baselines),
             cpu_per_floor=cpu_ratio,
             cpu_per_floor_without_get=without_get_ratio,

@@ -191,6 +191,7 @@ class Results:
     """
 
     queue: aio_pika.abc.AbstractQueue
+    repeated: int = 0
 
     async def wait_for(self, count: int, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -203,14 +204,23 @@ class Results:
         return declared.message_count or 0
 
     async def take(self, count: int, timeout: float = 60.0) -> dict[str, int]:
-        """Read ``count`` results off the queue: how many ended in each outcome."""
+        """Read results until ``count`` commands have answered: how many ended in each outcome.
+
+        Results are at-least-once (a redelivered command publishes its result
+        again), so each command counts once, by message id; ``repeated`` counts the rest.
+        """
         outcomes: dict[str, int] = {}
+        answered: set[str | None] = set()
         done = asyncio.Event()
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            if message.message_id in answered:
+                self.repeated += 1
+                return
+            answered.add(message.message_id)
             outcome = (message.routing_key or "").rsplit(".", 1)[-1]
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            if sum(outcomes.values()) >= count:
+            if len(answered) >= count:
                 done.set()
 
         tag = await self.queue.consume(on_result, no_ack=True)
