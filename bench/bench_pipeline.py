@@ -395,7 +395,8 @@ async def run(count: int, appointment_count: int, rounds: int, store: str) -> No
                     f"round {number}: after the worker, floor {floor_after.cpu_us(count):.0f} us CPU/command,"
                     f" without its GET {without_get_after.cpu_us(count):.0f};"
                     f" the round's floors (the means): {base.floor.cpu_us(count):.0f} and"
-                    f" {base.floor_without_get.cpu_us(count):.0f} us",
+                    f" {base.floor_without_get.cpu_us(count):.0f} us; the worker's CPU over the round's floor: "
+                    + ", ".join(f"{policy} {workers[policy][-1].cpu / base.floor.cpu:.2f}x" for policy in POLICIES),
                     flush=True,
                 )
     domain_us = domain_seconds(last_commands) / count * 1e6
