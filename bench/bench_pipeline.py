@@ -55,6 +55,7 @@ from bench.common import (  # noqa: E402
     SANDBOX_TOKEN,
     appointments,
     edit_commands,
+    empty_partitions,
     log_to_file,
     publish_commands,
     result_line,
@@ -231,6 +232,7 @@ async def worker_round(
         partitions=settings.partitions,
         read_before_write=policy,
     ) as pipeline:
+        await empty_partitions(amqp_url, before=f"the worker's drain under {policy}", partitions=settings.partitions)
         await publish_commands(pipeline.broker, commands)
 
         async def drain() -> float:
@@ -249,7 +251,12 @@ async def worker_round(
             f"({pipeline.results.repeated} results published again: redeliveries; the worker's warnings follow the run)"
         )
     if outcomes != {"succeeded": len(commands)}:
-        raise RuntimeError(f"the worker's round under {policy} did not succeed throughout: {outcomes}")
+        ours = {f"result-{command['command_id']}" for command in commands}
+        others = sorted(str(answered) for answered in pipeline.results.answered - ours)
+        raise RuntimeError(
+            f"the worker's round under {policy} did not succeed throughout: {outcomes};"
+            f" {len(others)} results for commands not of this drain: {others[:5]}"
+        )
     return figures
 
 
@@ -295,6 +302,7 @@ async def baseline_drain(
     broker = Broker(amqp_url, partitions=settings.partitions, prefetch=settings.prefetch)
     await broker.connect()
     try:
+        await empty_partitions(amqp_url, before=tag, partitions=settings.partitions)
         await publish_commands(broker, edit_commands(ids, count, tag))
     finally:
         await broker.close()

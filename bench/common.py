@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,7 @@ class Results:
 
     queue: aio_pika.abc.AbstractQueue
     repeated: int = 0
+    answered: set[str | None] = field(default_factory=set)  # the results' message ids
 
     async def wait_for(self, count: int, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -210,7 +211,7 @@ class Results:
         again), so each command counts once, by message id; ``repeated`` counts the rest.
         """
         outcomes: dict[str, int] = {}
-        answered: set[str | None] = set()
+        answered = self.answered
         done = asyncio.Event()
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
@@ -345,6 +346,16 @@ async def purge_partitions(amqp_url: str, partitions: int = 4) -> None:
         for index in range(partitions):
             queue = await channel.declare_queue(partition_queue(index), passive=True)
             await queue.purge()
+
+
+async def empty_partitions(amqp_url: str, before: str, partitions: int = 4) -> int:
+    """Purge what an earlier drain left in the partition queues, and say so: a drain that
+    stops at its count leaves the rest to the next one, which would count them as its own."""
+    left = await queued_messages(amqp_url, partitions)
+    if left:
+        print(f"{left} messages left in the partition queues before {before}: purged", file=sys.stderr, flush=True)
+        await purge_partitions(amqp_url, partitions)
+    return left
 
 
 def log_to_file(path: Path) -> None:
