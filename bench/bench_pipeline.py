@@ -94,9 +94,14 @@ async def consume_until(
     """Seconds for ``handle`` to finish ``count`` messages consumed from the partitions."""
     done = asyncio.Event()
     finished = 0
+    seen: set[str | None] = set()
+    twice: list[tuple[str | None, bool]] = []
 
     async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
         nonlocal finished
+        if message.message_id in seen:
+            twice.append((message.message_id, message.redelivered))
+        seen.add(message.message_id)
         await handle(message)
         finished += 1
         if finished >= count:
@@ -107,6 +112,13 @@ async def consume_until(
         queue = await channel.get_queue(partition_queue(index))
         await queue.consume(on_message)
     await asyncio.wait_for(done.wait(), TIMEOUT)
+    if twice:  # then the drain stopped at its count with as many of its own messages left behind
+        redelivered = sum(flag for _, flag in twice)
+        print(
+            f"{len(twice)} messages consumed twice ({redelivered} flagged redelivered), e.g. {twice[:3]}",
+            file=sys.stderr,
+            flush=True,
+        )
     return time.perf_counter() - started
 
 
