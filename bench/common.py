@@ -211,17 +211,19 @@ class Results:
         again), so each command counts once, by message id; ``repeated`` counts the rest.
         """
         outcomes: dict[str, int] = {}
-        answered = self.answered
+        taken = 0
         done = asyncio.Event()
 
         async def on_result(message: aio_pika.abc.AbstractIncomingMessage) -> None:
-            if message.message_id in answered:
+            nonlocal taken
+            if message.message_id in self.answered:  # by this call or an earlier one
                 self.repeated += 1
                 return
-            answered.add(message.message_id)
+            self.answered.add(message.message_id)
             outcome = (message.routing_key or "").rsplit(".", 1)[-1]
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
-            if len(answered) >= count:
+            taken += 1
+            if taken >= count:
                 done.set()
 
         tag = await self.queue.consume(on_result, no_ack=True)
