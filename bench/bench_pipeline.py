@@ -263,8 +263,7 @@ async def worker_round(
             f"({pipeline.results.repeated} results published again: redeliveries; the worker's warnings follow the run)"
         )
     if outcomes != {"succeeded": len(commands)}:
-        ours = {f"result-{command['command_id']}" for command in commands}
-        others = sorted(str(answered) for answered in pipeline.results.answered - ours)
+        others = sorted(set(pipeline.results.answered.values()) - {command["command_id"] for command in commands})
         raise RuntimeError(
             f"the worker's round under {policy} did not succeed throughout: {outcomes};"
             f" {len(others)} results for commands not of this drain: {others[:5]}"

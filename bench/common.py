@@ -192,7 +192,7 @@ class Results:
 
     queue: aio_pika.abc.AbstractQueue
     repeated: int = 0
-    answered: set[str | None] = field(default_factory=set)  # the results' message ids
+    answered: dict[str | None, str] = field(default_factory=dict)  # message id -> command id, read so far
 
     async def wait_for(self, count: int, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -219,7 +219,7 @@ class Results:
             if message.message_id in self.answered:  # by this call or an earlier one
                 self.repeated += 1
                 return
-            self.answered.add(message.message_id)
+            self.answered[message.message_id] = json.loads(message.body)["command_id"]
             outcome = (message.routing_key or "").rsplit(".", 1)[-1]
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             taken += 1
@@ -341,23 +341,23 @@ async def queued_messages(amqp_url: str, partitions: int = 4) -> int:
         return total
 
 
-async def purge_partitions(amqp_url: str, partitions: int = 4) -> None:
+async def purge_partitions(amqp_url: str, partitions: int = 4) -> int:
+    """Empty the partition queues; how many messages were in them."""
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
+        purged = 0
         for index in range(partitions):
             queue = await channel.declare_queue(partition_queue(index), passive=True)
-            await queue.purge()
+            purged += (await queue.purge()).message_count or 0
+        return purged
 
 
-async def empty_partitions(amqp_url: str, before: str, partitions: int = 4) -> int:
+async def empty_partitions(amqp_url: str, before: str, partitions: int = 4) -> None:
     """Purge what an earlier drain left in the partition queues, and say so: a drain that
     stops at its count leaves the rest to the next one, which would count them as its own."""
-    left = await queued_messages(amqp_url, partitions)
-    if left:
+    if left := await purge_partitions(amqp_url, partitions):
         print(f"{left} messages left in the partition queues before {before}: purged", file=sys.stderr, flush=True)
-        await purge_partitions(amqp_url, partitions)
-    return left
 
 
 def log_to_file(path: Path) -> None:
