@@ -329,14 +329,18 @@ class Worker:
             inbound = parse(message.body, self._max_message_bytes)
             check_trusted(inbound, message.exchange or "")
             kind = inbound.type
-            # Every log line written while handling this message carries its ids.
-            with structlog.contextvars.bound_contextvars(
+            # Every log line written while handling this message carries its ids. Tokens, not
+            # ``bound_contextvars``: that copies the whole context to save what it rebinds.
+            tokens = structlog.contextvars.bind_contextvars(
                 message_id=message_key(inbound),
                 practice=inbound.practice,
                 appointment_id=inbound.appointment_id,
                 correlation_id=message.correlation_id or getattr(inbound, "correlation_id", None),
-            ):
+            )
+            try:
                 return kind, await self._process(message, inbound)
+            finally:
+                structlog.contextvars.reset_contextvars(**tokens)
         except InvalidMessage as exc:
             return kind, await self._dead_letter(message, str(exc), "invalid", deliveries_of(message))
 

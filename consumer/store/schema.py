@@ -380,8 +380,9 @@ def utc(value: datetime) -> datetime:
 
 
 def sqlite_time(value: datetime) -> str:
-    """A fixed-width UTC text form, so SQLite's text ordering is time ordering."""
-    return utc(value).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    """A fixed-width UTC text form, so SQLite's text ordering is time ordering: always with its
+    microseconds and ``+00:00`` (``isoformat``, half the CPU of the same ``strftime``)."""
+    return utc(value).isoformat(timespec="microseconds")
 
 
 def parse_time(value: datetime | str) -> datetime:
