@@ -329,18 +329,6 @@ def edit_commands(appointment_ids: list[int], count: int, tag: str) -> list[dict
     ]
 
 
-async def queued_messages(amqp_url: str, partitions: int = 4) -> int:
-    """Ready messages across the partition queues (passive declare: nothing is created)."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        total = 0
-        for index in range(partitions):
-            queue = await channel.declare_queue(partition_queue(index), passive=True)
-            total += queue.declaration_result.message_count or 0
-        return total
-
-
 async def purge_partitions(amqp_url: str, partitions: int = 4) -> int:
     """Empty the partition queues; how many messages were in them."""
     connection = await aio_pika.connect(amqp_url)
